@@ -1,0 +1,108 @@
+"""Small file-system helpers shared by every module: atomic writes, safe paths, hashes.
+
+Nothing partial is ever left behind: files are written to a temporary sibling and renamed,
+directories are built under a temporary sibling and renamed into place as a whole.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+class UnsafePathError(ValueError):
+    """A relative path from a data file points outside its root (absolute, or climbs with '..')."""
+
+
+def safe_join(root: str | os.PathLike, rel: str, *, where: str = "") -> Path:
+    """Join ``rel`` under ``root`` and refuse anything that escapes ``root``.
+
+    ``where`` (e.g. ``"file.jsonl:12"``) is put in the error message.
+    """
+    root_p = Path(root).resolve()
+    if rel is None or rel == "":
+        raise UnsafePathError(f"{where}: empty path")
+    if os.path.isabs(rel):
+        raise UnsafePathError(f"{where}: absolute path {rel!r} is refused; paths must be relative to {root_p}")
+    full = (root_p / rel).resolve()
+    if full != root_p and root_p not in full.parents:
+        raise UnsafePathError(f"{where}: path {rel!r} escapes the data root {root_p}; refused")
+    return full
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj, **kw) -> Path:
+    kw.setdefault("indent", 2)
+    kw.setdefault("sort_keys", True)
+    return atomic_write_text(path, json.dumps(obj, **kw) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary sibling; on success rename it to ``path``.
+
+    If the body raises (or the process dies), ``path`` is untouched: either the old complete
+    directory or nothing. Stale temporaries from killed runs are removed on the next call.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(path)
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(obj) -> str:
+    """Stable short hash of a JSON-serialisable object (dataclasses go through ``dataclasses.asdict``)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
