@@ -1,0 +1,45 @@
+# umarvel-kit: two commands do everything on a fresh machine.
+#   make reproduce [PRESET=cpu|smoke|gpu]   set-up + the whole reproduction, writing results/<preset>/
+#   make test                               set-up + the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PRESET ?= cpu
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup reproduce test test-all lab bench clean-cache
+
+setup: $(STAMP)
+
+# torch: keep any torch already importable in the venv (e.g. your own CUDA build); otherwise the
+# CPU wheel 2.13.0 on a machine without nvidia-smi, and the default (CUDA) build where a GPU is present.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || { \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch; \
+	  else $(PIP) install -q torch==2.13.0; fi; }
+	$(PIP) install -q -e '.[dev]'
+	$(PY) -m ipykernel install --prefix $(VENV) --name umarvel-kit --display-name "umarvel-kit" >/dev/null
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(VENV)/bin/umarvel reproduce --preset $(PRESET)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	$(PY) bench/search.py
+	$(PY) bench/encode.py
+	$(PY) bench/train.py
+
+clean-cache:
+	rm -rf cache data
