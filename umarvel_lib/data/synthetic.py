@@ -95,13 +95,13 @@ INSTRUCTIONS = {
     ("INFOSEEK", 6): ["Find the text that answers this question about the image.", "Retrieve the passage answering the visual query.",
                       "Show me the entity text that answers the question.", "Identify the text passage for this image question."],
     ("FashionIQ", 7): ["Find the product image with the requested change.", "Retrieve the edited item image matching the feedback.",
-                       "Show me the item after this modification.", "Identify the product picture with this change applied."],
+                       "Show me the item image after this modification.", "Identify the product picture with this change applied."],
     ("CIRR", 7): ["Find the image after the described modification.", "Retrieve the picture that applies this change.",
-                  "Show me the scene with the requested edit.", "Identify the image edited as described."],
+                  "Show me the scene image with the requested edit.", "Identify the image edited as described."],
     ("OVEN", 8): ["Find the entity image and description that answer the question.", "Retrieve the image-text entity entry asked about.",
                   "Show me the entity image and text answering this visual question.", "Identify the entity page with image and text."],
     ("INFOSEEK", 8): ["Find the image-text entry that answers the question.", "Retrieve the entity image answering this query.",
-                      "Show me an image with text answering the visual question.", "Identify the entity picture and text for this question."],
+                      "Show me an image with text answering the visual question.", "Identify the entity image and text for this question."],
 }
 
 

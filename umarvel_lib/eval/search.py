@@ -165,15 +165,10 @@ def dense_topk(queries: np.ndarray, cands: np.ndarray, k: int) -> TopK:
 
 # ---- block top-k with exact boundary ties ---------------------------------------------------------
 
-def _fix_boundary_ties(s_row: torch.Tensor, idx: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-kk of one row under (score desc, index asc): everything above the kk-th score, then
-    the lowest indices among the candidates equal to it."""
-    t = torch.topk(s_row, kk).values[-1]
-    above = (s_row > t).nonzero().flatten()
-    tied = (s_row == t).nonzero().flatten()
-    tied = tied[torch.argsort(idx[tied], stable=True)][: kk - above.numel()]
-    sel = torch.cat([above, tied])
-    return s_row[sel], idx[sel]
+def _exact_rows(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of some rows of a block under (score desc, index asc), by a full stable sort.
+    Used only for rows whose k-th and (k+1)-th scores tie, where ``topk``'s choice is arbitrary."""
+    return _sort_rows(scores, idx.expand(scores.shape[0], -1), k)
 
 
 def _block_topk_torch(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,8 +179,8 @@ def _block_topk_torch(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[
     vals, pos = torch.topk(scores, k + 1, dim=1, sorted=True)
     amb = (vals[:, k] == vals[:, k - 1]).nonzero().flatten()
     vals, ids = vals[:, :k].contiguous(), idx[pos[:, :k]]
-    for r in amb.tolist():
-        vals[r], ids[r] = _fix_boundary_ties(scores[r], idx, k)
+    if amb.numel():
+        vals[amb], ids[amb] = _exact_rows(scores[amb], idx, k)
     return vals, ids
 
 
@@ -203,10 +198,8 @@ def _block_topk_faiss(q: np.ndarray, block: np.ndarray, idx: torch.Tensor, k: in
     amb = (vals[:, k] == vals[:, k - 1]).nonzero().flatten()
     vals, ids = vals[:, :k].contiguous(), idx[pos_t[:, :k]]
     if amb.numel():
-        bt = torch.from_numpy(block)
-        qt = torch.from_numpy(q)
-        for r in amb.tolist():
-            vals[r], ids[r] = _fix_boundary_ties(bt @ qt[r], idx, k)
+        rows = torch.from_numpy(q)[amb] @ torch.from_numpy(block).T
+        vals[amb], ids[amb] = _exact_rows(rows, idx, k)
     return vals, ids
 
 

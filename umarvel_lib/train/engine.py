@@ -1,0 +1,540 @@
+"""A small, generic training loop over 🤗 accelerate, with exact resume.
+
+``train_loop(model, step_fn, data, cfg, run_dir)`` (or ``Trainer(...).fit()``) runs
+``cfg``'s step budget with the U-MARVEL optimisation recipe (FACTS §4): AdamW with weight decay 0,
+cosine schedule with warm-up ratio (transformers' ``get_cosine_schedule_with_warmup``), gradient
+clipping at 1.0, optional bf16 autocast. The model-specific part is ``step_fn(batch, ctx)``,
+which returns the loss (or a dict with ``"loss"`` and other scalars such as ``"tau"``):
+
+* if the returned loss still has a graph, the engine back-propagates it;
+* if it is detached, ``step_fn`` already back-propagated (GradCache does); the engine checks that
+  some gradient exists, so a forgotten backward cannot silently train nothing.
+
+Run directory::
+
+    run_dir/config.json            config, identity and their hash
+    run_dir/metrics.jsonl          one line per step: step, loss, lr, grad_norm, tau, ...
+    run_dir/eval.jsonl             one line per eval callback: step, metrics
+    run_dir/checkpoints/step_XXXXXXXX/   model.safetensors (trainable params), optimizer.pt,
+                                   scheduler.pt, rng.pt, state.json  (written atomically)
+    run_dir/final/model.safetensors
+    run_dir/FINISHED.json          final marker: config hash, steps, last loss
+    run_dir/FAILED.json            written when a non-finite loss stops the run
+
+Guarantees (tested in ``tests/test_engine.py``):
+
+* **Exact resume**: weights, optimizer, scheduler, torch/numpy/python RNG states, data position
+  and step are restored from the newest checkpoint, so a run killed at any point and resumed ends
+  with the same weights as an uninterrupted run. Metric lines past the checkpoint are dropped.
+* **Non-finite loss** (or gradient norm) raises :class:`NonFiniteLossError` before the optimizer
+  step; no checkpoint is written, so the newest checkpoint is the last good state.
+* **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
+  weights are loaded into the model and the loop returns at once; a different hash is refused.
+
+Budget is in optimizer steps (``max_steps``) or in ``epochs`` of a sized dataset, never in time.
+Only the trainable parameters (``requires_grad``) are checkpointed: the caller must rebuild the
+frozen part identically (same base weights / same seed) before resuming.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from umarvel_lib.io import atomic_dir, atomic_write_json, atomic_write_text, config_hash
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainConfig", "StepContext", "TrainResult", "NonFiniteLossError", "RunConflictError",
+           "Trainer", "train_loop", "trainable_state_dict", "load_trainable_state_dict", "latest_checkpoint"]
+
+#: fields that do not change what is trained (left out of the config hash)
+_NON_IDENTITY_FIELDS = ("save_every", "eval_every", "eval_at_start", "log_every", "keep_checkpoints", "tqdm_mininterval",
+                        "progress")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one training run (defaults follow the official recipe, FACTS §4)."""
+
+    lr: float = 1e-4
+    max_steps: int | None = None          # budget in optimizer steps (wins over epochs)
+    epochs: float | None = None           # or in epochs of a sized dataset
+    batch_size: int = 8                   # items per step (per process)
+    grad_cache_chunk: int | None = None   # for step_fn (GradCache chunk size); None = plain backward
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    shuffle: bool = True
+    drop_last: bool = True                # in-batch negatives want full batches
+    mixed_precision: Literal["no", "bf16"] = "no"
+    save_every: int = 0                   # 0: checkpoint only at the end
+    keep_checkpoints: int = 1             # newest N step checkpoints kept
+    eval_every: int = 0                   # 0: no periodic eval
+    eval_at_start: bool = False           # eval before the first step (learning-curve origin)
+    log_every: int = 1                    # progress-bar refresh (metrics.jsonl gets every step)
+    tqdm_mininterval: float = 1.0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("TrainConfig needs max_steps or epochs")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16' (fp16 needs loss scaling, which GradCache "
+                             f"surrogates do not get), got {self.mixed_precision!r}")
+        self.adam_betas = tuple(self.adam_betas)
+
+    def identity(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k in _NON_IDENTITY_FIELDS:
+            d.pop(k, None)
+        return d
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; the run stopped before the optimizer step."""
+
+
+class RunConflictError(RuntimeError):
+    """The run directory holds a run with a different configuration."""
+
+
+@dataclass
+class StepContext:
+    """What ``step_fn(batch, ctx)`` gets besides the batch."""
+
+    model: nn.Module                       # as prepared by accelerate (DDP-wrapped when distributed)
+    accelerator: Any
+    cfg: TrainConfig
+    step: int                              # optimizer steps done before this one
+    epoch: int
+    autocast: Callable[[], contextlib.AbstractContextManager]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def no_sync(self):
+        return self.accelerator.no_sync(self.model)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    loss: float | None
+    skipped: bool = False                  # True when a finished run was found
+    resumed_from: int | None = None        # step of the checkpoint resumed from
+    final_dir: Path | None = None
+    history: list[dict] = field(default_factory=list)   # metric lines of this call
+
+
+# --------------------------------------------------------------------------------------------
+# state helpers
+# --------------------------------------------------------------------------------------------
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the parameters with ``requires_grad`` (by name)."""
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``sd`` into the model's trainable parameters; every trainable name must be present."""
+    params = dict(model.named_parameters())
+    want = {n for n, p in params.items() if p.requires_grad}
+    missing, unexpected = want - set(sd), set(sd) - set(params)
+    if missing or unexpected:
+        raise KeyError(f"trainable state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    with torch.no_grad():
+        for n, t in sd.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint directory of a run, or None."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return None
+    done = sorted(p for p in ck.glob("step_*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            break
+    return out
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    rows = [r for r in _read_jsonl(path) if r.get("step", 0) <= max_step]
+    if path.exists():
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _scalar(v) -> float:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().item())
+    return float(v)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+class _Batches:
+    """Deterministic, resumable batches.
+
+    * a sized dataset (``__len__`` + ``__getitem__``): shuffled per epoch with a generator seeded by
+      ``(seed, epoch)``, cut into ``batch_size`` batches, passed through ``collate_fn`` (default:
+      the list of items). Resuming jumps straight to the saved batch index.
+    * a callable ``data(epoch) -> iterable of ready batches``: must be deterministic in
+      ``epoch``; resuming skips the consumed batches.
+    """
+
+    def __init__(self, data, cfg: TrainConfig, collate_fn):
+        self.data, self.cfg = data, cfg
+        self.collate = collate_fn or (lambda items: items)
+        self.sized = hasattr(data, "__len__") and hasattr(data, "__getitem__") and not callable(data)
+        if not self.sized and not callable(data):
+            raise TypeError("data must be a sized dataset (len + getitem) or a callable epoch -> iterable of batches")
+
+    def batches_per_epoch(self) -> int | None:
+        if not self.sized:
+            return None
+        n, b = len(self.data), self.cfg.batch_size
+        return n // b if self.cfg.drop_last else math.ceil(n / b)
+
+    def iterate(self, epoch: int, start: int) -> Iterable[Any]:
+        if self.sized:
+            n, b = len(self.data), self.cfg.batch_size
+            if self.cfg.shuffle:
+                g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+                order = torch.randperm(n, generator=g).tolist()
+            else:
+                order = list(range(n))
+            for i in range(start, self.batches_per_epoch()):
+                yield self.collate([self.data[j] for j in order[i * b:(i + 1) * b]])
+        else:
+            yield from itertools.islice(self.data(epoch), start, None)
+
+
+# --------------------------------------------------------------------------------------------
+# trainer
+# --------------------------------------------------------------------------------------------
+class Trainer:
+    """See the module docstring. ``fit()`` runs (or resumes, or skips) the run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        step_fn: Callable[[Any, StepContext], torch.Tensor | Mapping[str, Any]],
+        data: Sequence | Callable[[int], Iterable],
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        *,
+        collate_fn: Callable[[list], Any] | None = None,
+        eval_fn: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+        run_identity: Mapping[str, Any] | None = None,
+        resume: bool = True,
+        accelerator=None,
+    ):
+        self.model, self.step_fn, self.cfg = model, step_fn, cfg
+        self.run_dir = Path(run_dir)
+        self.batches = _Batches(data, cfg, collate_fn)
+        self.eval_fn = eval_fn
+        self.identity = {"train": cfg.identity(), "run": dict(run_identity or {})}
+        self.hash = config_hash(self.identity)
+        self.resume = resume
+        if accelerator is None:
+            from accelerate import Accelerator
+            accelerator = Accelerator()
+        self.acc = accelerator
+
+    # -- paths
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.run_dir / "eval.jsonl"
+
+    @property
+    def finished_path(self) -> Path:
+        return self.run_dir / "FINISHED.json"
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps is not None:
+            return int(self.cfg.max_steps)
+        bpe = self.batches.batches_per_epoch()
+        if bpe is None:
+            raise ValueError("epochs budget needs a sized dataset; give max_steps for a batch generator")
+        if bpe == 0:
+            raise ValueError(f"dataset of {len(self.batches.data)} items gives no full batch of {self.cfg.batch_size}")
+        return math.ceil(self.cfg.epochs * bpe)
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.acc.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.mixed_precision == "bf16")
+
+    # -- checkpoints
+    def _save_checkpoint(self, step: int, epoch: int, pos: int) -> Path:
+        from safetensors.torch import save_file
+
+        path = self.run_dir / "checkpoints" / f"step_{step:08d}"
+        if self.acc.is_main_process:
+            with atomic_dir(path) as tmp:
+                save_file(trainable_state_dict(self.acc.unwrap_model(self.model)), str(tmp / "model.safetensors"))
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(_rng_state(), tmp / "rng.pt")
+                atomic_write_json(tmp / "state.json", {"step": step, "epoch": epoch, "batch_in_epoch": pos,
+                                                       "config_hash": self.hash, "total_steps": self._total,
+                                                       "time": time.time()})
+            old = sorted(p for p in path.parent.glob("step_*") if p != path)
+            for p in old[: max(0, len(old) - (self.cfg.keep_checkpoints - 1))]:
+                shutil.rmtree(p, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "state.json").read_text())
+        if state["config_hash"] != self.hash:
+            raise RunConflictError(f"{path} was written by a run with config hash {state['config_hash']}, this run is "
+                                   f"{self.hash}; use another run_dir or delete it")
+        load_trainable_state_dict(self.acc.unwrap_model(self.model), load_file(str(path / "model.safetensors")))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        return state
+
+    # -- main
+    def fit(self) -> TrainResult:
+        from safetensors.torch import load_file, save_file
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg, acc = self.cfg, self.acc
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        final_dir = self.run_dir / "final"
+
+        # a finished run is not re-run
+        if self.finished_path.exists():
+            fin = json.loads(self.finished_path.read_text())
+            if fin.get("config_hash") != self.hash:
+                raise RunConflictError(f"{self.run_dir} holds a finished run with config hash {fin.get('config_hash')}, "
+                                       f"this run is {self.hash}; use another run_dir")
+            load_trainable_state_dict(acc.unwrap_model(self.model), load_file(str(final_dir / "model.safetensors")))
+            log.info("run %s already finished (step %s, hash %s): skipped", self.run_dir, fin.get("step"), self.hash)
+            return TrainResult(self.run_dir, int(fin["step"]), fin.get("loss"), skipped=True, final_dir=final_dir)
+
+        existing = self.run_dir / "config.json"
+        if existing.exists():
+            old = json.loads(existing.read_text()).get("config_hash")
+            if old != self.hash:
+                raise RunConflictError(f"{self.run_dir} holds a run with config hash {old}, this run is {self.hash}; "
+                                       f"use another run_dir or delete it")
+        if acc.is_main_process:
+            atomic_write_json(existing, {"config_hash": self.hash, **self.identity})
+
+        self._total = total = self.total_steps()
+        from accelerate.utils import set_seed
+        set_seed(cfg.seed)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.model = acc.prepare_model(self.model)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
+        warmup = math.ceil(cfg.warmup_ratio * total)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, num_warmup_steps=warmup,
+                                                         num_training_steps=total)
+
+        step, epoch, pos, resumed_from = 0, 0, 0, None
+        ck = latest_checkpoint(self.run_dir) if self.resume else None
+        if ck is not None:
+            st = self._load_checkpoint(ck)
+            step, epoch, pos, resumed_from = st["step"], st["epoch"], st["batch_in_epoch"], st["step"]
+            log.info("resuming %s from %s (step %d/%d)", self.run_dir, ck.name, step, total)
+        elif not self.resume and (self.run_dir / "checkpoints").exists() and acc.is_main_process:
+            shutil.rmtree(self.run_dir / "checkpoints")
+        if acc.is_main_process:
+            # lines written after the checkpoint by a killed run would be duplicated: drop them
+            if resumed_from is not None:
+                _truncate_jsonl(self.metrics_path, step)
+                _truncate_jsonl(self.eval_path, step)
+            else:
+                for p in (self.metrics_path, self.eval_path):
+                    p.unlink(missing_ok=True)
+            (self.run_dir / "FAILED.json").unlink(missing_ok=True)
+
+        if cfg.eval_at_start and step == 0 and self.eval_fn is not None:
+            self._eval(0)
+
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, desc=self.run_dir.name, mininterval=cfg.tqdm_mininterval,
+                   disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
+        history: list[dict] = []
+        last_loss = None
+        it = iter(self.batches.iterate(epoch, pos))
+        metrics_f = open(self.metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
+        try:
+            while step < total:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    if pos == 0:
+                        raise ValueError(f"epoch {epoch} yielded no batch")
+                    epoch, pos = epoch + 1, 0
+                    it = iter(self.batches.iterate(epoch, 0))
+                    continue
+                pos += 1
+                rec = self._train_step(batch, step, epoch)
+                step += 1
+                last_loss = rec["loss"]
+                rec = {"step": step, "epoch": epoch, **rec}
+                history.append(rec)
+                if metrics_f is not None:
+                    metrics_f.write(json.dumps(rec) + "\n")
+                    metrics_f.flush()
+                bar.update(1)
+                if step % max(1, cfg.log_every) == 0:
+                    post = {"loss": f"{rec['loss']:.4f}"}
+                    if "tau" in rec:
+                        post["tau"] = f"{rec['tau']:.4f}"
+                    bar.set_postfix(post, refresh=False)
+                if self.eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                    self._eval(step)
+                if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                    self._save_checkpoint(step, epoch, pos)
+        finally:
+            bar.close()
+            if metrics_f is not None:
+                metrics_f.close()
+
+        # final: last checkpoint (resumable), final weights, marker
+        self._save_checkpoint(step, epoch, pos)
+        if self.eval_fn is not None and cfg.eval_every and step % cfg.eval_every != 0:
+            self._eval(step)
+        if acc.is_main_process:
+            with atomic_dir(final_dir) as tmp:
+                save_file(trainable_state_dict(acc.unwrap_model(self.model)), str(tmp / "model.safetensors"))
+            atomic_write_json(self.finished_path, {"config_hash": self.hash, "step": step, "loss": last_loss,
+                                                   "time": time.time()})
+        acc.wait_for_everyone()
+        return TrainResult(self.run_dir, step, last_loss, resumed_from=resumed_from, final_dir=final_dir,
+                           history=history)
+
+    def _train_step(self, batch, step: int, epoch: int) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        ctx = StepContext(self.model, self.acc, cfg, step, epoch, self._autocast)
+        with self._autocast():
+            out = self.step_fn(batch, ctx)
+        if isinstance(out, Mapping):
+            if "loss" not in out:
+                raise KeyError("step_fn returned a dict without 'loss'")
+            loss, extra = out["loss"], {k: _scalar(v) for k, v in out.items() if k != "loss"}
+        else:
+            loss, extra = out, {}
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss))
+        loss_val = _scalar(loss)
+        if not math.isfinite(loss_val):
+            self._fail(step + 1, f"loss is {loss_val}")
+        if loss.requires_grad:
+            self.acc.backward(loss)
+        params = [p for p in self.optimizer.param_groups[0]["params"]]
+        if all(p.grad is None for p in params):
+            raise RuntimeError("step_fn returned a detached loss but no parameter has a gradient: call "
+                               "ctx.backward(loss) (or GradCache) inside step_fn, or return the loss with its graph")
+        if cfg.max_grad_norm is not None:
+            gn = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            gn = torch.norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+        gn = _scalar(gn)
+        if not math.isfinite(gn):
+            self._fail(step + 1, f"gradient norm is {gn} (loss {loss_val})")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": loss_val, "lr": lr, "grad_norm": gn, **extra}
+
+    def _fail(self, step: int, what: str):
+        ck = latest_checkpoint(self.run_dir)
+        msg = (f"non-finite training signal at step {step}: {what}. Stopped before the optimizer step; "
+               f"the last good checkpoint is {ck if ck is not None else 'none (no checkpoint written yet)'}. "
+               f"Try a lower lr, fp32 (mixed_precision='no'), or inspect the batch; fit() resumes from that checkpoint.")
+        if self.acc.is_main_process:
+            atomic_write_json(self.run_dir / "FAILED.json", {"step": step, "reason": what,
+                                                             "last_checkpoint": str(ck) if ck else None})
+        raise NonFiniteLossError(msg)
+
+    def _eval(self, step: int) -> dict:
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        # eval must not change what training draws next
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            np_state, py_state = np.random.get_state(), random.getstate()
+            try:
+                metrics = dict(self.eval_fn(model, step))
+            finally:
+                np.random.set_state(np_state)
+                random.setstate(py_state)
+        model.train(was_training)
+        rec = {"step": step, **{k: _scalar(v) if isinstance(v, (int, float, torch.Tensor)) else v for k, v in metrics.items()}}
+        if self.acc.is_main_process:
+            with open(self.eval_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+
+def train_loop(model, step_fn, data, cfg: TrainConfig, run_dir, **kw) -> TrainResult:
+    """Functional form of ``Trainer(model, step_fn, data, cfg, run_dir, **kw).fit()``."""
+    return Trainer(model, step_fn, data, cfg, run_dir, **kw).fit()
