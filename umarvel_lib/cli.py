@@ -30,6 +30,41 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .report.batch import reproduce
+
+    data = cmd_prepare(argparse.Namespace(preset=_data_preset(args.preset), seed=0, out=args.data_root, force=False)) \
+        if not args.data_root else 0
+    if data:
+        return data
+    tables = [t for t in (args.tables or "").split(",") if t.strip()]
+    status = reproduce(args.preset, tables=tables or None, seeds=args.seeds, results=args.results,
+                       backbone=args.backbone, data_root=args.data_root, timeout=args.timeout)
+    return 0 if all(v.get("status") == "ok" for v in status.values()) else 1
+
+
+def _data_preset(preset: str) -> str:
+    from .config import PRESETS
+
+    return PRESETS[preset].get("data_preset", "cpu")
+
+
+def cmd_report(args) -> int:
+    from .report.report import write_report
+
+    print(write_report(Path(args.results or Path("results") / args.preset), args.preset))
+    return 0
+
+
+def cmd_backbone(args) -> int:
+    from .models.backbone import BackboneConfig, build_backbone
+
+    t0 = time.time()
+    path = build_backbone(BackboneConfig(kind=args.kind, size=args.size), Path(args.cache_dir) / "backbones")
+    print(f"backbone {args.kind}/{args.size}: {path} [{time.time() - t0:.1f} s]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="umarvel", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -39,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="data root (default data/mini-mbeir-<preset>)")
     sp.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
     sp.set_defaults(func=cmd_prepare)
+
+    sb = sub.add_parser("backbone", help="build (or reuse) the micro Qwen2-VL / Qwen3-VL backbone")
+    sb.add_argument("--kind", default="qwen2_vl", choices=["qwen2_vl", "qwen3_vl"])
+    sb.add_argument("--size", default="micro", help="test | micro")
+    sb.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    sb.set_defaults(func=cmd_backbone)
+
+    sr = sub.add_parser("reproduce", help="run every notebook with papermill and write results/<preset>/REPORT.md")
+    sr.add_argument("--preset", default="cpu", help="smoke | cpu | gpu | paper")
+    sr.add_argument("--tables", help="comma-separated paper tables, e.g. 1,5 (default: all)")
+    sr.add_argument("--seeds", help='comma-separated seeds (default: the notebooks\' "0,1,2")')
+    sr.add_argument("--results", help="results directory (default results/<preset>)")
+    sr.add_argument("--backbone", help="local checkpoint directory (default: the preset's micro backbone)")
+    sr.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR)")
+    sr.add_argument("--timeout", type=int, help="per-cell execution timeout in seconds")
+    sr.set_defaults(func=cmd_reproduce)
+
+    sp2 = sub.add_parser("report", help="(re)write results/<preset>/REPORT.md from the run directories")
+    sp2.add_argument("--preset", default="cpu")
+    sp2.add_argument("--results")
+    sp2.set_defaults(func=cmd_report)
     return p
 
 

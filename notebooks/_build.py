@@ -1,0 +1,116 @@
+"""Writes the notebooks of this folder (run once after editing; commit the .ipynb files without outputs).
+
+    python notebooks/_build.py
+
+Each notebook is: a title, one cell tagged ``parameters``, library calls, display.
+"""
+from pathlib import Path
+
+import nbformat as nbf
+
+HERE = Path(__file__).resolve().parent
+
+PARAMS = '''preset = "smoke"      # smoke (seconds) | cpu (embedded default) | gpu | paper
+backbone = None       # local checkpoint dir, e.g. "/models/Qwen2-VL-7B-Instruct"; None: the preset's micro backbone
+data_root = None      # local M-BEIR root, e.g. "/data/M-BEIR"; None: the synthetic mini-M-BEIR of the preset
+seeds = "0,1,2"       # comma-separated training seeds
+rows = ""             # "" runs every row of the table; or e.g. "0,4"
+results_dir = None    # None: results/<preset>'''
+
+TABLES = {
+    "01_embedding_extraction": ("table1_embedding_extraction", "Table 1: embedding extraction",
+                                "Causal vs bidirectional attention, last-token vs mean pooling, with and without the "
+                                "compression prompt (\"Summarize above ... in one word:\"). Findings T1a-T1d."),
+    "02_instruction_masking": ("table2_instruction_masking", "Table 2: instructions and instruction masking",
+                               "Instructions wrapped in `<instruction_start>`/`<instruction_end>`, and whether the span "
+                               "is removed from the mean pool. Findings T2a, T2b."),
+    "03_progressive_transition": ("table3_progressive_transition", "Table 3: progressive transition",
+                                  "M-BEIR instruction tuning alone, after a text-only (NLI) stage, and after text-only + "
+                                  "text-image (CC3M) stages. Findings T3a, T3b."),
+    "04_batch_lr_temperature": ("table4_batch_lr_temperature", "Table 4: batch size, learning rate and temperature",
+                                "Global batch 480 ... 7680 (divided by the preset; GradCache keeps memory flat), LR, "
+                                "fixed vs learnable tau. Findings T4a, T4b."),
+    "05_hard_negatives": ("table5_hard_negatives", "Table 5: hard negative mining",
+                          "Hard negatives only (the paper's failed row), in-batch + top-k, in-batch + top-k filtered "
+                          "by a similarity threshold (false-negative filter, 0.7). Findings T5a-T5c."),
+    "06_distillation": ("table6_distillation", "Table 6: reranker distillation",
+                        "Teacher = (cos + w P(Yes)) / 2 of a pointwise reranker over the top-50; KL distillation on a "
+                        "per-task 10% sample, against continuing hard-negative training. Findings T6a, T6b."),
+    "07_main_results": ("table7_main_results", "Tables 7/8: main results, local and global pools",
+                        "The full pipeline (NLI -> CC3M -> M-BEIR -> hard negatives -> distillation), all 16 rows. "
+                        "Give `checkpoint` to evaluate a released U-MARVEL model as-is."),
+}
+
+
+def code(src, tags=None):
+    c = nbf.v4.new_code_cell(src)
+    if tags:
+        c.metadata["tags"] = tags
+    return c
+
+
+def md(src):
+    return nbf.v4.new_markdown_cell(src)
+
+
+def notebook(cells):
+    nb = nbf.v4.new_notebook()
+    nb.cells = cells
+    nb.metadata["kernelspec"] = {"name": "umarvel-kit", "display_name": "umarvel-kit", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    return nb
+
+
+def table_notebook(name, ablation, title, text):
+    extra = '\ncheckpoint = None     # a released U-MARVEL checkpoint dir to evaluate as-is (no training)' \
+        if name == "07_main_results" else ""
+    cells = [
+        md(f"# {title}\n\n{text}\n\nRun with papermill: `papermill notebooks/{name}.ipynb out.ipynb -p preset cpu`. "
+           "Rows x seeds already finished with the same configuration are skipped."),
+        code(PARAMS + extra, tags=["parameters"]),
+        code("from IPython.display import Markdown, display\n\nfrom umarvel_lib import notebook as nb\n\n"
+             f"ABLATION = \"{ablation}\""),
+        code("runs = nb.run_table(ABLATION, preset=preset, seeds=seeds, rows=rows, results=results_dir,\n"
+             "                    backbone=backbone, data_root=data_root)\nruns"),
+        code("out = nb.table_outputs(ABLATION, preset=preset, results=results_dir)\n"
+             "display(Markdown(out[\"provenance\"]))\nout[\"table\"]"),
+        md("Per dataset-task headline metric (mean over seeds), one column per row:"),
+        code("out[\"per_task\"]"),
+        code("display(out[\"figure\"])\ndisplay(out[\"curves\"])"),
+        md("The paper's findings for this table, with paired (seeds x queries) bootstrap statistics:"),
+        code("out[\"findings\"]"),
+    ]
+    if name == "07_main_results":
+        cells.append(code("if checkpoint:\n    display(nb.evaluate_checkpoint(checkpoint, preset=preset, data_root=data_root, "
+                          "results=results_dir))"))
+    return notebook(cells)
+
+
+def main():
+    for name, (ablation, title, text) in TABLES.items():
+        nbf.write(table_notebook(name, ablation, title, text), HERE / f"{name}.ipynb")
+    quick = notebook([
+        md("# Quickstart: embed an image query with its instruction and rank a few text candidates\n\n"
+           "The U-MARVEL model card's demo on real files. With `backbone=None` it uses the preset's micro backbone "
+           "(generatively pre-trained, not retrieval-trained, so its ranking is near chance); pass a local "
+           "U-MARVEL-Qwen2VL-7B-Instruct directory or a checkpoint trained by notebook 07 to see real retrieval."),
+        code('preset = "smoke"\nbackbone = None       # local checkpoint dir (e.g. U-MARVEL-Qwen2VL-7B-Instruct); None: the micro backbone\n'
+             'data_root = None\nseeds = "0"\nresults_dir = None', tags=["parameters"]),
+        code("from IPython.display import display\n\nfrom umarvel_lib import notebook as nb\n\n"
+             "demo = nb.quickstart(backbone, preset=preset, data_root=data_root, seed=int(seeds.split(',')[0]))\n"
+             "print('query instruction:', demo['instruction'])\nprint('embedding dim:', demo['embedding_dim'], "
+             "' tau:', round(demo['tau'], 4))\ndisplay(demo['figure'])\ndemo['similarity']"),
+    ])
+    nbf.write(quick, HERE / "00_quickstart.ipynb")
+    report = notebook([
+        md("# Report: every reproduced table beside the paper, and the 15 findings\n\nCollects the run directories "
+           "under `results/<preset>/` into `REPORT.md` (it imports no model code)."),
+        code('preset = "smoke"\nresults_dir = None\nseeds = "0,1,2"', tags=["parameters"]),
+        code("from IPython.display import Markdown, display\n\nfrom umarvel_lib import notebook as nb\n\n"
+             "path = nb.write_report(preset=preset, results=results_dir)\ndisplay(Markdown(path.read_text()))"),
+    ])
+    nbf.write(report, HERE / "08_report.ipynb")
+
+
+if __name__ == "__main__":
+    main()

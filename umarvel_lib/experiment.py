@@ -1,0 +1,208 @@
+"""Run one row of an ablation table for one seed: backbone -> stages -> evaluation -> sidecar.
+
+Every result lives in a run directory ``<results>/runs/table<N>/<row>/seed<k>/``::
+
+    row.json            sidecar: table, row, seed, preset, config + hash, tau, git commit, versions, wall time
+    eval/local/         run.trec, qrels.txt, queries.jsonl, metrics.json, config.json   (eval.evaluate)
+    eval/global/        the same for the global pool
+    curves.jsonl        learning curve: training loss per step and periodic evaluations, per stage
+
+A row whose ``row.json`` exists with the same config hash is skipped (rerunning a notebook is
+cheap); stages shared by rows are trained once (checkpoints under ``<cache>/stages``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+from .config import Ablation, AblationRow, RunConfig
+from .data.mbeir import MBEIR
+from .io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor()}
+    for p in ("torch", "transformers", "peft", "accelerate", "numpy", "pandas"):
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    import os
+
+    out["cpu_count"] = os.cpu_count()
+    try:
+        import torch
+
+        out["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        out["cuda"] = None
+    return out
+
+
+def ensure_data(cfg: RunConfig) -> Path:
+    """The data root; the synthetic mini-M-BEIR of the preset is generated when it is the default and missing."""
+    root = cfg.resolved_data_root()
+    if cfg.data_root is None:
+        from .data.synthetic import generate
+
+        generate(root, cfg.synthetic())
+    elif not root.is_dir():
+        raise FileNotFoundError(f"data root {root} does not exist (pass the path of a local M-BEIR copy)")
+    return root
+
+
+def backbone_path(cfg: RunConfig) -> Path:
+    """A local checkpoint directory: ``cfg.backbone`` if given, else the (cached) micro backbone."""
+    if cfg.backbone:
+        from .models.embedder import resolve_local_checkpoint
+
+        return resolve_local_checkpoint(cfg.backbone)
+    from .models.backbone import BackboneConfig, build_backbone
+
+    return build_backbone(BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size), Path(cfg.cache_dir) / "backbones")
+
+
+def curve_eval(cfg: RunConfig, data: MBEIR):
+    """Trainer eval callback: the local-pool Avg on ``cfg.eval.curve_rows`` (learning curves)."""
+    import tempfile
+
+    from .eval.evaluate import evaluate
+
+    def fn(model, step):
+        with tempfile.TemporaryDirectory(prefix="umarvel-curve-") as tmp:
+            res = evaluate(model, data, tmp, pools=("local",), rows=cfg.eval.curve_rows,
+                           instructions=cfg.embedder.instructions, instruction_seed=cfg.eval.instruction_seed,
+                           batch_size=cfg.eval.batch_size, n_boot=200)
+        return {"local_avg": res["local"]["avg"]["headline"]}
+
+    return fn
+
+
+def run_dir_for(results: Path, ablation: Ablation, row: AblationRow, seed: int) -> Path:
+    return Path(results) / "runs" / f"table{ablation.table}" / str(row.id) / f"seed{seed}"
+
+
+def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: int, results: str | Path,
+            backbone: str | None = None, data_root: str | None = None, progress: bool = True) -> dict:
+    """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config."""
+    import torch
+
+    from .eval.evaluate import evaluate
+    from .models.embedder import Embedder
+    from .train.engine import NonFiniteLossError
+    from .train.stages import run_stages
+
+    row = ablation.row(row) if isinstance(row, str) else row
+    cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root)
+    h = cfg.hash()
+    rdir = run_dir_for(Path(results), ablation, row, seed)
+    side = rdir / "row.json"
+    if side.is_file():
+        old = json.loads(side.read_text())
+        if old.get("hash") == h and old.get("status") in ("ok", "diverged"):
+            log.info("table %s row %s seed %s: done (hash %s), skipped", ablation.table, row.id, seed, h)
+            return old
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    root = ensure_data(cfg)
+    data = MBEIR(root, check_images=False)
+    base = backbone_path(cfg)
+    sidecar = {"table": ablation.table, "ablation": ablation.name, "row": row.id, "label": row.label, "seed": seed,
+               "preset": preset, "hash": h, "config": dataclasses.asdict(cfg), "backbone": str(base),
+               "data_root": str(root), "git": git_commit(), "versions": versions(), "reranker": row.reranker}
+    stage_root = Path(cfg.cache_dir) / "stages"
+    try:
+        ckpt = run_stages(cfg, base, stage_root, progress=progress,
+                          eval_fn=curve_eval(cfg, data) if cfg.eval.eval_every else None)
+    except NonFiniteLossError as e:
+        sidecar.update(status="diverged", error=str(e), wall_s=round(time.time() - t0, 1))
+        atomic_write_json(side, sidecar)
+        return sidecar
+    emb = Embedder.from_pretrained(ckpt, cfg.embedder)
+    evaluate(emb, data, rdir / "eval", pools=cfg.eval.pools, rows=cfg.eval.rows, instructions=cfg.embedder.instructions,
+             instruction_seed=cfg.eval.instruction_seed, batch_size=cfg.eval.batch_size,
+             cache_dir=Path(cfg.cache_dir) / "embeddings", dedup=cfg.eval.dedup_global)
+    if row.reranker:
+        from .train.stages import train_reranker
+
+        rr_dir = train_reranker(cfg, ckpt, stage_root)
+        rerank_eval(cfg, rdir / "eval", rr_dir, data)
+    sidecar.update(status="ok", checkpoint=str(ckpt), tau=emb.temperature.value, wall_s=round(time.time() - t0, 1),
+                   curves=collect_curves(cfg, stage_root))
+    atomic_write_json(side, sidecar)
+    return sidecar
+
+
+def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
+    """Training loss (and periodic evals) of every stage of this run, in stage order."""
+    out = []
+    for name in cfg.stages:
+        sdir = stage_root / f"{name}-{cfg.hash(upto_stage=name)}" / "train"
+        for fname, kind in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
+            f = sdir / fname
+            if f.is_file():
+                for line in f.read_text().splitlines():
+                    if line.strip():
+                        rec = json.loads(line)
+                        out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
+                                                                     if isinstance(v, (int, float, str))}})
+    return out
+
+
+def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR) -> None:
+    """U-MARVEL's recall -> rerank: re-sort each query's top-k by (cos + w P(Yes)) / 2, per pool; rescore.
+
+    The reranked run replaces ``run.trec`` in each pool directory; the embedding-only run is kept as
+    ``run_recall.trec``.
+    """
+    import numpy as np
+    import torch
+
+    from .data.items import Item, candidate_item
+    from .eval.runs import read_queries, read_run, rescore, write_metrics
+    from .models.reranker import Reranker
+    from .train.losses import fused_teacher
+
+    rr = Reranker.from_pretrained(reranker_dir)
+    stage = cfg.scaled_stage("distill")
+    for pool_dir in sorted(p for p in eval_dir.iterdir() if (p / "run.trec").is_file()):
+        run = read_run(pool_dir / "run.trec")
+        queries = {q["qid"]: q for q in read_queries(pool_dir / "queries.jsonl")}
+        cands = {c.did: c for c in data.global_pool(dedup=True)}
+        qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
+        lines = []
+        for qid, ranked in run.items():
+            ranked = ranked[: stage.teacher_top_k]
+            q = qobj[qid]
+            qitem = Item(txt=q.txt if "text" in q.modality else None,
+                         image_path=str(data.root / q.img_path) if q.img_path and "image" in q.modality else None,
+                         instruction=queries[qid].get("instruction"))
+            py = rr.p_yes([(qitem, candidate_item(cands[d], data)) for d, _ in ranked])
+            w = stage.teacher_weight_overrides.get(queries[qid]["row"], stage.teacher_weight)
+            fused = fused_teacher(torch.tensor([s for _, s in ranked]), torch.from_numpy(np.asarray(py, np.float32)), w)
+            order = sorted(range(len(ranked)), key=lambda i: (-float(fused[i]), i))
+            lines += [f"{qid} Q0 {ranked[i][0]} {r} {float(fused[i]):.9g} umarvel-rerank\n" for r, i in enumerate(order, 1)]
+        (pool_dir / "run.trec").replace(pool_dir / "run_recall.trec")
+        atomic_write_text(pool_dir / "run.trec", "".join(lines))
+        write_metrics(pool_dir / "metrics.json", rescore(pool_dir))

@@ -1,0 +1,152 @@
+"""Verdicts on the paper's findings from run directories, with paired statistics.
+
+A finding says row A beats row B of a table on the Avg of the 16 headline metrics. Our evidence is
+a set of evaluation run directories per (row, seed). The difference A - B is estimated by a
+**paired bootstrap**: in each replicate, seeds are resampled (with replacement, the same seeds for
+A and B, so seed-to-seed variation of shared stages cancels) and the queries of every dataset-task
+row are resampled (the same query indices for A and B, so per-query difficulty cancels). The Avg
+difference is recomputed on each replicate; the 95% percentile interval decides:
+
+* **held**: same direction as the paper and the interval excludes zero;
+* **within noise**: the interval includes zero (we report the smallest effect the run could have
+  detected: 2.8 x the bootstrap standard error, i.e. 80% power at a two-sided 5% level);
+* **contradicted**: opposite direction and the interval excludes zero.
+
+This module reads run directories only; it imports no model code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.mbeir import headline_k, read_qrels
+from ..eval.metrics import first_hit_rank
+from ..eval.runs import QRELS_FILE, QUERIES_FILE, RUN_FILE, ranked_dids, read_queries, read_run
+from ..paper import FINDINGS_BY_ID, Finding
+
+HELD, NOISE, CONTRA, MISSING = "held", "within noise", "contradicted", "not run"
+
+
+def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
+    """{row: (qids, 0/1 hits at the row's headline k)} from ``run.trec`` + ``qrels.txt`` + ``queries.jsonl``."""
+    run_dir = Path(run_dir)
+    run = ranked_dids(read_run(run_dir / RUN_FILE))
+    qrels = read_qrels(run_dir / QRELS_FILE)
+    rows: dict[str, list[str]] = {}
+    for r in read_queries(run_dir / QUERIES_FILE):
+        if r.get("scored", True):
+            rows.setdefault(r["row"], []).append(r["qid"])
+    out = {}
+    for row, qids in rows.items():
+        k = headline_k(row)
+        hits = []
+        for q in qids:
+            rank = first_hit_rank(run.get(q, ()), qrels.get(q, set()))
+            hits.append(1.0 if rank is not None and rank <= k else 0.0)
+        out[row] = (qids, np.asarray(hits))
+    return out
+
+
+def avg_of(hits: dict[str, tuple[list[str], np.ndarray]]) -> float:
+    return 100.0 * float(np.mean([h.mean() for _, h in hits.values()]))
+
+
+@dataclass
+class Verdict:
+    finding: str
+    text: str
+    pool: str
+    verdict: str
+    diff: float | None = None  # A - B (paper direction positive), points
+    ci95: tuple[float, float] | None = None
+    detectable: float | None = None  # minimum detectable effect (80% power), points
+    n_seeds: int = 0
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        return {"finding": self.finding, "claim": self.text, "pool": self.pool, "verdict": self.verdict,
+                "diff": None if self.diff is None else round(self.diff, 2),
+                "ci95_lo": None if self.ci95 is None else round(self.ci95[0], 2),
+                "ci95_hi": None if self.ci95 is None else round(self.ci95[1], 2),
+                "detectable_effect": None if self.detectable is None else round(self.detectable, 2),
+                "n_seeds": self.n_seeds, "note": self.note}
+
+
+def paired_difference(a: list[dict], b: list[dict], *, n_boot: int = 1000, seed: int = 0):
+    """Bootstrap the Avg difference of configs A and B; ``a[i]``/``b[i]`` are the same seed.
+
+    Returns (point estimate, (lo, hi), standard error).
+    """
+    if len(a) != len(b) or not a:
+        raise ValueError("paired_difference needs the same non-zero number of seeds for both configs")
+    rows = sorted(set(a[0]) & set(b[0]))
+    for x in a + b:
+        for row in rows:
+            if x[row][0] != a[0][row][0]:
+                raise ValueError(f"row {row}: A and B were not evaluated on the same queries")
+    point = float(np.mean([avg_of({r: x[r] for r in rows}) - avg_of({r: y[r] for r in rows}) for x, y in zip(a, b)]))
+    rng = np.random.default_rng(seed)
+    n_seeds = len(a)
+    reps = np.empty(n_boot)
+    sizes = {row: len(a[0][row][0]) for row in rows}
+    for i in range(n_boot):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        d = []
+        for s in seeds:
+            per_row = []
+            for row in rows:
+                idx = rng.integers(0, sizes[row], sizes[row])
+                per_row.append(a[s][row][1][idx].mean() - b[s][row][1][idx].mean())
+            d.append(np.mean(per_row))
+        reps[i] = 100.0 * float(np.mean(d))
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return point, (float(lo), float(hi)), float(reps.std(ddof=1))
+
+
+def decide(diff: float, ci: tuple[float, float]) -> str:
+    if ci[0] > 0:
+        return HELD
+    if ci[1] < 0:
+        return CONTRA
+    return NOISE
+
+
+def judge(finding: Finding | str, hits: dict[str, dict[int, dict]], *, n_boot: int = 1000,
+          diverged: set[str] = frozenset()) -> Verdict:
+    """Verdict for one finding. ``hits[row_id][seed]`` = :func:`headline_hits` of that run's ``pool`` dir."""
+    f = FINDINGS_BY_ID[finding] if isinstance(finding, str) else finding
+    v = Verdict(f.id, f.text, f.pool, MISSING)
+    if f.kind == "fails" and f.worse in diverged:
+        v.verdict, v.note = HELD, f"row {f.worse} diverged (non-finite loss)"
+        return v
+    if f.kind == "worst":
+        others = [r for r in hits if r != f.better]
+        if f.better not in hits or not others:
+            return v
+        diffs = []
+        for o in others:
+            seeds = sorted(set(hits[o]) & set(hits[f.better]))
+            if not seeds:
+                return v
+            d, ci, se = paired_difference([hits[o][s] for s in seeds], [hits[f.better][s] for s in seeds], n_boot=n_boot)
+            diffs.append((ci[0], d, ci, se, o, len(seeds)))
+        lo, d, ci, se, o, n = min(diffs)  # the closest competitor decides
+        v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(d, ci), d, ci, 2.8 * se, n
+        v.note = f"closest other row: {o}"
+        return v
+    if f.better not in hits or f.worse not in hits:
+        return v
+    seeds = sorted(set(hits[f.better]) & set(hits[f.worse]))
+    if not seeds:
+        return v
+    d, ci, se = paired_difference([hits[f.better][s] for s in seeds], [hits[f.worse][s] for s in seeds], n_boot=n_boot)
+    v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(d, ci), d, ci, 2.8 * se, len(seeds)
+    if f.sub_1pt and v.verdict == NOISE:
+        v.note = "paper effect < 1 point: expected within noise at micro scale"
+    if len(seeds) < 3:
+        v.note = (v.note + "; " if v.note else "") + f"only {len(seeds)} seed(s): verdict needs >= 3"
+        if v.verdict != NOISE:
+            v.verdict = NOISE
+    return v

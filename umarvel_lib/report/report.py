@@ -1,0 +1,76 @@
+"""``REPORT.md``: every reproduced table beside the paper's, the 15 findings with verdicts, provenance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import ablations_dir, load_ablation
+from ..io import atomic_write_text
+from ..paper import FINDINGS
+from . import tables
+
+
+def _md(df: pd.DataFrame) -> str:
+    if df is None or df.empty:
+        return "_no results yet_\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in r.tolist()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
+    res = Path(results)
+    abls = [load_ablation(p) for p in sorted(ablations_dir().glob("table*.yaml"))]
+    all_v = []
+    parts = [f"# U-MARVEL reproduction report: preset `{preset}`\n",
+             "Every number in the *ours* columns comes from a run of this kit (run directories under "
+             "`runs/`, each with `row.json`, `eval/<pool>/metrics.json`, `run.trec`, `qrels.txt`). The *paper* "
+             "columns are the paper's numbers (Tables 1-6 **provisional**: secondary summaries, see "
+             "`umarvel_lib/paper_tables/PROVENANCE.md`). At micro scale absolute numbers are not comparable "
+             "with the paper's; what is compared is the **direction** of each finding.\n"]
+    body = []
+    for ab in abls:
+        df = tables.table_vs_paper(res, ab)
+        body.append(f"\n## Table {ab.table}: {ab.title}\n\n{tables.provenance_note(ab.table)}\n\n" + _md(df))
+        if (res / f"table{ab.table}.png").is_file():
+            body.append(f"\n![table {ab.table}](table{ab.table}.png)\n")
+        if ab.findings:
+            vdf = tables.verdicts(res, ab, n_boot=n_boot)
+            all_v.append(vdf)
+            body.append("\nFindings:\n\n" + _md(vdf))
+    vall = pd.concat(all_v, ignore_index=True) if all_v else pd.DataFrame(columns=["finding", "verdict"])
+    counts = tables.verdict_counts(vall)
+    summary = [f"\n## Summary of the paper's {len(FINDINGS)} findings\n",
+               f"**{counts['held']} of {len(FINDINGS)} held**, {counts['within noise']} within noise, "
+               f"{counts['contradicted']} contradicted, {counts['not run']} not run.\n",
+               "Verdicts: *held* = same direction, 95% CI of the paired difference (seeds x queries bootstrap) "
+               "excludes zero, >= 3 seeds; *within noise* = CI includes zero (column `detectable_effect`: "
+               "the smallest difference this run could detect with 80% power); *contradicted* = opposite "
+               "direction, CI excludes zero. T1a, T2b, T3a and T3b are effects of well under one point in "
+               "the paper and are expected to be within noise at micro scale.\n",
+               _md(vall[["finding", "claim", "pool", "verdict", "diff", "ci95_lo", "ci95_hi", "detectable_effect",
+                         "n_seeds", "note"]] if not vall.empty else vall)]
+    runs = tables.runs_frame(res)
+    prov = ["\n## Provenance\n"]
+    if not runs.empty:
+        prov.append(f"- git commits of the runs: {', '.join(sorted(set(map(str, runs.git))))}\n")
+        prov.append(f"- rows x seeds run: {runs[['table', 'row', 'seed']].drop_duplicates().shape[0]}; "
+                    f"statuses: {runs.drop_duplicates(['table', 'row', 'seed']).status.value_counts().to_dict()}\n")
+        side = tables.sidecars(res)
+        if side:
+            v = side[0].get("versions", {})
+            prov.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + "\n")
+            prov.append(f"- seeds: {sorted(set(int(s['seed']) for s in side))}\n")
+    batch = res / "batch.json"
+    if batch.is_file():
+        st = json.loads(batch.read_text())
+        prov.append("\nWall time per notebook:\n\n" + _md(pd.DataFrame(
+            [{"notebook": k, **{kk: vv for kk, vv in v.items() if kk in ("status", "wall_s", "finished_at")}}
+             for k, v in st.items()])))
+    out = res / "REPORT.md"
+    atomic_write_text(out, "".join(parts + summary + body + prov))
+    return out

@@ -1,0 +1,213 @@
+"""Tables and plots of reproduced results next to the paper's, read from run directories.
+
+Reads ``<results>/runs/table<N>/<row>/seed<k>/row.json`` sidecars and their ``eval/<pool>/``
+run directories; imports no model code. The paper's numbers come from :mod:`umarvel_lib.paper`
+and appear only in the ``paper_*`` columns.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import Ablation
+from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
+from .findings import headline_hits, judge
+
+VERDICT_ORDER = ("held", "within noise", "contradicted", "not run")
+
+
+def sidecars(results, table: int | None = None) -> list[dict]:
+    base = Path(results) / "runs"
+    pattern = f"table{table}/*/seed*/row.json" if table is not None else "table*/*/seed*/row.json"
+    out = []
+    for f in sorted(base.glob(pattern)):
+        d = json.loads(f.read_text())
+        d["run_dir"] = str(f.parent)
+        out.append(d)
+    return out
+
+
+def _metrics(run_dir: str, pool: str) -> dict | None:
+    f = Path(run_dir) / "eval" / pool / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def runs_frame(results, table: int | None = None) -> pd.DataFrame:
+    """One line per (row, seed, pool): Avg headline (percent), its CI over queries, status, wall time, tau."""
+    recs = []
+    for s in sidecars(results, table):
+        for pool in ("local", "global"):
+            m = _metrics(s["run_dir"], pool) if s.get("status") == "ok" else None
+            if m is None and s.get("status") == "ok":
+                continue
+            recs.append({"table": s["table"], "row": str(s["row"]), "label": s.get("label"), "seed": s["seed"],
+                         "pool": pool, "status": s.get("status"),
+                         "avg": None if m is None else m["avg"]["headline"],
+                         "ci_lo": None if m is None else m["avg"]["ci95"][0],
+                         "ci_hi": None if m is None else m["avg"]["ci95"][1],
+                         "tau": s.get("tau"), "wall_s": s.get("wall_s"), "hash": s.get("hash"), "git": s.get("git"),
+                         "run_dir": s["run_dir"]})
+    return pd.DataFrame.from_records(recs, columns=["table", "row", "label", "seed", "pool", "status", "avg", "ci_lo",
+                                                    "ci_hi", "tau", "wall_s", "hash", "git", "run_dir"])
+
+
+def per_task_frame(results, table: int, pool: str = "local") -> pd.DataFrame:
+    """Per dataset-task headline metric, mean over seeds, one column per ablation row."""
+    recs = []
+    for s in sidecars(results, table):
+        m = _metrics(s["run_dir"], pool) if s.get("status") == "ok" else None
+        if m:
+            for name, e in m["rows"].items():
+                recs.append({"row": str(s["row"]), "seed": s["seed"], "task": name, "headline": e["headline"]})
+    df = pd.DataFrame.from_records(recs, columns=["row", "seed", "task", "headline"])
+    if df.empty:
+        return df
+    return df.groupby(["task", "row"])["headline"].mean().unstack("row")
+
+
+def table_vs_paper(results, ablation: Ablation) -> pd.DataFrame:
+    """Per ablation row: the paper's Local/Global Avg beside ours (mean +- sd over seeds), with deltas."""
+    runs = runs_frame(results, ablation.table)
+    recs = []
+    for r in ablation.rows:
+        try:
+            p = paper_row(ablation.table, r.paper_key) if ablation.table <= 6 else None
+        except KeyError:
+            p = None
+        rec = {"id": r.id, "row": r.label}
+        for pool in ("local", "global"):
+            sub = runs[(runs.row == r.id) & (runs.pool == pool)] if not runs.empty else runs
+            ok = sub[sub.status == "ok"] if not sub.empty else sub
+            vals = ok["avg"].astype(float).to_numpy() if not ok.empty else np.array([])
+            paper_v = None if p is None else p[pool]
+            if ablation.table == 7:
+                paper_v = _main_table_avg(pool)
+            rec[f"paper_{pool}"] = paper_v if paper_v is not None else (None if p is None else p[f"{pool}_raw"] or None)
+            rec[f"ours_{pool}"] = round(float(vals.mean()), 2) if len(vals) else None
+            rec[f"ours_{pool}_sd"] = round(float(vals.std(ddof=1)), 2) if len(vals) > 1 else None
+            rec[f"delta_{pool}"] = (round(rec[f"ours_{pool}"] - paper_v, 2)
+                                    if rec[f"ours_{pool}"] is not None and isinstance(paper_v, float) else None)
+            rec[f"n_seeds_{pool}"] = len(vals)
+            if not sub.empty and (sub.status == "diverged").any():
+                rec[f"ours_{pool}"] = rec[f"ours_{pool}"] if len(vals) else "diverged"
+        recs.append(rec)
+    df = pd.DataFrame.from_records(recs)
+    if "global" not in ablation.pools:
+        df = df[[c for c in df.columns if "global" not in c]]
+    return df
+
+
+def _main_table_avg(pool: str) -> float:
+    from ..paper import load_table
+
+    df = load_table(7 if pool == "local" else 8)
+    row = df[df["Method"].str.startswith("U-MARVEL(Qwen2VL-7B")].iloc[0]
+    return float(row["Avg."])
+
+
+def hits_by_row(results, table: int, pool: str) -> tuple[dict, set[str]]:
+    """{row_id: {seed: headline_hits}} for finished runs, and the ids of rows that diverged."""
+    out: dict[str, dict[int, dict]] = {}
+    diverged = set()
+    for s in sidecars(results, table):
+        if s.get("status") == "diverged":
+            diverged.add(str(s["row"]))
+            continue
+        d = Path(s["run_dir"]) / "eval" / pool
+        if (d / "run.trec").is_file():
+            out.setdefault(str(s["row"]), {})[int(s["seed"])] = headline_hits(d)
+    return out, diverged
+
+
+def verdicts(results, ablation: Ablation, *, n_boot: int = 1000) -> pd.DataFrame:
+    """One line per paper finding of this table, with its verdict and statistics."""
+    recs = []
+    for fid in ablation.findings:
+        f = FINDINGS_BY_ID[fid]
+        pool = f.pool if f.pool in ablation.pools else ablation.pools[0]
+        hits, div = hits_by_row(results, ablation.table, pool)
+        v = judge(f, hits, n_boot=n_boot, diverged=div)
+        v.pool = pool
+        recs.append(v.as_dict())
+    return pd.DataFrame.from_records(recs, columns=["finding", "claim", "pool", "verdict", "diff", "ci95_lo", "ci95_hi",
+                                                    "detectable_effect", "n_seeds", "note"])
+
+
+def plot_table(df: pd.DataFrame, title: str, path=None):
+    """Bar plot of ours (mean +- sd over seeds) per row and pool; the paper's value as a marker on a twin axis."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    pools = [p for p in ("local", "global") if f"ours_{p}" in df.columns]
+    long = []
+    for _, r in df.iterrows():
+        for p in pools:
+            v = r[f"ours_{p}"]
+            if isinstance(v, (int, float)) and v is not None and not pd.isna(v):
+                long.append({"row": f"{r['id']}: {r['row']}", "pool": p, "ours": v,
+                             "sd": r.get(f"ours_{p}_sd") or 0.0, "paper": r.get(f"paper_{p}")})
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(df)), 4))
+    if long:
+        ld = pd.DataFrame(long)
+        sns.barplot(data=ld, x="row", y="ours", hue="pool", ax=ax, errorbar=None)
+        ax.set_ylabel("reproduced Avg (micro scale, %)")
+        ax2 = ax.twinx()
+        for p, marker in zip(pools, ("o", "s")):
+            pl = ld[ld.pool == p]
+            ax2.scatter(range(len(pl)), pd.to_numeric(pl["paper"], errors="coerce"), marker=marker, color="k",
+                        label=f"paper {p}", zorder=3)
+        ax2.set_ylabel("paper Avg (%)")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=25)
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_curves(results, table: int, path=None):
+    """Training loss (and periodic local Avg, when evaluated) over steps, one line per row (seed mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    recs = []
+    for s in sidecars(results, table):
+        offset = 0
+        last_stage = None
+        for c in s.get("curves") or []:
+            if c.get("kind") != "train" or "loss" not in c:
+                continue
+            if c["stage"] != last_stage:
+                offset = recs[-1]["global_step"] if recs and last_stage is not None and recs[-1]["row"] == str(s["row"]) else 0
+                last_stage = c["stage"]
+            recs.append({"row": str(s["row"]), "seed": s["seed"], "stage": c["stage"], "step": c["step"],
+                         "global_step": offset + c["step"], "loss": c["loss"]})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if recs:
+        sns.lineplot(data=pd.DataFrame(recs), x="global_step", y="loss", hue="row", style="stage", ax=ax, errorbar=None)
+    ax.set_title(f"Table {table}: training loss over optimizer steps (all stages, seed mean)")
+    fig.tight_layout()
+    if path:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def provenance_note(table: int) -> str:
+    note = provenance(table)
+    if table in PROVISIONAL:
+        note += " — paper numbers are provisional."
+    return note
+
+
+def verdict_counts(vdf: pd.DataFrame) -> dict[str, int]:
+    return {k: int((vdf.verdict == k).sum()) for k in VERDICT_ORDER}

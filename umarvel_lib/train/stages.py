@@ -1,0 +1,332 @@
+"""Progressive training stages, chained exactly (FACTS.md §4, §13 facts 5-13).
+
+    nli  ->  cc3m  ->  mbeir  ->  hard_negatives  ->  distill
+
+Each stage starts from the previous stage's merged checkpoint (never from the raw backbone, which
+is the released stage-3 script's bug), adds a fresh LoRA with the stage's r/alpha/LR, trains with
+InfoNCE (GradCache over the global batch) or the distillation KL, merges, and saves a checkpoint
+keyed by the hash of everything that determines it (:meth:`RunConfig.hash` ``upto_stage``), so
+rows of an ablation that share a prefix of stages share its checkpoints, and a finished stage is
+never re-run. Which stages run is ``RunConfig.stages``.
+
+Data per stage (all read from the data root; the same readers serve the real corpora):
+
+* ``nli``: ``nli/nli_for_simcse.csv`` sent0 -> sent1 (the ``hard_neg`` column is unused, as released)
+* ``cc3m``: ``cc3m/chat.json`` caption -> image, symmetric loss (summed)
+* ``mbeir``: ``query/union_train/mbeir_union_up_train.jsonl`` with a random positive and an
+  instruction per query; candidates from ``cand_pool/global/mbeir_union_train_cand_pool.jsonl``
+* ``hard_negatives``: the same queries + K negatives mined with the stage-3 model
+  (:func:`~umarvel_lib.train.mining.mine_hard_negatives`, filters from the config)
+* ``distill``: a per-task sample of the training queries; teacher = (cos + w P(Yes)) / 2 over the
+  hard-negative model's top-k, from a pointwise reranker trained on positives + mined negatives;
+  or ``continue_hard``: the same sample trained with hard negatives (the paper's control).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import RunConfig, StageConfig
+from ..data.items import Item, candidate_item, query_item
+from ..data.mbeir import MBEIR, TASKS, row_name
+from ..data.synthetic import read_cc3m, read_nli
+from ..io import atomic_write_json
+from ..models.embedder import Embedder
+from .engine import TrainConfig, Trainer
+from .gradcache import grad_cache_step
+from .losses import distill_kl, fused_teacher, gather_with_grad, info_nce
+from .mining import load_negatives, mine_hard_negatives, save_negatives
+
+log = logging.getLogger(__name__)
+
+
+# ---- examples --------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    query: Item
+    positive: Item
+    negatives: tuple[Item, ...] = ()
+    qid: str | None = None
+    row: str | None = None
+
+
+def nli_pairs(root) -> list[Pair]:
+    return [Pair(Item(txt=a), Item(txt=b)) for a, b, _ in read_nli(root)]
+
+
+def cc3m_pairs(root) -> list[Pair]:
+    return [Pair(Item(txt=cap), Item(image_path=img)) for cap, img in read_cc3m(root)]
+
+
+def mbeir_pairs(data: MBEIR, *, instructions: bool, seed: int) -> list[Pair]:
+    """union_train queries with one random positive and a seeded instruction each."""
+    rng = random.Random(seed)
+    pool = {c.did: c for c in data.train_pool()}
+    out = []
+    for q in data.union_train():
+        cands = [d for d in q.pos if d in pool]
+        if not cands:
+            raise ValueError(f"union_train query {q.qid} has no positive in the train pool")
+        ins = data.sample_instruction(q, TASKS[q.task_id][1], rng) if instructions else None
+        out.append(Pair(query_item(q, data, instruction=ins), candidate_item(pool[rng.choice(cands)], data),
+                        qid=q.qid, row=row_name(_dataset_of(q), q.task_id)))
+    return out
+
+
+def _dataset_of(q) -> str:
+    from ..data.mbeir import DATASET_NAMES
+
+    return DATASET_NAMES[q.dataset_id]
+
+
+def per_task_sample(pairs: list[Pair], fraction: float, seed: int) -> list[Pair]:
+    """A per-task random sample (the paper's 10% distillation subset, seed 42 in the release)."""
+    rng = random.Random(seed)
+    by_row: dict[str, list[Pair]] = {}
+    for p in pairs:
+        by_row.setdefault(p.row or "", []).append(p)
+    out = []
+    for row in sorted(by_row):
+        ps = by_row[row]
+        out += rng.sample(ps, max(1, int(round(len(ps) * fraction))))
+    return out
+
+
+# ---- one training stage -----------------------------------------------------------------------
+def train_config(stage: StageConfig, n_examples: int, seed: int, *, eval_every: int | None = None) -> TrainConfig:
+    return TrainConfig(lr=stage.lr, epochs=None if stage.max_steps else stage.epochs, max_steps=stage.max_steps,
+                       batch_size=min(stage.batch_size, max(1, n_examples)), warmup_ratio=stage.warmup_ratio,
+                       seed=seed, save_every=50, eval_every=eval_every or 0, eval_at_start=bool(eval_every),
+                       tqdm_mininterval=5.0)
+
+
+def contrastive_step(embedder: Embedder, stage: StageConfig):
+    """The InfoNCE step of a stage, with GradCache over the global batch."""
+    k = stage.num_hard if stage.negatives != "in_batch" else 0
+
+    def loss_fn(q, c, hn=None):
+        q, c = gather_with_grad(q), gather_with_grad(c)
+        hard = gather_with_grad(hn).reshape(q.shape[0], k, -1) if hn is not None else None
+        return info_nce(q, c, embedder.temperature.tau, hard_negatives=hard, symmetric=stage.symmetric,
+                        hard_negatives_only=stage.negatives == "hard_only")
+
+    def encode(items):
+        return embedder(embedder.collate(items))
+
+    def step(batch: list[Pair], ctx):
+        inputs = [[p.query for p in batch], [p.positive for p in batch]]
+        if k:
+            inputs.append([n for p in batch for n in p.negatives[:k]])
+        return grad_cache_step(encode, inputs, loss_fn, stage.chunk_size, backward=ctx.backward,
+                               autocast=ctx.autocast)
+
+    return step
+
+
+def distill_step(embedder: Embedder, stage: StageConfig):
+    """KL(softmax(teacher/tau.detach()) || softmax(cos/tau)) over each query's candidate list."""
+
+    def step(batch: list[dict], ctx):
+        qs = embedder(embedder.collate([b["query"] for b in batch]))
+        cands = [c for b in batch for c in b["candidates"]]
+        n = len(batch[0]["candidates"])
+        c = embedder(embedder.collate(cands)).reshape(len(batch), n, -1)
+        cos = torch.einsum("bd,bnd->bn", qs, c)
+        teacher = torch.tensor(np.stack([b["teacher"] for b in batch]), dtype=cos.dtype)
+        loss = distill_kl(cos, teacher, embedder.temperature.tau)
+        ctx.backward(loss)
+        return loss.detach()
+
+    return step
+
+
+def _embedder_for(cfg: RunConfig, stage: StageConfig, init: Path) -> Embedder:
+    ecfg = dataclasses.replace(cfg.embedder, train_temperature=stage.train_temperature)
+    if stage.compression_prompt is not None:
+        ecfg = dataclasses.replace(ecfg, compression_prompt=stage.compression_prompt)
+    emb = Embedder.from_pretrained(init, ecfg)
+    emb.temperature.tau.requires_grad_(stage.train_temperature)
+    if stage.full_finetune:
+        for n, p in emb.model.named_parameters():
+            p.requires_grad_("visual" not in n)
+    else:
+        for p in emb.model.parameters():
+            p.requires_grad_(False)
+        emb.apply_lora(stage.lora_r, stage.lora_alpha, stage.lora_dropout)
+    return emb
+
+
+def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, eval_fn=None, progress=True) -> Path:
+    """Train one stage from the checkpoint ``init``; returns the merged checkpoint directory."""
+    stage = cfg.scaled_stage(name)
+    h = cfg.hash(upto_stage=name)
+    sdir = out_root / f"{name}-{h}"
+    final = sdir / "model"
+    if (final / "embedder.json").is_file():
+        log.info("stage %s: reusing %s", name, final)
+        return final
+    sdir.mkdir(parents=True, exist_ok=True)
+    data_root = cfg.resolved_data_root()
+    data = MBEIR(data_root, check_images=False)
+    emb = _embedder_for(cfg, stage, init)
+    if name == "nli":
+        examples, step = nli_pairs(data_root), contrastive_step(emb, stage)
+    elif name == "cc3m":
+        examples, step = cc3m_pairs(data_root), contrastive_step(emb, stage)
+    elif name == "mbeir":
+        examples, step = mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed), contrastive_step(emb, stage)
+    elif name == "hard_negatives":
+        examples = with_hard_negatives(cfg, stage, init, sdir, data)
+        step = contrastive_step(emb, stage)
+    elif name == "distill":
+        examples, step = distill_examples(cfg, stage, init, sdir, data, emb)
+    else:
+        raise ValueError(f"unknown stage {name!r}")
+    tcfg = train_config(stage, len(examples), cfg.seed, eval_every=cfg.eval.eval_every)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    trainer = Trainer(emb, step, examples, tcfg, sdir / "train", collate_fn=list, eval_fn=eval_fn,
+                      run_identity={"stage_hash": h, "init": str(init)})
+    trainer.fit()
+    if emb.is_lora:
+        emb.merge_lora()
+    emb.save(final)
+    atomic_write_json(sdir / "stage.json", {"stage": name, "hash": h, "init": str(init), "tau": emb.temperature.value,
+                                            "recipe": dataclasses.asdict(stage), "n_examples": len(examples)})
+    return final
+
+
+# ---- hard negatives ---------------------------------------------------------------------------
+def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdir: Path, data: MBEIR,
+                        pairs: list[Pair] | None = None) -> list[Pair]:
+    """Mine with the previous stage's model and attach K negatives to every training pair."""
+    pairs = pairs if pairs is not None else mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed)
+    neg_file = sdir / "hard_negatives.jsonl"
+    pool = data.train_pool()
+    if not neg_file.is_file():
+        miner = Embedder.from_pretrained(model_dir, cfg.embedder)
+        q_emb = miner.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="mine: queries")
+        c_emb = miner.encode([candidate_item(c, data) for c in pool], batch_size=cfg.eval.batch_size, desc="mine: pool")
+        positives = {q.qid: set(q.pos) for q in data.union_train()}
+        df, report = mine_hard_negatives(q_emb, c_emb, [p.qid for p in pairs], [c.did for c in pool], positives,
+                                         top_m=min(stage.mine_top_m, len(pool)), num_negatives=stage.num_hard,
+                                         max_score=stage.filter_max_score, relative_margin=stage.filter_relative_margin)
+        save_negatives(df, neg_file, report)
+    df = load_negatives(neg_file)
+    by_did = {c.did: c for c in pool}
+    negs = {r.qid: tuple(r.negatives) for r in df.itertuples()}
+    rng = random.Random(cfg.seed)
+    out = []
+    for p in pairs:
+        ds = list(negs.get(p.qid, ()))
+        while len(ds) < stage.num_hard:  # too few survivors: random pool candidates that are not positives
+            d = rng.choice(pool).did
+            if d not in ds:
+                ds.append(d)
+        out.append(dataclasses.replace(p, negatives=tuple(candidate_item(by_did[d], data) for d in ds[:stage.num_hard])))
+    return out
+
+
+# ---- reranker and distillation ----------------------------------------------------------------
+def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path) -> Path:
+    """Pointwise Yes/No reranker from the raw backbone on positives + one random mined negative."""
+    from ..models.backbone import load_backbone
+    from ..models.reranker import Reranker
+
+    h = cfg.hash(upto_stage="hard_negatives")
+    rdir = out_root / f"reranker-{h}"
+    final = rdir / "model"
+    if (final / "reranker.json").is_file() or (final / "config.json").is_file():
+        return final
+    rdir.mkdir(parents=True, exist_ok=True)
+    data = MBEIR(cfg.resolved_data_root(), check_images=False)
+    stage = dataclasses.replace(cfg.scaled_stage("hard_negatives"), negatives="in_batch+hard", num_hard=1,
+                                filter_max_score=None)
+    pairs = with_hard_negatives(cfg, stage, hn_model, rdir, data)
+    examples = [(p.query, p.positive, True) for p in pairs] + [(p.query, p.negatives[0], False) for p in pairs]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(examples)
+    model, processor = load_backbone(_raw_backbone(cfg))
+    rr = Reranker(model, processor, source=_raw_backbone(cfg))
+    from ..models.lora import apply_lora, merge_lora
+
+    for p in rr.model.parameters():
+        p.requires_grad_(False)
+    rr.model = apply_lora(rr.model, r=cfg.scale.lora_r or cfg.reranker.lora_r,
+                          alpha=cfg.scale.lora_alpha or cfg.reranker.lora_alpha, dropout=0.05)
+    rc = cfg.reranker
+    tcfg = TrainConfig(lr=rc.lr * cfg.scale.lr_multiplier, max_steps=rc.max_steps, epochs=None if rc.max_steps else rc.epochs,
+                       batch_size=min(rc.batch_size, len(examples)), seed=cfg.seed, save_every=50, tqdm_mininterval=5.0)
+
+    def step(batch, ctx):
+        loss = rr.loss(rr.collate([(q, c) for q, c, _ in batch], labels=[y for _, _, y in batch]))
+        ctx.backward(loss)
+        return loss.detach()
+
+    Trainer(rr, step, examples, tcfg, rdir / "train", collate_fn=list, run_identity={"hash": h}).fit()
+    rr.model = merge_lora(rr.model)
+    rr.save(final)
+    return final
+
+
+def _raw_backbone(cfg: RunConfig) -> Path:
+    from ..experiment import backbone_path
+
+    return backbone_path(cfg)
+
+
+def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_dir: Path, data: MBEIR,
+                  pairs: list[Pair], sdir: Path) -> list[dict]:
+    """Top-k train-pool candidates of each sampled query with fused teacher scores (cached as JSONL)."""
+    from ..models.reranker import Reranker
+    from .losses import fusion_weights  # noqa: F401  (documented per-task weights live there)
+
+    f = sdir / "teacher.jsonl"
+    pool = data.train_pool()
+    by_did = {c.did: c for c in pool}
+    if not f.is_file():
+        emb = Embedder.from_pretrained(hn_model, cfg.embedder)
+        q = emb.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="teacher: queries")
+        c = emb.encode([candidate_item(x, data) for x in pool], batch_size=cfg.eval.batch_size, desc="teacher: pool")
+        k = min(stage.teacher_top_k, len(pool))
+        scores, idx = torch.topk(torch.from_numpy(q) @ torch.from_numpy(c).T, k, dim=1)
+        rr = Reranker.from_pretrained(reranker_dir)
+        recs = []
+        for i, p in enumerate(pairs):
+            cands = [candidate_item(pool[j], data) for j in idx[i].tolist()]
+            py = rr.p_yes([(p.query, x) for x in cands])
+            w = stage.teacher_weight_overrides.get(p.row, stage.teacher_weight)
+            fused = fused_teacher(scores[i], torch.from_numpy(np.asarray(py, dtype=np.float32)), w)
+            recs.append({"qid": p.qid, "dids": [pool[j].did for j in idx[i].tolist()], "teacher": fused.tolist()})
+        from ..io import atomic_write_text
+
+        atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in recs))
+    recs = [json.loads(x) for x in f.read_text().splitlines()]
+    qmap = {p.qid: p for p in pairs}
+    return [{"query": qmap[r["qid"]].query, "candidates": [candidate_item(by_did[d], data) for d in r["dids"]],
+             "teacher": np.asarray(r["teacher"], dtype=np.float32)} for r in recs]
+
+
+def distill_examples(cfg: RunConfig, stage: StageConfig, hn_model: Path, sdir: Path, data: MBEIR, emb: Embedder):
+    pairs = per_task_sample(mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed),
+                            stage.sample_fraction, seed=42 + cfg.seed)
+    if stage.distill_mode == "continue_hard":
+        hn_stage = dataclasses.replace(cfg.scaled_stage("hard_negatives"), lr=stage.lr,
+                                       batch_size=stage.batch_size)
+        return with_hard_negatives(cfg, hn_stage, hn_model, sdir, data, pairs), contrastive_step(emb, hn_stage)
+    reranker_dir = train_reranker(cfg, hn_model, sdir.parent)
+    return teacher_lists(cfg, stage, hn_model, reranker_dir, data, pairs, sdir), distill_step(emb, stage)
+
+
+def run_stages(cfg: RunConfig, backbone: Path, out_root: Path, *, eval_fn=None, progress=True) -> Path:
+    """Chain ``cfg.stages``: each starts from the previous merged checkpoint. Returns the last one."""
+    ckpt = Path(backbone)
+    for name in cfg.stages:
+        ckpt = run_stage(cfg, name, ckpt, out_root, eval_fn=eval_fn, progress=progress)
+    return ckpt
