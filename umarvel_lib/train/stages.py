@@ -220,7 +220,7 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
         save_negatives(df, neg_file, report)
     df = load_negatives(neg_file)
     by_did = {c.did: c for c in pool}
-    negs = {r.qid: tuple(r.negatives) for r in df.itertuples()}
+    negs = {q: tuple(n) for q, n in zip(df["qid"], df["negatives"])}
     rng = random.Random(cfg.seed)
     out = []
     for p in pairs:

@@ -1,0 +1,45 @@
+"""Packaging, notebooks and CI plumbing."""
+import json
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_environment_yml_matches_pyproject():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    assert "python=3.11" in env["dependencies"]
+    assert [p for p in pip if p != "-e ."] == deps
+
+
+def test_layout_and_ci():
+    for p in ("umarvel_lib", "notebooks", "ablations", "results", "tests", "environment.yml", "README.md",
+              "pyproject.toml", "Makefile", ".ci/run"):
+        assert (ROOT / p).exists(), p
+    assert "make test" in (ROOT / ".ci/run").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "make reproduce" in readme and "make test" in readme
+
+
+def test_notebooks_have_parameters_and_no_outputs():
+    nbs = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert len(nbs) == 9
+    for nb in nbs:
+        d = json.loads(nb.read_text())
+        code = [c for c in d["cells"] if c["cell_type"] == "code"]
+        tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{nb.name}: exactly one cell tagged parameters"
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{nb.name} has outputs"
+        assert "preset" in "".join(tagged[0]["source"])
+
+
+def test_cli_entry_point():
+    from umarvel_lib.cli import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["prepare", "--preset", "smoke"]).preset == "smoke"
+    assert p.parse_args(["reproduce", "--tables", "1,5"]).tables == "1,5"
