@@ -49,6 +49,29 @@ def _data_preset(preset: str) -> str:
     return PRESETS[preset].get("data_preset", "cpu")
 
 
+def cmd_run(args) -> int:
+    """One (table row, seed); the entry point for `accelerate launch -m umarvel_lib.cli run ...`."""
+    from .config import load_ablation
+    from .experiment import estimate_cost, run_row
+
+    ab = load_ablation(args.table)
+    if args.preset == "paper" or args.estimate:
+        cfg = ab.run_config(args.row, args.preset, args.seed, backbone=args.backbone, data_root=args.data_root)
+        est = estimate_cost(cfg)
+        print(f"cost estimate for table {ab.table} row {args.row} ({args.preset}):")
+        print(est.to_string(index=False))
+        print(f"total: {est.tokens.sum():,} tokens, about {est.gpu_hours.sum():.1f} H100-hours")
+        if args.estimate:
+            return 0
+        if not args.yes:
+            print("re-run with --yes to start (the paper preset is expensive)")
+            return 3
+    side = run_row(ab, args.row, preset=args.preset, seed=args.seed, results=args.results or Path("results") / args.preset,
+                   backbone=args.backbone, data_root=args.data_root)
+    print(f"table {ab.table} row {args.row} seed {args.seed}: {side['status']} ({side.get('wall_s')} s)")
+    return 0 if side["status"] == "ok" else 1
+
+
 def cmd_report(args) -> int:
     from .report.report import write_report
 
@@ -90,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR)")
     sr.add_argument("--timeout", type=int, help="per-cell execution timeout in seconds")
     sr.set_defaults(func=cmd_reproduce)
+
+    sx = sub.add_parser("run", help="train + evaluate one row of an ablation table for one seed")
+    sx.add_argument("--table", required=True, help="ablation name or number prefix, e.g. table5")
+    sx.add_argument("--row", required=True)
+    sx.add_argument("--seed", type=int, default=0)
+    sx.add_argument("--preset", default="cpu")
+    sx.add_argument("--results")
+    sx.add_argument("--backbone")
+    sx.add_argument("--data-root")
+    sx.add_argument("--estimate", action="store_true", help="print tokens per stage and GPU-hours, then stop")
+    sx.add_argument("--yes", action="store_true", help="start a paper-preset run after the estimate")
+    sx.set_defaults(func=cmd_run)
 
     sp2 = sub.add_parser("report", help="(re)write results/<preset>/REPORT.md from the run directories")
     sp2.add_argument("--preset", default="cpu")
