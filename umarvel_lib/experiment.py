@@ -192,8 +192,8 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
         cands = {c.did: c for c in data.global_pool(dedup=True)}
         qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
         lines = []
-        for qid, ranked in run.items():
-            ranked = ranked[: stage.teacher_top_k]
+        for qid, full in run.items():
+            ranked, rest = full[: cfg.eval.rerank_top_k], full[cfg.eval.rerank_top_k:]
             q = qobj[qid]
             qitem = Item(txt=q.txt if "text" in q.modality else None,
                          image_path=str(data.root / q.img_path) if q.img_path and "image" in q.modality else None,
@@ -203,6 +203,10 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
             fused = fused_teacher(torch.tensor([s for _, s in ranked]), torch.from_numpy(np.asarray(py, np.float32)), w)
             order = sorted(range(len(ranked)), key=lambda i: (-float(fused[i]), i))
             lines += [f"{qid} Q0 {ranked[i][0]} {r} {float(fused[i]):.9g} umarvel-rerank\n" for r, i in enumerate(order, 1)]
+            # below the reranked head the recall order is kept (scores shifted under the head's minimum)
+            floor = float(fused.min()) if len(ranked) else 0.0
+            lines += [f"{qid} Q0 {d} {len(ranked) + j} {floor - 1 - j * 1e-3:.9g} umarvel-rerank\n"
+                      for j, (d, _) in enumerate(rest, 1)]
         (pool_dir / "run.trec").replace(pool_dir / "run_recall.trec")
         atomic_write_text(pool_dir / "run.trec", "".join(lines))
         write_metrics(pool_dir / "metrics.json", rescore(pool_dir))
