@@ -158,40 +158,40 @@ def dense_topk(queries: np.ndarray, cands: np.ndarray, k: int) -> TopK:
     c = torch.from_numpy(np.ascontiguousarray(cands, np.float32))
     s = q @ c.T
     idx = torch.arange(c.shape[0], dtype=torch.int64).expand_as(s).contiguous()
-    kk = min(k, c.shape[0])
-    s, idx = _sort_rows(s, idx, kk)
+    s, idx = _sort_rows(s, idx, min(k, c.shape[0]))
     return merge_topk([TopK(s.numpy(), idx.numpy())], k)
 
 
 # ---- block top-k with exact boundary ties ---------------------------------------------------------
 
-def _exact_rows(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of some rows of a block under (score desc, index asc), by a full stable sort.
-    Used only for rows whose k-th and (k+1)-th scores tie, where ``topk``'s choice is arbitrary."""
-    return _sort_rows(scores, idx.expand(scores.shape[0], -1), k)
+def _topk_set(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k *set* of each row under (score desc, index asc), in no particular order.
 
-
-def _block_topk_torch(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of a (Qc, B) score block; returns unsorted-within-ties (scores, global idx), exact as a set."""
-    b = scores.shape[1]
-    if b <= k:
-        return scores, idx.expand(scores.shape[0], b)
+    ``idx``: the candidates' indices, ``(C,)`` shared by all rows or ``(R, C)`` per row. ``topk``
+    is asked for k+1 values; only rows whose k-th and (k+1)-th scores are equal (where ``topk``'s
+    choice among the tied candidates is arbitrary) are redone by a full stable sort.
+    """
+    r, c = scores.shape
+    if c <= k:
+        return scores, (idx.expand(r, c) if idx.dim() == 1 else idx)
     vals, pos = torch.topk(scores, k + 1, dim=1, sorted=True)
     amb = (vals[:, k] == vals[:, k - 1]).nonzero().flatten()
-    vals, ids = vals[:, :k].contiguous(), idx[pos[:, :k]]
+    vals, pos = vals[:, :k].contiguous(), pos[:, :k]
+    ids = idx[pos] if idx.dim() == 1 else idx.gather(1, pos)
     if amb.numel():
-        vals[amb], ids[amb] = _exact_rows(scores[amb], idx, k)
+        rows_idx = idx.expand(r, c)[amb] if idx.dim() == 1 else idx[amb]
+        vals[amb], ids[amb] = _sort_rows(scores[amb], rows_idx, k)
     return vals, ids
 
 
 def _block_topk_faiss(q: np.ndarray, block: np.ndarray, idx: torch.Tensor, k: int):
+    """Same contract as :func:`_topk_set` for one block, with faiss computing scores and top-(k+1)."""
     import faiss
 
     b = block.shape[0]
     index = faiss.IndexFlatIP(block.shape[1])
     index.add(block)
-    kk = min(k + 1, b)
-    d, pos = index.search(q, kk)
+    d, pos = index.search(q, min(k + 1, b))
     vals, pos_t = torch.from_numpy(d), torch.from_numpy(pos)
     if b <= k:
         return vals, idx[pos_t]
@@ -199,7 +199,7 @@ def _block_topk_faiss(q: np.ndarray, block: np.ndarray, idx: torch.Tensor, k: in
     vals, ids = vals[:, :k].contiguous(), idx[pos_t[:, :k]]
     if amb.numel():
         rows = torch.from_numpy(q)[amb] @ torch.from_numpy(block).T
-        vals[amb], ids[amb] = _exact_rows(rows, idx, k)
+        vals[amb], ids[amb] = _sort_rows(rows, idx.expand(rows.shape[0], -1), k)
     return vals, ids
 
 
@@ -245,6 +245,20 @@ def search(queries: np.ndarray, source, k: int, *, backend: str = "torch", parts
     run_s = torch.full((nq, k), -np.inf, dtype=torch.float32, device=dev)
     run_i = torch.full((nq, k), _PAD_IDX, dtype=torch.int64, device=dev)
     q_all = torch.from_numpy(queries).to(dev)
+    chunks = list(iter_chunks(nq, query_chunk))
+    # Block results wait in a buffer and are merged a few blocks at a time (fewer small ops);
+    # the buffer is bounded to ~256 MB whatever the number of queries.
+    merge_every = int(max(1, min(8, (256 << 20) // max(1, nq * k * 12))))
+    pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in chunks]
+
+    def flush(c: int):
+        if pending[c]:
+            qs, qe = chunks[c]
+            cs = torch.cat([run_s[qs:qe]] + [v for v, _ in pending[c]], 1)
+            ci = torch.cat([run_i[qs:qe]] + [i for _, i in pending[c]], 1)
+            run_s[qs:qe], run_i[qs:qe] = _topk_set(cs, ci, k)
+            pending[c].clear()
+
     t0, n_seen, n_blocks = time.perf_counter(), 0, 0
     for block, gidx in source.blocks(parts, block_size):
         if block.shape[1] != source.dim:
@@ -253,14 +267,16 @@ def search(queries: np.ndarray, source, k: int, *, backend: str = "torch", parts
         n_blocks += 1
         idx_t = torch.from_numpy(np.ascontiguousarray(gidx, dtype=np.int64)).to(dev)
         b_t = torch.from_numpy(block).to(dev) if backend == "torch" else None
-        for qs in range(0, nq, query_chunk):
-            qe = min(qs + query_chunk, nq)
+        for c, (qs, qe) in enumerate(chunks):
             if backend == "torch":
-                vals, ids = _block_topk_torch(q_all[qs:qe] @ b_t.T, idx_t, k)
+                pending[c].append(_topk_set(q_all[qs:qe] @ b_t.T, idx_t, k))
             else:
-                vals, ids = _block_topk_faiss(queries[qs:qe], block, idx_t, k)
-            s, i = _sort_rows(torch.cat([run_s[qs:qe], vals], 1), torch.cat([run_i[qs:qe], ids], 1), k)
-            run_s[qs:qe], run_i[qs:qe] = s, i
+                pending[c].append(_block_topk_faiss(queries[qs:qe], block, idx_t, k))
+            if len(pending[c]) >= merge_every:
+                flush(c)
+    for c in range(len(chunks)):
+        flush(c)
+    run_s, run_i = _sort_rows(run_s, run_i, k)
     if stats is not None:
         stats.update(seconds=time.perf_counter() - t0, candidates=n_seen, blocks=n_blocks)
     run_i = torch.where(run_i == _PAD_IDX, torch.full_like(run_i, -1), run_i)
@@ -284,3 +300,39 @@ def search_sharded(queries: np.ndarray, source, k: int, *, world_size: int, **kw
 def iter_chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
     for s in range(0, n, size):
         yield s, min(s + size, n)
+
+
+class MappedSource:
+    """Several sources seen as one pool through index maps (the global pool over local shard stores).
+
+    ``members``: ``[(source, gmap), ...]`` where ``gmap[i]`` is the pool index of the member's row
+    ``i``, or -1 to leave that row out (a duplicate removed by deduplication). Parts are the
+    members' parts, in order.
+    """
+
+    def __init__(self, members: Sequence[tuple[object, np.ndarray]], n: int):
+        self.members = [(as_source(s), np.asarray(g, dtype=np.int64)) for s, g in members]
+        if n == 0 or not self.members:
+            raise SearchError("empty candidate pool: nothing to search")
+        dims = {s.dim for s, _ in self.members}
+        if len(dims) != 1:
+            raise SearchError(f"candidate sources have different embedding dims {sorted(dims)}")
+        for s, g in self.members:
+            if g.shape != (s.n,):
+                raise SearchError(f"index map of shape {g.shape} for a source of {s.n} rows")
+        self.n, self.dim = n, dims.pop()
+        self._parts = [(m, j) for m, (s, _) in enumerate(self.members) for j in range(s.num_parts)]
+        self.num_parts = len(self._parts)
+
+    def blocks(self, parts=None, block_size: int = 16384):
+        parts = range(self.num_parts) if parts is None else parts
+        for p in parts:
+            m, j = self._parts[p]
+            src, gmap = self.members[m]
+            for block, lidx in src.blocks([j], block_size):
+                g = gmap[lidx]
+                keep = g >= 0
+                if not keep.all():
+                    block, g = block[keep], g[keep]
+                if g.size:
+                    yield block, g

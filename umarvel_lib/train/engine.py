@@ -290,6 +290,9 @@ class Trainer:
             from accelerate import Accelerator
             accelerator = Accelerator()
         self.acc = accelerator
+        # a scalar parameter named "...tau" (the embedder's Temperature) is logged as τ automatically
+        self._tau = next((p for n, p in model.named_parameters()
+                          if (n == "tau" or n.endswith(".tau")) and p.numel() == 1), None)
 
     # -- paths
     @property
@@ -457,7 +460,8 @@ class Trainer:
 
         # final: last checkpoint (resumable), final weights, marker
         self._save_checkpoint(step, epoch, pos)
-        if self.eval_fn is not None and cfg.eval_every and step % cfg.eval_every != 0:
+        done_evals = {r.get("step") for r in _read_jsonl(self.eval_path)}
+        if self.eval_fn is not None and (cfg.eval_every or cfg.eval_at_start) and step not in done_evals:
             self._eval(step)
         if acc.is_main_process:
             with atomic_dir(final_dir) as tmp:
@@ -500,6 +504,8 @@ class Trainer:
         if not math.isfinite(gn):
             self._fail(step + 1, f"gradient norm is {gn} (loss {loss_val})")
         lr = self.scheduler.get_last_lr()[0]
+        if "tau" not in extra and self._tau is not None:
+            extra["tau"] = _scalar(self._tau)      # the τ this step's loss used
         self.optimizer.step()
         self.scheduler.step()
         return {"loss": loss_val, "lr": lr, "grad_norm": gn, **extra}

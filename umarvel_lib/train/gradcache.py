@@ -19,23 +19,33 @@ Generic: streams are ``(encode_fn, inputs)`` pairs. ``inputs`` is anything that 
 along its first axis (a list of items, a tensor, a dict of tensors); ``encode_fn(chunk)`` returns
 ``(n, D)`` embeddings. For hard negatives pass a flat list of ``B·K`` items as a third stream
 and reshape to ``(B, K, D)`` inside ``loss_fn``.
+
+Distributed (not exercised by the tests beyond the gloo gather check): pass ``no_sync`` so DDP
+all-reduces only on the last chunk. ``τ`` gets its gradient from the loss backward, outside any
+DDP forward, so a DDP-wrapped module holding ``τ`` needs ``find_unused_parameters=True`` (its
+gradient is identical on every rank anyway), or ``τ`` must live outside the wrapped module.
 """
 from __future__ import annotations
 
 import contextlib
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["RandContext", "split_inputs", "grad_cache_step", "GradCache"]
 
 
 class RandContext:
-    """Snapshot of the torch RNG states (CPU and, if initialised, the current CUDA device).
+    """Snapshot of the RNG states: torch CPU, the current CUDA device (if initialised), Python's
+    ``random`` and NumPy's global generator.
 
-    ``with ctx:`` runs the body with the snapshot restored and leaves the global RNG where it was
-    before (like the original GradCache's ``RandContext``).
+    ``with ctx:`` runs the body with the snapshot restored and afterwards puts every generator back
+    where it was before the block (like the original GradCache's ``RandContext``, which covers
+    torch only; ``random``/NumPy are included here because a collate step that samples, e.g.,
+    instructions must see the same draws in both passes).
     """
 
     def __init__(self):
@@ -45,20 +55,27 @@ class RandContext:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.cuda_devices = [torch.cuda.current_device()]
             self.cuda_states = [torch.cuda.get_rng_state(d) for d in self.cuda_devices]
-        self._fork: contextlib.AbstractContextManager | None = None
+        self.py_state = random.getstate()
+        self.np_state = np.random.get_state()
+        self._saved: RandContext | None = None
 
-    def __enter__(self):
-        self._fork = torch.random.fork_rng(devices=self.cuda_devices, enabled=True)
-        self._fork.__enter__()
+    def restore(self) -> None:
+        """Set every generator to this snapshot (globally, no context)."""
         torch.set_rng_state(self.cpu_state)
         for d, s in zip(self.cuda_devices, self.cuda_states):
             torch.cuda.set_rng_state(s, d)
+        random.setstate(self.py_state)
+        np.random.set_state(self.np_state)
+
+    def __enter__(self):
+        self._saved = RandContext()
+        self.restore()
         return self
 
     def __exit__(self, *exc):
-        assert self._fork is not None
-        self._fork.__exit__(*exc)
-        self._fork = None
+        assert self._saved is not None
+        self._saved.restore()
+        self._saved = None
         return False
 
 
@@ -169,9 +186,7 @@ def grad_cache_step(
                 surrogate = torch.dot(emb.flatten(), g.to(emb.dtype).flatten())
                 surrogate.backward()
     # leave the RNG where a plain single pass would have left it
-    torch.set_rng_state(rng_after.cpu_state)
-    for d, st in zip(rng_after.cuda_devices, rng_after.cuda_states):
-        torch.cuda.set_rng_state(st, d)
+    rng_after.restore()
     return loss.detach()
 
 

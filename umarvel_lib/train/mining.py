@@ -95,26 +95,19 @@ def _as_tensor(x) -> torch.Tensor:
 
 
 def exact_topk(query_emb, cand_emb, k: int, *, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-``k`` by chunked matmul: ``(scores, indices)``, each ``(Q, k)``.
+    """Exact inner-product top-``k``: ``(scores, indices)``, each ``(Q, k)``, ``k ≤ N``.
 
-    Within the top-``k`` equal scores are ordered by candidate index (ties across the k-th
-    boundary are not: ``torch.topk`` decides).
-    TODO: use ``umarvel_lib.eval.search`` once it exists, so mining and evaluation share one search.
+    Delegates to :func:`umarvel_lib.eval.search.search` (streamed candidate blocks), so mining and
+    evaluation share one search and one tie-break: score descending, then candidate index ascending.
     """
+    from umarvel_lib.eval.search import search
+
     q, c = _as_tensor(query_emb), _as_tensor(cand_emb)
     k = min(k, c.shape[0])
-    all_s, all_i = [], []
-    for i in range(0, q.shape[0], chunk_size):
-        s = q[i:i + chunk_size] @ c.T
-        ts, ti = torch.topk(s, k, dim=1)
-        # stable re-order: score desc, then candidate index asc
-        order = np.lexsort((ti.numpy(), -ts.numpy()), axis=1)
-        order_t = torch.from_numpy(order)
-        all_s.append(torch.gather(ts, 1, order_t))
-        all_i.append(torch.gather(ti, 1, order_t))
-    if not all_s:
+    if q.shape[0] == 0:
         return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-    return torch.cat(all_s), torch.cat(all_i)
+    top = search(q.numpy(), c.numpy(), k, query_chunk=chunk_size)
+    return torch.from_numpy(top.scores), torch.from_numpy(top.indices)
 
 
 def mine_hard_negatives(
@@ -151,7 +144,7 @@ def mine_hard_negatives(
 
     Returns:
         ``(table, report)``. ``table`` has one row per kept query, in input order, with columns
-        ``qid``, ``neg_dids`` (list), ``neg_scores`` (list of cosine), ``num_mined`` (genuine mined
+        ``qid``, ``negatives`` (list of dids), ``scores`` (list of cosine), ``num_mined`` (genuine mined
         negatives), ``fill`` (``"none"``, ``"repeat_first"`` or ``"random"``) and ``pos_score``
         (cosine with the best in-pool positive, NaN if none). The report is also logged and put in
         ``table.attrs["mining_report"]``.
@@ -259,10 +252,10 @@ def mine_hard_negatives(
                     scs = [float(c[i] @ qc[r]) for i in picked]
                     report.filled_random_queries += 1
                     how = "random"
-            rows.append({"qid": qid, "neg_dids": dids, "neg_scores": scs, "num_mined": len(keep),
+            rows.append({"qid": qid, "negatives": dids, "scores": scs, "num_mined": len(keep),
                          "fill": how, "pos_score": float(pos_score[r])})
 
-    df = pd.DataFrame(rows, columns=["qid", "neg_dids", "neg_scores", "num_mined", "fill", "pos_score"])
+    df = pd.DataFrame(rows, columns=["qid", "negatives", "scores", "num_mined", "fill", "pos_score"])
     df.attrs["mining_report"] = report.as_dict()
     log.info("%s", report)
     return df, report
@@ -277,7 +270,7 @@ def save_negatives(df: pd.DataFrame, path: str | Path, report: MiningReport | No
     lines = []
     for rec in df.to_dict(orient="records"):
         rec = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in rec.items()}
-        rec["neg_scores"] = [float(s) for s in rec["neg_scores"]]
+        rec["scores"] = [float(s) for s in rec["scores"]]
         lines.append(json.dumps(rec, default=_json_default))
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     rep = report.as_dict() if report is not None else df.attrs.get("mining_report")
@@ -298,7 +291,7 @@ def load_negatives(path: str | Path) -> pd.DataFrame:
     """Read a table written by :func:`save_negatives` (report, if present, in ``attrs``)."""
     path = Path(path)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    df = pd.DataFrame(rows, columns=["qid", "neg_dids", "neg_scores", "num_mined", "fill", "pos_score"])
+    df = pd.DataFrame(rows, columns=["qid", "negatives", "scores", "num_mined", "fill", "pos_score"])
     df["pos_score"] = df["pos_score"].astype(float)
     rep = path.with_name(path.name + ".report.json")
     if rep.exists():

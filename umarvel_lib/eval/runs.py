@@ -1,0 +1,219 @@
+"""Run directories: TREC run/qrels files, ``queries.jsonl``, ``metrics.json``, ``config.json``.
+
+One self-contained directory per pool (``<out>/local/``, ``<out>/global/``)::
+
+    run.trec       qid Q0 did rank score tag       ranks 1..n (n <= depth, 50 by default), best first
+    qrels.txt      qid 0 did 1 task_id            M-BEIR qrels format, positives only
+    queries.jsonl  {"qid", "row", "task_id", "instruction", "instruction_seed", "scored"}
+    metrics.json   {"rows": {row: {"R@1", ..., "headline", "ci95", ...}}, "avg": {...}, ...}
+    config.json    everything needed to know what produced the numbers
+
+The rank column is authoritative: re-scoring (:func:`rescore`) orders each query's candidates by
+rank, never by score, so float ties and score formatting cannot change a number. Scores are
+written with 9 significant digits (float32 round-trips).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..data.mbeir import ROW_NAMES, read_qrels
+from ..io import atomic_write_json, atomic_write_text
+from .metrics import DEFAULT_KS, row_of_query, score_rows
+
+RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
+    "run.trec", "qrels.txt", "queries.jsonl", "metrics.json", "config.json")
+
+
+class RunFormatError(ValueError):
+    """A malformed run directory file; the message starts with ``file:line``."""
+
+
+# ---- TREC run -------------------------------------------------------------------------------------
+
+def trec_lines(qids: Sequence[str], indices: np.ndarray, scores: np.ndarray, dids: Sequence[str],
+               tag: str, depth: int | None = None) -> Iterable[str]:
+    """TREC lines for a top-k result: ``qid Q0 did rank score tag``. Empty slots (index -1) are dropped."""
+    if any(c.isspace() for c in tag) or not tag:
+        raise ValueError(f"run tag {tag!r} must be a non-empty word without spaces")
+    depth = depth or indices.shape[1]
+    for qid, idx_row, sc_row in zip(qids, indices, scores):
+        rank = 0
+        for i, s in zip(idx_row[:depth], sc_row[:depth]):
+            if i < 0:
+                break
+            rank += 1
+            yield f"{qid} Q0 {dids[i]} {rank} {float(s):.9g} {tag}\n"
+
+
+def write_run(path, lines: Iterable[str]) -> Path:
+    """Stream ``lines`` to ``path`` atomically (temporary sibling, fsync, rename): a global run over
+    ~190k queries x 50 is ~10M lines, which are never joined in memory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_run(path) -> dict[str, list[tuple[str, float]]]:
+    """``{qid: [(did, score), ...]}`` ordered by the rank column (1 first)."""
+    path = Path(path)
+    tmp: dict[str, list[tuple[int, str, float]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            p = line.split()
+            if len(p) != 6:
+                raise RunFormatError(f"{path}:{n}: expected 'qid Q0 did rank score tag', got {line.strip()!r}")
+            try:
+                tmp.setdefault(p[0], []).append((int(p[3]), p[2], float(p[4])))
+            except ValueError:
+                raise RunFormatError(f"{path}:{n}: rank/score not numeric in {line.strip()!r}") from None
+    out = {}
+    for qid, lst in tmp.items():
+        lst.sort(key=lambda t: t[0])
+        ranks = [t[0] for t in lst]
+        if len(set(ranks)) != len(ranks):
+            raise RunFormatError(f"{path}: query {qid} has duplicate ranks")
+        out[qid] = [(d, s) for _, d, s in lst]
+    return out
+
+
+def ranked_dids(run: Mapping[str, list[tuple[str, float]]]) -> dict[str, list[str]]:
+    return {q: [d for d, _ in lst] for q, lst in run.items()}
+
+
+# ---- qrels / queries ------------------------------------------------------------------------------
+
+def write_qrels(path, qrels: Mapping[str, set[str]], task_of: Mapping[str, int]) -> Path:
+    """M-BEIR qrels (``qid 0 did 1 task_id``), positives only, qids in the given mapping's order."""
+    lines = []
+    for qid, dids in qrels.items():
+        for did in sorted(dids):
+            lines.append(f"{qid} 0 {did} 1 {task_of[qid]}\n")
+    return atomic_write_text(path, "".join(lines))
+
+
+def write_queries(path, records: Iterable[dict]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+
+def read_queries(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _qrels_task_ids(path) -> dict[str, int]:
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            p = line.split()
+            if not p:
+                continue
+            if len(p) != 5:
+                raise RunFormatError(f"{path}:{n}: qrels line has no task_id column; cannot infer the row")
+            out.setdefault(p[0], int(p[4]))
+    return out
+
+
+# ---- scoring and tables ---------------------------------------------------------------------------
+
+def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = None,
+            seed: int | None = None) -> dict:
+    """Recompute ``metrics.json`` from ``run.trec`` + ``qrels.txt`` of a run directory.
+
+    The query universe and each query's row come from ``queries.jsonl`` when present (so queries
+    absent from the run count as misses and queries without positives are counted as skipped);
+    otherwise from the qrels (row = dataset prefix of the qid + task_id column). ``ks``, ``n_boot``
+    and ``seed`` default to those recorded in ``metrics.json``/``config.json``.
+    """
+    run_dir = Path(run_dir)
+    prev = {}
+    if (run_dir / METRICS_FILE).is_file():
+        prev = json.loads((run_dir / METRICS_FILE).read_text())
+    boot = prev.get("bootstrap", {})
+    ks = ks or prev.get("ks") or DEFAULT_KS
+    n_boot = n_boot if n_boot is not None else boot.get("n", 1000)
+    seed = seed if seed is not None else boot.get("seed", 0)
+    run = ranked_dids(read_run(run_dir / RUN_FILE))
+    qrels = read_qrels(run_dir / QRELS_FILE)
+    row_qids: dict[str, list[str]] = {}
+    if (run_dir / QUERIES_FILE).is_file():
+        for r in read_queries(run_dir / QUERIES_FILE):
+            row_qids.setdefault(r["row"], []).append(r["qid"])
+    else:
+        for qid, task in _qrels_task_ids(run_dir / QRELS_FILE).items():
+            row_qids.setdefault(row_of_query(qid, task), []).append(qid)
+    out = score_rows(run, qrels, row_qids, ks=ks, n_boot=n_boot, seed=seed)
+    for key in ("pool", "paper_table", "split", "instruction_seed"):
+        if key in prev:
+            out[key] = prev[key]
+    return out
+
+
+def load_metrics(run_dir) -> dict:
+    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+def metrics_frame(sources) -> "pandas.DataFrame":  # noqa: F821
+    """Tidy table of one or more evaluations for notebooks.
+
+    ``sources``: a run directory, an evaluation output directory (with ``local/``/``global/``
+    subdirectories), a metrics dict, or a list of those. Columns: ``row, pool, metric, value,
+    ci_lo, ci_hi, n_queries`` (values in percent; ``metric`` is ``R@k`` or ``headline``; the Avg is
+    row ``avg``).
+    """
+    import pandas as pd
+
+    if isinstance(sources, (str, Path, dict)):
+        sources = [sources]
+    metrics: list[dict] = []
+    for s in sources:
+        if isinstance(s, dict):
+            metrics.append(s)
+            continue
+        p = Path(s)
+        if (p / METRICS_FILE).is_file():
+            metrics.append(load_metrics(p))
+        else:
+            subs = [d for d in sorted(p.iterdir()) if (d / METRICS_FILE).is_file()] if p.is_dir() else []
+            if not subs:
+                raise FileNotFoundError(f"no {METRICS_FILE} in {p} or its subdirectories")
+            metrics.extend(load_metrics(d) for d in subs)
+    recs = []
+    for m in metrics:
+        pool = m.get("pool")
+        for row, e in m["rows"].items():
+            for met, ci in e["ci95_by_metric"].items():
+                recs.append((row, pool, met, e[met], ci[0], ci[1], e["n_queries"]))
+            recs.append((row, pool, "headline", e["headline"], e["ci95"][0], e["ci95"][1], e["n_queries"]))
+        a = m["avg"]
+        for k in m.get("ks", DEFAULT_KS):
+            recs.append(("avg", pool, f"R@{k}", a[f"R@{k}"], np.nan, np.nan, m["n_queries"]))
+        recs.append(("avg", pool, "headline", a["headline"], a["ci95"][0], a["ci95"][1], m["n_queries"]))
+    df = pd.DataFrame.from_records(recs, columns=["row", "pool", "metric", "value", "ci_lo", "ci_hi", "n_queries"])
+    row_order = {r: i for i, r in enumerate(ROW_NAMES + ("avg",))}
+    met_order = {m: (int(m[2:]) if m.startswith("R@") else 10**6) for m in df.metric.unique()}
+    df = df.assign(_p=df.pool.map({"local": 0, "global": 1}).fillna(2), _r=df.row.map(row_order).fillna(len(row_order)),
+                   _m=df.metric.map(met_order))
+    return df.sort_values(["_p", "_r", "row", "_m"], kind="stable").drop(columns=["_p", "_r", "_m"]).reset_index(drop=True)
+
+
+def write_metrics(path, metrics: dict) -> Path:
+    return atomic_write_json(path, metrics)
