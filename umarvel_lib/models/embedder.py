@@ -32,9 +32,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -404,8 +404,9 @@ class Temperature(nn.Module):
         self.min_value = min_value
 
     def forward(self, cos: torch.Tensor) -> torch.Tensor:
+        """``cos / tau`` in float32 (a bf16 tau would round 0.05 to 0.0500488)."""
         tau = self.tau if self.min_value is None else self.tau.clamp(min=self.min_value)
-        return cos / tau.to(cos.dtype)
+        return cos.to(torch.float32) / tau
 
     @property
     def value(self) -> float:
@@ -490,10 +491,10 @@ def resolve_local_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(hint)
 
 
-def _load_backbone(path: Path):
+def _load_backbone(path: Path, **kw):
     from . import backbone  # the backbone module owns model + processor loading
 
-    return backbone.load_backbone(path)
+    return backbone.load_backbone(path, **kw)
 
 
 def _tensor_digest(h, name: str, t: torch.Tensor, sample: int = 4096) -> None:
@@ -560,7 +561,7 @@ class Embedder(nn.Module):
         self.instr_end_id = _token_id(self.tokenizer, INSTRUCTION_END)
         set_attention(self.model, self.cfg.attention, attn_implementation=self.cfg.attn_implementation)
         self.temperature.to(self.device)
-        self._template_cache: dict[tuple[bool, bool], tuple[str, str]] = {}
+        self._template_cache: dict[tuple[bool, bool, bool], tuple[str, str]] = {}
 
     # ------------------------------------------------------------------ properties
     @property
@@ -599,7 +600,7 @@ class Embedder(nn.Module):
 
     def _frame(self, has_image: bool, has_text: bool) -> tuple[str, str]:
         """Rendered chat around the user text, cached per layout (the template is rendered once)."""
-        key = (has_image, has_text)
+        key = (has_image, has_text, bool(self.cfg.generation_prompt))
         if key not in self._template_cache:
             sentinel = "\x00UMARVEL_USER_TEXT\x00"
             content = ([{"type": "image"}] if has_image else []) + (
@@ -710,6 +711,12 @@ class Embedder(nn.Module):
         h.update(np.float32(self.temperature.value).tobytes())
         return h.hexdigest()[:16]
 
+    def config_hash(self) -> str:
+        """Short hash of the EmbedderConfig alone (recorded next to :meth:`fingerprint` by eval)."""
+        from ..io import config_hash
+
+        return config_hash(self.cfg)
+
     # ------------------------------------------------------------------ LoRA
     def apply_lora(self, r: int, alpha: int, dropout: float = 0.05, **kw) -> "Embedder":
         from .lora import apply_lora
@@ -780,18 +787,17 @@ class Embedder(nn.Module):
             if cfg is None:
                 cfg = EmbedderConfig.from_dict(meta["config"])
         cfg = cfg or EmbedderConfig()
+        load_kw = dict(attn_implementation=cfg.attn_implementation, dtype=dtype)
         if meta is not None and meta.get("base"):
             base = resolve_local_checkpoint(meta["base"])
-            model, processor = _load_backbone(base)
+            model, processor = _load_backbone(base, **load_kw)
             from .lora import load_lora
 
             model = load_lora(model, p / ADAPTER_DIR)
             source = base
         else:
-            model, processor = _load_backbone(p)
+            model, processor = _load_backbone(p, **load_kw)
             source = p
-        if dtype is not None:
-            model = model.to(dtype=dtype)
         if device is not None:
             model = model.to(device)
         emb = cls(model, processor, cfg, source=source)
