@@ -164,7 +164,7 @@ class RunConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"data_preset": "smoke", "backbone_size": "test", "scale.max_steps": 3, "scale.batch_divisor": 480,
               "scale.chunk_size": 8, "scale.epochs": 1.0, "eval.batch_size": 32, "reranker.max_steps": 3,
-              "reranker.batch_size": 4, "eval.rerank_top_k": 5, "stage.distill.teacher_top_k": 8},
+              "reranker.batch_size": 4, "eval.rerank_top_k": 5, "stage.distill.teacher_top_k": 8, "threads": 1},
     "cpu": {"data_preset": "cpu", "backbone_size": "micro", "scale.batch_divisor": 60, "scale.max_steps": 150,
             "scale.chunk_size": 32, "threads": 2, "reranker.max_steps": 150},
     "gpu": {"data_preset": "gpu", "backbone_size": "micro", "scale.batch_divisor": 15, "scale.chunk_size": 64,
