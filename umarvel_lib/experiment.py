@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import subprocess
 import time
@@ -47,8 +48,6 @@ def versions() -> dict:
             out[p] = md.version(p)
         except md.PackageNotFoundError:
             out[p] = None
-    import os
-
     out["cpu_count"] = os.cpu_count()
     try:
         import torch
@@ -122,8 +121,9 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
         if old.get("hash") == h and old.get("status") in ("ok", "diverged"):
             log.info("table %s row %s seed %s: done (hash %s), skipped", ablation.table, row.id, seed, h)
             return old
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = int(os.environ.get("UMARVEL_THREADS", cfg.threads or 0))  # env wins: shared machines
+    if threads:
+        torch.set_num_threads(threads)
     t0 = time.time()
     root = ensure_data(cfg)
     data = MBEIR(root, check_images=False)

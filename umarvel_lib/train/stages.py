@@ -189,8 +189,6 @@ def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, eval_fn=
     else:
         raise ValueError(f"unknown stage {name!r}")
     tcfg = train_config(stage, len(examples), cfg.seed, eval_every=cfg.eval.eval_every)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     trainer = Trainer(emb, step, examples, tcfg, sdir / "train", collate_fn=list, eval_fn=eval_fn,
                       run_identity={"stage_hash": h, "init": str(init)})
     trainer.fit()
