@@ -139,9 +139,12 @@ def _train_bpe(vocab_size: int, seed: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(training_corpus(seed), trainer=trainer, length=None)
-    # U-MARVEL tokens and the reranker answers: atomic, never split, kept on decode.
+    # U-MARVEL tokens: atomic, never split, kept on decode (plain added tokens, as in U-MARVEL's loader).
     tok.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in UMARVEL_TOKENS])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in ANSWER_TOKENS])
+    # "Yes"/"No" are normally learnt as ordinary BPE tokens (the corpus has many); only add them if not, so
+    # that they don't get split out of words like "Yesterday"
+    missing = [t for t in ANSWER_TOKENS if t not in tok.get_vocab()]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in missing])
     return tok
 
 
@@ -149,7 +152,8 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
     """Train the byte-level BPE and wrap it as a ``PreTrainedTokenizerFast`` with Qwen2-VL's specials.
 
     Ids 0-6 are Qwen2-VL's special tokens in :data:`QWEN_SPECIAL_TOKENS` order; ``<emb>``,
-    ``<instruction_start>``, ``<instruction_end>``, ``Yes`` and ``No`` are the last five ids.
+    ``<instruction_start>``, ``<instruction_end>`` are the last three ids; ``Yes`` and ``No`` are single
+    tokens (ordinary BPE tokens of the trained vocabulary).
     ``vocab_size`` is an upper bound (the corpus may not support that many merges).
     """
     from transformers import PreTrainedTokenizerFast
