@@ -23,3 +23,12 @@ def smoke_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("mini_mbeir") / "smoke"
     generate(root, SyntheticConfig(**SYNTHETIC_PRESETS["smoke"]))
     return root
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory):
+    """Tiny random-init Qwen2-VL and Qwen3-VL checkpoints (built once per session, seconds)."""
+    from umarvel_lib.models.backbone import tiny_backbone
+
+    cache = tmp_path_factory.getbasetemp() / "umarvel-tiny-backbones"
+    return {k: tiny_backbone(cache, k) for k in ("qwen2_vl", "qwen3_vl")}

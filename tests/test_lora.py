@@ -16,24 +16,6 @@ KINDS = ("qwen2_vl", "qwen3_vl")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP barriers
-    make 2 threads ~9x slower than 1; restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def backbones(tmp_path_factory):
-    from umarvel_lib.models.backbone import tiny_backbone
-
-    cache = tmp_path_factory.getbasetemp() / "umarvel-tiny-backbones"
-    return {k: tiny_backbone(cache, k) for k in KINDS}
-
-
 def _items():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))

@@ -283,7 +283,6 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
                   pairs: list[Pair], sdir: Path) -> list[dict]:
     """Top-k train-pool candidates of each sampled query with fused teacher scores (cached as JSONL)."""
     from ..models.reranker import Reranker
-    from .losses import fusion_weights  # noqa: F401  (documented per-task weights live there)
 
     f = sdir / "teacher.jsonl"
     pool = data.train_pool()
