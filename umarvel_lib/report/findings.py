@@ -16,6 +16,7 @@ This module reads run directories only; it imports no model code.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,15 +24,35 @@ import numpy as np
 
 from ..data.mbeir import headline_k, read_qrels
 from ..eval.metrics import first_hit_rank
+from ..io import atomic_write_json
 from ..eval.runs import QRELS_FILE, QUERIES_FILE, RUN_FILE, ranked_dids, read_queries, read_run
 from ..paper import FINDINGS_BY_ID, Finding
 
 HELD, NOISE, CONTRA, MISSING = "held", "within noise", "contradicted", "not run"
 
 
+HITS_FILE = "headline_hits.json"
+
+
 def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
-    """{row: (qids, 0/1 hits at the row's headline k)} from ``run.trec`` + ``qrels.txt`` + ``queries.jsonl``."""
+    """{row: (qids, 0/1 hits at the row's headline k)} from ``run.trec`` + ``qrels.txt`` + ``queries.jsonl``.
+
+    The result is kept beside them as ``headline_hits.json`` (small, committed with results), so
+    verdicts can be recomputed where the large ``run.trec`` is not kept.
+    """
     run_dir = Path(run_dir)
+    cached = run_dir / HITS_FILE
+    if cached.is_file() and (not (run_dir / RUN_FILE).is_file()
+                             or cached.stat().st_mtime >= (run_dir / RUN_FILE).stat().st_mtime):
+        d = json.loads(cached.read_text())
+        return {row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()}
+    out = _hits_from_run(run_dir)
+    atomic_write_json(cached, {row: {"qids": q, "hits": "".join(str(int(h)) for h in hits)}
+                               for row, (q, hits) in out.items()}, indent=None)
+    return out
+
+
+def _hits_from_run(run_dir: Path) -> dict[str, tuple[list[str], np.ndarray]]:
     run = ranked_dids(read_run(run_dir / RUN_FILE))
     qrels = read_qrels(run_dir / QRELS_FILE)
     rows: dict[str, list[str]] = {}

@@ -16,7 +16,7 @@ def _md(df: pd.DataFrame) -> str:
     if df is None or df.empty:
         return "_no results yet_\n"
     cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in r.tolist()) + " |")
     return "\n".join(lines) + "\n"
@@ -28,7 +28,8 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
     all_v = []
     parts = [f"# U-MARVEL reproduction report: preset `{preset}`\n",
              "Every number in the *ours* columns comes from a run of this kit (run directories under "
-             "`runs/`, each with `row.json`, `eval/<pool>/metrics.json`, `run.trec`, `qrels.txt`). The *paper* "
+             "`runs/`, each with `row.json` and `eval/<pool>/` holding `metrics.json`, `qrels.txt`, `queries.jsonl`, "
+             "`headline_hits.json` and the TREC run `run.trec`, which is regenerated rather than committed). The *paper* "
              "columns are the paper's numbers (Tables 1-6 **provisional**: secondary summaries, see "
              "`umarvel_lib/paper_tables/PROVENANCE.md`). At micro scale absolute numbers are not comparable "
              "with the paper's; what is compared is the **direction** of each finding.\n"]
@@ -46,7 +47,7 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
     counts = tables.verdict_counts(vall)
     summary = [f"\n## Summary of the paper's {len(FINDINGS)} findings\n",
                f"**{counts['held']} of {len(FINDINGS)} held**, {counts['within noise']} within noise, "
-               f"{counts['contradicted']} contradicted, {counts['not run']} not run.\n",
+               f"{counts['contradicted']} contradicted, {counts['not run']} not run.\n\n",
                "Verdicts: *held* = same direction, 95% CI of the paired difference (seeds x queries bootstrap) "
                "excludes zero, >= 3 seeds; *within noise* = CI includes zero (column `detectable_effect`: "
                "the smallest difference this run could detect with 80% power); *contradicted* = opposite "
