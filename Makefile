@@ -39,7 +39,8 @@ lab: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/search.py
 	$(PY) bench/encode.py
-	$(PY) bench/train.py
+	$(PY) bench/train.py --memory
+	$(PY) bench/caption_probe.py --path cache/backbones/$$(ls cache/backbones | grep qwen2_vl-micro | head -1)
 
 clean-cache:
 	rm -rf cache data
