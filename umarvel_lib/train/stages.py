@@ -146,7 +146,7 @@ def distill_step(embedder: Embedder, stage: StageConfig):
     return step
 
 
-def _embedder_for(cfg: RunConfig, stage: StageConfig, init: Path) -> Embedder:
+def _embedder_for(cfg: RunConfig, stage: StageConfig, init: Path, seed: int = 0) -> Embedder:
     ecfg = dataclasses.replace(cfg.embedder, train_temperature=stage.train_temperature)
     if stage.compression_prompt is not None:
         ecfg = dataclasses.replace(ecfg, compression_prompt=stage.compression_prompt)
@@ -158,6 +158,7 @@ def _embedder_for(cfg: RunConfig, stage: StageConfig, init: Path) -> Embedder:
     else:
         for p in emb.model.parameters():
             p.requires_grad_(False)
+        torch.manual_seed(seed)  # LoRA init is random: make it a function of the run's seed
         emb.apply_lora(stage.lora_r, stage.lora_alpha, stage.lora_dropout)
     return emb
 
@@ -174,7 +175,7 @@ def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, eval_fn=
     sdir.mkdir(parents=True, exist_ok=True)
     data_root = cfg.resolved_data_root()
     data = MBEIR(data_root, check_images=False)
-    emb = _embedder_for(cfg, stage, init)
+    emb = _embedder_for(cfg, stage, init, seed=cfg.seed)
     if name == "nli":
         examples, step = nli_pairs(data_root), contrastive_step(emb, stage)
     elif name == "cc3m":
@@ -256,6 +257,7 @@ def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path) -> Path:
 
     for p in rr.model.parameters():
         p.requires_grad_(False)
+    torch.manual_seed(cfg.seed)
     rr.model = apply_lora(rr.model, r=cfg.scale.lora_r or cfg.reranker.lora_r,
                           alpha=cfg.scale.lora_alpha or cfg.reranker.lora_alpha, dropout=0.05)
     rc = cfg.reranker
