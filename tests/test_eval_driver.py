@@ -302,7 +302,11 @@ rank = os.environ["RANK"]
 # like a per-process tempfile.TemporaryDirectory: only the main process's paths may be used
 out, cache = (sys.argv[2], sys.argv[3]) if rank == "0" else (sys.argv[2] + "_r1", sys.argv[3] + "_r1")
 res = evaluate(HashingEncoder(32), MBEIR(sys.argv[1]), out, cache_dir=cache, n_boot=100, shard_size=7)
-print(json.dumps({"out_dir": res["out_dir"], "avg": res["global"]["avg"]["headline"]}))
+print(json.dumps({"out_dir": res["out_dir"], "avg": res["global"]["avg"]["headline"]}), flush=True)
+import torch.distributed as dist  # tear gloo down before exit (else its threads can abort the interpreter)
+if dist.is_initialized():
+    dist.barrier()
+    dist.destroy_process_group()
 """
 
 

@@ -135,7 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    """Under `accelerate launch`/`torchrun`: tear the process group down before the interpreter exits."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
