@@ -2,7 +2,7 @@
 import numpy as np
 
 from umarvel_lib.paper import Finding
-from umarvel_lib.report.findings import CONTRA, HELD, NOISE, decide, judge, paired_difference
+from umarvel_lib.report.findings import CONTRA, FEW, HELD, NOISE, decide, judge, paired_difference
 
 
 def _hits(p, n=400, rows=("a_task0", "b_task3"), seed=0):
@@ -33,7 +33,9 @@ def test_identical_configs_are_within_noise_with_detectable_effect():
 def test_fewer_than_three_seeds_cannot_hold():
     hits = {"A": {0: _hits(0.9)}, "B": {0: _hits(0.1, seed=5)}}
     v = judge(F, hits, n_boot=100)
-    assert v.verdict == NOISE and "1 seed" in v.note
+    assert v.verdict == FEW and "1 seed" in v.note and "same direction" in v.note
+    worst = Finding("W", 1, "B worst", "B", "*", kind="worst")
+    assert judge(worst, hits, n_boot=100).verdict == FEW
 
 
 def test_worst_row_and_divergence():

@@ -28,7 +28,8 @@ from ..io import atomic_write_json
 from ..eval.runs import QRELS_FILE, QUERIES_FILE, RUN_FILE, ranked_dids, read_queries, read_run
 from ..paper import FINDINGS_BY_ID, Finding
 
-HELD, NOISE, CONTRA, MISSING = "held", "within noise", "contradicted", "not run"
+HELD, NOISE, CONTRA, FEW, MISSING = "held", "within noise", "contradicted", "too few seeds", "not run"
+MIN_SEEDS = 3
 
 
 HITS_FILE = "headline_hits.json"
@@ -156,7 +157,7 @@ def judge(finding: Finding | str, hits: dict[str, dict[int, dict]], *, n_boot: i
         lo, d, ci, se, o, n = min(diffs)  # the closest competitor decides
         v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(d, ci), d, ci, 2.8 * se, n
         v.note = f"closest other row: {o}"
-        return v
+        return _seed_rule(v)
     if f.better not in hits or f.worse not in hits:
         return v
     seeds = sorted(set(hits[f.better]) & set(hits[f.worse]))
@@ -166,8 +167,15 @@ def judge(finding: Finding | str, hits: dict[str, dict[int, dict]], *, n_boot: i
     v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(d, ci), d, ci, 2.8 * se, len(seeds)
     if f.sub_1pt and v.verdict == NOISE:
         v.note = "paper effect < 1 point: expected within noise at micro scale"
-    if len(seeds) < 3:
-        v.note = (v.note + "; " if v.note else "") + f"only {len(seeds)} seed(s): verdict needs >= 3"
-        if v.verdict != NOISE:
-            v.verdict = NOISE
+    return _seed_rule(v)
+
+
+def _seed_rule(v: Verdict) -> Verdict:
+    """Fewer than MIN_SEEDS seeds: no verdict; the note keeps what the queries-only interval says."""
+    if v.n_seeds >= MIN_SEEDS:
+        return v
+    seen = {HELD: "same direction as the paper", CONTRA: "opposite direction to the paper",
+            NOISE: "interval includes zero"}[v.verdict]
+    v.note = "; ".join(x for x in (v.note, f"{v.n_seeds} seed(s), needs >= {MIN_SEEDS}; over queries: {seen}") if x)
+    v.verdict = FEW
     return v

@@ -17,8 +17,8 @@ def _md(df: pd.DataFrame) -> str:
         return "_no results yet_\n"
     cols = list(df.columns)
     lines = ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in df.iterrows():
-        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in r.tolist()) + " |")
+    for r in df.itertuples(index=False):  # itertuples keeps each column's type (iterrows upcasts ints)
+        lines.append("| " + " | ".join("" if pd.isna(v) else str(v) for v in r) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -47,11 +47,13 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
     counts = tables.verdict_counts(vall)
     summary = [f"\n## Summary of the paper's {len(FINDINGS)} findings\n",
                f"**{counts['held']} of {len(FINDINGS)} held**, {counts['within noise']} within noise, "
-               f"{counts['contradicted']} contradicted, {counts['not run']} not run.\n\n",
+               f"{counts['contradicted']} contradicted, {counts['too few seeds']} with too few seeds for a verdict, "
+               f"{counts['not run']} not run.\n\n",
                "Verdicts: *held* = same direction, 95% CI of the paired difference (seeds x queries bootstrap) "
                "excludes zero, >= 3 seeds; *within noise* = CI includes zero (column `detectable_effect`: "
                "the smallest difference this run could detect with 80% power); *contradicted* = opposite "
-               "direction, CI excludes zero. T1a, T2b, T3a and T3b are effects of well under one point in "
+               "direction, CI excludes zero; *too few seeds* = fewer than 3 seeds (the note says what the interval over \
+queries alone shows). T1a, T2b, T3a and T3b are effects of well under one point in "
                "the paper and are expected to be within noise at micro scale.\n",
                _md(vall[["finding", "claim", "pool", "verdict", "diff", "ci95_lo", "ci95_hi", "detectable_effect",
                          "n_seeds", "note"]] if not vall.empty else vall)]
@@ -66,6 +68,12 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
             v = side[0].get("versions", {})
             prov.append("- versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v)) + "\n")
             prov.append(f"- seeds: {sorted(set(int(s['seed']) for s in side))}\n")
+    if not runs.empty:
+        per = runs.drop_duplicates(["table", "row", "seed"]).groupby("table").agg(
+            runs=("row", "size"), wall_s=("wall_s", "sum"), slowest_row_s=("wall_s", "max")).reset_index()
+        prov.append("\nCompute per table (sum of the (row, seed) runs' wall times from their `row.json`; a "
+                    "notebook rerun skips finished rows, so its own wall time can be much shorter):\n"
+                    + _md(per))
     batch = res / "batch.json"
     if batch.is_file():
         st = json.loads(batch.read_text())

@@ -16,7 +16,7 @@ from ..config import Ablation
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
 from .findings import headline_hits, judge
 
-VERDICT_ORDER = ("held", "within noise", "contradicted", "not run")
+VERDICT_ORDER = ("held", "within noise", "contradicted", "too few seeds", "not run")
 
 
 def sidecars(results, table: int | None = None) -> list[dict]:
