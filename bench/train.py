@@ -43,8 +43,6 @@ def main(argv=None) -> int:
         return _one_step(args, args.one_step[0], int(args.one_step[1]))
 
     import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
 
     from umarvel_lib.train.engine import TrainConfig, train_loop
     from umarvel_lib.train.gradcache import grad_cache_step
@@ -52,17 +50,6 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    class Enc(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(1000, args.dim)
-            layer = nn.TransformerEncoderLayer(args.dim, 4, 4 * args.dim, dropout=0.1, batch_first=True)
-            self.enc = nn.TransformerEncoder(layer, args.layers, enable_nested_tensor=False)
-            self.tau = nn.Parameter(torch.tensor(0.05))
-
-        def forward(self, ids):
-            return F.normalize(self.enc(self.emb(ids)).mean(1), dim=-1)
 
     g = torch.Generator().manual_seed(0)
     n = args.batch * args.steps
@@ -77,7 +64,7 @@ def main(argv=None) -> int:
     def run(mode: str, tmp: Path) -> tuple[float, list[float]]:
         gc, prec = mode.split("-")
         torch.manual_seed(0)
-        model = Enc()
+        model = _encoder(args)
 
         def step(batch, ctx):
             q, c = batch
@@ -115,8 +102,6 @@ def main(argv=None) -> int:
 
 def _encoder(args):
     import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
 
     class Enc(nn.Module):
         def __init__(self):
