@@ -102,6 +102,8 @@ def main(argv=None) -> int:
 
 def _encoder(args):
     import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
 
     class Enc(nn.Module):
         def __init__(self):
