@@ -179,25 +179,22 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
     import numpy as np
     import torch
 
-    from .data.items import Item, candidate_item
+    from .data.items import candidate_item, query_item
     from .eval.runs import read_queries, read_run, rescore, write_metrics
     from .models.reranker import Reranker
     from .train.losses import fused_teacher
 
     rr = Reranker.from_pretrained(reranker_dir)
     stage = cfg.scaled_stage("distill")
+    cands = {c.did: c for c in data.global_pool(dedup=True)}
+    qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
     for pool_dir in sorted(p for p in eval_dir.iterdir() if (p / "run.trec").is_file()):
         run = read_run(pool_dir / "run.trec")
         queries = {q["qid"]: q for q in read_queries(pool_dir / "queries.jsonl")}
-        cands = {c.did: c for c in data.global_pool(dedup=True)}
-        qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
         lines = []
         for qid, full in run.items():
             ranked, rest = full[: cfg.eval.rerank_top_k], full[cfg.eval.rerank_top_k:]
-            q = qobj[qid]
-            qitem = Item(txt=q.txt if "text" in q.modality else None,
-                         image_path=str(data.root / q.img_path) if q.img_path and "image" in q.modality else None,
-                         instruction=queries[qid].get("instruction"))
+            qitem = query_item(qobj[qid], data, instruction=queries[qid].get("instruction"))
             py = rr.p_yes([(qitem, candidate_item(cands[d], data)) for d, _ in ranked])
             w = stage.teacher_weight_overrides.get(queries[qid]["row"], stage.teacher_weight)
             fused = fused_teacher(torch.tensor([s for _, s in ranked]), torch.from_numpy(np.asarray(py, np.float32)), w)

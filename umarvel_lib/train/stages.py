@@ -34,8 +34,9 @@ import torch
 
 from ..config import RunConfig, StageConfig
 from ..data.items import Item, candidate_item, query_item
-from ..data.mbeir import MBEIR, TASKS, row_name
+from ..data.mbeir import MBEIR, TASKS
 from ..data.synthetic import read_cc3m, read_nli
+from ..eval.metrics import row_of_query
 from ..io import atomic_write_json
 from ..models.embedder import Embedder
 from .engine import TrainConfig, Trainer
@@ -75,14 +76,8 @@ def mbeir_pairs(data: MBEIR, *, instructions: bool, seed: int) -> list[Pair]:
             raise ValueError(f"union_train query {q.qid} has no positive in the train pool")
         ins = data.sample_instruction(q, TASKS[q.task_id][1], rng) if instructions else None
         out.append(Pair(query_item(q, data, instruction=ins), candidate_item(pool[rng.choice(cands)], data),
-                        qid=q.qid, row=row_name(_dataset_of(q), q.task_id)))
+                        qid=q.qid, row=row_of_query(q.qid, q.task_id)))
     return out
-
-
-def _dataset_of(q) -> str:
-    from ..data.mbeir import DATASET_NAMES
-
-    return DATASET_NAMES[q.dataset_id]
 
 
 def per_task_sample(pairs: list[Pair], fraction: float, seed: int) -> list[Pair]:
@@ -219,17 +214,11 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
         save_negatives(df, neg_file, report)
     df = load_negatives(neg_file)
     by_did = {c.did: c for c in pool}
+    # mine_hard_negatives already pads every list to K (repeat-first, or seeded random non-positives
+    # when nothing survives the filters) and records it in the mining report
     negs = {q: tuple(n) for q, n in zip(df["qid"], df["negatives"])}
-    rng = random.Random(cfg.seed)
-    out = []
-    for p in pairs:
-        ds = list(negs.get(p.qid, ()))
-        while len(ds) < stage.num_hard:  # too few survivors: random pool candidates that are not positives
-            d = rng.choice(pool).did
-            if d not in ds:
-                ds.append(d)
-        out.append(dataclasses.replace(p, negatives=tuple(candidate_item(by_did[d], data) for d in ds[:stage.num_hard])))
-    return out
+    return [dataclasses.replace(p, negatives=tuple(candidate_item(by_did[d], data) for d in negs[p.qid][:stage.num_hard]))
+            for p in pairs]
 
 
 # ---- reranker and distillation ----------------------------------------------------------------
