@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PRESET ?= cpu
+JOBS   ?= $(shell nproc 2>/dev/null || echo 1)
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 reproduce: $(STAMP)
-	$(VENV)/bin/umarvel reproduce --preset $(PRESET)
+	$(VENV)/bin/umarvel reproduce --preset $(PRESET) --jobs $(JOBS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

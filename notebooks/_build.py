@@ -53,9 +53,11 @@ def md(src):
     return nbf.v4.new_markdown_cell(src)
 
 
-def notebook(cells):
+def notebook(cells, name):
     nb = nbf.v4.new_notebook()
     nb.cells = cells
+    for i, c in enumerate(cells):  # stable ids: rebuilding leaves unchanged notebooks byte-identical
+        c["id"] = f"{name[:2]}-cell-{i:02d}"
     nb.metadata["kernelspec"] = {"name": "umarvel-kit", "display_name": "umarvel-kit", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     return nb
@@ -80,10 +82,23 @@ def table_notebook(name, ablation, title, text):
         md("The paper's findings for this table, with paired (seeds x queries) bootstrap statistics:"),
         code("out[\"findings\"]"),
     ]
+    if name == "01_embedding_extraction":
+        cells += [
+            md("## Why T1b (causal + mean collapses) may not show here\n\n"
+               "The paper's largest Table 1 effect is causal + mean + prompt at 33.7 vs 56.6 for causal + last + "
+               "prompt (a gap of -22.9). A full-fine-tuning probe at micro scale did not show it "
+               "(`../shared/notes/MICRO_PROBE.md`). Rows `ft0`/`ft2` repeat the two causal rows with full fine-tuning "
+               "of the language model instead of LoRA. The mean-minus-last gap under each, paired over seeds and "
+               "bootstrapped over queries: if LoRA and full fine-tuning give the same sign, the missing collapse is "
+               "not a LoRA effect (the remaining candidates, prompt length and model size, are not run here)."),
+            code("nb.pooling_gap(ABLATION, {\"LoRA (row 2 - row 0)\": (\"2\", \"0\"),\n"
+                 "                           \"full fine-tuning (ft2 - ft0)\": (\"ft2\", \"ft0\")},\n"
+                 "                preset=preset, results=results_dir)"),
+        ]
     if name == "07_main_results":
         cells.append(code("if checkpoint:\n    display(nb.evaluate_checkpoint(checkpoint, preset=preset, data_root=data_root, "
                           "results=results_dir))"))
-    return notebook(cells)
+    return notebook(cells, name)
 
 
 def main():
@@ -100,7 +115,7 @@ def main():
              "demo = nb.quickstart(backbone, preset=preset, data_root=data_root, seed=int(seeds.split(',')[0]))\n"
              "print('query instruction:', demo['instruction'])\nprint('embedding dim:', demo['embedding_dim'], "
              "' tau:', round(demo['tau'], 4))\ndisplay(demo['figure'])\ndemo['similarity']"),
-    ])
+    ], "00_quickstart")
     nbf.write(quick, HERE / "00_quickstart.ipynb")
     report = notebook([
         md("# Report: every reproduced table beside the paper, and the 15 findings\n\nCollects the run directories "
@@ -108,7 +123,7 @@ def main():
         code('preset = "smoke"\nresults_dir = None\nseeds = "0,1,2"', tags=["parameters"]),
         code("from IPython.display import Markdown, display\n\nfrom umarvel_lib import notebook as nb\n\n"
              "path = nb.write_report(preset=preset, results=results_dir)\ndisplay(Markdown(path.read_text()))"),
-    ])
+    ], "08_report")
     nbf.write(report, HERE / "08_report.ipynb")
 
 

@@ -60,7 +60,9 @@ def _cached(model, inputs, chunk, loss_fn, seed, **kw):
     return loss, _grads(model), torch.get_rng_state()
 
 
-@pytest.mark.parametrize("K,symmetric,chunk", [(0, False, 3), (0, True, 2), (2, False, 4), (3, False, 1)])
+# chunk >= batch: every stream is one chunk and grad_cache_step takes its plain single-forward path
+@pytest.mark.parametrize("K,symmetric,chunk", [(0, False, 3), (0, True, 2), (2, False, 4), (3, False, 1),
+                                               (0, True, 7), (2, False, 64)])
 def test_gradcache_equals_full_batch_with_dropout(K, symmetric, chunk):
     model, xq, xc, xh = _setup(p=0.3, K=K)
     inputs = (xq, xc) if not K else (xq, xc, xh)

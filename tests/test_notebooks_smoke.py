@@ -70,3 +70,19 @@ def test_rerun_skips_finished_rows(smoke_results):
 
     run_row(load_ablation("table2_instruction_masking"), "0", preset="smoke", seed=0, results=res)
     assert side.stat().st_mtime_ns == before
+
+
+def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
+    """`reproduce --jobs 2`: each (row, seed) is one `umarvel run` worker with its own log; a finished
+    row is skipped by its config hash (its sidecar is not rewritten)."""
+    from umarvel_lib.config import load_ablation
+    from umarvel_lib.report.batch import run_jobs
+
+    res, _ = smoke_results
+    sides = {r.id: res / "runs" / "table2" / str(r.id) / "seed0" / "row.json" for r in load_ablation("table2").rows}
+    before = {k: p.stat().st_mtime_ns for k, p in sides.items()}
+    recs = run_jobs([2], preset="smoke", seeds="0", results=res, jobs=2)
+    assert sorted(r["row"] for r in recs) == sorted(sides) and all(r["rc"] == 0 for r in recs), recs
+    for r in recs:
+        assert ": ok (" in Path(r["log"]).read_text()
+    assert {k: p.stat().st_mtime_ns for k, p in sides.items()} == before

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,7 @@ def cmd_reproduce(args) -> int:
         return data
     tables = [t for t in (args.tables or "").split(",") if t.strip()]
     status = reproduce(args.preset, tables=tables or None, seeds=args.seeds, results=args.results,
-                       backbone=args.backbone, data_root=args.data_root, timeout=args.timeout)
+                       backbone=args.backbone, data_root=args.data_root, timeout=args.timeout, jobs=args.jobs)
     return 0 if all(v.get("status") == "ok" for v in status.values()) else 1
 
 
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--backbone", help="local checkpoint directory (default: the preset's micro backbone)")
     sr.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR)")
     sr.add_argument("--timeout", type=int, help="per-cell execution timeout in seconds")
+    sr.add_argument("--jobs", type=int, default=int(os.environ.get("UMARVEL_JOBS", "1")),
+                    help="worker processes that train the rows before the notebooks run (1 thread each; "
+                         "default $UMARVEL_JOBS or 1)")
     sr.set_defaults(func=cmd_reproduce)
 
     sx = sub.add_parser("run", help="train + evaluate one row of an ablation table for one seed")

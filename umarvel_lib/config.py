@@ -57,6 +57,7 @@ class StageConfig:
     teacher_weight: float = 1.0
     teacher_weight_overrides: dict = field(default_factory=lambda: {"mscoco_task0": 0.5, "mscoco_task3": 0.1})
     distill_mode: str = "kl"  # kl | continue_hard (the same sample trained with hard negatives)
+    mixed_precision: str = "no"  # no | bf16 (autocast); set by the preset's scale.mixed_precision
 
 
 # The paper's recipe (FACTS.md §4, Qwen2-VL-7B, 64 devices). Batches are global.
@@ -107,6 +108,7 @@ class ScaleConfig:
     lora_r: int | None = 16  # micro models: small adapters (None keeps the paper's r/alpha)
     lora_alpha: int | None = 32
     epochs: float | None = None  # override every stage's epochs
+    mixed_precision: str = "no"  # no | bf16: autocast in every stage's training step
 
 
 @dataclass
@@ -146,6 +148,7 @@ class RunConfig:
             s.lora_r, s.lora_alpha = sc.lora_r, sc.lora_alpha or 2 * sc.lora_r
         if sc.epochs is not None:
             s.epochs = sc.epochs
+        s.mixed_precision = sc.mixed_precision
         return s
 
     def hash(self, *, upto_stage: str | None = None) -> str:
@@ -157,7 +160,22 @@ class RunConfig:
                  "backbone_size": self.backbone_size, "data_root": str(self.resolved_data_root()),
                  "data_preset": self.data_preset, "embedder": d["embedder"], "stages": keep,
                  "stage": {k: dataclasses.asdict(self.scaled_stage(k)) for k in keep}}
-        return config_hash(d)
+        return config_hash(_drop_added_defaults(d))
+
+
+# Fields added after results were published, with the value every earlier run implicitly had. They are
+# left out of hashes while at that value, so finished runs and cached stages stay valid; any other
+# value is hashed as usual.
+_ADDED_DEFAULTS = {"mixed_precision": "no"}
+
+
+def _drop_added_defaults(obj):
+    if isinstance(obj, dict):
+        return {k: _drop_added_defaults(v) for k, v in obj.items()
+                if not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
+    if isinstance(obj, list):
+        return [_drop_added_defaults(v) for v in obj]
+    return obj
 
 
 # Scale presets: what `--preset` means. Each is a dict of dotted overrides on RunConfig.
@@ -229,6 +247,7 @@ class AblationRow:
     overrides: dict
     paper_key: str | int | None = None
     reranker: bool = False  # evaluate the fused reranker teacher instead of the embedder (Table 6)
+    explain: bool = False  # a diagnostic row (no paper value), e.g. Table 1's full-fine-tuning check of T1b
 
 
 @dataclass
@@ -274,6 +293,7 @@ def load_ablation(path_or_name) -> Ablation:
         if k not in d:
             raise ValueError(f"{p}: missing key {k!r}")
     rows = [AblationRow(id=str(r["id"]), label=r.get("label", str(r["id"])), overrides=r.get("overrides") or {},
-                        paper_key=r.get("paper", r["id"]), reranker=bool(r.get("reranker", False))) for r in d["rows"]]
+                        paper_key=r.get("paper", r["id"]), reranker=bool(r.get("reranker", False)),
+                        explain=bool(r.get("explain", False))) for r in d["rows"]]
     return Ablation(name=p.stem, table=int(d["table"]), title=d["title"], base=d.get("base") or {}, rows=rows,
                     findings=list(d.get("findings") or []), pools=tuple(d.get("pools", ("local", "global"))))

@@ -106,3 +106,19 @@ def config_hash(obj) -> str:
         obj = dataclasses.asdict(obj)
     blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str | os.PathLike) -> Iterator[None]:
+    """Exclusive inter-process lock on ``lock_path`` (``fcntl.flock``): serialises builds of the same
+    cached artifact, so a second process waits and then reuses what the first wrote."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

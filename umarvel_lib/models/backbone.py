@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import scenes
-from ..io import atomic_dir, atomic_write_json, config_hash
+from ..io import atomic_dir, atomic_write_json, config_hash, file_lock
 from .tokenizer import (
     ANSWER_TOKENS, EMB_TOKEN, INSTRUCTION_END, INSTRUCTION_START, QWEN2_VL_CHAT_TEMPLATE, UMARVEL_TOKENS,
     build_tokenizer, special_token_ids,
@@ -499,20 +499,6 @@ def is_complete_build(path) -> bool:
     return (p / RECIPE_FILE).is_file() and (p / "config.json").is_file() and (p / "model.safetensors").is_file()
 
 
-@contextlib.contextmanager
-def _build_lock(lock_path: Path):
-    """Serialise builds of the same recipe across processes (atomic_dir also removes stale temporaries)."""
-    import fcntl
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def build_backbone(cfg: BackboneConfig, cache_dir, *, progress: bool = True, force: bool = False) -> Path:
     """Build (or reuse) the micro backbone of ``cfg`` under ``cache_dir/<kind>-<size>-<hash>/``.
 
@@ -528,7 +514,7 @@ def build_backbone(cfg: BackboneConfig, cache_dir, *, progress: bool = True, for
     out = cache_dir / cfg.name
     if is_complete_build(out) and not force:
         return out
-    with _build_lock(cache_dir / f".{cfg.name}.lock"):
+    with file_lock(cache_dir / f".{cfg.name}.lock"):
         if is_complete_build(out) and not force:
             return out
         t0 = time.time()

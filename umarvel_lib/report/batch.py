@@ -3,11 +3,21 @@
 One failed notebook is recorded and the batch goes on; finished (row, seed) runs are skipped by the
 notebooks themselves (config-hash sidecars), so a rerun only does what is missing. ``08_report``
 always runs last and writes ``REPORT.md``.
+
+With ``jobs > 1`` the (row, seed) runs are first trained by ``jobs`` worker processes (``umarvel run``,
+one thread each: on small CPUs two single-thread processes do far more work than one process with
+two threads), ordered so that concurrent workers rarely need the same cached stage (a file lock
+makes the second one wait and reuse it). The notebooks then find every row done and only collect,
+compare and plot.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from ..io import atomic_write_json
@@ -39,13 +49,66 @@ def select(tables=None) -> list[tuple[str, int | None]]:
     return [(n, t) for n, t in NOTEBOOKS if t in want or n == "08_report"]
 
 
+DEFAULT_SEEDS = "0,1,2"  # the table notebooks' default
+
+
+def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs: int,
+             backbone: str | None = None, data_root: str | None = None) -> list[dict]:
+    """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes.
+
+    Each job is ``umarvel run`` (finished rows return at once); its log goes to
+    ``<results>/logs/table<N>-<row>-seed<S>.log``. Jobs are ordered (table, row, seed), so workers
+    running side by side mostly hold different seeds and share no stage. Returns one record per job.
+    """
+    from tqdm.auto import tqdm
+
+    from ..config import load_ablation
+
+    seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
+    todo = [(r.explain, t, r.id, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows
+            for s in seed_list]
+    todo = [job[1:] for job in sorted(todo, key=lambda j: j[0])]  # diagnostic rows last (stable sort)
+    logs = results / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "UMARVEL_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def one(job):
+        t, rid, s = job
+        cmd = [sys.executable, "-m", "umarvel_lib.cli", "run", "--table", f"table{t}", "--row", str(rid),
+               "--seed", str(s), "--preset", preset, "--results", str(results)]
+        cmd += ["--backbone", backbone] if backbone else []
+        cmd += ["--data-root", data_root] if data_root else []
+        t0, log_file = time.time(), logs / f"table{t}-{rid}-seed{s}.log"
+        with open(log_file, "w") as fh:
+            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
+        return {"table": t, "row": rid, "seed": s, "rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log_file)}
+
+    done = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
+            tqdm(total=len(todo), desc=f"runs ({jobs} workers)", unit="run") as bar:
+        for fut in as_completed([pool.submit(one, j) for j in todo]):
+            rec = fut.result()
+            done.append(rec)
+            bar.update(1)
+            if rec["rc"] != 0:
+                print(f"table {rec['table']} row {rec['row']} seed {rec['seed']} FAILED (rc {rec['rc']}); log: {rec['log']}")
+    return done
+
+
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
               backbone: str | None = None, data_root: str | None = None, timeout: int | None = None,
-              notebook_dir: Path = NOTEBOOK_DIR) -> dict:
+              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1) -> dict:
     import papermill as pm
     from tqdm.auto import tqdm
 
     res = Path(results or Path("results") / preset).resolve()
+    if jobs > 1:
+        t0 = time.time()
+        recs = run_jobs([t for _, t in select(tables)], preset=preset, seeds=seeds or DEFAULT_SEEDS, results=res,
+                        jobs=jobs, backbone=backbone, data_root=data_root)
+        failed = [r for r in recs if r["rc"] != 0]
+        print(f"trained {len(recs) - len(failed)}/{len(recs)} runs with {jobs} workers in {time.time() - t0:.0f} s"
+              + (f"; {len(failed)} failed (the notebooks retry and record them)" if failed else ""))
     out_dir = res / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     status_file = res / "batch.json"

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..config import Ablation
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
-from .findings import headline_hits, judge
+from .findings import HITS_FILE, headline_hits, judge
 
 VERDICT_ORDER = ("held", "within noise", "contradicted", "too few seeds", "not run")
 
@@ -117,7 +117,7 @@ def hits_by_row(results, table: int, pool: str) -> tuple[dict, set[str]]:
             diverged.add(str(s["row"]))
             continue
         d = Path(s["run_dir"]) / "eval" / pool
-        if (d / "run.trec").is_file():
+        if (d / "run.trec").is_file() or (d / HITS_FILE).is_file():  # a clone keeps only the hits file
             out.setdefault(str(s["row"]), {})[int(s["seed"])] = headline_hits(d)
     return out, diverged
 
@@ -129,11 +129,32 @@ def verdicts(results, ablation: Ablation, *, n_boot: int = 1000) -> pd.DataFrame
         f = FINDINGS_BY_ID[fid]
         pool = f.pool if f.pool in ablation.pools else ablation.pools[0]
         hits, div = hits_by_row(results, ablation.table, pool)
-        v = judge(f, hits, n_boot=n_boot, diverged=div)
+        paper_rows = {r.id for r in ablation.rows if not r.explain}  # diagnostic rows are in no finding
+        v = judge(f, {k: h for k, h in hits.items() if k in paper_rows}, n_boot=n_boot, diverged=div)
         v.pool = pool
         recs.append(v.as_dict())
     return pd.DataFrame.from_records(recs, columns=["finding", "claim", "pool", "verdict", "diff", "ci95_lo", "ci95_hi",
                                                     "detectable_effect", "n_seeds", "note"])
+
+
+def pooling_gap(results, ablation: Ablation, pairs: dict[str, tuple[str, str]], *, pool: str = "local",
+                n_boot: int = 1000) -> pd.DataFrame:
+    """Avg of row A minus row B, paired over the seeds both finished and bootstrapped over queries,
+    for each named (A, B) pair; e.g. the mean-vs-last pooling gap of causal rows under LoRA and under
+    full fine-tuning (Table 1's check of why T1b does or does not show)."""
+    from .findings import paired_difference
+
+    hits, _ = hits_by_row(results, ablation.table, pool)
+    recs = []
+    for name, (a, b) in pairs.items():
+        seeds = sorted(set(hits.get(a, {})) & set(hits.get(b, {})))
+        rec = {"setting": name, "row_a": a, "row_b": b, "n_seeds": len(seeds), "diff": None, "ci95_lo": None,
+               "ci95_hi": None}
+        if seeds:
+            d, (lo, hi), _ = paired_difference([hits[a][s] for s in seeds], [hits[b][s] for s in seeds], n_boot=n_boot)
+            rec.update(diff=round(d, 2), ci95_lo=round(lo, 2), ci95_hi=round(hi, 2))
+        recs.append(rec)
+    return pd.DataFrame.from_records(recs, columns=["setting", "row_a", "row_b", "n_seeds", "diff", "ci95_lo", "ci95_hi"])
 
 
 def plot_table(df: pd.DataFrame, title: str, path=None):

@@ -99,6 +99,11 @@ def split_inputs(inputs: Any, chunk_size: int) -> list[Any]:
     return [inputs[i:i + chunk_size] for i in range(0, n, chunk_size)]
 
 
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision embeddings (autocast) as float32; float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 @dataclass
 class _Stream:
     encode_fn: Callable[[Any], torch.Tensor]
@@ -128,7 +133,8 @@ def grad_cache_step(
             across ranks and use ``τ``).
         chunk_size: items per forward pass.
         split_fn: how to chunk an input (default :func:`split_inputs`).
-        autocast: context factory wrapped around every encode and the loss (mixed precision).
+        autocast: context factory wrapped around every encode (mixed precision); the loss always
+            runs in float32 on float32 copies of the embeddings.
         no_sync: context factory (e.g. ``lambda: accelerator.no_sync(model)``) used for every
             backward except the last chunk's, so DDP all-reduces once per step.
         backward: function used to back-propagate the *loss* (e.g. ``accelerator.backward``);
@@ -144,6 +150,16 @@ def grad_cache_step(
     ns = no_sync or contextlib.nullcontext
 
     streams = [_Stream(fn, split_fn(x, chunk_size)) for fn, x in zip(encode_fns, inputs)]
+    if all(len(s.chunks) <= 1 for s in streams):
+        # Every stream fits in one chunk: caching buys no memory, so do the plain step (one forward
+        # with a graph instead of two forwards). Same gradients, same RNG draws.
+        with ac():
+            embs = [s.encode_fn(s.chunks[0]) for s in streams]
+        loss = loss_fn(*[_full_precision(e) for e in embs])
+        if loss.ndim != 0:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        (backward or torch.Tensor.backward)(loss)
+        return loss.detach()
 
     # 1) embeddings without a graph, one RNG snapshot per chunk
     reps: list[torch.Tensor] = []
@@ -160,9 +176,8 @@ def grad_cache_step(
     rng_after = RandContext()  # state after the whole first pass, restored at the end
 
     # 2) full-batch loss; d loss / d embeddings (+ τ's gradient accumulated directly)
-    leaves = [r.detach().requires_grad_(True) for r in reps]
-    with ac():
-        loss = loss_fn(*leaves)
+    leaves = [_full_precision(r.detach()).requires_grad_(True) for r in reps]
+    loss = loss_fn(*leaves)  # in float32: cos/τ with τ≈0.05 is too sharp for bf16 logits
     if loss.ndim != 0:
         raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
     with ns():

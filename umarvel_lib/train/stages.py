@@ -37,7 +37,7 @@ from ..data.items import Item, candidate_item, query_item
 from ..data.mbeir import MBEIR, TASKS
 from ..data.synthetic import read_cc3m, read_nli
 from ..eval.metrics import row_of_query
-from ..io import atomic_write_json
+from ..io import atomic_write_json, file_lock
 from ..models.embedder import Embedder
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step
@@ -98,7 +98,7 @@ def train_config(stage: StageConfig, n_examples: int, seed: int, *, eval_every: 
     return TrainConfig(lr=stage.lr, epochs=None if stage.max_steps else stage.epochs, max_steps=stage.max_steps,
                        batch_size=min(stage.batch_size, max(1, n_examples)), warmup_ratio=stage.warmup_ratio,
                        seed=seed, save_every=50, eval_every=eval_every or 0, eval_at_start=bool(eval_every),
-                       tqdm_mininterval=5.0)
+                       tqdm_mininterval=5.0, mixed_precision=stage.mixed_precision)
 
 
 def contrastive_step(embedder: Embedder, stage: StageConfig):
@@ -128,11 +128,12 @@ def distill_step(embedder: Embedder, stage: StageConfig):
     """KL(softmax(teacher/tau.detach()) || softmax(cos/tau)) over each query's candidate list."""
 
     def step(batch: list[dict], ctx):
-        qs = embedder(embedder.collate([b["query"] for b in batch]))
         cands = [c for b in batch for c in b["candidates"]]
         n = len(batch[0]["candidates"])
-        c = embedder(embedder.collate(cands)).reshape(len(batch), n, -1)
-        cos = torch.einsum("bd,bnd->bn", qs, c)
+        with ctx.autocast():
+            qs = embedder(embedder.collate([b["query"] for b in batch]))
+            c = embedder(embedder.collate(cands)).reshape(len(batch), n, -1)
+        cos = torch.einsum("bd,bnd->bn", qs.float(), c.float())
         teacher = torch.tensor(np.stack([b["teacher"] for b in batch]), dtype=cos.dtype)
         loss = distill_kl(cos, teacher, embedder.temperature.tau)
         ctx.backward(loss)
@@ -167,6 +168,14 @@ def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, eval_fn=
     if (final / "embedder.json").is_file():
         log.info("stage %s: reusing %s", name, final)
         return final
+    with file_lock(out_root / f".{name}-{h}.lock"):  # parallel rows sharing this stage wait, then reuse it
+        if (final / "embedder.json").is_file():
+            return final
+        return _train_stage(cfg, name, stage, h, init, sdir, eval_fn=eval_fn)
+
+
+def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Path, sdir: Path, *, eval_fn) -> Path:
+    final = sdir / "model"
     sdir.mkdir(parents=True, exist_ok=True)
     data_root = cfg.resolved_data_root()
     data = MBEIR(data_root, check_images=False)
