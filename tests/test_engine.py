@@ -185,3 +185,56 @@ def test_bf16_autocast_loss_is_sane(tmp_path):
     # bf16 matmuls follow the fp32 trajectory closely (a broken autocast/loss would not)
     assert l16 == pytest.approx(l32, rel=5e-2)
     assert l16 != l32                                              # autocast really was on
+
+
+# ---- two CPU processes (gloo): the engine shards each global batch and averages gradients -----------
+def run_gathered_training(run_dir, steps=6):
+    """GradCache InfoNCE over the gathered global batch (no dropout, no clipping, so one process and
+    two processes are comparable: Adam is invariant to the 1/world scale DDP-style averaging gives)."""
+    from umarvel_lib.train.losses import gather_with_grad
+
+    torch.manual_seed(0)
+    model = Tiny().double()
+    model.drop.p = 0.0
+
+    def step_fn(batch, ctx):
+        xq, xc = (x.double() for x in batch)
+        lf = lambda q, c: info_nce(gather_with_grad(q), gather_with_grad(c), model.tau)
+        return grad_cache_step(model, (xq, xc), lf, 2, backward=ctx.backward)
+
+    res = train_loop(model, step_fn, _data(), _cfg(max_steps=steps, max_grad_norm=None, eval_every=0, save_every=3),
+                     run_dir, collate_fn=_collate)
+    return model, res
+
+
+def test_two_processes_train_like_one(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r}); "
+            f"import torch; torch.set_num_threads(1); import test_engine as t; "
+            f"m, r = t.run_gathered_training({str(tmp_path / 'ddp')!r}); "
+            f"import torch.distributed as d; rank = d.get_rank(); "
+            f"torch.save({{k: v for k, v in m.state_dict().items()}}, {str(tmp_path)!r} + f'/rank{{rank}}.pt'); "
+            f"d.destroy_process_group()")
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-3000:]
+    ref, res = run_gathered_training(tmp_path / "single")
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(r0[k], r1[k]), k                    # the ranks stay in lockstep
+        assert torch.allclose(r0[k], v, rtol=0, atol=1e-7), (k, (r0[k] - v).abs().max())  # = one process
+    assert not torch.equal(r0["l1.weight"], Tiny().double().l1.weight)  # it trained
+    m = _lines(tmp_path / "ddp" / "metrics.jsonl")   # one writer: the main process
+    assert [r["step"] for r in m] == list(range(1, 7))
+    single = _lines(tmp_path / "single" / "metrics.jsonl")
+    assert all(math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6) for a, b in zip(m, single))

@@ -28,6 +28,12 @@ Guarantees (tested in ``tests/test_engine.py``):
   with the same weights as an uninterrupted run. Metric lines past the checkpoint are dropped.
 * **Non-finite loss** (or gradient norm) raises :class:`NonFiniteLossError` before the optimizer
   step; no checkpoint is written, so the newest checkpoint is the last good state.
+* **Several processes** (``accelerate launch``/``torchrun``, CPU or GPU): ``batch_size`` is the
+  global batch; each rank takes its contiguous slice, and after ``step_fn`` the trainable
+  gradients are averaged over ranks in one all-reduce (no DDP wrapper, so step functions may call
+  the model directly, as GradCache closures do). With a loss over gathered embeddings
+  (``gather_with_grad``) two CPU processes train like one (``test_two_processes_train_like_one``).
+  DeepSpeed/FSDP launches keep accelerate's wrapped model and are untested here.
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
@@ -119,7 +125,7 @@ class RunConflictError(RuntimeError):
 class StepContext:
     """What ``step_fn(batch, ctx)`` gets besides the batch."""
 
-    model: nn.Module                       # as prepared by accelerate (DDP-wrapped when distributed)
+    model: nn.Module                       # on accelerate's device; not DDP-wrapped (gradients are averaged by the engine)
     accelerator: Any
     cfg: TrainConfig
     step: int                              # optimizer steps done before this one
@@ -131,6 +137,23 @@ class StepContext:
 
     def no_sync(self):
         return self.accelerator.no_sync(self.model)
+
+
+def _sync_grads(params: list[torch.Tensor]) -> None:
+    """Average ``.grad`` over all ranks (one flattened all-reduce); a missing gradient counts as zero."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
 
 
 @dataclass
@@ -234,10 +257,18 @@ class _Batches:
 
     def __init__(self, data, cfg: TrainConfig, collate_fn):
         self.data, self.cfg = data, cfg
+        self.rank, self.world = 0, 1
         self.collate = collate_fn or (lambda items: items)
         self.sized = hasattr(data, "__len__") and hasattr(data, "__getitem__") and not callable(data)
         if not self.sized and not callable(data):
             raise TypeError("data must be a sized dataset (len + getitem) or a callable epoch -> iterable of batches")
+
+    def shard(self, rank: int, world: int) -> None:
+        """Under ``world`` processes, rank ``rank`` takes its contiguous slice of every global batch
+        (``batch_size`` stays the global batch, as in the paper's recipe)."""
+        if world > 1 and self.sized and self.cfg.batch_size % world:
+            raise ValueError(f"global batch {self.cfg.batch_size} is not divisible by {world} processes")
+        self.rank, self.world = rank, world
 
     def batches_per_epoch(self) -> int | None:
         if not self.sized:
@@ -254,7 +285,11 @@ class _Batches:
             else:
                 order = list(range(n))
             for i in range(start, self.batches_per_epoch()):
-                yield self.collate([self.data[j] for j in order[i * b:(i + 1) * b]])
+                idx = order[i * b:(i + 1) * b]
+                if self.world > 1:  # contiguous slices: gathered in rank order, the batch of one process
+                    per = math.ceil(len(idx) / self.world)
+                    idx = idx[self.rank * per:(self.rank + 1) * per]
+                yield self.collate([self.data[j] for j in idx])
         else:
             yield from itertools.islice(self.data(epoch), start, None)
 
@@ -389,7 +424,15 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.model = acc.prepare_model(self.model)
+        self._average_grads = acc.num_processes > 1 and acc.distributed_type.value in ("MULTI_CPU", "MULTI_GPU")
+        if self._average_grads:
+            # Step functions call the model directly (GradCache closures, the embedder captured by
+            # contrastive_step), never through a DDP wrapper, so gradients are averaged over ranks
+            # explicitly after step_fn (_sync_grads) instead of by DDP hooks.
+            self.model = self.model.to(acc.device)
+        else:
+            self.model = acc.prepare_model(self.model)
+        self.batches.shard(acc.process_index, acc.num_processes)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         warmup = math.ceil(cfg.warmup_ratio * total)
@@ -493,6 +536,8 @@ class Trainer:
         if loss.requires_grad:
             self.acc.backward(loss)
         params = [p for p in self.optimizer.param_groups[0]["params"]]
+        if self._average_grads:
+            _sync_grads(params)
         if all(p.grad is None for p in params):
             raise RuntimeError("step_fn returned a detached loss but no parameter has a gradient: call "
                                "ctx.backward(loss) (or GradCache) inside step_fn, or return the loss with its graph")

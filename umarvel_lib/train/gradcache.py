@@ -99,6 +99,11 @@ def split_inputs(inputs: Any, chunk_size: int) -> list[Any]:
     return [inputs[i:i + chunk_size] for i in range(0, n, chunk_size)]
 
 
+def _no_autocast(x: torch.Tensor):
+    """Turn off any autocast (also one opened by the caller around the whole step) for the loss."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
     """Half-precision embeddings (autocast) as float32; float32/float64 unchanged."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
@@ -155,7 +160,8 @@ def grad_cache_step(
         # with a graph instead of two forwards). Same gradients, same RNG draws.
         with ac():
             embs = [s.encode_fn(s.chunks[0]) for s in streams]
-        loss = loss_fn(*[_full_precision(e) for e in embs])
+        with _no_autocast(embs[0]):
+            loss = loss_fn(*[_full_precision(e) for e in embs])
         if loss.ndim != 0:
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
         (backward or torch.Tensor.backward)(loss)
@@ -177,7 +183,8 @@ def grad_cache_step(
 
     # 2) full-batch loss; d loss / d embeddings (+ τ's gradient accumulated directly)
     leaves = [_full_precision(r.detach()).requires_grad_(True) for r in reps]
-    loss = loss_fn(*leaves)  # in float32: cos/τ with τ≈0.05 is too sharp for bf16 logits
+    with _no_autocast(leaves[0]):  # float32: cos/τ with τ≈0.05 is too sharp for bf16 logits
+        loss = loss_fn(*leaves)
     if loss.ndim != 0:
         raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
     with ns():
