@@ -42,6 +42,25 @@ TABLES = {
 }
 
 
+# diagnostic rows (``explain: true``) and their paired ``checks`` in the table's YAML
+CHECKS = {
+    "01_embedding_extraction": (
+        "## Why T1b (causal + mean collapses) may not show here\n\n"
+        "The paper's largest Table 1 effect is causal + mean + prompt at 33.7 vs 56.6 for causal + last + prompt "
+        "(a gap of -22.9). A full-fine-tuning probe at micro scale did not show it (`../shared/notes/MICRO_PROBE.md`). "
+        "Rows `ft0`/`ft2` repeat the two causal rows with full fine-tuning of the language model instead of LoRA. "
+        "Below, the mean-minus-last gap under each (paired over seeds, bootstrapped over queries): if LoRA and full "
+        "fine-tuning give the same sign, the missing collapse is not a LoRA effect. The other candidate causes "
+        "(prompt length, model size) are not run here."),
+    "05_hard_negatives": (
+        "## The false-negative filter at micro scale\n\n"
+        "An untrained micro embedder puts most cosines near 0.97, where the paper's absolute 0.7 threshold drops "
+        "nearly every mined candidate (the mining report in the stage directory counts them). Row `rel` filters "
+        "relative to each query's positive instead (a negative scoring above 0.95 x the positive is dropped; the "
+        "margin was fixed before any run). Paired differences:"),
+}
+
+
 def code(src, tags=None):
     c = nbf.v4.new_code_cell(src)
     if tags:
@@ -82,19 +101,8 @@ def table_notebook(name, ablation, title, text):
         md("The paper's findings for this table, with paired (seeds x queries) bootstrap statistics:"),
         code("out[\"findings\"]"),
     ]
-    if name == "01_embedding_extraction":
-        cells += [
-            md("## Why T1b (causal + mean collapses) may not show here\n\n"
-               "The paper's largest Table 1 effect is causal + mean + prompt at 33.7 vs 56.6 for causal + last + "
-               "prompt (a gap of -22.9). A full-fine-tuning probe at micro scale did not show it "
-               "(`../shared/notes/MICRO_PROBE.md`). Rows `ft0`/`ft2` repeat the two causal rows with full fine-tuning "
-               "of the language model instead of LoRA. The mean-minus-last gap under each, paired over seeds and "
-               "bootstrapped over queries: if LoRA and full fine-tuning give the same sign, the missing collapse is "
-               "not a LoRA effect (the remaining candidates, prompt length and model size, are not run here)."),
-            code("nb.pooling_gap(ABLATION, {\"LoRA (row 2 - row 0)\": (\"2\", \"0\"),\n"
-                 "                           \"full fine-tuning (ft2 - ft0)\": (\"ft2\", \"ft0\")},\n"
-                 "                preset=preset, results=results_dir)"),
-        ]
+    if name in ("01_embedding_extraction", "05_hard_negatives"):
+        cells += [md(CHECKS[name]), code("nb.checks(ABLATION, preset=preset, results=results_dir)")]
     if name == "07_main_results":
         cells.append(code("if checkpoint:\n    display(nb.evaluate_checkpoint(checkpoint, preset=preset, data_root=data_root, "
                           "results=results_dir))"))

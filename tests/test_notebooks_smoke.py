@@ -86,3 +86,20 @@ def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
     for r in recs:
         assert ": ok (" in Path(r["log"]).read_text()
     assert {k: p.stat().st_mtime_ns for k, p in sides.items()} == before
+
+
+def test_diagnostic_checks_are_computed_and_reported(smoke_results):
+    """Tables 1 and 5 carry diagnostic rows (full fine-tuning; a relative false-negative filter) and
+    paired checks on them: computed from the runs, shown in the report, kept out of the findings."""
+    from umarvel_lib.config import load_ablation
+    from umarvel_lib.report.tables import checks
+
+    res, _ = smoke_results
+    for t in ("table1", "table5"):
+        ab = load_ablation(t)
+        df = checks(res, ab, n_boot=50)
+        assert len(df) == len(ab.checks) and (df.n_seeds == 1).all() and df["diff"].notna().all(), df
+    report = (res / "REPORT.md").read_text()
+    assert report.count("Diagnostic check") == 2
+    findings = pd.read_csv(res / "table1_findings.csv")
+    assert not findings["note"].fillna("").str.contains("ft").any()  # diagnostic rows are in no finding

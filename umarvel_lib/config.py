@@ -259,6 +259,9 @@ class Ablation:
     rows: list[AblationRow]
     findings: list[str]
     pools: tuple[str, ...] = ("local", "global")
+    # named paired comparisons beyond the paper's findings (diagnostic rows): {name: (row A, row B)}
+    checks: dict[str, tuple[str, str]] = field(default_factory=dict)
+    checks_title: str = ""
 
     def row(self, rid: str) -> AblationRow:
         for r in self.rows:
@@ -296,4 +299,6 @@ def load_ablation(path_or_name) -> Ablation:
                         paper_key=r.get("paper", r["id"]), reranker=bool(r.get("reranker", False)),
                         explain=bool(r.get("explain", False))) for r in d["rows"]]
     return Ablation(name=p.stem, table=int(d["table"]), title=d["title"], base=d.get("base") or {}, rows=rows,
-                    findings=list(d.get("findings") or []), pools=tuple(d.get("pools", ("local", "global"))))
+                    findings=list(d.get("findings") or []), pools=tuple(d.get("pools", ("local", "global"))),
+                    checks={str(k): (str(v[0]), str(v[1])) for k, v in (d.get("checks") or {}).get("pairs", {}).items()},
+                    checks_title=(d.get("checks") or {}).get("title", ""))

@@ -50,11 +50,10 @@ def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", 
     return tables.runs_frame(res, ab.table)
 
 
-def pooling_gap(ablation: str | Ablation, pairs: dict[str, tuple[str, str]], *, preset: str,
-                results: str | None = None, pool: str = "local") -> pd.DataFrame:
-    """Row A minus row B (paired seeds x queries bootstrap) per named pair; see :func:`tables.pooling_gap`."""
+def checks(ablation: str | Ablation, *, preset: str, results: str | None = None) -> pd.DataFrame:
+    """The table's diagnostic paired comparisons (YAML ``checks``); see :func:`tables.checks`."""
     ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
-    return tables.pooling_gap(results_dir(preset, results), ab, pairs, pool=pool)
+    return tables.checks(results_dir(preset, results), ab)
 
 
 def table_outputs(ablation: str | Ablation, *, preset: str, results: str | None = None, n_boot: int = 1000) -> dict:

@@ -43,6 +43,9 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
             vdf = tables.verdicts(res, ab, n_boot=n_boot)
             all_v.append(vdf)
             body.append("\nFindings:\n\n" + _md(vdf))
+        if ab.checks:
+            body.append(f"\nDiagnostic check: {ab.checks_title} (A minus B, paired seeds x queries bootstrap):\n\n"
+                        + _md(tables.checks(res, ab, n_boot=n_boot)))
     vall = pd.concat(all_v, ignore_index=True) if all_v else pd.DataFrame(columns=["finding", "verdict"])
     counts = tables.verdict_counts(vall)
     summary = [f"\n## Summary of the paper's {len(FINDINGS)} findings\n",

@@ -137,24 +137,25 @@ def verdicts(results, ablation: Ablation, *, n_boot: int = 1000) -> pd.DataFrame
                                                     "detectable_effect", "n_seeds", "note"])
 
 
-def pooling_gap(results, ablation: Ablation, pairs: dict[str, tuple[str, str]], *, pool: str = "local",
-                n_boot: int = 1000) -> pd.DataFrame:
-    """Avg of row A minus row B, paired over the seeds both finished and bootstrapped over queries,
-    for each named (A, B) pair; e.g. the mean-vs-last pooling gap of causal rows under LoRA and under
-    full fine-tuning (Table 1's check of why T1b does or does not show)."""
+def checks(results, ablation: Ablation, *, pool: str | None = None, n_boot: int = 1000) -> pd.DataFrame:
+    """The ablation's named ``checks`` (YAML ``checks.pairs``: row A minus row B), each paired over
+    the seeds both finished and bootstrapped over queries, e.g. Table 1's mean-vs-last gap of the
+    causal rows under LoRA and under full fine-tuning (why T1b does or does not show)."""
     from .findings import paired_difference
 
+    pool = pool or ablation.pools[0]
     hits, _ = hits_by_row(results, ablation.table, pool)
     recs = []
-    for name, (a, b) in pairs.items():
+    for name, (a, b) in ablation.checks.items():
         seeds = sorted(set(hits.get(a, {})) & set(hits.get(b, {})))
-        rec = {"setting": name, "row_a": a, "row_b": b, "n_seeds": len(seeds), "diff": None, "ci95_lo": None,
-               "ci95_hi": None}
+        rec = {"check": name, "row_a": a, "row_b": b, "pool": pool, "n_seeds": len(seeds), "diff": None,
+               "ci95_lo": None, "ci95_hi": None}
         if seeds:
             d, (lo, hi), _ = paired_difference([hits[a][s] for s in seeds], [hits[b][s] for s in seeds], n_boot=n_boot)
             rec.update(diff=round(d, 2), ci95_lo=round(lo, 2), ci95_hi=round(hi, 2))
         recs.append(rec)
-    return pd.DataFrame.from_records(recs, columns=["setting", "row_a", "row_b", "n_seeds", "diff", "ci95_lo", "ci95_hi"])
+    return pd.DataFrame.from_records(recs, columns=["check", "row_a", "row_b", "pool", "n_seeds", "diff", "ci95_lo",
+                                                    "ci95_hi"])
 
 
 def plot_table(df: pd.DataFrame, title: str, path=None):
