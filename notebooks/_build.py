@@ -15,7 +15,8 @@ backbone = None       # local checkpoint dir, e.g. "/models/Qwen2-VL-7B-Instruct
 data_root = None      # local M-BEIR root, e.g. "/data/M-BEIR"; None: the synthetic mini-M-BEIR of the preset
 seeds = "0,1,2"       # comma-separated training seeds
 rows = ""             # "" runs every row of the table; or e.g. "0,4"
-results_dir = None    # None: results/<preset>'''
+results_dir = None    # None: results/<preset>
+train = True          # False: train nothing, only collect the finished runs'''
 
 TABLES = {
     "01_embedding_extraction": ("table1_embedding_extraction", "Table 1: embedding extraction",
@@ -92,7 +93,7 @@ def table_notebook(name, ablation, title, text):
         code("from IPython.display import Markdown, display\n\nfrom umarvel_lib import notebook as nb\n\n"
              f"ABLATION = \"{ablation}\""),
         code("runs = nb.run_table(ABLATION, preset=preset, seeds=seeds, rows=rows, results=results_dir,\n"
-             "                    backbone=backbone, data_root=data_root)\nruns"),
+             "                    backbone=backbone, data_root=data_root, train=train)\nruns"),
         code("out = nb.table_outputs(ABLATION, preset=preset, results=results_dir)\n"
              "display(Markdown(out[\"provenance\"]))\nout[\"table\"]"),
         md("Per dataset-task headline metric (mean over seeds), one column per row:"),

@@ -50,3 +50,22 @@ def test_same_seed_same_weights_different_seed_different(setup, tmp_path):
         outs.append(_emb(run_stages(cfg, base, tmp_path / name / "stages"), cfg))
     assert np.array_equal(outs[0], outs[1])
     assert not np.allclose(outs[0], outs[2])
+
+
+def test_hard_negative_variants_mine_with_one_encoding(setup, tmp_path):
+    """Table 5's variants share the stage-3 model: its mining embeddings are encoded once and cached
+    beside it; the variants differ only in the filters, and so in the mined lists."""
+    data, base = setup
+    stages = tmp_path / "stages"
+    lists = []
+    for over in ({"stage.hard_negatives.filter_max_score": None},
+                 {"stage.hard_negatives.filter_max_score": None, "stage.hard_negatives.filter_relative_margin": 0.0}):
+        cfg = _cfg(data, tmp_path, stages=["mbeir", "hard_negatives"], **over)
+        final = run_stages(cfg, base, stages)
+        lists.append((final.parent / "hard_negatives.jsonl").read_text())
+    mbeir_dir = stages / f"mbeir-{cfg.hash(upto_stage='mbeir')}"
+    cached = list(mbeir_dir.glob("mining-*.npz"))
+    assert len(cached) == 1
+    z = np.load(cached[0])
+    assert z["queries"].shape[1] == z["pool"].shape[1] and len(z["pool"]) > 0
+    assert len({p.parent for p in stages.glob("hard_negatives-*/hard_negatives.jsonl")}) == 2

@@ -40,7 +40,8 @@ def cmd_reproduce(args) -> int:
         return data
     tables = [t for t in (args.tables or "").split(",") if t.strip()]
     status = reproduce(args.preset, tables=tables or None, seeds=args.seeds, results=args.results,
-                       backbone=args.backbone, data_root=args.data_root, timeout=args.timeout, jobs=args.jobs)
+                       backbone=args.backbone, data_root=args.data_root, timeout=args.timeout, jobs=args.jobs,
+                       train=not args.no_train)
     return 0 if all(v.get("status") == "ok" for v in status.values()) else 1
 
 
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--backbone", help="local checkpoint directory (default: the preset's micro backbone)")
     sr.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR)")
     sr.add_argument("--timeout", type=int, help="per-cell execution timeout in seconds")
+    sr.add_argument("--no-train", action="store_true",
+                    help="train nothing: re-execute the notebooks on the finished runs and rewrite the report")
     sr.add_argument("--jobs", type=int, default=int(os.environ.get("UMARVEL_JOBS", "1")),
                     help="worker processes that train the rows before the notebooks run (1 thread each; "
                          "default $UMARVEL_JOBS or 1)")

@@ -28,8 +28,9 @@ def results_dir(preset: str, results: str | None = None) -> Path:
 
 
 def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", results: str | None = None,
-              backbone: str | None = None, data_root: str | None = None) -> pd.DataFrame:
-    """Train + evaluate every (row, seed) not yet done; one failed row does not stop the others."""
+              backbone: str | None = None, data_root: str | None = None, train: bool = True) -> pd.DataFrame:
+    """Train + evaluate every (row, seed) not yet done; one failed row does not stop the others.
+    With ``train=False`` nothing is trained: the finished runs are only collected."""
     from tqdm.auto import tqdm
 
     from .experiment import run_row
@@ -37,7 +38,7 @@ def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", 
     ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
     res = results_dir(preset, results)
     want = parse_list(rows)
-    todo = [(r, int(s)) for r in ab.rows if not want or r.id in want for s in parse_list(seeds)]
+    todo = [(r, int(s)) for r in ab.rows if not want or r.id in want for s in parse_list(seeds)] if train else []
     failures = []
     for r, s in tqdm(todo, desc=f"table {ab.table}", mininterval=10):
         try:

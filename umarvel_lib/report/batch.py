@@ -65,9 +65,10 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
     from ..config import load_ablation
 
     seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
-    todo = [(r.explain, t, r.id, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows
-            for s in seed_list]
-    todo = [job[1:] for job in sorted(todo, key=lambda j: j[0])]  # diagnostic rows last (stable sort)
+    # paper rows first, row by row with the seeds side by side (parallel workers then share no stage);
+    # diagnostic rows last, seed by seed, so a cut-short batch still leaves complete pairs for their checks
+    rows = [(t, r, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows for s in seed_list]
+    todo = [(t, r.id, s) for t, r, s in sorted(rows, key=lambda j: (1, j[2], j[0]) if j[1].explain else (0, j[0]))]
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "UMARVEL_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -97,12 +98,12 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
 
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
               backbone: str | None = None, data_root: str | None = None, timeout: int | None = None,
-              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1) -> dict:
+              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True) -> dict:
     import papermill as pm
     from tqdm.auto import tqdm
 
     res = Path(results or Path("results") / preset).resolve()
-    if jobs > 1:
+    if jobs > 1 and train:
         t0 = time.time()
         recs = run_jobs([t for _, t in select(tables)], preset=preset, seeds=seeds or DEFAULT_SEEDS, results=res,
                         jobs=jobs, backbone=backbone, data_root=data_root)
@@ -114,6 +115,8 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
     status_file = res / "batch.json"
     status = json.loads(status_file.read_text()) if status_file.is_file() else {}
     params = {"preset": preset, "results_dir": str(res)}
+    if not train:
+        params["train"] = False
     if seeds is not None:
         params["seeds"] = seeds
     if backbone:

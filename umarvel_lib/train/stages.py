@@ -24,6 +24,7 @@ Data per stage (all read from the data root; the same readers serve the real cor
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import random
@@ -37,7 +38,7 @@ from ..data.items import Item, candidate_item, query_item
 from ..data.mbeir import MBEIR, TASKS
 from ..data.synthetic import read_cc3m, read_nli
 from ..eval.metrics import row_of_query
-from ..io import atomic_write_json, file_lock
+from ..io import atomic_write_bytes, atomic_write_json, config_hash, file_lock
 from ..models.embedder import Embedder
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step
@@ -213,9 +214,7 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
     neg_file = sdir / "hard_negatives.jsonl"
     pool = data.train_pool()
     if not neg_file.is_file():
-        miner = Embedder.from_pretrained(model_dir, cfg.embedder)
-        q_emb = miner.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="mine: queries")
-        c_emb = miner.encode([candidate_item(c, data) for c in pool], batch_size=cfg.eval.batch_size, desc="mine: pool")
+        q_emb, c_emb = _mining_embeddings(cfg, model_dir, pairs, pool, data)
         positives = {q.qid: set(q.pos) for q in data.union_train()}
         df, report = mine_hard_negatives(q_emb, c_emb, [p.qid for p in pairs], [c.did for c in pool], positives,
                                          top_m=min(stage.mine_top_m, len(pool)), num_negatives=stage.num_hard,
@@ -228,6 +227,26 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
     negs = {q: tuple(n) for q, n in zip(df["qid"], df["negatives"])}
     return [dataclasses.replace(p, negatives=tuple(candidate_item(by_did[d], data) for d in negs[p.qid][:stage.num_hard]))
             for p in pairs]
+
+
+def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool, data: MBEIR):
+    """Train-query and train-pool embeddings of the model that mines, cached beside its checkpoint:
+    the variants of the hard-negative stage (Table 5's rows) mine with the same model and differ only
+    in the filters applied afterwards, so they encode once."""
+    key = config_hash({"embedder": dataclasses.asdict(cfg.embedder), "queries": [p.qid for p in pairs],
+                       "query_text": [(p.query.txt, p.query.instruction) for p in pairs], "pool": [c.did for c in pool]})
+    path = Path(model_dir).parent / f"mining-{key}.npz"
+    with file_lock(path.with_suffix(".lock")):
+        if path.is_file():
+            z = np.load(path)
+            return z["queries"], z["pool"]
+        miner = Embedder.from_pretrained(model_dir, cfg.embedder)
+        q_emb = miner.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="mine: queries")
+        c_emb = miner.encode([candidate_item(c, data) for c in pool], batch_size=cfg.eval.batch_size, desc="mine: pool")
+        buf = io.BytesIO()
+        np.savez(buf, queries=np.asarray(q_emb), pool=np.asarray(c_emb))
+        atomic_write_bytes(path, buf.getvalue())
+        return q_emb, c_emb
 
 
 # ---- reranker and distillation ----------------------------------------------------------------
