@@ -71,3 +71,9 @@ def test_hashes_of_published_runs_stay_stable():
     apply_overrides(cfg, {"scale.mixed_precision": "bf16"})
     assert cfg.hash() != "a7ce0f6b216c3a2d" and cfg.hash(upto_stage="mbeir") != "e3586afae12d75e7"
     assert cfg.scaled_stage("mbeir").mixed_precision == "bf16"
+    # the backbone's weights are part of a run's identity: another build of it is another run
+    a = ab.run_config("0", "cpu", 0)
+    b = ab.run_config("0", "cpu", 0)
+    a.backbone_digest, b.backbone_digest = "0123456789abcdef", "fedcba9876543210"
+    assert len({a.hash(), b.hash(), "a7ce0f6b216c3a2d"}) == 3
+    assert a.hash(upto_stage="mbeir") != b.hash(upto_stage="mbeir")

@@ -3,6 +3,7 @@ import json
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,20 @@ def test_cli_entry_point():
     p = build_parser()
     assert p.parse_args(["prepare", "--preset", "smoke"]).preset == "smoke"
     assert p.parse_args(["reproduce", "--tables", "1,5"]).tables == "1,5"
+
+
+def test_checkpoint_digest_follows_the_weights(tmp_path):
+    from umarvel_lib.io import checkpoint_digest
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights-a")
+    (d / "config.json").write_text("{}")
+    a = checkpoint_digest(d)
+    (d / "config.json").write_text('{"x": 1}')
+    assert checkpoint_digest(d) == a                 # weights only
+    (d / "model.safetensors").write_bytes(b"weights-b")
+    assert checkpoint_digest(d) != a
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError):
+        checkpoint_digest(tmp_path / "empty")         # no weight files

@@ -128,6 +128,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     threads: int | None = None
     cache_dir: str = "cache"
+    # the weights actually used (io.checkpoint_digest of the resolved backbone), set by experiment.run_row
+    backbone_digest: str | None = None
 
     def synthetic(self) -> SyntheticConfig:
         return SyntheticConfig(**{**SYNTHETIC_PRESETS[self.data_preset], "seed": 0})
@@ -156,7 +158,8 @@ class RunConfig:
         d = dataclasses.asdict(self)
         if upto_stage is not None:
             keep = self.stages[: self.stages.index(upto_stage) + 1]
-            d = {"seed": self.seed, "backbone": self.backbone, "backbone_kind": self.backbone_kind,
+            d = {"seed": self.seed, "backbone": self.backbone, "backbone_digest": self.backbone_digest,
+                 "backbone_kind": self.backbone_kind,
                  "backbone_size": self.backbone_size, "data_root": str(self.resolved_data_root()),
                  "data_preset": self.data_preset, "embedder": d["embedder"], "stages": keep,
                  "stage": {k: dataclasses.asdict(self.scaled_stage(k)) for k in keep}}
@@ -166,7 +169,7 @@ class RunConfig:
 # Fields added after results were published, with the value every earlier run implicitly had. They are
 # left out of hashes while at that value, so finished runs and cached stages stay valid; any other
 # value is hashed as usual.
-_ADDED_DEFAULTS = {"mixed_precision": "no"}
+_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None}
 
 
 def _drop_added_defaults(obj):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .config import Ablation, AblationRow, RunConfig
 from .data.mbeir import MBEIR
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, checkpoint_digest
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
 
     row = ablation.row(row) if isinstance(row, str) else row
     cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root)
+    base = backbone_path(cfg)
+    cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
     h = cfg.hash()
     rdir = run_dir_for(Path(results), ablation, row, seed)
     side = rdir / "row.json"
@@ -127,7 +129,6 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     t0 = time.time()
     root = ensure_data(cfg)
     data = MBEIR(root, check_images=False)
-    base = backbone_path(cfg)
     sidecar = {"table": ablation.table, "ablation": ablation.name, "row": row.id, "label": row.label, "seed": seed,
                "preset": preset, "hash": h, "config": dataclasses.asdict(cfg), "backbone": str(base),
                "data_root": str(root), "git": git_commit(), "versions": versions(), "reranker": row.reranker}

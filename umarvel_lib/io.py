@@ -122,3 +122,26 @@ def file_lock(lock_path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def checkpoint_digest(path: str | os.PathLike, *, full_limit: int = 1 << 28) -> str:
+    """Identity of a checkpoint directory's weights: sha256 of each ``*.safetensors``/``*.bin`` file up
+    to ``full_limit`` bytes (micro backbones: exact), else its name, size and first/last MiB (7B
+    shards: cheap). Results depend on the weights, not on the recipe that produced them: a rebuilt
+    backbone that came out different (pre-training is not bitwise repeatable across machines) must
+    not reuse runs of the old one."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path)}|{size}|".encode())
+        if size <= full_limit:
+            h.update(file_sha256(f).encode())
+        else:
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                fh.seek(-(1 << 20), os.SEEK_END)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
