@@ -9,7 +9,7 @@ def test_presets_scale_the_paper_recipe():
     cpu = make_run_config("cpu")
     s = cpu.scaled_stage("mbeir")
     assert s.batch_size == 3840 // 30 and s.lr == pytest.approx(4e-4 * cpu.scale.lr_multiplier)
-    assert cpu.scaled_stage("nli").epochs == cpu.scaled_stage("mbeir").epochs == 0.4
+    assert cpu.scaled_stage("nli").epochs == cpu.scaled_stage("mbeir").epochs == 0.2
     paper = make_run_config("paper")
     p = paper.scaled_stage("mbeir")
     assert (p.batch_size, p.lr, p.lora_r, p.lora_alpha) == (3840, 4e-4, 128, 256)
