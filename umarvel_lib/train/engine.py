@@ -536,11 +536,11 @@ class Trainer:
         if loss.requires_grad:
             self.acc.backward(loss)
         params = [p for p in self.optimizer.param_groups[0]["params"]]
-        if self._average_grads:
-            _sync_grads(params)
         if all(p.grad is None for p in params):
             raise RuntimeError("step_fn returned a detached loss but no parameter has a gradient: call "
                                "ctx.backward(loss) (or GradCache) inside step_fn, or return the loss with its graph")
+        if self._average_grads:  # after the check: _sync_grads fills missing gradients with zeros
+            _sync_grads(params)
         if cfg.max_grad_norm is not None:
             gn = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
         else:

@@ -35,7 +35,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import numpy as np
 import torch
 
-__all__ = ["RandContext", "split_inputs", "grad_cache_step", "GradCache"]
+__all__ = ["RandContext", "split_inputs", "grad_cache_step", "GradCache", "loss_in_full_precision"]
 
 
 class RandContext:
@@ -99,14 +99,20 @@ def split_inputs(inputs: Any, chunk_size: int) -> list[Any]:
     return [inputs[i:i + chunk_size] for i in range(0, n, chunk_size)]
 
 
-def _no_autocast(x: torch.Tensor):
-    """Turn off any autocast (also one opened by the caller around the whole step) for the loss."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
-
-
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
     """Half-precision embeddings (autocast) as float32; float32/float64 unchanged."""
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def loss_in_full_precision(loss_fn: Callable[..., torch.Tensor], *embs: torch.Tensor) -> torch.Tensor:
+    """``loss_fn(*embs)`` on float32 copies of half-precision embeddings with any autocast turned off
+    (also one opened by the caller around the whole step): cos/τ with τ≈0.05 is too sharp for bf16
+    logits. The loss must be a scalar."""
+    with torch.autocast(device_type=embs[0].device.type, enabled=False):
+        loss = loss_fn(*[_full_precision(e) for e in embs])
+    if loss.ndim != 0:
+        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+    return loss
 
 
 @dataclass
@@ -160,10 +166,7 @@ def grad_cache_step(
         # with a graph instead of two forwards). Same gradients, same RNG draws.
         with ac():
             embs = [s.encode_fn(s.chunks[0]) for s in streams]
-        with _no_autocast(embs[0]):
-            loss = loss_fn(*[_full_precision(e) for e in embs])
-        if loss.ndim != 0:
-            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        loss = loss_in_full_precision(loss_fn, *embs)
         (backward or torch.Tensor.backward)(loss)
         return loss.detach()
 
@@ -183,10 +186,7 @@ def grad_cache_step(
 
     # 2) full-batch loss; d loss / d embeddings (+ τ's gradient accumulated directly)
     leaves = [_full_precision(r.detach()).requires_grad_(True) for r in reps]
-    with _no_autocast(leaves[0]):  # float32: cos/τ with τ≈0.05 is too sharp for bf16 logits
-        loss = loss_fn(*leaves)
-    if loss.ndim != 0:
-        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+    loss = loss_in_full_precision(loss_fn, *leaves)
     with ns():
         (backward or torch.Tensor.backward)(loss)
     grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]

@@ -41,7 +41,7 @@ from ..eval.metrics import row_of_query
 from ..io import atomic_write_bytes, atomic_write_json, config_hash, file_lock
 from ..models.embedder import Embedder
 from .engine import TrainConfig, Trainer
-from .gradcache import grad_cache_step
+from .gradcache import grad_cache_step, loss_in_full_precision
 from .losses import distill_kl, fused_teacher, gather_with_grad, info_nce
 from .mining import load_negatives, mine_hard_negatives, save_negatives
 
@@ -131,12 +131,12 @@ def distill_step(embedder: Embedder, stage: StageConfig):
     def step(batch: list[dict], ctx):
         cands = [c for b in batch for c in b["candidates"]]
         n = len(batch[0]["candidates"])
-        with ctx.autocast():
-            qs = embedder(embedder.collate([b["query"] for b in batch]))
-            c = embedder(embedder.collate(cands)).reshape(len(batch), n, -1)
-        cos = torch.einsum("bd,bnd->bn", qs.float(), c.float())
-        teacher = torch.tensor(np.stack([b["teacher"] for b in batch]), dtype=cos.dtype)
-        loss = distill_kl(cos, teacher, embedder.temperature.tau)
+        qs = embedder(embedder.collate([b["query"] for b in batch]))  # under the engine's autocast
+        c = embedder(embedder.collate(cands)).reshape(len(batch), n, -1)
+        teacher = torch.tensor(np.stack([b["teacher"] for b in batch]), dtype=torch.float32)
+        loss = loss_in_full_precision(
+            lambda q, cc: distill_kl(torch.einsum("bd,bnd->bn", q, cc), teacher.to(q.dtype), embedder.temperature.tau),
+            qs, c)
         ctx.backward(loss)
         return loss.detach()
 
