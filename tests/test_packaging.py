@@ -61,3 +61,16 @@ def test_checkpoint_digest_follows_the_weights(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
         checkpoint_digest(tmp_path / "empty")         # no weight files
+
+
+def test_data_digest_names_the_synthetic_build(tmp_path):
+    from umarvel_lib.experiment import data_digest
+
+    assert data_digest(tmp_path) is None              # a real M-BEIR root: its path is hashed instead
+    meta = tmp_path / "synthetic_meta"
+    meta.mkdir()
+    (meta / "recipe.json").write_text('{"hash": "abc"}')
+    assert data_digest(tmp_path) == "abc"
+    (meta / "recipe.json").write_text("{not json")
+    with pytest.raises(ValueError, match="recipe.json"):
+        data_digest(tmp_path)

@@ -130,6 +130,8 @@ class RunConfig:
     cache_dir: str = "cache"
     # the weights actually used (io.checkpoint_digest of the resolved backbone), set by experiment.run_row
     backbone_digest: str | None = None
+    # the synthetic data's recipe hash (experiment.data_digest), set by experiment.run_row
+    data_digest: str | None = None
 
     def synthetic(self) -> SyntheticConfig:
         return SyntheticConfig(**{**SYNTHETIC_PRESETS[self.data_preset], "seed": 0})
@@ -159,7 +161,7 @@ class RunConfig:
         if upto_stage is not None:
             keep = self.stages[: self.stages.index(upto_stage) + 1]
             d = {"seed": self.seed, "backbone": self.backbone, "backbone_digest": self.backbone_digest,
-                 "backbone_kind": self.backbone_kind,
+                 "data_digest": self.data_digest, "backbone_kind": self.backbone_kind,
                  "backbone_size": self.backbone_size, "data_root": str(self.resolved_data_root()),
                  "data_preset": self.data_preset, "embedder": d["embedder"], "stages": keep,
                  "stage": {k: dataclasses.asdict(self.scaled_stage(k)) for k in keep}}
@@ -169,7 +171,7 @@ class RunConfig:
 # Fields added after results were published, with the value every earlier run implicitly had. They are
 # left out of hashes while at that value, so finished runs and cached stages stay valid; any other
 # value is hashed as usual.
-_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None}
+_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None, "data_digest": None}
 
 
 def _drop_added_defaults(obj):
@@ -186,12 +188,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"data_preset": "smoke", "backbone_size": "test", "scale.max_steps": 3, "scale.batch_divisor": 480,
               "scale.chunk_size": 8, "scale.epochs": 1.0, "eval.batch_size": 32, "reranker.max_steps": 3,
               "reranker.batch_size": 4, "eval.rerank_top_k": 5, "stage.distill.teacher_top_k": 8, "threads": 1},
-    # cpu: batches = paper / 30 (480 -> 16, 3840 -> 128), LR x 10 for the micro model's small LoRA, and
-    # 0.2 epoch of every stage, so rows that differ in batch size see the same examples (as the paper's
-    # 1 epoch) with proportionally fewer steps (240 steps of 16 for the 480-batch rows: about 8 min of
-    # training per (row, seed) on one core; 0.4 epoch took 13-17 min per run and put 3 seeds out of reach).
+    # cpu (the embedded default): every table x 3 seeds in about 2 hours on 2 cores. Batches = paper / 30
+    # (480 -> 16, 3840 -> 128), LR x 10 for the micro model's small LoRA, 0.2 epoch of every stage, so rows
+    # that differ in batch size see the same examples (as the paper's 1 epoch) with proportionally fewer
+    # steps (60 steps of 16 for the 480-batch rows on the cpu mini-M-BEIR); the reranker and the
+    # distillation teacher score the top 20. Earlier, 0.2 epoch of the 4x larger data took 11-13 min per
+    # (row, seed): 10+ hours for all tables.
     "cpu": {"data_preset": "cpu", "backbone_size": "micro", "scale.batch_divisor": 30, "scale.lr_multiplier": 10.0,
-            "scale.epochs": 0.2, "scale.chunk_size": 32, "threads": 2, "reranker.max_steps": 300},
+            "scale.epochs": 0.2, "scale.chunk_size": 32, "threads": 2, "reranker.max_steps": 100,
+            "eval.rerank_top_k": 20, "stage.distill.teacher_top_k": 20},
     "gpu": {"data_preset": "gpu", "backbone_size": "micro", "scale.batch_divisor": 15, "scale.chunk_size": 64,
             "scale.max_steps": 2000},
     "paper": {"data_preset": "cpu", "scale.batch_divisor": 1, "scale.lr_multiplier": 1.0, "scale.lora_r": None,

@@ -70,6 +70,18 @@ def ensure_data(cfg: RunConfig) -> Path:
     return root
 
 
+def data_digest(root: Path) -> str | None:
+    """Identity of a synthetic mini-M-BEIR build (its recipe hash), so that runs and cached stages of
+    an earlier build of the same preset are not reused; None for a real M-BEIR root (its path is hashed)."""
+    marker = Path(root) / "synthetic_meta" / "recipe.json"
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())["hash"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{marker}: not a synthetic recipe file ({e})") from e
+
+
 def backbone_path(cfg: RunConfig) -> Path:
     """A local checkpoint directory: ``cfg.backbone`` if given, else the (cached) micro backbone."""
     if cfg.backbone:
@@ -115,6 +127,8 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root)
     base = backbone_path(cfg)
     cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
+    root = ensure_data(cfg)
+    cfg.data_digest = data_digest(root)  # so is a different build of the synthetic data
     h = cfg.hash()
     rdir = run_dir_for(Path(results), ablation, row, seed)
     side = rdir / "row.json"
@@ -127,7 +141,6 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     if threads:
         torch.set_num_threads(threads)
     t0 = time.time()
-    root = ensure_data(cfg)
     data = MBEIR(root, check_images=False)
     sidecar = {"table": ablation.table, "ablation": ablation.name, "row": row.id, "label": row.label, "seed": seed,
                "preset": preset, "hash": h, "config": dataclasses.asdict(cfg), "backbone": str(base),
