@@ -52,3 +52,22 @@ def test_paired_difference_point_estimate_is_avg_difference():
     expect = 100 * (np.mean([h.mean() for _, h in a[0].values()]) - np.mean([h.mean() for _, h in b[0].values()]))
     assert abs(d - expect) < 1e-9 and ci[0] <= d <= ci[1]
     assert decide(1.0, (0.5, 1.5)) == HELD and decide(-1.0, (-1.5, -0.5)) == CONTRA
+
+
+def test_batch_trains_the_findings_rows_first():
+    """`reproduce --jobs`: rows compared by a finding first (seeds side by side), then the tables' other
+    paper rows, diagnostic rows last; a cut-short batch leaves complete finding pairs."""
+    from umarvel_lib.config import load_ablation
+    from umarvel_lib.paper import finding_rows
+    from umarvel_lib.report.batch import _job_order
+
+    assert finding_rows(4) == {"0", "4", "7"} and finding_rows(6) == {"baseline", "distillation", "reranker"}
+    assert finding_rows(1) == {"0", "1", "2", "3", "4"}  # T1b: the worst of every paper row
+    jobs = [(t, r, s) for t in (1, 4, 5) for r in load_ablation(f"table{t}").rows for s in (0, 1, 2)]
+    order = [(t, str(r.id), s) for t, r, s in sorted(jobs, key=lambda j: _job_order(*j))]
+    first_rest = next(i for i, j in enumerate(order) if j[:2] == (4, "1"))
+    first_diag = next(i for i, j in enumerate(order) if j[1] in ("ft0", "ft2", "rel"))
+    assert {j[:2] for j in order[:first_rest]} == ({(1, r) for r in "01234"} | {(4, r) for r in "047"}
+                                                  | {(5, r) for r in ("baseline", "0", "1", "2")})
+    assert first_rest < first_diag and all(j[1] in ("ft0", "ft2", "rel") for j in order[first_diag:])
+    assert order[:3] == [(1, "0", 0), (1, "0", 1), (1, "0", 2)]

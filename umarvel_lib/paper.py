@@ -104,3 +104,20 @@ FINDINGS: tuple[Finding, ...] = (
     Finding("T6b", 6, "the reranker teacher > the distilled student (64.5 vs 63.2)", "reranker", "distillation"),
 )
 FINDINGS_BY_ID = {f.id: f for f in FINDINGS}
+
+
+def finding_rows(table: int) -> set[str]:
+    """Row ids of a table that its findings compare ("*": every paper row of the table, e.g. T1b's
+    "worst row"); the batch runner trains these first."""
+    out: set[str] = set()
+    for f in FINDINGS:
+        if f.table != table:
+            continue
+        for rid in (f.better, f.worse):
+            if rid == "*":
+                from .config import load_ablation
+
+                out |= {str(r.id) for r in load_ablation(f"table{table}").rows if not r.explain}
+            else:
+                out.add(str(rid))
+    return out

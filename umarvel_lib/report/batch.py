@@ -52,23 +52,32 @@ def select(tables=None) -> list[tuple[str, int | None]]:
 DEFAULT_SEEDS = "0,1,2"  # the table notebooks' default
 
 
+def _job_order(table: int, row, seed: int) -> tuple:
+    """Rows that one of the paper's findings compares come first, table by table, each row with its
+    seeds side by side (parallel workers then share no stage); then the table's other paper rows; the
+    diagnostic rows last, seed by seed. A batch cut short still leaves the findings' pairs complete."""
+    from ..paper import finding_rows
+
+    if row.explain:
+        return (2, seed, table)
+    return (0 if str(row.id) in finding_rows(table) else 1, table)
+
+
 def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs: int,
              backbone: str | None = None, data_root: str | None = None) -> list[dict]:
     """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes.
 
     Each job is ``umarvel run`` (finished rows return at once); its log goes to
-    ``<results>/logs/table<N>-<row>-seed<S>.log``. Jobs are ordered (table, row, seed), so workers
-    running side by side mostly hold different seeds and share no stage. Returns one record per job.
+    ``<results>/logs/table<N>-<row>-seed<S>.log``. Jobs are ordered by :func:`_job_order`. Returns
+    one record per job.
     """
     from tqdm.auto import tqdm
 
     from ..config import load_ablation
 
     seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
-    # paper rows first, row by row with the seeds side by side (parallel workers then share no stage);
-    # diagnostic rows last, seed by seed, so a cut-short batch still leaves complete pairs for their checks
     rows = [(t, r, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows for s in seed_list]
-    todo = [(t, r.id, s) for t, r, s in sorted(rows, key=lambda j: (1, j[2], j[0]) if j[1].explain else (0, j[0]))]
+    todo = [(t, r.id, s) for t, r, s in sorted(rows, key=lambda j: _job_order(*j))]
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "UMARVEL_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
