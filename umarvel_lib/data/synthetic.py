@@ -65,9 +65,9 @@ class SyntheticConfig:
 
 SYNTHETIC_PRESETS = {
     "smoke": dict(n_test=16, n_train=24, near_misses=2, distractors=6, n_nli=64, n_cc3m=64, image_size=56),
-    # cpu: sized so that every table x 3 seeds fits about 2 hours on 2 cores (5,848 candidates in the
-    # global test pool, 4,800 training queries); the dataclass defaults (300 test / 1,200 train queries per
-    # row) took 11-13 min per (row, seed) and are what the `gpu`-sized budgets can afford.
+    # cpu: sized toward every table x 3 seeds in about 2 hours on 2 cores (5,848 candidates in the global
+    # test pool, 4,800 training queries); with the dataclass defaults (300 test / 1,200 train queries per
+    # row) one (row, seed) took 11-13 min.
     "cpu": dict(n_test=100, n_train=300, distractors=30, n_nli=2000, n_cc3m=2000),
     "gpu": dict(n_test=1000, n_train=5000, near_misses=4, distractors=500, n_nli=20000, n_cc3m=20000),
 }
