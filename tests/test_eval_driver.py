@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umarvel_lib.data.items import candidate_item, query_items
+from umarvel_lib.data.items import candidate_item, query_item, query_items
 from umarvel_lib.data.mbeir import DATASET_IDS, MBEIR, TASKS, MBEIRFormatError
 from umarvel_lib.eval import runs
 from umarvel_lib.eval.cache import CacheError
@@ -352,3 +352,53 @@ def test_all_16_rows_on_the_synthetic_mini_mbeir(smoke_data, tmp_path):
         assert m["avg"]["is_full_16"] and m["avg"]["rows_missing"] == [] and len(m["rows"]) == 16
         assert m["paper_table"].startswith("iclr_table0")
         assert runs.rescore(tmp_path / "out" / pool) == json.loads((tmp_path / "out" / pool / "metrics.json").read_text())
+
+
+def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data, tmp_path, monkeypatch):
+    """``experiment.rerank_eval``: one batched P(Yes) pass over the distinct (query, instruction, candidate)
+    pairs of both pools' top-k; each query's head is re-sorted by (cos + w P(Yes)) / 2, the tail keeps the
+    recall order, the recall run is kept as ``run_recall.trec`` and the metrics are rescored."""
+    import hashlib
+
+    from umarvel_lib.config import make_run_config
+    from umarvel_lib.experiment import rerank_eval
+    from umarvel_lib.models import reranker as reranker_mod
+
+    data = MBEIR(smoke_data, check_images=False)
+    evaluate(HashingEncoder(32), data, tmp_path / "eval", n_boot=20)
+    recall = {p: runs.read_run(tmp_path / "eval" / p / "run.trec") for p in ("local", "global")}
+
+    def fake_p(q, c):  # deterministic, unrelated to the recall order
+        return int(hashlib.md5(f"{q.txt}|{q.instruction}|{c.txt}|{c.image_path}".encode()).hexdigest()[:6], 16) / 0xFFFFFF
+
+    calls = []
+
+    class FakeReranker:
+        def p_yes(self, pairs, batch_size=16, progress=False):
+            calls.append(len(pairs))
+            return np.asarray([fake_p(q, c) for q, c in pairs], dtype=np.float32)
+
+    monkeypatch.setattr(reranker_mod.Reranker, "from_pretrained", classmethod(lambda cls, *a, **k: FakeReranker()))
+    cfg = make_run_config("smoke")
+    k = cfg.eval.rerank_top_k
+    rerank_eval(cfg, tmp_path / "eval", tmp_path / "unused", data)
+
+    n_local = sum(min(k, len(v)) for v in recall["local"].values())
+    n_global = sum(min(k, len(v)) for v in recall["global"].values())
+    assert len(calls) == 1 and calls[0] < n_local + n_global  # the pools' heads overlap: shared pairs once
+    stage = cfg.scaled_stage("distill")
+    for pool in ("local", "global"):
+        pdir = tmp_path / "eval" / pool
+        assert runs.read_run(pdir / "run_recall.trec") == recall[pool]
+        queries = {q["qid"]: q for q in runs.read_queries(pdir / "queries.jsonl")}
+        qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
+        cands = {c.did: c for c in data.global_pool(dedup=True)}
+        new = runs.read_run(pdir / "run.trec")
+        for qid, full in recall[pool].items():
+            head, tail = full[:k], full[k:]
+            qi = query_item(qobj[qid], data, instruction=queries[qid].get("instruction"))
+            w = stage.teacher_weight_overrides.get(queries[qid]["row"], stage.teacher_weight)
+            fused = [(s + w * float(np.float32(fake_p(qi, candidate_item(cands[d], data))))) / 2 for d, s in head]
+            want = [head[i][0] for i in sorted(range(len(head)), key=lambda i: (-fused[i], i))]
+            assert [d for d, _ in new[qid]] == want + [d for d, _ in tail]
+        assert json.loads((pdir / "metrics.json").read_text()) == runs.rescore(pdir)

@@ -188,9 +188,9 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
     """U-MARVEL's recall -> rerank: re-sort each query's top-k by (cos + w P(Yes)) / 2, per pool; rescore.
 
     The reranked run replaces ``run.trec`` in each pool directory; the embedding-only run is kept as
-    ``run_recall.trec``.
+    ``run_recall.trec``. P(Yes) is computed once per distinct (query, instruction, candidate) across the
+    pools (the local and global top-k mostly overlap), in batches that span queries.
     """
-    import numpy as np
     import torch
 
     from .data.items import candidate_item, query_item
@@ -198,20 +198,28 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
     from .models.reranker import Reranker
     from .train.losses import fused_teacher
 
-    rr = Reranker.from_pretrained(reranker_dir)
-    stage = cfg.scaled_stage("distill")
+    k = cfg.eval.rerank_top_k
+    pools = []
+    for pool_dir in sorted(p for p in eval_dir.iterdir() if (p / "run.trec").is_file()):
+        pools.append((pool_dir, read_run(pool_dir / "run.trec"),
+                      {q["qid"]: q for q in read_queries(pool_dir / "queries.jsonl")}))
+    keys = list(dict.fromkeys((qid, queries[qid].get("instruction"), d)
+                              for _, run, queries in pools for qid, full in run.items() for d, _ in full[:k]))
     cands = {c.did: c for c in data.global_pool(dedup=True)}
     qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
-    for pool_dir in sorted(p for p in eval_dir.iterdir() if (p / "run.trec").is_file()):
-        run = read_run(pool_dir / "run.trec")
-        queries = {q["qid"]: q for q in read_queries(pool_dir / "queries.jsonl")}
+    rr = Reranker.from_pretrained(reranker_dir)
+    py = rr.p_yes([(query_item(qobj[qid], data, instruction=ins), candidate_item(cands[d], data))
+                   for qid, ins, d in keys], progress=True)
+    p_yes = dict(zip(keys, py.tolist()))
+    stage = cfg.scaled_stage("distill")
+    for pool_dir, run, queries in pools:
         lines = []
         for qid, full in run.items():
-            ranked, rest = full[: cfg.eval.rerank_top_k], full[cfg.eval.rerank_top_k:]
-            qitem = query_item(qobj[qid], data, instruction=queries[qid].get("instruction"))
-            py = rr.p_yes([(qitem, candidate_item(cands[d], data)) for d, _ in ranked])
+            ranked, rest = full[:k], full[k:]
+            ins = queries[qid].get("instruction")
             w = stage.teacher_weight_overrides.get(queries[qid]["row"], stage.teacher_weight)
-            fused = fused_teacher(torch.tensor([s for _, s in ranked]), torch.from_numpy(np.asarray(py, np.float32)), w)
+            fused = fused_teacher(torch.tensor([s for _, s in ranked]),
+                                  torch.tensor([p_yes[(qid, ins, d)] for d, _ in ranked], dtype=torch.float32), w)
             order = sorted(range(len(ranked)), key=lambda i: (-float(fused[i]), i))
             lines += [f"{qid} Q0 {ranked[i][0]} {r} {float(fused[i]):.9g} umarvel-rerank\n" for r, i in enumerate(order, 1)]
             # below the reranked head the recall order is kept (scores shifted under the head's minimum)

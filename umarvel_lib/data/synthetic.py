@@ -65,10 +65,12 @@ class SyntheticConfig:
 
 SYNTHETIC_PRESETS = {
     "smoke": dict(n_test=16, n_train=24, near_misses=2, distractors=6, n_nli=64, n_cc3m=64, image_size=56),
-    # cpu: sized toward every table x 3 seeds in about 2 hours on 2 cores (5,848 candidates in the global
-    # test pool, 4,800 training queries); with the dataclass defaults (300 test / 1,200 train queries per
-    # row) one (row, seed) took 11-13 min.
-    "cpu": dict(n_test=100, n_train=300, distractors=30, n_nli=2000, n_cc3m=2000),
+    # cpu: sized for every table x 3 seeds in about 2 hours on 2 cores: 50 test queries per row (800 in
+    # all, ~3,700 candidates in the global test pool; evaluation is about half of a row's time) and 60
+    # train queries per row (960; the cpu preset trains on half of them, and mining encodes the train
+    # pool). Earlier builds (README, "cpu preset"): 100 test / 300 train queries per row took 3-4 min per
+    # (row, seed) with the mining at 4 min per seed; the dataclass defaults took 11-13 min per (row, seed).
+    "cpu": dict(n_test=50, n_train=60, distractors=30, n_nli=800, n_cc3m=800),
     "gpu": dict(n_test=1000, n_train=5000, near_misses=4, distractors=500, n_nli=20000, n_cc3m=20000),
 }
 

@@ -313,12 +313,14 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
         k = min(stage.teacher_top_k, len(pool))
         scores, idx = torch.topk(torch.from_numpy(q) @ torch.from_numpy(c).T, k, dim=1)
         rr = Reranker.from_pretrained(reranker_dir)
+        # one batched pass over every (query, candidate) pair, k per query in order
+        py = rr.p_yes([(p.query, candidate_item(pool[j], data)) for i, p in enumerate(pairs) for j in idx[i].tolist()],
+                      progress=True)
+        py = torch.from_numpy(np.asarray(py, dtype=np.float32)).view(len(pairs), k)
         recs = []
         for i, p in enumerate(pairs):
-            cands = [candidate_item(pool[j], data) for j in idx[i].tolist()]
-            py = rr.p_yes([(p.query, x) for x in cands])
             w = stage.teacher_weight_overrides.get(p.row, stage.teacher_weight)
-            fused = fused_teacher(scores[i], torch.from_numpy(np.asarray(py, dtype=np.float32)), w)
+            fused = fused_teacher(scores[i], py[i], w)
             recs.append({"qid": p.qid, "dids": [pool[j].did for j in idx[i].tolist()], "teacher": fused.tolist()})
         from ..io import atomic_write_text
 
