@@ -64,7 +64,7 @@ def test_checkpoint_digest_follows_the_weights(tmp_path):
 
 
 def test_data_digest_names_the_synthetic_build(tmp_path):
-    from umarvel_lib.experiment import data_digest
+    from umarvel_lib.data.synthetic import build_digest as data_digest
 
     assert data_digest(tmp_path) is None              # a real M-BEIR root: its path is hashed instead
     meta = tmp_path / "synthetic_meta"

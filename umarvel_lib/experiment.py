@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .config import Ablation, AblationRow, RunConfig
 from .data.mbeir import MBEIR
+from .data.synthetic import build_digest
 from .io import atomic_write_json, atomic_write_text, checkpoint_digest
 
 log = logging.getLogger(__name__)
@@ -68,18 +69,6 @@ def ensure_data(cfg: RunConfig) -> Path:
     elif not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (pass the path of a local M-BEIR copy)")
     return root
-
-
-def data_digest(root: Path) -> str | None:
-    """Identity of a synthetic mini-M-BEIR build (its recipe hash), so that runs and cached stages of
-    an earlier build of the same preset are not reused; None for a real M-BEIR root (its path is hashed)."""
-    marker = Path(root) / "synthetic_meta" / "recipe.json"
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text())["hash"]
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"{marker}: not a synthetic recipe file ({e})") from e
 
 
 def backbone_path(cfg: RunConfig) -> Path:
@@ -128,7 +117,7 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     base = backbone_path(cfg)
     cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
     root = ensure_data(cfg)
-    cfg.data_digest = data_digest(root)  # so is a different build of the synthetic data
+    cfg.data_digest = build_digest(root)  # so is a different build of the synthetic data
     h = cfg.hash()
     rdir = run_dir_for(Path(results), ablation, row, seed)
     side = rdir / "row.json"

@@ -392,19 +392,39 @@ def _write_split(w: _Writer, split: str, dataset: str, task: int, examples: list
     return queries
 
 
+RECIPE_FILE = Path("synthetic_meta") / "recipe.json"  # the build's recipe and its hash
+
+
+def build_digest(root) -> str | None:
+    """Identity of a synthetic mini-M-BEIR build: its recipe hash (``synthetic_meta/recipe.json``), so
+    that runs and cached stages of another build of the same preset are not reused. None for a root
+    without the marker (a real M-BEIR copy: its path identifies it)."""
+    marker = Path(root) / RECIPE_FILE
+    if not marker.is_file():
+        return None
+    try:
+        return json.loads(marker.read_text())["hash"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{marker}: not a synthetic recipe file ({e})") from e
+
+
 def generate(root, cfg: SyntheticConfig | None = None, *, force: bool = False) -> Path:
-    """Write the synthetic mini-M-BEIR under ``root`` (atomic; a no-op when an identical build exists)."""
+    """Write the synthetic mini-M-BEIR under ``root`` (atomic; a no-op when an identical build exists,
+    rebuilt when the recipe differs or its marker is unreadable)."""
     cfg = cfg or SyntheticConfig()
     root = Path(root)
     recipe = {"generator": "umarvel_lib.data.synthetic", "version": 1, "config": asdict(cfg)}
     h = config_hash(recipe)
-    marker = root / "synthetic_meta" / "recipe.json"
-    if not force and marker.is_file() and json.loads(marker.read_text()).get("hash") == h:
-        return root
+    if not force:
+        try:
+            if build_digest(root) == h:
+                return root
+        except ValueError:
+            pass  # a broken marker: build again
     with atomic_dir(root) as tmp:
         _build(tmp, cfg)
-        (tmp / "synthetic_meta").mkdir(exist_ok=True)
-        (tmp / "synthetic_meta" / "recipe.json").write_text(json.dumps({**recipe, "hash": h}, indent=2, sort_keys=True) + "\n")
+        (tmp / RECIPE_FILE).parent.mkdir(exist_ok=True)
+        (tmp / RECIPE_FILE).write_text(json.dumps({**recipe, "hash": h}, indent=2, sort_keys=True) + "\n")
     return root
 
 

@@ -12,6 +12,7 @@ compare and plot.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -56,11 +57,16 @@ def _job_order(table: int, row, seed: int) -> tuple:
     """Rows that one of the paper's findings compares come first, table by table, each row with its
     seeds side by side (parallel workers then share no stage); then the table's other paper rows; the
     diagnostic rows last, seed by seed. A batch cut short still leaves the findings' pairs complete."""
-    from ..paper import finding_rows
-
     if row.explain:
         return (2, seed, table)
-    return (0 if str(row.id) in finding_rows(table) else 1, table)
+    return (0 if str(row.id) in _finding_rows(table) else 1, table)
+
+
+@functools.lru_cache(maxsize=None)
+def _finding_rows(table: int) -> frozenset[str]:
+    from ..paper import finding_rows
+
+    return frozenset(finding_rows(table))
 
 
 def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs: int,
