@@ -74,3 +74,8 @@ def test_data_digest_names_the_synthetic_build(tmp_path):
     (meta / "recipe.json").write_text("{not json")
     with pytest.raises(ValueError, match="recipe.json"):
         data_digest(tmp_path)
+    # generate() takes a broken marker for "no build" and writes a complete one
+    from umarvel_lib.data.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
+
+    generate(tmp_path, SyntheticConfig(**SYNTHETIC_PRESETS["smoke"]))
+    assert len(data_digest(tmp_path)) == 16 and (tmp_path / "cand_pool" / "global").is_dir()
