@@ -87,9 +87,15 @@ def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
     before = {k: p.stat().st_mtime_ns for k, p in sides.items()}
     recs = run_jobs([2], preset="smoke", seeds="0", results=res, jobs=2)
     assert sorted(r["row"] for r in recs) == sorted(sides) and all(r["rc"] == 0 for r in recs), recs
-    for r in recs:
-        assert ": ok (" in Path(r["log"]).read_text()
+    logs = {r["row"]: Path(r["log"]).read_text() for r in recs}
+    assert all(": ok (" in t for t in logs.values())
     assert {k: p.stat().st_mtime_ns for k, p in sides.items()} == before
+    # again: every row is skipped, its log (of the run that trained it) is kept, the batch is recorded
+    again = run_jobs([2], preset="smoke", seeds="0", results=res, jobs=2)
+    assert all(r["skipped"] for r in again) and {r["row"]: Path(r["log"]).read_text() for r in again} == logs
+    last = json.loads((res / "run_batches.json").read_text())[-1]
+    assert (last["runs"], last["skipped"], last["trained"], last["failed"], last["workers"]) == (len(sides), len(sides), 0, 0, 2)
+    assert not list((res / "logs").glob(".*.running"))
 
 
 def test_diagnostic_checks_are_computed_and_reported(smoke_results):

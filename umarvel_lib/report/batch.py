@@ -73,9 +73,10 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
              backbone: str | None = None, data_root: str | None = None) -> list[dict]:
     """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes.
 
-    Each job is ``umarvel run`` (finished rows return at once); its log goes to
-    ``<results>/logs/table<N>-<row>-seed<S>.log``. Jobs are ordered by :func:`_job_order`. Returns
-    one record per job.
+    Each job is ``umarvel run``; its log goes to ``<results>/logs/table<N>-<row>-seed<S>.log``. A
+    finished row returns at once (``skipped``: its ``row.json`` is not rewritten) and keeps the log of
+    the run that trained it. Jobs are ordered by :func:`_job_order`. Returns one record per job; the
+    batch itself (start, end, workers, counts) is appended to ``<results>/run_batches.json``.
     """
     from tqdm.auto import tqdm
 
@@ -95,11 +96,20 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
         cmd += ["--backbone", backbone] if backbone else []
         cmd += ["--data-root", data_root] if data_root else []
         t0, log_file = time.time(), logs / f"table{t}-{rid}-seed{s}.log"
-        with open(log_file, "w") as fh:
+        side = results / "runs" / f"table{t}" / str(rid) / f"seed{s}" / "row.json"
+        before = side.stat().st_mtime_ns if side.is_file() else None
+        tmp_log = log_file.with_name(f".{log_file.name}.running")
+        with open(tmp_log, "w") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
-        return {"table": t, "row": rid, "seed": s, "rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log_file)}
+        skipped = rc == 0 and before is not None and side.is_file() and side.stat().st_mtime_ns == before
+        if skipped and log_file.is_file():
+            tmp_log.unlink()  # keep the log of the run that trained it
+        else:
+            tmp_log.replace(log_file)
+        return {"table": t, "row": rid, "seed": s, "rc": rc, "skipped": skipped,
+                "wall_s": round(time.time() - t0, 1), "log": str(log_file)}
 
-    done = []
+    done, t_start = [], time.time()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
             tqdm(total=len(todo), desc=f"runs ({jobs} workers)", unit="run") as bar:
         for fut in as_completed([pool.submit(one, j) for j in todo]):
@@ -108,7 +118,19 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
             bar.update(1)
             if rec["rc"] != 0:
                 print(f"table {rec['table']} row {rec['row']} seed {rec['seed']} FAILED (rc {rec['rc']}); log: {rec['log']}")
+    _record_batch(results, {"started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+                            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "workers": max(1, jobs),
+                            "runs": len(done), "trained": sum(r["rc"] == 0 and not r["skipped"] for r in done),
+                            "skipped": sum(r["skipped"] for r in done), "failed": sum(r["rc"] != 0 for r in done),
+                            "wall_s": round(time.time() - t_start, 1)})
     return done
+
+
+def _record_batch(results: Path, rec: dict) -> None:
+    """Append one training batch to ``<results>/run_batches.json`` (the report's wall-clock record)."""
+    f = Path(results) / "run_batches.json"
+    hist = json.loads(f.read_text()) if f.is_file() else []
+    atomic_write_json(f, hist + [rec])
 
 
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,

@@ -73,10 +73,15 @@ queries alone shows). T1a, T2b, T3a and T3b are effects of well under one point 
             prov.append(f"- seeds: {sorted(set(int(s['seed']) for s in side))}\n")
     if not runs.empty:
         per = runs.drop_duplicates(["table", "row", "seed"]).groupby("table").agg(
-            runs=("row", "size"), wall_s=("wall_s", "sum"), slowest_row_s=("wall_s", "max")).reset_index()
+            runs=("row", "size"), wall_s=("wall_s", "sum"), slowest_row_s=("wall_s", "max")).reset_index().round(1)
         prov.append("\nCompute per table (sum of the (row, seed) runs' wall times from their `row.json`; a "
                     "notebook rerun skips finished rows, so its own wall time can be much shorter):\n"
                     + _md(per))
+    batches = res / "run_batches.json"
+    if batches.is_file():
+        prov.append("\nTraining batches (`umarvel reproduce --jobs N`: the (row, seed) runs in N worker processes "
+                    "before the notebooks; a row finished earlier with the same config hash is skipped):\n\n"
+                    + _md(pd.DataFrame(json.loads(batches.read_text()))))
     batch = res / "batch.json"
     if batch.is_file():
         st = json.loads(batch.read_text())
