@@ -81,7 +81,8 @@ queries alone shows). T1a, T2b, T3a and T3b are effects of well under one point 
     if batches.is_file():
         prov.append("\nTraining batches (`umarvel reproduce --jobs N`: the (row, seed) runs in N worker processes "
                     "before the notebooks; a row finished earlier with the same config hash is skipped):\n\n"
-                    + _md(pd.DataFrame(json.loads(batches.read_text()))))
+                    + _md(pd.DataFrame(json.loads(batches.read_text()), columns=[
+                        "started_at", "finished_at", "workers", "runs", "trained", "skipped", "failed", "wall_s"])))
     batch = res / "batch.json"
     if batch.is_file():
         st = json.loads(batch.read_text())
