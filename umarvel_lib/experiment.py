@@ -98,8 +98,9 @@ def curve_eval(cfg: RunConfig, data: MBEIR):
     return fn
 
 
-def run_dir_for(results: Path, ablation: Ablation, row: AblationRow, seed: int) -> Path:
-    return Path(results) / "runs" / f"table{ablation.table}" / str(row.id) / f"seed{seed}"
+def run_dir_for(results: Path, table: int, row_id, seed: int) -> Path:
+    """``<results>/runs/table<N>/<row id>/seed<S>``: one (row, seed) run directory (its ``row.json``)."""
+    return Path(results) / "runs" / f"table{table}" / str(row_id) / f"seed{seed}"
 
 
 def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: int, results: str | Path,
@@ -119,7 +120,7 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     root = ensure_data(cfg)
     cfg.data_digest = build_digest(root)  # so is a different build of the synthetic data
     h = cfg.hash()
-    rdir = run_dir_for(Path(results), ablation, row, seed)
+    rdir = run_dir_for(results, ablation.table, row.id, seed)
     side = rdir / "row.json"
     if side.is_file():
         old = json.loads(side.read_text())
@@ -178,7 +179,7 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
 
     The reranked run replaces ``run.trec`` in each pool directory; the embedding-only run is kept as
     ``run_recall.trec``. P(Yes) is computed once per distinct (query, instruction, candidate) across the
-    pools (the local and global top-k mostly overlap), in batches that span queries.
+    pools (a pair in both pools' heads is scored once), in batches that span queries.
     """
     import torch
 

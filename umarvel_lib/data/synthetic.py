@@ -66,7 +66,7 @@ class SyntheticConfig:
 SYNTHETIC_PRESETS = {
     "smoke": dict(n_test=16, n_train=24, near_misses=2, distractors=6, n_nli=64, n_cc3m=64, image_size=56),
     # cpu: sized for every table x 3 seeds in about 2 hours on 2 cores: 50 test queries per row (800 in
-    # all, ~3,700 candidates in the global test pool; evaluation is about half of a row's time) and 60
+    # all, 3,300 candidates in the global test pool; evaluation is about half of a row's time) and 60
     # train queries per row (960; the cpu preset trains on half of them, and mining encodes the train
     # pool). Earlier builds (README, "cpu preset"): 100 test / 300 train queries per row took 3-4 min per
     # (row, seed) with the mining at 4 min per seed; the dataclass defaults took 11-13 min per (row, seed).

@@ -81,6 +81,7 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
     from tqdm.auto import tqdm
 
     from ..config import load_ablation
+    from ..experiment import run_dir_for
 
     seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
     rows = [(t, r, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows for s in seed_list]
@@ -96,7 +97,7 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
         cmd += ["--backbone", backbone] if backbone else []
         cmd += ["--data-root", data_root] if data_root else []
         t0, log_file = time.time(), logs / f"table{t}-{rid}-seed{s}.log"
-        side = results / "runs" / f"table{t}" / str(rid) / f"seed{s}" / "row.json"
+        side = run_dir_for(results, t, rid, s) / "row.json"
         before = side.stat().st_mtime_ns if side.is_file() else None
         tmp_log = log_file.with_name(f".{log_file.name}.running")
         with open(tmp_log, "w") as fh:
