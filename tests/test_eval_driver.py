@@ -387,12 +387,12 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data
     n_global = sum(min(k, len(v)) for v in recall["global"].values())
     assert len(calls) == 1 and calls[0] < n_local + n_global  # the pools' heads overlap: shared pairs once
     stage = cfg.scaled_stage("distill")
+    qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
+    cands = {c.did: c for c in data.global_pool(dedup=True)}
     for pool in ("local", "global"):
         pdir = tmp_path / "eval" / pool
         assert runs.read_run(pdir / "run_recall.trec") == recall[pool]
         queries = {q["qid"]: q for q in runs.read_queries(pdir / "queries.jsonl")}
-        qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
-        cands = {c.did: c for c in data.global_pool(dedup=True)}
         new = runs.read_run(pdir / "run.trec")
         for qid, full in recall[pool].items():
             head, tail = full[:k], full[k:]

@@ -42,7 +42,7 @@ from ..io import atomic_write_bytes, atomic_write_json, config_hash, file_lock
 from ..models.embedder import Embedder
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step, loss_in_full_precision
-from .losses import distill_kl, fused_teacher, gather_with_grad, info_nce
+from .losses import distill_kl, fused_teacher, fusion_weights, gather_with_grad, info_nce
 from .mining import load_negatives, mine_hard_negatives, save_negatives
 
 log = logging.getLogger(__name__)
@@ -317,11 +317,10 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
         py = rr.p_yes([(p.query, candidate_item(pool[j], data)) for i, p in enumerate(pairs) for j in idx[i].tolist()],
                       progress=True)
         py = torch.from_numpy(np.asarray(py, dtype=np.float32)).view(len(pairs), k)
-        recs = []
-        for i, p in enumerate(pairs):
-            w = stage.teacher_weight_overrides.get(p.row, stage.teacher_weight)
-            fused = fused_teacher(scores[i], py[i], w)
-            recs.append({"qid": p.qid, "dids": [pool[j].did for j in idx[i].tolist()], "teacher": fused.tolist()})
+        w = fusion_weights([p.row for p in pairs], stage.teacher_weight_overrides, default=stage.teacher_weight)
+        fused = fused_teacher(scores, py, w)
+        recs = [{"qid": p.qid, "dids": [pool[j].did for j in idx[i].tolist()], "teacher": fused[i].tolist()}
+                for i, p in enumerate(pairs)]
         from ..io import atomic_write_text
 
         atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in recs))
