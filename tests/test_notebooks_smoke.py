@@ -52,9 +52,12 @@ def test_table_outputs_written(smoke_results, table):
 
 
 def test_report_traces_back_to_run_directories(smoke_results):
-    res, _ = smoke_results
+    res, status = smoke_results
     report = (res / "REPORT.md").read_text()
     assert "of 15 held" in report and "PROVISIONAL" in report and "Wall time per notebook" in report
+    # every notebook of this batch is in the wall-time table with its final status, the report's own too
+    for name, st in status.items():
+        assert f"| {name} | {st['status']} | {st['wall_s']} | {st['finished_at']} |" in report, name
     df = pd.read_csv(res / "table1.csv")
     for _, r in df.iterrows():
         m = json.loads((res / "runs" / "table1" / str(r["id"]) / "seed0" / "eval" / "local" / "metrics.json").read_text())

@@ -186,7 +186,7 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
     from .data.items import candidate_item, query_item
     from .eval.runs import read_queries, read_run, rescore, write_metrics
     from .models.reranker import Reranker
-    from .train.losses import fused_teacher
+    from .train.losses import fused_teacher, fusion_weights
 
     k = cfg.eval.rerank_top_k
     pools = []
@@ -204,10 +204,11 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
     stage = cfg.scaled_stage("distill")
     for pool_dir, run, queries in pools:
         lines = []
-        for qid, full in run.items():
+        ws = fusion_weights([queries[qid]["row"] for qid in run], stage.teacher_weight_overrides,
+                            default=stage.teacher_weight)
+        for (qid, full), w in zip(run.items(), ws.tolist()):
             ranked, rest = full[:k], full[k:]
             ins = queries[qid].get("instruction")
-            w = stage.teacher_weight_overrides.get(queries[qid]["row"], stage.teacher_weight)
             fused = fused_teacher(torch.tensor([s for _, s in ranked]),
                                   torch.tensor([p_yes[(qid, ins, d)] for d, _ in ranked], dtype=torch.float32), w)
             order = sorted(range(len(ranked)), key=lambda i: (-float(fused[i]), i))

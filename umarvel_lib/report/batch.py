@@ -183,6 +183,12 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
             print(f"notebook {name} FAILED ({status[name]['error']}); continuing")
         status[name]["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(status_file, status)
+    if status.get("08_report", {}).get("status") == "ok" and any(n == "08_report" for n, _ in chosen):
+        # 08_report wrote REPORT.md while it ran, so the report's wall-time table still shows its previous
+        # run: rewrite it now that every notebook of this batch has its final status
+        from .report import write_report
+
+        write_report(res, preset)
     failed = [n for n, _ in chosen if status.get(n, {}).get("status") != "ok"]
     print(f"reproduce {preset}: {len(chosen) - len(failed)}/{len(chosen)} notebooks ok"
           + (f"; FAILED: {', '.join(failed)}" if failed else "") + f"; report: {res / 'REPORT.md'}")

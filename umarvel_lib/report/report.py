@@ -87,8 +87,7 @@ queries alone shows). T1a, T2b, T3a and T3b are effects of well under one point 
     if batch.is_file():
         st = json.loads(batch.read_text())
         prov.append("\nWall time per notebook:\n\n" + _md(pd.DataFrame(
-            [{"notebook": k, **{kk: vv for kk, vv in v.items() if kk in ("status", "wall_s", "finished_at")}}
-             for k, v in st.items()])))
+            [{"notebook": k, **{c: v.get(c) for c in ("status", "wall_s", "finished_at")}} for k, v in st.items()])))
     out = res / "REPORT.md"
     atomic_write_text(out, "".join(parts + summary + body + prov))
     return out
