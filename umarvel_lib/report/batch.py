@@ -146,7 +146,9 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         recs = run_jobs([t for _, t in select(tables)], preset=preset, seeds=seeds or DEFAULT_SEEDS, results=res,
                         jobs=jobs, backbone=backbone, data_root=data_root)
         failed = [r for r in recs if r["rc"] != 0]
-        print(f"trained {len(recs) - len(failed)}/{len(recs)} runs with {jobs} workers in {time.time() - t0:.0f} s"
+        skipped = sum(r["skipped"] for r in recs)
+        print(f"{len(recs) - len(failed)}/{len(recs)} runs ok ({len(recs) - len(failed) - skipped} trained, {skipped} "
+              f"skipped as finished) with {jobs} workers in {time.time() - t0:.0f} s"
               + (f"; {len(failed)} failed (the notebooks retry and record them)" if failed else ""))
     out_dir = res / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
