@@ -59,7 +59,7 @@ def test_batch_trains_the_findings_rows_first():
     paper rows, diagnostic rows last; a cut-short batch leaves complete finding pairs."""
     from umarvel_lib.config import load_ablation
     from umarvel_lib.paper import finding_rows
-    from umarvel_lib.report.batch import _job_order
+    from umarvel_lib.runner import _job_order
 
     assert finding_rows(4) == {"0", "4", "7"} and finding_rows(6) == {"baseline", "distillation", "reranker"}
     assert finding_rows(1) == {"0", "1", "2", "3", "4"}  # T1b: the worst of every paper row

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from umarvel_lib.train.losses import (DEFAULT_FUSION_WEIGHTS, DistillKLLoss, InfoNCELoss, distill_kl, fused_teacher,
-                                      fusion_weights, gather_with_grad, info_nce, info_nce_logits)
+from umarvel_lib.models.reranker import DEFAULT_FUSION_WEIGHTS, fused_teacher, fusion_weights
+from umarvel_lib.train.losses import (DistillKLLoss, InfoNCELoss, distill_kl,
+                                      gather_with_grad, info_nce, info_nce_logits)
 
 
 def _emb(*shape, seed=0):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from umarvel_lib.report.batch import NOTEBOOKS, reproduce
+from umarvel_lib.runner import NOTEBOOKS, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
     """`reproduce --jobs 2`: each (row, seed) is one `umarvel run` worker with its own log; a finished
     row is skipped by its config hash (its sidecar is not rewritten)."""
     from umarvel_lib.config import load_ablation
-    from umarvel_lib.report.batch import run_jobs
+    from umarvel_lib.runner import run_jobs
 
     res, _ = smoke_results
     sides = {r.id: res / "runs" / "table2" / str(r.id) / "seed0" / "row.json" for r in load_ablation("table2").rows}

@@ -32,7 +32,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .report.batch import reproduce
+    from .runner import reproduce
 
     data = cmd_prepare(argparse.Namespace(preset=_data_preset(args.preset), seed=0, out=args.data_root, force=False)) \
         if not args.data_root else 0

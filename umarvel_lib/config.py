@@ -1,7 +1,7 @@
 """One config system: dataclasses, scale presets, and YAML rows as dotted overrides.
 
 A run is a :class:`RunConfig`: which backbone, which data, how the embedder computes an embedding
-(:class:`~umarvel_lib.models.embedder.EmbedderConfig`), which training stages run with which recipe
+(:class:`EmbedderConfig`, here so that this module stays torch-free), which training stages run with which recipe
 (:class:`StageConfig`, the paper's values in :data:`PAPER_STAGES`, FACTS.md §4), and how it is
 evaluated (:class:`EvalConfig`).
 
@@ -21,9 +21,63 @@ import yaml
 
 from .data.synthetic import SYNTHETIC_PRESETS, SyntheticConfig
 from .io import config_hash
-from .models.embedder import EmbedderConfig
 
 STAGE_ORDER = ("nli", "cc3m", "mbeir", "hard_negatives", "distill")
+
+# ---- the embedder's switches (validated by EmbedderConfig; used by umarvel_lib.models.embedder) ----
+ATTENTION_MODES = ("causal", "bidirectional")
+POOLING_MODES = ("mean", "last")
+POSITION_MODES = ("mrope", "sequential")
+#: Attention implementations on which the ``text_config.is_causal`` switch was validated
+#: (leak test, padded and unpadded). Anything else is refused.
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+class UnsupportedAttentionError(ValueError):
+    """The model's attention implementation (or architecture) cannot be switched reliably."""
+
+
+@dataclass
+class EmbedderConfig:
+    """Everything that changes what the embedder computes (hashed into :meth:`Embedder.fingerprint`)."""
+
+    attention: str = "bidirectional"  # causal | bidirectional
+    pooling: str = "mean"  # mean | last (hidden state just before <emb>)
+    compression_prompt: bool = False  # paper's best row: off; released stages 1-3 and M-BEIR eval: on
+    instructions: bool = True  # queries get "<instruction_start>{instr}<instruction_end> {txt}"
+    instruction_mask: bool = True  # exclude the instruction span (markers included) from the mean
+    positions: str = "mrope"  # mrope (Qwen-VL 3-D rope index) | sequential (released code's 1-D positions)
+    generation_prompt: bool = False  # the released eval's extra "<|im_start|>assistant\n" (explicit switch)
+    max_text_tokens: int | None = 480
+    temperature_init: float = 0.05
+    train_temperature: bool = True
+    temperature_min: float | None = None
+    attn_implementation: str | None = None  # None: keep the loaded model's (must be eager or sdpa)
+    autocast_bf16: bool = True  # bf16 autocast for encode() on CUDA
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+        if self.positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        if self.attn_implementation is not None and self.attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+            raise UnsupportedAttentionError(
+                f"attn_implementation {self.attn_implementation!r} is not supported; use one of "
+                f"{SUPPORTED_ATTN_IMPLEMENTATIONS} (flash-attention is causal-only and is refused)"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EmbedderConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown EmbedderConfig fields: {unknown}")
+        return cls(**d)
 
 
 @dataclass

@@ -150,8 +150,8 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     if row.reranker:
         from .train.stages import train_reranker
 
-        rr_dir = train_reranker(cfg, ckpt, stage_root)
-        rerank_eval(cfg, rdir / "eval", rr_dir, data)
+        rr_dir = train_reranker(cfg, ckpt, stage_root, backbone=base, progress=progress)
+        rerank_eval(cfg, rdir / "eval", rr_dir, data, progress=progress)
     sidecar.update(status="ok", checkpoint=str(ckpt), tau=emb.temperature.value, wall_s=round(time.time() - t0, 1),
                    curves=collect_curves(cfg, stage_root))
     atomic_write_json(side, sidecar)
@@ -174,7 +174,7 @@ def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
     return out
 
 
-def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR) -> None:
+def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR, *, progress: bool = True) -> None:
     """U-MARVEL's recall -> rerank: re-sort each query's top-k by (cos + w P(Yes)) / 2, per pool; rescore.
 
     The reranked run replaces ``run.trec`` in each pool directory; the embedding-only run is kept as
@@ -186,7 +186,7 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
     from .data.items import candidate_item, query_item
     from .eval.runs import read_queries, read_run, rescore, write_metrics
     from .models.reranker import Reranker
-    from .train.losses import fused_teacher, fusion_weights
+    from .models.reranker import fused_teacher, fusion_weights
 
     k = cfg.eval.rerank_top_k
     pools = []
@@ -199,7 +199,7 @@ def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR)
     qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
     rr = Reranker.from_pretrained(reranker_dir)
     py = rr.p_yes([(query_item(qobj[qid], data, instruction=ins), candidate_item(cands[d], data))
-                   for qid, ins, d in keys], progress=True)
+                   for qid, ins, d in keys], progress=progress)
     p_yes = dict(zip(keys, py.tolist()))
     stage = cfg.scaled_stage("distill")
     for pool_dir, run, queries in pools:

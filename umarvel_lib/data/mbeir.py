@@ -53,6 +53,14 @@ def row_name(dataset: str, task_id: int) -> str:
 ROW_NAMES: tuple[str, ...] = tuple(row_name(d, t) for d, t in EVAL_ROWS)
 
 
+def row_of_query(qid: str, task_id: int) -> str:
+    """Row name of a query from its qid's dataset prefix and its task id (qrels 5th column)."""
+    ds = int(qid.split(":")[0])
+    if ds not in DATASET_NAMES:
+        raise ValueError(f"qid {qid!r}: unknown dataset id {ds}")
+    return row_name(DATASET_NAMES[ds], task_id)
+
+
 def headline_k(row: str) -> int:
     """The R@5 / R@10 rule: R@10 for Fashion200K (tasks 0, 3) and FashionIQ (task 7), R@5 elsewhere."""
     dataset = row.split("_task")[0].removeprefix("syn_")

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..data.mbeir import ROW_NAMES, headline_k, row_name
+from ..data.mbeir import ROW_NAMES, headline_k
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 50)
 METRIC_NAME = "success@k (hit rate; labelled R@k as in UniIR/M-BEIR)"
@@ -151,15 +151,5 @@ def _ordered(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
 
-def row_of_query(qid: str, task_id: int) -> str:
-    """Row name of a query from its qid's dataset prefix and its task id (qrels 5th column)."""
-    from ..data.mbeir import DATASET_NAMES
-
-    ds = int(qid.split(":")[0])
-    if ds not in DATASET_NAMES:
-        raise ValueError(f"qid {qid!r}: unknown dataset id {ds}")
-    return row_name(DATASET_NAMES[ds], task_id)
-
-
 __all__ = ["DEFAULT_KS", "METRIC_NAME", "label", "success_at_k", "first_hit_rank", "hits_table",
-           "score_rows", "row_of_query"]
+           "score_rows"]

@@ -22,9 +22,9 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..data.mbeir import ROW_NAMES, read_qrels
+from ..data.mbeir import ROW_NAMES, read_qrels, row_of_query
 from ..io import atomic_write_json, atomic_write_text
-from .metrics import DEFAULT_KS, row_of_query, score_rows
+from .metrics import DEFAULT_KS, score_rows
 
 RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
     "run.trec", "qrels.txt", "queries.jsonl", "metrics.json", "config.json")

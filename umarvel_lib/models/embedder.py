@@ -28,11 +28,9 @@ by hand:
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,21 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import (
+    ATTENTION_MODES, POOLING_MODES, POSITION_MODES, SUPPORTED_ATTN_IMPLEMENTATIONS, EmbedderConfig,
+    UnsupportedAttentionError,
+)
 from ..data.items import Item
 from ..data.mbeir import format_string
+from .qwen_vl import SUPPORTED_MODEL_TYPES, unwrap_model, vlm_core
 
 # ---------------------------------------------------------------------------------------------
-# Constants
+# Constants (the mode names and EmbedderConfig live in umarvel_lib.config, torch-free)
 # ---------------------------------------------------------------------------------------------
-
-ATTENTION_MODES = ("causal", "bidirectional")
-POOLING_MODES = ("mean", "last")
-POSITION_MODES = ("mrope", "sequential")
-#: Attention implementations on which the ``text_config.is_causal`` switch was validated
-#: (leak test, padded and unpadded). Anything else is refused.
-SUPPORTED_ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
-#: Architectures the switch, the rope index and the LoRA target rule were validated on.
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen3_vl")
 
 EMB_TOKEN = "<emb>"
 INSTRUCTION_START = "<instruction_start>"
@@ -73,37 +67,9 @@ COMPRESSION_SUFFIXES = {
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-class UnsupportedAttentionError(ValueError):
-    """The model's attention implementation (or architecture) cannot be switched reliably."""
-
-
 # ---------------------------------------------------------------------------------------------
-# Model plumbing: unwrap PEFT, find the VLM core, attention switch
+# Model plumbing: attention switch (unwrap_model / vlm_core: models/qwen_vl.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The ``*ForConditionalGeneration`` under a PEFT wrapper (or the model itself).
-
-    Under PEFT the LoRA layers are injected into the returned modules, so calling them runs the
-    adapter.
-    """
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base) and type(model).__module__.startswith("peft"):
-        return get_base()
-    return model
-
-
-def vlm_core(model: nn.Module) -> nn.Module:
-    """The ``Qwen2VLModel`` / ``Qwen3VLModel`` (vision tower + language model, no lm_head)."""
-    base = unwrap_model(model)
-    core = getattr(base, "model", None)
-    if core is None or not hasattr(core, "language_model") or not hasattr(core, "get_rope_index"):
-        raise UnsupportedAttentionError(
-            f"{type(base).__name__} is not a supported Qwen-VL model (expected `.model.language_model` "
-            f"and `.model.get_rope_index`); supported model types: {SUPPORTED_MODEL_TYPES}"
-        )
-    return core
 
 
 def _text_configs(model: nn.Module) -> list:
@@ -116,7 +82,8 @@ def _text_configs(model: nn.Module) -> list:
     return cfgs
 
 
-def _model_type(model: nn.Module) -> str:
+def model_type(model: nn.Module) -> str:
+    """``config.model_type`` of the (unwrapped) model, ``"?"`` when it has none."""
     return getattr(unwrap_model(model).config, "model_type", "?")
 
 
@@ -128,7 +95,7 @@ def attn_implementation(model: nn.Module) -> str:
 
 
 def _validate_backend(model: nn.Module) -> None:
-    mt = _model_type(model)
+    mt = model_type(model)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedAttentionError(
             f"model_type {mt!r} is not supported by set_attention (validated on {SUPPORTED_MODEL_TYPES})"
@@ -321,7 +288,8 @@ def render_chat(processor, messages: list[dict], *, add_generation_prompt: bool 
     return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _move(batch: dict, device: torch.device) -> dict:
+def move_to_device(batch: dict, device: torch.device) -> dict:
+    """The tensors of a collated batch on ``device`` (other values as they are)."""
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
@@ -414,54 +382,6 @@ class Temperature(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tau={self.value:.6g}, trainable={self.tau.requires_grad}, min_value={self.min_value}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EmbedderConfig:
-    """Everything that changes what the embedder computes (hashed into :meth:`Embedder.fingerprint`)."""
-
-    attention: str = "bidirectional"  # causal | bidirectional
-    pooling: str = "mean"  # mean | last (hidden state just before <emb>)
-    compression_prompt: bool = False  # paper's best row: off; released stages 1-3 and M-BEIR eval: on
-    instructions: bool = True  # queries get "<instruction_start>{instr}<instruction_end> {txt}"
-    instruction_mask: bool = True  # exclude the instruction span (markers included) from the mean
-    positions: str = "mrope"  # mrope (Qwen-VL 3-D rope index) | sequential (released code's 1-D positions)
-    generation_prompt: bool = False  # the released eval's extra "<|im_start|>assistant\n" (explicit switch)
-    max_text_tokens: int | None = 480
-    temperature_init: float = 0.05
-    train_temperature: bool = True
-    temperature_min: float | None = None
-    attn_implementation: str | None = None  # None: keep the loaded model's (must be eager or sdpa)
-    autocast_bf16: bool = True  # bf16 autocast for encode() on CUDA
-
-    def __post_init__(self):
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.pooling not in POOLING_MODES:
-            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
-        if self.positions not in POSITION_MODES:
-            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
-        if self.attn_implementation is not None and self.attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
-            raise UnsupportedAttentionError(
-                f"attn_implementation {self.attn_implementation!r} is not supported; use one of "
-                f"{SUPPORTED_ATTN_IMPLEMENTATIONS} (flash-attention is causal-only and is refused)"
-            )
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EmbedderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown EmbedderConfig fields: {unknown}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,7 +575,7 @@ class Embedder(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         """L2-normalised embeddings (B, D) in float32, with grad (training path)."""
         check_attention(self.model, self.cfg.attention)
-        batch = _move(batch, self.device)
+        batch = move_to_device(batch, self.device)
         h = run_core(self.model, batch)
         if self.cfg.pooling == "mean":
             pooled = masked_mean(h, batch["pool_mask"])
@@ -750,7 +670,7 @@ class Embedder(nn.Module):
         from ..io import atomic_dir, atomic_write_json
 
         meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict(),
-                                "tau": self.temperature.value, "model_type": _model_type(self.model)}
+                                "tau": self.temperature.value, "model_type": model_type(self.model)}
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             if self.is_lora:
@@ -815,6 +735,7 @@ __all__ = [
     "set_attention", "check_attention", "attention_mode", "unwrap_model", "vlm_core",
     "instruction_span_mask", "masked_mean", "last_before_token", "pooling_mask",
     "sequential_position_ids", "mrope_position_ids", "model_inputs", "run_core",
-    "compression_suffix", "query_text", "truncate_text", "render_chat", "weights_digest",
+    "compression_suffix", "query_text", "truncate_text", "render_chat", "weights_digest", "model_type",
+    "move_to_device",
     "resolve_local_checkpoint",
 ]

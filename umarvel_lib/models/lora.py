@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .embedder import unwrap_model, vlm_core
+from .qwen_vl import unwrap_model, vlm_core
 
 #: Linear layers of a Qwen decoder layer that U-MARVEL adapts.
 LM_LINEAR_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,10 +27,12 @@ from torch import nn
 
 from ..data.items import Item
 from ..data.mbeir import format_string
+from .backbone import load_backbone
 from .embedder import (
-    _load_backbone, _model_type, _move, check_attention, model_inputs, render_chat,
-    resolve_local_checkpoint, run_core, set_attention, truncate_text, unwrap_model,
+    check_attention, model_inputs, model_type, move_to_device, render_chat, resolve_local_checkpoint, run_core,
+    set_attention, truncate_text,
 )
+from .qwen_vl import unwrap_model
 
 RERANK_PROMPT = (
     "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the "
@@ -38,6 +40,41 @@ RERANK_PROMPT = (
 )
 YES, NO = "Yes", "No"
 RERANKER_JSON = "reranker.json"
+
+
+# ---- fusion of the embedding score with P(Yes): the teacher of stage 5 and the U-MARVEL+ reranking ----
+#: Reranker fusion weights per M-BEIR row (FACTS §4): w = 1 except MSCOCO t→i 0.5 and i→t 0.1.
+DEFAULT_FUSION_WEIGHTS: Mapping[str, float] = {"mscoco_task0": 0.5, "mscoco_task3": 0.1}
+
+
+def fusion_weights(
+    tasks: Sequence[str],
+    weights: Mapping[str, float] | None = None,
+    *,
+    default: float = 1.0,
+    device=None,
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """Per-query fusion weight ``w`` from each query's row name (e.g. ``"mscoco_task0"``).
+
+    A ``syn_`` prefix (synthetic rows) is ignored for the lookup.
+    """
+    weights = DEFAULT_FUSION_WEIGHTS if weights is None else weights
+    out = [float(weights.get(t, weights.get(t.removeprefix("syn_"), default))) for t in tasks]
+    return torch.tensor(out, device=device, dtype=dtype)
+
+
+def fused_teacher(cos: torch.Tensor, p_yes: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
+    """Teacher score ``(cos + w·P(Yes)) / 2`` (FACTS §4, §13.13).
+
+    ``cos`` and ``p_yes`` are ``(B, N)``; ``w`` is a float or a per-query ``(B,)`` tensor (see
+    :func:`fusion_weights`). With ``w = 1`` this is ``0.5·cos + 0.5·P(Yes)``.
+    """
+    if cos.shape != p_yes.shape:
+        raise ValueError(f"cos and p_yes must have the same shape, got {tuple(cos.shape)} / {tuple(p_yes.shape)}")
+    if isinstance(w, torch.Tensor) and w.ndim == 1:
+        w = w.to(cos.dtype).unsqueeze(-1)
+    return (cos + w * p_yes) / 2
 
 
 @dataclass
@@ -142,7 +179,7 @@ class Reranker(nn.Module):
 
     def loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy of the answer token (the only label that is not -100), mean over the batch."""
-        batch = _move(batch, self.device)
+        batch = move_to_device(batch, self.device)
         lab = batch["labels"]
         if not bool(((lab != -100).sum(1) == 1).all()):
             raise ValueError("each row must carry exactly one answer label")
@@ -151,7 +188,7 @@ class Reranker(nn.Module):
         return F.cross_entropy(logits, lab[torch.arange(lab.shape[0], device=lab.device), pos])
 
     def yes_no_logits(self, batch: dict) -> torch.Tensor:
-        batch = _move(batch, self.device)
+        batch = move_to_device(batch, self.device)
         logits = self._logits_at(batch, batch["score_index"])
         return logits[:, [self.yes_id, self.no_id]]
 
@@ -188,7 +225,7 @@ class Reranker(nn.Module):
         with atomic_dir(directory) as tmp:
             self.model.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
-            atomic_write_json(tmp / RERANKER_JSON, {"config": self.cfg.to_dict(), "model_type": _model_type(self.model)})
+            atomic_write_json(tmp / RERANKER_JSON, {"config": self.cfg.to_dict(), "model_type": model_type(self.model)})
         return directory
 
     @classmethod
@@ -198,7 +235,7 @@ class Reranker(nn.Module):
         if cfg is None and (p / RERANKER_JSON).is_file():
             cfg = RerankerConfig(**json.loads((p / RERANKER_JSON).read_text())["config"])
         cfg = cfg or RerankerConfig()
-        model, processor = _load_backbone(p, attn_implementation=cfg.attn_implementation, dtype=dtype)
+        model, processor = load_backbone(p, attn_implementation=cfg.attn_implementation, dtype=dtype)
         if device is not None:
             model = model.to(device)
         return cls(model, processor, cfg, source=p)

@@ -15,13 +15,12 @@ The math follows the official U-MARVEL code (FACTS.md §3, §4, §13):
   sees only ``[c_i, hn_{i,1..K}]``, label 0.
 * **Distillation** (stage 5): ``KL(softmax(teacher/τ.detach()) ‖ softmax(cos/τ))``, batchmean, over
   each query's own candidate list; no in-batch negatives. The teacher is
-  ``(cos + w·P(Yes)) / 2`` (:func:`fused_teacher`).
+  ``(cos + w·P(Yes)) / 2`` (:func:`umarvel_lib.models.reranker.fused_teacher`).
 
 Inputs to every function are assumed already L2-normalised (the embedder normalises).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,9 +31,6 @@ __all__ = [
     "info_nce",
     "gather_with_grad",
     "distill_kl",
-    "fused_teacher",
-    "fusion_weights",
-    "DEFAULT_FUSION_WEIGHTS",
     "InfoNCELoss",
     "DistillKLLoss",
 ]
@@ -198,40 +194,6 @@ def distill_kl(
     if mask is not None:
         terms = torch.where(mask, terms, torch.zeros_like(terms))
     return terms.sum() / student_cos.shape[0]
-
-
-#: Reranker fusion weights per M-BEIR row (FACTS §4): w = 1 except MSCOCO t→i 0.5 and i→t 0.1.
-DEFAULT_FUSION_WEIGHTS: Mapping[str, float] = {"mscoco_task0": 0.5, "mscoco_task3": 0.1}
-
-
-def fusion_weights(
-    tasks: Sequence[str],
-    weights: Mapping[str, float] | None = None,
-    *,
-    default: float = 1.0,
-    device=None,
-    dtype=torch.float32,
-) -> torch.Tensor:
-    """Per-query fusion weight ``w`` from each query's row name (e.g. ``"mscoco_task0"``).
-
-    A ``syn_`` prefix (synthetic rows) is ignored for the lookup.
-    """
-    weights = DEFAULT_FUSION_WEIGHTS if weights is None else weights
-    out = [float(weights.get(t, weights.get(t.removeprefix("syn_"), default))) for t in tasks]
-    return torch.tensor(out, device=device, dtype=dtype)
-
-
-def fused_teacher(cos: torch.Tensor, p_yes: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
-    """Teacher score ``(cos + w·P(Yes)) / 2`` (FACTS §4, §13.13).
-
-    ``cos`` and ``p_yes`` are ``(B, N)``; ``w`` is a float or a per-query ``(B,)`` tensor (see
-    :func:`fusion_weights`). With ``w = 1`` this is ``0.5·cos + 0.5·P(Yes)``.
-    """
-    if cos.shape != p_yes.shape:
-        raise ValueError(f"cos and p_yes must have the same shape, got {tuple(cos.shape)} / {tuple(p_yes.shape)}")
-    if isinstance(w, torch.Tensor) and w.ndim == 1:
-        w = w.to(cos.dtype).unsqueeze(-1)
-    return (cos + w * p_yes) / 2
 
 
 # --------------------------------------------------------------------------------------------

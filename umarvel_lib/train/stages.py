@@ -35,14 +35,14 @@ import torch
 
 from ..config import RunConfig, StageConfig
 from ..data.items import Item, candidate_item, query_item
-from ..data.mbeir import MBEIR, TASKS
+from ..data.mbeir import MBEIR, TASKS, row_of_query
 from ..data.synthetic import read_cc3m, read_nli
-from ..eval.metrics import row_of_query
 from ..io import atomic_write_bytes, atomic_write_json, config_hash, file_lock
 from ..models.embedder import Embedder
+from ..models.reranker import Reranker, fused_teacher, fusion_weights
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step, loss_in_full_precision
-from .losses import distill_kl, fused_teacher, fusion_weights, gather_with_grad, info_nce
+from .losses import distill_kl, gather_with_grad, info_nce
 from .mining import load_negatives, mine_hard_negatives, save_negatives
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,12 @@ def per_task_sample(pairs: list[Pair], fraction: float, seed: int) -> list[Pair]
 
 
 # ---- one training stage -----------------------------------------------------------------------
-def train_config(stage: StageConfig, n_examples: int, seed: int, *, eval_every: int | None = None) -> TrainConfig:
+def train_config(stage: StageConfig, n_examples: int, seed: int, *, eval_every: int | None = None,
+                 progress: bool = True) -> TrainConfig:
     return TrainConfig(lr=stage.lr, epochs=None if stage.max_steps else stage.epochs, max_steps=stage.max_steps,
                        batch_size=min(stage.batch_size, max(1, n_examples)), warmup_ratio=stage.warmup_ratio,
                        seed=seed, save_every=50, eval_every=eval_every or 0, eval_at_start=bool(eval_every),
-                       tqdm_mininterval=5.0, mixed_precision=stage.mixed_precision)
+                       tqdm_mininterval=5.0, mixed_precision=stage.mixed_precision, progress=progress)
 
 
 def contrastive_step(embedder: Embedder, stage: StageConfig):
@@ -160,8 +161,12 @@ def _embedder_for(cfg: RunConfig, stage: StageConfig, init: Path, seed: int = 0)
     return emb
 
 
-def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, eval_fn=None, progress=True) -> Path:
-    """Train one stage from the checkpoint ``init``; returns the merged checkpoint directory."""
+def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, backbone: Path, eval_fn=None,
+              progress: bool = True) -> Path:
+    """Train one stage from the checkpoint ``init``; returns the merged checkpoint directory.
+
+    ``backbone``: the raw backbone of the run (the distillation stage trains its reranker from it);
+    ``progress``: show the stage's progress bars (training, mining, teacher scoring)."""
     stage = cfg.scaled_stage(name)
     h = cfg.hash(upto_stage=name)
     sdir = out_root / f"{name}-{h}"
@@ -172,10 +177,11 @@ def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, eval_fn=
     with file_lock(out_root / f".{name}-{h}.lock"):  # parallel rows sharing this stage wait, then reuse it
         if (final / "embedder.json").is_file():
             return final
-        return _train_stage(cfg, name, stage, h, init, sdir, eval_fn=eval_fn)
+        return _train_stage(cfg, name, stage, h, init, sdir, backbone=backbone, eval_fn=eval_fn, progress=progress)
 
 
-def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Path, sdir: Path, *, eval_fn) -> Path:
+def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Path, sdir: Path, *, backbone: Path,
+                 eval_fn, progress: bool) -> Path:
     final = sdir / "model"
     sdir.mkdir(parents=True, exist_ok=True)
     data_root = cfg.resolved_data_root()
@@ -188,13 +194,13 @@ def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Pa
     elif name == "mbeir":
         examples, step = mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed), contrastive_step(emb, stage)
     elif name == "hard_negatives":
-        examples = with_hard_negatives(cfg, stage, init, sdir, data)
+        examples = with_hard_negatives(cfg, stage, init, sdir, data, progress=progress)
         step = contrastive_step(emb, stage)
     elif name == "distill":
-        examples, step = distill_examples(cfg, stage, init, sdir, data, emb)
+        examples, step = distill_examples(cfg, stage, init, sdir, data, emb, backbone=backbone, progress=progress)
     else:
         raise ValueError(f"unknown stage {name!r}")
-    tcfg = train_config(stage, len(examples), cfg.seed, eval_every=cfg.eval.eval_every)
+    tcfg = train_config(stage, len(examples), cfg.seed, eval_every=cfg.eval.eval_every, progress=progress)
     trainer = Trainer(emb, step, examples, tcfg, sdir / "train", collate_fn=list, eval_fn=eval_fn,
                       run_identity={"stage_hash": h, "init": str(init)})
     trainer.fit()
@@ -208,13 +214,13 @@ def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Pa
 
 # ---- hard negatives ---------------------------------------------------------------------------
 def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdir: Path, data: MBEIR,
-                        pairs: list[Pair] | None = None) -> list[Pair]:
+                        pairs: list[Pair] | None = None, *, progress: bool = True) -> list[Pair]:
     """Mine with the previous stage's model and attach K negatives to every training pair."""
     pairs = pairs if pairs is not None else mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed)
     neg_file = sdir / "hard_negatives.jsonl"
     pool = data.train_pool()
     if not neg_file.is_file():
-        q_emb, c_emb = _mining_embeddings(cfg, model_dir, pairs, pool, data)
+        q_emb, c_emb = _mining_embeddings(cfg, model_dir, pairs, pool, data, progress=progress)
         positives = {q.qid: set(q.pos) for q in data.union_train()}
         df, report = mine_hard_negatives(q_emb, c_emb, [p.qid for p in pairs], [c.did for c in pool], positives,
                                          top_m=min(stage.mine_top_m, len(pool)), num_negatives=stage.num_hard,
@@ -229,7 +235,7 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
             for p in pairs]
 
 
-def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool, data: MBEIR):
+def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool, data: MBEIR, *, progress: bool):
     """Train-query and train-pool embeddings of the model that mines, cached beside its checkpoint:
     the variants of the hard-negative stage (Table 5's rows) mine with the same model and differ only
     in the filters applied afterwards, so they encode once."""
@@ -241,8 +247,10 @@ def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool,
             z = np.load(path)
             return z["queries"], z["pool"]
         miner = Embedder.from_pretrained(model_dir, cfg.embedder)
-        q_emb = miner.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="mine: queries")
-        c_emb = miner.encode([candidate_item(c, data) for c in pool], batch_size=cfg.eval.batch_size, desc="mine: pool")
+        q_emb = miner.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="mine: queries",
+                             progress=progress)
+        c_emb = miner.encode([candidate_item(c, data) for c in pool], batch_size=cfg.eval.batch_size, desc="mine: pool",
+                             progress=progress)
         buf = io.BytesIO()
         np.savez(buf, queries=np.asarray(q_emb), pool=np.asarray(c_emb))
         atomic_write_bytes(path, buf.getvalue())
@@ -250,10 +258,9 @@ def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool,
 
 
 # ---- reranker and distillation ----------------------------------------------------------------
-def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path) -> Path:
-    """Pointwise Yes/No reranker from the raw backbone on positives + one random mined negative."""
+def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path, *, backbone: Path, progress: bool = True) -> Path:
+    """Pointwise Yes/No reranker from the raw ``backbone`` on positives + one random mined negative."""
     from ..models.backbone import load_backbone
-    from ..models.reranker import Reranker
 
     h = cfg.hash(upto_stage="hard_negatives")
     rdir = out_root / f"reranker-{h}"
@@ -264,12 +271,12 @@ def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path) -> Path:
     data = MBEIR(cfg.resolved_data_root(), check_images=False)
     stage = dataclasses.replace(cfg.scaled_stage("hard_negatives"), negatives="in_batch+hard", num_hard=1,
                                 filter_max_score=None)
-    pairs = with_hard_negatives(cfg, stage, hn_model, rdir, data)
+    pairs = with_hard_negatives(cfg, stage, hn_model, rdir, data, progress=progress)
     examples = [(p.query, p.positive, True) for p in pairs] + [(p.query, p.negatives[0], False) for p in pairs]
     rng = random.Random(cfg.seed)
     rng.shuffle(examples)
-    model, processor = load_backbone(_raw_backbone(cfg))
-    rr = Reranker(model, processor, source=_raw_backbone(cfg))
+    model, processor = load_backbone(backbone)
+    rr = Reranker(model, processor, source=backbone)
     from ..models.lora import apply_lora, merge_lora
 
     for p in rr.model.parameters():
@@ -279,7 +286,8 @@ def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path) -> Path:
                           alpha=cfg.scale.lora_alpha or cfg.reranker.lora_alpha, dropout=0.05)
     rc = cfg.reranker
     tcfg = TrainConfig(lr=rc.lr * cfg.scale.lr_multiplier, max_steps=rc.max_steps, epochs=None if rc.max_steps else rc.epochs,
-                       batch_size=min(rc.batch_size, len(examples)), seed=cfg.seed, save_every=50, tqdm_mininterval=5.0)
+                       batch_size=min(rc.batch_size, len(examples)), seed=cfg.seed, save_every=50, tqdm_mininterval=5.0,
+                       progress=progress)
 
     def step(batch, ctx):
         loss = rr.loss(rr.collate([(q, c) for q, c, _ in batch], labels=[y for _, _, y in batch]))
@@ -292,30 +300,25 @@ def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path) -> Path:
     return final
 
 
-def _raw_backbone(cfg: RunConfig) -> Path:
-    from ..experiment import backbone_path
-
-    return backbone_path(cfg)
-
-
 def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_dir: Path, data: MBEIR,
-                  pairs: list[Pair], sdir: Path) -> list[dict]:
+                  pairs: list[Pair], sdir: Path, *, progress: bool = True) -> list[dict]:
     """Top-k train-pool candidates of each sampled query with fused teacher scores (cached as JSONL)."""
-    from ..models.reranker import Reranker
 
     f = sdir / "teacher.jsonl"
     pool = data.train_pool()
     by_did = {c.did: c for c in pool}
     if not f.is_file():
         emb = Embedder.from_pretrained(hn_model, cfg.embedder)
-        q = emb.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="teacher: queries")
-        c = emb.encode([candidate_item(x, data) for x in pool], batch_size=cfg.eval.batch_size, desc="teacher: pool")
+        q = emb.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="teacher: queries",
+                       progress=progress)
+        c = emb.encode([candidate_item(x, data) for x in pool], batch_size=cfg.eval.batch_size, desc="teacher: pool",
+                       progress=progress)
         k = min(stage.teacher_top_k, len(pool))
         scores, idx = torch.topk(torch.from_numpy(q) @ torch.from_numpy(c).T, k, dim=1)
         rr = Reranker.from_pretrained(reranker_dir)
         # one batched pass over every (query, candidate) pair, k per query in order
         py = rr.p_yes([(p.query, candidate_item(pool[j], data)) for i, p in enumerate(pairs) for j in idx[i].tolist()],
-                      progress=True)
+                      progress=progress)
         py = torch.from_numpy(np.asarray(py, dtype=np.float32)).view(len(pairs), k)
         w = fusion_weights([p.row for p in pairs], stage.teacher_weight_overrides, default=stage.teacher_weight)
         fused = fused_teacher(scores, py, w)
@@ -330,20 +333,23 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
              "teacher": np.asarray(r["teacher"], dtype=np.float32)} for r in recs]
 
 
-def distill_examples(cfg: RunConfig, stage: StageConfig, hn_model: Path, sdir: Path, data: MBEIR, emb: Embedder):
+def distill_examples(cfg: RunConfig, stage: StageConfig, hn_model: Path, sdir: Path, data: MBEIR, emb: Embedder, *,
+                     backbone: Path, progress: bool = True):
     pairs = per_task_sample(mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed),
                             stage.sample_fraction, seed=42 + cfg.seed)
     if stage.distill_mode == "continue_hard":
         hn_stage = dataclasses.replace(cfg.scaled_stage("hard_negatives"), lr=stage.lr,
                                        batch_size=stage.batch_size)
-        return with_hard_negatives(cfg, hn_stage, hn_model, sdir, data, pairs), contrastive_step(emb, hn_stage)
-    reranker_dir = train_reranker(cfg, hn_model, sdir.parent)
-    return teacher_lists(cfg, stage, hn_model, reranker_dir, data, pairs, sdir), distill_step(emb, stage)
+        return (with_hard_negatives(cfg, hn_stage, hn_model, sdir, data, pairs, progress=progress),
+                contrastive_step(emb, hn_stage))
+    reranker_dir = train_reranker(cfg, hn_model, sdir.parent, backbone=backbone, progress=progress)
+    return (teacher_lists(cfg, stage, hn_model, reranker_dir, data, pairs, sdir, progress=progress),
+            distill_step(emb, stage))
 
 
-def run_stages(cfg: RunConfig, backbone: Path, out_root: Path, *, eval_fn=None, progress=True) -> Path:
+def run_stages(cfg: RunConfig, backbone: Path, out_root: Path, *, eval_fn=None, progress: bool = True) -> Path:
     """Chain ``cfg.stages``: each starts from the previous merged checkpoint. Returns the last one."""
     ckpt = Path(backbone)
     for name in cfg.stages:
-        ckpt = run_stage(cfg, name, ckpt, out_root, eval_fn=eval_fn, progress=progress)
+        ckpt = run_stage(cfg, name, ckpt, out_root, backbone=Path(backbone), eval_fn=eval_fn, progress=progress)
     return ckpt

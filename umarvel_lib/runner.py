@@ -1,4 +1,4 @@
-"""Batch reproduction: every notebook through papermill, executed copies under ``results/<preset>/notebooks``.
+"""The batch runner (``umarvel reproduce``): every notebook through papermill, executed copies under ``results/<preset>/notebooks``.
 
 One failed notebook is recorded and the batch goes on; finished (row, seed) runs are skipped by the
 notebooks themselves (config-hash sidecars), so a rerun only does what is missing. ``08_report``
@@ -21,9 +21,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from ..io import atomic_write_json
+from .io import atomic_write_json
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 # (notebook, paper table it reproduces or None)
 NOTEBOOKS = (
     ("00_quickstart", None), ("01_embedding_extraction", 1), ("02_instruction_masking", 2),
@@ -64,7 +64,7 @@ def _job_order(table: int, row, seed: int) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _finding_rows(table: int) -> frozenset[str]:
-    from ..paper import finding_rows
+    from .paper import finding_rows
 
     return frozenset(finding_rows(table))
 
@@ -80,8 +80,8 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
     """
     from tqdm.auto import tqdm
 
-    from ..config import load_ablation
-    from ..experiment import run_dir_for
+    from .config import load_ablation
+    from .experiment import run_dir_for
 
     seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
     rows = [(t, r, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows for s in seed_list]
@@ -188,7 +188,7 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
     if status.get("08_report", {}).get("status") == "ok" and any(n == "08_report" for n, _ in chosen):
         # 08_report wrote REPORT.md while it ran, so the report's wall-time table still shows its previous
         # run: rewrite it now that every notebook of this batch has its final status
-        from .report import write_report
+        from .report.report import write_report
 
         write_report(res, preset)
     failed = [n for n, _ in chosen if status.get(n, {}).get("status") != "ok"]
