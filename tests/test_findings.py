@@ -51,7 +51,7 @@ def test_paired_difference_point_estimate_is_avg_difference():
     d, ci, se = paired_difference(a, b, n_boot=200)
     expect = 100 * (np.mean([h.mean() for _, h in a[0].values()]) - np.mean([h.mean() for _, h in b[0].values()]))
     assert abs(d - expect) < 1e-9 and ci[0] <= d <= ci[1]
-    assert decide(1.0, (0.5, 1.5)) == HELD and decide(-1.0, (-1.5, -0.5)) == CONTRA
+    assert decide((0.5, 1.5)) == HELD and decide((-1.5, -0.5)) == CONTRA
 
 
 def test_batch_trains_the_findings_rows_first():

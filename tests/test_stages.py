@@ -69,3 +69,27 @@ def test_hard_negative_variants_mine_with_one_encoding(setup, tmp_path):
     z = np.load(cached[0])
     assert z["queries"].shape[1] == z["pool"].shape[1] and len(z["pool"]) > 0
     assert len({p.parent for p in stages.glob("hard_negatives-*/hard_negatives.jsonl")}) == 2
+
+
+def test_progress_false_reaches_the_training_bars(setup, tmp_path, monkeypatch, capsys):
+    """``run_stages(progress=False)`` (what run_row passes for notebooks) reaches the trainer: no bar
+    is printed; with ``progress=True`` the stage's bar appears. (transformers' own "Loading weights" bar
+    is not the kit's and is not checked.)"""
+    from umarvel_lib.train import stages as stages_mod
+
+    data, base = setup
+    seen = []
+    real = stages_mod.Trainer
+
+    class Spy(real):
+        def __init__(self, model, step, examples, cfg, *a, **k):
+            seen.append(cfg.progress)
+            super().__init__(model, step, examples, cfg, *a, **k)
+
+    monkeypatch.setattr(stages_mod, "Trainer", Spy)
+    for progress in (False, True):
+        cfg = _cfg(data, tmp_path / str(progress), stages=["nli"], **{"scale.max_steps": 1})
+        run_stages(cfg, base, tmp_path / str(progress) / "stages", progress=progress)
+        err = capsys.readouterr().err
+        assert ("train: " in err) is progress, err[-500:]  # the trainer's bar is named after its run dir
+    assert seen == [False, True]

@@ -71,15 +71,17 @@ def ensure_data(cfg: RunConfig) -> Path:
     return root
 
 
-def backbone_path(cfg: RunConfig) -> Path:
-    """A local checkpoint directory: ``cfg.backbone`` if given, else the (cached) micro backbone."""
+def backbone_path(cfg: RunConfig, *, progress: bool = True) -> Path:
+    """A local checkpoint directory: ``cfg.backbone`` if given, else the (cached) micro backbone
+    (built on first use; ``progress``: its pre-training progress bar)."""
     if cfg.backbone:
         from .models.embedder import resolve_local_checkpoint
 
         return resolve_local_checkpoint(cfg.backbone)
     from .models.backbone import BackboneConfig, build_backbone
 
-    return build_backbone(BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size), Path(cfg.cache_dir) / "backbones")
+    return build_backbone(BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size), Path(cfg.cache_dir) / "backbones",
+                          progress=progress)
 
 
 def curve_eval(cfg: RunConfig, data: MBEIR):
@@ -115,7 +117,7 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
 
     row = ablation.row(row) if isinstance(row, str) else row
     cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root)
-    base = backbone_path(cfg)
+    base = backbone_path(cfg, progress=progress)
     cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
     root = ensure_data(cfg)
     cfg.data_digest = build_digest(root)  # so is a different build of the synthetic data

@@ -127,7 +127,8 @@ def paired_difference(a: list[dict], b: list[dict], *, n_boot: int = 1000, seed:
     return point, (float(lo), float(hi)), float(reps.std(ddof=1))
 
 
-def decide(diff: float, ci: tuple[float, float]) -> str:
+def decide(ci: tuple[float, float]) -> str:
+    """The verdict of a paper-direction difference from its 95% interval (module doc)."""
     if ci[0] > 0:
         return HELD
     if ci[1] < 0:
@@ -155,7 +156,7 @@ def judge(finding: Finding | str, hits: dict[str, dict[int, dict]], *, n_boot: i
             d, ci, se = paired_difference([hits[o][s] for s in seeds], [hits[f.better][s] for s in seeds], n_boot=n_boot)
             diffs.append((ci[0], d, ci, se, o, len(seeds)))
         lo, d, ci, se, o, n = min(diffs)  # the closest competitor decides
-        v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(d, ci), d, ci, 2.8 * se, n
+        v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(ci), d, ci, 2.8 * se, n
         v.note = f"closest other row: {o}"
         return _seed_rule(v)
     if f.better not in hits or f.worse not in hits:
@@ -164,7 +165,7 @@ def judge(finding: Finding | str, hits: dict[str, dict[int, dict]], *, n_boot: i
     if not seeds:
         return v
     d, ci, se = paired_difference([hits[f.better][s] for s in seeds], [hits[f.worse][s] for s in seeds], n_boot=n_boot)
-    v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(d, ci), d, ci, 2.8 * se, len(seeds)
+    v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(ci), d, ci, 2.8 * se, len(seeds)
     if f.sub_1pt and v.verdict == NOISE:
         v.note = "paper effect < 1 point: expected within noise at micro scale"
     return _seed_rule(v)

@@ -126,7 +126,7 @@ def contrastive_step(embedder: Embedder, stage: StageConfig):
     return step
 
 
-def distill_step(embedder: Embedder, stage: StageConfig):
+def distill_step(embedder: Embedder):
     """KL(softmax(teacher/tau.detach()) || softmax(cos/tau)) over each query's candidate list."""
 
     def step(batch: list[dict], ctx):
@@ -344,7 +344,7 @@ def distill_examples(cfg: RunConfig, stage: StageConfig, hn_model: Path, sdir: P
                 contrastive_step(emb, hn_stage))
     reranker_dir = train_reranker(cfg, hn_model, sdir.parent, backbone=backbone, progress=progress)
     return (teacher_lists(cfg, stage, hn_model, reranker_dir, data, pairs, sdir, progress=progress),
-            distill_step(emb, stage))
+            distill_step(emb))
 
 
 def run_stages(cfg: RunConfig, backbone: Path, out_root: Path, *, eval_fn=None, progress: bool = True) -> Path:
