@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from umarvel_lib.config import EvalConfig
 from umarvel_lib.data.items import candidate_item, query_item, query_items
 from umarvel_lib.data.mbeir import DATASET_IDS, MBEIR, TASKS, MBEIRFormatError
 from umarvel_lib.eval import runs
@@ -105,10 +106,15 @@ def make_mbeir(root, rows=ROWS, *, n_queries=10, n_cands=24, n_combos=8, seed=0,
     return MBEIR(root)
 
 
-def _ev(data, out, **kw):
+RUNTIME = ("cache_dir", "shared_dir", "state", "reranker", "progress", "fusion_weights", "fusion_default")
+
+
+def _ev(data, out, encoder=None, **kw):
+    """evaluate() with an EvalConfig of ``kw`` (small bootstrap and shards unless given)."""
     kw.setdefault("n_boot", 100)
     kw.setdefault("shard_size", 7)
-    return evaluate(HashingEncoder(32), data, out, **kw)
+    run = {k: kw.pop(k) for k in RUNTIME if k in kw}
+    return evaluate(encoder or HashingEncoder(32), data, out, EvalConfig(**kw), **run)
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +227,7 @@ def test_global_pool_equals_brute_force_dedup_and_concatenation(evaluated, tmp_p
     assert cfg["global_pool"]["n_candidates"] == 4 * 24  # 5 shared candidates counted once
 
     enc = HashingEncoder(32)
-    evaluate(enc, data, tmp_path / "nodedup", pools=("global",), dedup=False, cache_dir=d / "cache",
-             n_boot=50, shard_size=7)
+    _ev(data, tmp_path / "nodedup", enc, pools=("global",), dedup_global=False, cache_dir=d / "cache", n_boot=50)
     assert enc.items_encoded == 0  # every embedding came from the cache of the first run
     _assert_same_ranking(tmp_path / "nodedup" / "global" / "run.trec", _brute_force(data, data.global_pool(dedup=False)))
     got = runs.ranked_dids(runs.read_run(tmp_path / "nodedup" / "global" / "run.trec"))
@@ -250,10 +255,10 @@ def test_global_pool_file_with_extra_candidates(tmp_path):
 def test_cache_reuse_and_changed_fingerprint(evaluated, tmp_path):
     data, d, res = evaluated
     enc = HashingEncoder(32)
-    again = evaluate(enc, data, tmp_path / "again", cache_dir=d / "cache", n_boot=100, shard_size=7)
+    again = _ev(data, tmp_path / "again", enc, cache_dir=d / "cache")
     assert enc.items_encoded == 0 and again["local"] == res["local"]
     enc2 = HashingEncoder(32, seed=5)  # a different "checkpoint"
-    evaluate(enc2, data, tmp_path / "new", pools=("local",), cache_dir=d / "cache", n_boot=100, shard_size=7)
+    _ev(data, tmp_path / "new", enc2, pools=("local",), cache_dir=d / "cache")
     assert enc2.items_encoded == 4 * 24 + 5 + 38  # all pools and all scored queries, nothing stale reused
 
 
@@ -283,25 +288,26 @@ def test_bad_inputs(tmp_path):
             return np.hstack([out, np.zeros((len(out), 1), np.float32)]) if items[0].instruction else out
 
     with pytest.raises(SearchError, match="dimension mismatch"):
-        evaluate(QueryDim(16), data, tmp_path / "o5", n_boot=10)
+        _ev(data, tmp_path / "o5", QueryDim(16), n_boot=10)
 
     class Unnormalised(HashingEncoder):
         def encode(self, items, batch_size=16):
             return 3 * super().encode(items, batch_size)
 
     with pytest.raises(CacheError, match="L2-normalised"):
-        evaluate(Unnormalised(16), data, tmp_path / "o6", n_boot=10)
+        _ev(data, tmp_path / "o6", Unnormalised(16), n_boot=10)
     assert not (tmp_path / "o6" / "local").exists()  # nothing half-written
 
 
 WORKER = """
 import json, os, sys
 from umarvel_lib.data.mbeir import MBEIR
+from umarvel_lib.config import EvalConfig
 from umarvel_lib.eval.evaluate import HashingEncoder, evaluate
 rank = os.environ["RANK"]
 # like a per-process tempfile.TemporaryDirectory: only the main process's paths may be used
 out, cache = (sys.argv[2], sys.argv[3]) if rank == "0" else (sys.argv[2] + "_r1", sys.argv[3] + "_r1")
-res = evaluate(HashingEncoder(32), MBEIR(sys.argv[1]), out, cache_dir=cache, n_boot=100, shard_size=7)
+res = evaluate(HashingEncoder(32), MBEIR(sys.argv[1]), out, EvalConfig(n_boot=100, shard_size=7), cache_dir=cache)
 print(json.dumps({"out_dir": res["out_dir"], "avg": res["global"]["avg"]["headline"]}), flush=True)
 import torch.distributed as dist  # tear gloo down before exit (else its threads can abort the interpreter)
 if dist.is_initialized():
@@ -346,7 +352,7 @@ def test_two_processes_give_identical_runs(evaluated, tmp_path):
 def test_all_16_rows_on_the_synthetic_mini_mbeir(smoke_data, tmp_path):
     """The driver on the project's synthetic generator (conftest ``smoke_data``): 16 rows, both pools."""
     data = MBEIR(smoke_data, check_images=False)
-    res = evaluate(HashingEncoder(32), data, tmp_path / "out", n_boot=50)
+    res = _ev(data, tmp_path / "out", n_boot=50, shard_size=16384)
     for pool in ("local", "global"):
         m = res[pool]
         assert m["avg"]["is_full_16"] and m["avg"]["rows_missing"] == [] and len(m["rows"]) == 16
@@ -355,18 +361,17 @@ def test_all_16_rows_on_the_synthetic_mini_mbeir(smoke_data, tmp_path):
 
 
 def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data, tmp_path, monkeypatch):
-    """``experiment.rerank_eval``: one batched P(Yes) pass over the distinct (query, instruction, candidate)
-    pairs of both pools' top-k; each query's head is re-sorted by (cos + w P(Yes)) / 2, the tail keeps the
-    recall order, the recall run is kept as ``run_recall.trec`` and the metrics are rescored."""
+    """``evaluate(reranker=...)`` (eval.rerank): one batched P(Yes) pass over the distinct (query, instruction,
+    candidate) pairs of both pools' top-k; each query's head is re-sorted by (cos + w P(Yes)) / 2, the tail
+    keeps the recall order, the recall run is kept as ``run_recall.trec`` and the metrics are rescored. The
+    run directories reference shared qrels/queries (``shared_dir``), which rescoring reads through."""
     import hashlib
 
     from umarvel_lib.config import make_run_config
-    from umarvel_lib.experiment import rerank_eval
-    from umarvel_lib.models import reranker as reranker_mod
 
     data = MBEIR(smoke_data, check_images=False)
-    evaluate(HashingEncoder(32), data, tmp_path / "eval", n_boot=20)
-    recall = {p: runs.read_run(tmp_path / "eval" / p / "run.trec") for p in ("local", "global")}
+    _ev(data, tmp_path / "recall", n_boot=20, shard_size=16384)
+    recall = {p: runs.read_run(tmp_path / "recall" / p / "run.trec") for p in ("local", "global")}
 
     def fake_p(q, c):  # deterministic, unrelated to the recall order
         return int(hashlib.md5(f"{q.txt}|{q.instruction}|{c.txt}|{c.image_path}".encode()).hexdigest()[:6], 16) / 0xFFFFFF
@@ -378,21 +383,23 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data
             calls.append(len(pairs))
             return np.asarray([fake_p(q, c) for q, c in pairs], dtype=np.float32)
 
-    monkeypatch.setattr(reranker_mod.Reranker, "from_pretrained", classmethod(lambda cls, *a, **k: FakeReranker()))
     cfg = make_run_config("smoke")
     k = cfg.eval.rerank_top_k
-    rerank_eval(cfg, tmp_path / "eval", tmp_path / "unused", data)
+    stage = cfg.scaled_stage("distill")
+    res = _ev(data, tmp_path / "eval", n_boot=20, shard_size=16384, rerank_top_k=k, reranker=FakeReranker(),
+              fusion_weights=stage.teacher_weight_overrides, fusion_default=stage.teacher_weight,
+              shared_dir=tmp_path / "inputs")
 
     n_local = sum(min(k, len(v)) for v in recall["local"].values())
     n_global = sum(min(k, len(v)) for v in recall["global"].values())
     assert len(calls) == 1 and calls[0] < n_local + n_global  # the pools' heads overlap: shared pairs once
-    stage = cfg.scaled_stage("distill")
     qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
     cands = {c.did: c for c in data.global_pool(dedup=True)}
     for pool in ("local", "global"):
         pdir = tmp_path / "eval" / pool
         assert runs.read_run(pdir / "run_recall.trec") == recall[pool]
-        queries = {q["qid"]: q for q in runs.read_queries(pdir / "queries.jsonl")}
+        assert not (pdir / "queries.jsonl").exists() and (pdir / "queries.jsonl.ref.json").is_file()
+        queries = {q["qid"]: q for q in runs.read_queries(runs.input_file(pdir, runs.QUERIES_FILE))}
         new = runs.read_run(pdir / "run.trec")
         for qid, full in recall[pool].items():
             head, tail = full[:k], full[k:]
@@ -401,4 +408,36 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data
             fused = [(s + w * float(np.float32(fake_p(qi, candidate_item(cands[d], data))))) / 2 for d, s in head]
             want = [head[i][0] for i in sorted(range(len(head)), key=lambda i: (-fused[i], i))]
             assert [d for d, _ in new[qid]] == want + [d for d, _ in tail]
-        assert json.loads((pdir / "metrics.json").read_text()) == runs.rescore(pdir)
+        assert json.loads((pdir / "metrics.json").read_text()) == runs.rescore(pdir) == res[pool]
+
+
+def test_shared_inputs_are_one_copy_referenced_by_path_and_sha256(evaluated, tmp_path):
+    """``share_inputs``: qrels/queries of run directories on one data build become one content-named copy
+    plus ``<name>.ref.json`` (relative path + sha256) per directory; rescoring and the findings' hits read
+    through the reference and give the same numbers; a changed shared copy is refused, naming the reference."""
+    import shutil
+
+    from umarvel_lib.report.findings import _hits_from_run
+
+    _, d, _ = evaluated
+    before = {p: runs.rescore(d / "out" / p) for p in ("local", "global")}
+    hits = _hits_from_run(d / "out" / "local")
+    for p in ("local", "global"):
+        shutil.copytree(d / "out" / p, tmp_path / "a" / p)
+        shutil.copytree(d / "out" / p, tmp_path / "b" / p)
+    for run_dir in sorted(tmp_path.glob("[ab]/*")):
+        assert runs.share_inputs(run_dir, tmp_path / "inputs") == [runs.QRELS_FILE, runs.QUERIES_FILE]
+        assert not (run_dir / runs.QUERIES_FILE).exists()
+    assert len(list((tmp_path / "inputs").iterdir())) == 2  # 4 run dirs, both pools: one qrels, one queries
+    for p in ("local", "global"):
+        assert runs.rescore(tmp_path / "b" / p) == before[p]
+    assert {r: (q, h.tolist()) for r, (q, h) in _hits_from_run(tmp_path / "a" / "local").items()} == \
+        {r: (q, h.tolist()) for r, (q, h) in hits.items()}
+    ref = json.loads((tmp_path / "a" / "local" / "queries.jsonl.ref.json").read_text())
+    target = (tmp_path / "a" / "local" / ref["path"]).resolve()
+    target.write_text(target.read_text() + "\n")
+    with pytest.raises(runs.RunFormatError, match=r"queries.jsonl.ref.json: .* has sha256"):
+        runs.rescore(tmp_path / "a" / "local")
+    target.unlink()
+    with pytest.raises(runs.RunFormatError, match="does not exist"):
+        runs.input_file(tmp_path / "a" / "local", runs.QUERIES_FILE)

@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parent.parent / "umarvel_lib"
 
 #: Lowest first. A module belongs to the first entry that is its dotted name or a package above it.
 LAYERS = (
-    ("io",),
+    ("io", "provenance"),
     ("data",),
     ("config",),
     ("paper",),

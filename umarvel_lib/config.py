@@ -140,14 +140,27 @@ class RerankerStageConfig:
 
 @dataclass
 class EvalConfig:
+    """How an embedder is evaluated (:func:`umarvel_lib.eval.evaluate.evaluate`): what, and how searched/scored."""
+
     pools: tuple[str, ...] = ("local", "global")
     rows: tuple[str, ...] | None = None  # None: all 16
+    instructions: bool | None = None  # None: the encoder's own setting (Embedder.cfg.instructions), else True
     instruction_seed: int = 0
     batch_size: int = 64
     eval_every: int | None = None  # steps between learning-curve evaluations (None: end only)
     curve_rows: tuple[str, ...] | None = None  # rows evaluated for learning curves (None: all)
-    dedup_global: bool = True
+    dedup_global: bool = True  # global pool deduplicated by did (False: the official concatenation)
     rerank_top_k: int = 50  # U-MARVEL+ / reranker row: candidates re-scored per query
+    backend: str = "torch"  # exact search: torch | faiss
+    depth: int = 50  # results kept per query in run.trec
+    ks: tuple[int, ...] = (1, 5, 10, 50)  # R@k reported (must include each row's headline k)
+    n_boot: int = 1000  # bootstrap replicates of the confidence intervals
+    boot_seed: int = 0
+    shard_size: int = 16384  # embedding-cache layout
+    cache_dtype: str = "float32"  # float16 halves the cache of a large global pool
+    block_size: int = 16384  # candidates per search block
+    query_chunk: int = 4096  # queries per search chunk
+    run_tag: str = "umarvel"  # the TREC run's tag column
 
 
 @dataclass
@@ -225,7 +238,11 @@ class RunConfig:
 # Fields added after results were published, with the value every earlier run implicitly had. They are
 # left out of hashes while at that value, so finished runs and cached stages stay valid; any other
 # value is hashed as usual.
-_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None, "data_digest": None}
+_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None, "data_digest": None,
+                   # EvalConfig fields that were arguments of evaluate() before it took the config
+                   "instructions": None, "backend": "torch", "depth": 50, "ks": (1, 5, 10, 50), "n_boot": 1000,
+                   "boot_seed": 0, "shard_size": 16384, "cache_dtype": "float32", "block_size": 16384,
+                   "query_chunk": 4096, "run_tag": "umarvel"}
 
 
 def _drop_added_defaults(obj):

@@ -3,7 +3,9 @@
 Every result lives in a run directory ``<results>/runs/table<N>/<row>/seed<k>/``::
 
     row.json            sidecar: table, row, seed, preset, config + hash, tau, git commit, versions, wall time
-    eval/local/         run.trec, qrels.txt, queries.jsonl, metrics.json, config.json   (eval.evaluate)
+    eval/local/         run.trec, metrics.json, config.json, headline_hits.json, and references
+                        (path + sha256) to the qrels.txt/queries.jsonl shared by every run on the
+                        data build, under <results>/eval_inputs/   (eval.evaluate, eval.runs)
     eval/global/        the same for the global pool
     curves.jsonl        learning curve: training loss per step and periodic evaluations, per stage
 
@@ -16,47 +18,16 @@ import dataclasses
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 from .config import Ablation, AblationRow, RunConfig
 from .data.mbeir import MBEIR
 from .data.synthetic import build_digest
-from .io import atomic_write_json, atomic_write_text, checkpoint_digest
+from .io import atomic_write_json, checkpoint_digest
+from .provenance import provenance
 
 log = logging.getLogger(__name__)
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor()}
-    for p in ("torch", "transformers", "peft", "accelerate", "numpy", "pandas"):
-        try:
-            out[p] = md.version(p)
-        except md.PackageNotFoundError:
-            out[p] = None
-    out["cpu_count"] = os.cpu_count()
-    try:
-        import torch
-
-        out["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:  # noqa: BLE001
-        out["cuda"] = None
-    return out
 
 
 def ensure_data(cfg: RunConfig) -> Path:
@@ -90,14 +61,18 @@ def curve_eval(cfg: RunConfig, data: MBEIR):
 
     from .eval.evaluate import evaluate
 
+    curve_cfg = dataclasses.replace(cfg.eval, pools=("local",), rows=cfg.eval.curve_rows, n_boot=200)
+
     def fn(model, step):
         with tempfile.TemporaryDirectory(prefix="umarvel-curve-") as tmp:
-            res = evaluate(model, data, tmp, pools=("local",), rows=cfg.eval.curve_rows,
-                           instructions=cfg.embedder.instructions, instruction_seed=cfg.eval.instruction_seed,
-                           batch_size=cfg.eval.batch_size, n_boot=200)
+            res = evaluate(model, data, tmp, curve_cfg)
         return {"local_avg": res["local"]["avg"]["headline"]}
 
     return fn
+
+
+#: ``<results>/eval_inputs/``: the one copy of each data build's qrels/queries that run directories reference.
+EVAL_INPUTS_DIR = "eval_inputs"
 
 
 def run_dir_for(results: Path, table: int, row_id, seed: int) -> Path:
@@ -136,7 +111,7 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     data = MBEIR(root, check_images=False)
     sidecar = {"table": ablation.table, "ablation": ablation.name, "row": row.id, "label": row.label, "seed": seed,
                "preset": preset, "hash": h, "config": dataclasses.asdict(cfg), "backbone": str(base),
-               "data_root": str(root), "git": git_commit(), "versions": versions(), "reranker": row.reranker}
+               "data_root": str(root), **provenance(), "reranker": row.reranker}
     stage_root = Path(cfg.cache_dir) / "stages"
     try:
         ckpt = run_stages(cfg, base, stage_root, progress=progress,
@@ -145,15 +120,16 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
         sidecar.update(status="diverged", error=str(e), wall_s=round(time.time() - t0, 1))
         atomic_write_json(side, sidecar)
         return sidecar
-    emb = Embedder.from_pretrained(ckpt, cfg.embedder)
-    evaluate(emb, data, rdir / "eval", pools=cfg.eval.pools, rows=cfg.eval.rows, instructions=cfg.embedder.instructions,
-             instruction_seed=cfg.eval.instruction_seed, batch_size=cfg.eval.batch_size,
-             cache_dir=Path(cfg.cache_dir) / "embeddings", dedup=cfg.eval.dedup_global)
+    rr_dir = None
     if row.reranker:
         from .train.stages import train_reranker
 
         rr_dir = train_reranker(cfg, ckpt, stage_root, backbone=base, progress=progress)
-        rerank_eval(cfg, rdir / "eval", rr_dir, data, progress=progress)
+    emb = Embedder.from_pretrained(ckpt, cfg.embedder)
+    distill = cfg.scaled_stage("distill")  # the reranked row fuses with the distillation teacher's weights
+    evaluate(emb, data, rdir / "eval", cfg.eval, cache_dir=Path(cfg.cache_dir) / "embeddings",
+             shared_dir=Path(results) / EVAL_INPUTS_DIR, reranker=rr_dir,
+             fusion_weights=distill.teacher_weight_overrides, fusion_default=distill.teacher_weight, progress=progress)
     sidecar.update(status="ok", checkpoint=str(ckpt), tau=emb.temperature.value, wall_s=round(time.time() - t0, 1),
                    curves=collect_curves(cfg, stage_root))
     atomic_write_json(side, sidecar)
@@ -174,54 +150,6 @@ def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
                         out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
                                                                      if isinstance(v, (int, float, str))}})
     return out
-
-
-def rerank_eval(cfg: RunConfig, eval_dir: Path, reranker_dir: Path, data: MBEIR, *, progress: bool = True) -> None:
-    """U-MARVEL's recall -> rerank: re-sort each query's top-k by (cos + w P(Yes)) / 2, per pool; rescore.
-
-    The reranked run replaces ``run.trec`` in each pool directory; the embedding-only run is kept as
-    ``run_recall.trec``. P(Yes) is computed once per distinct (query, instruction, candidate) across the
-    pools (a pair in both pools' heads is scored once), in batches that span queries.
-    """
-    import torch
-
-    from .data.items import candidate_item, query_item
-    from .eval.runs import read_queries, read_run, rescore, write_metrics
-    from .models.reranker import Reranker
-    from .models.reranker import fused_teacher, fusion_weights
-
-    k = cfg.eval.rerank_top_k
-    pools = []
-    for pool_dir in sorted(p for p in eval_dir.iterdir() if (p / "run.trec").is_file()):
-        pools.append((pool_dir, read_run(pool_dir / "run.trec"),
-                      {q["qid"]: q for q in read_queries(pool_dir / "queries.jsonl")}))
-    keys = list(dict.fromkeys((qid, queries[qid].get("instruction"), d)
-                              for _, run, queries in pools for qid, full in run.items() for d, _ in full[:k]))
-    cands = {c.did: c for c in data.global_pool(dedup=True)}
-    qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
-    rr = Reranker.from_pretrained(reranker_dir)
-    py = rr.p_yes([(query_item(qobj[qid], data, instruction=ins), candidate_item(cands[d], data))
-                   for qid, ins, d in keys], progress=progress)
-    p_yes = dict(zip(keys, py.tolist()))
-    stage = cfg.scaled_stage("distill")
-    for pool_dir, run, queries in pools:
-        lines = []
-        ws = fusion_weights([queries[qid]["row"] for qid in run], stage.teacher_weight_overrides,
-                            default=stage.teacher_weight)
-        for (qid, full), w in zip(run.items(), ws.tolist()):
-            ranked, rest = full[:k], full[k:]
-            ins = queries[qid].get("instruction")
-            fused = fused_teacher(torch.tensor([s for _, s in ranked]),
-                                  torch.tensor([p_yes[(qid, ins, d)] for d, _ in ranked], dtype=torch.float32), w)
-            order = sorted(range(len(ranked)), key=lambda i: (-float(fused[i]), i))
-            lines += [f"{qid} Q0 {ranked[i][0]} {r} {float(fused[i]):.9g} umarvel-rerank\n" for r, i in enumerate(order, 1)]
-            # below the reranked head the recall order is kept (scores shifted under the head's minimum)
-            floor = float(fused.min()) if len(ranked) else 0.0
-            lines += [f"{qid} Q0 {d} {len(ranked) + j} {floor - 1 - j * 1e-3:.9g} umarvel-rerank\n"
-                      for j, (d, _) in enumerate(rest, 1)]
-        (pool_dir / "run.trec").replace(pool_dir / "run_recall.trec")
-        atomic_write_text(pool_dir / "run.trec", "".join(lines))
-        write_metrics(pool_dir / "metrics.json", rescore(pool_dir))
 
 
 def estimate_cost(cfg: RunConfig, *, n_params: float | None = None, sample: int = 200,

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
 class UnsafePathError(ValueError):
@@ -35,13 +35,18 @@ def safe_join(root: str | os.PathLike, rel: str, *, where: str = "") -> Path:
     return full
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_stream(path: str | os.PathLike, chunks: Iterable[bytes | str]) -> Path:
+    """Write ``chunks`` (bytes, or str encoded as UTF-8) to a temporary sibling, fsync, rename.
+
+    The one atomic writer: the chunks are streamed, never joined in memory (a global TREC run is
+    ~10M lines); on any error the temporary is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,6 +55,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write_stream(path, (data,))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -5,6 +5,7 @@ simple scalars: ``seeds="0,1,2"``, ``rows=""`` (all) or ``"0,4"``.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -155,15 +156,14 @@ def evaluate_checkpoint(checkpoint: str, *, preset: str = "smoke", data_root: st
     from .config import make_run_config
     from .eval.evaluate import evaluate
     from .eval.runs import metrics_frame
-    from .experiment import ensure_data
     from .data.mbeir import MBEIR
+    from .experiment import EVAL_INPUTS_DIR, ensure_data
 
     cfg = make_run_config(preset, {"backbone": checkpoint, "data_root": data_root})
     emb = load_embedder(checkpoint, preset=preset)
     out = results_dir(preset, results) / "checkpoints" / label
-    evaluate(emb, MBEIR(ensure_data(cfg), check_images=False), out, pools=("local", "global"),
-             instructions=emb.cfg.instructions, instruction_seed=cfg.eval.instruction_seed,
-             batch_size=cfg.eval.batch_size, cache_dir=Path(cfg.cache_dir) / "embeddings")
+    evaluate(emb, MBEIR(ensure_data(cfg), check_images=False), out, dataclasses.replace(cfg.eval, pools=("local", "global")),
+             cache_dir=Path(cfg.cache_dir) / "embeddings", shared_dir=out.parent.parent / EVAL_INPUTS_DIR)
     return metrics_frame(out)
 
 

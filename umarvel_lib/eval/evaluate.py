@@ -24,25 +24,27 @@ Item, instruction and candidate semantics are those of :mod:`umarvel_lib.data.it
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
 import logging
-import platform
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol
 
 import numpy as np
 
 from ..data.items import Item, candidate_item, query_items
 from ..data.mbeir import MBEIR, ROW_NAMES, Candidate, Row
-from ..io import atomic_dir, atomic_write_json, config_hash, file_sha256
+from ..config import EvalConfig
+from ..io import atomic_dir, atomic_write_json, file_sha256
+from ..provenance import git_commit, versions
 from . import runs
 from .cache import EmbeddingCache, EncodeJob, ShardStore
-from .metrics import DEFAULT_KS, METRIC_NAME, score_rows
+from .metrics import METRIC_NAME, score_rows
 from .search import TIE_BREAK, MappedSource, SearchError, TopK, merge_topk, search, split_parts
 
 log = logging.getLogger(__name__)
@@ -239,34 +241,41 @@ def _shared_paths(state, out_dir, cache_dir) -> tuple[Path, Path | None]:
 
 # ---- the driver -------------------------------------------------------------------------------------
 
-def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, rows: Sequence[str] | None = None,
-             instructions: bool = True, instruction_seed: int = 0, batch_size: int = 16,
-             cache_dir=None, dedup: bool = True, backend: str = "torch", depth: int = 50,
-             ks: Sequence[int] = DEFAULT_KS, n_boot: int = 1000, boot_seed: int = 0,
-             shard_size: int = 16384, cache_dtype: str = "float32", block_size: int = 16384,
-             query_chunk: int = 4096, run_tag: str = "umarvel", state=None) -> dict:
-    """Evaluate ``encoder`` on M-BEIR; write ``<out_dir>/{local,global}/`` and return their metrics.
+def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, cache_dir=None, shared_dir=None,
+             reranker=None, fusion_weights: Mapping[str, float] | None = None, fusion_default: float = 1.0,
+             progress: bool = False, state=None) -> dict:
+    """Evaluate ``encoder`` on M-BEIR as ``cfg`` says; write ``<out_dir>/{local,global}/``, return their metrics.
 
-    ``rows``: row names (``mscoco_task0``...) whose queries are evaluated, default all present
-    (the global pool is always the union of *all* local pools present). ``cache_dir``: where
-    embedding shards are kept between runs (resume, reuse); ``None`` uses
-    ``<out_dir>/.tmp_embedding_cache``, deleted after a successful run (kept after a failure, so
-    rerunning with the same ``out_dir`` resumes). ``backend``: ``"torch"`` (on the process's
-    device) or ``"faiss"`` exact search. ``depth``: results kept per query in ``run.trec``.
-    ``shard_size``/``cache_dtype``: cache layout (``"float16"`` halves the disk of a 5.6M x 3584
-    global pool, ~40 GB instead of ~80 GB). ``state``: an ``accelerate.PartialState`` (created if
-    omitted; launch several processes with ``accelerate launch`` on GPUs, or ``torchrun
-    --nproc_per_node N`` on CPU). Returns ``{"local": metrics, "global": metrics, "out_dir": ...}``
-    on every process. Queries without positives: see the module doc.
+    ``cfg`` (:class:`~umarvel_lib.config.EvalConfig`, defaults when omitted): pools, rows (names like
+    ``mscoco_task0`` whose queries are evaluated, default all present; the global pool is always the
+    union of *all* local pools present), instructions (None: the encoder's ``cfg.instructions``),
+    search backend (``"torch"`` on the process's device, or ``"faiss"``), depth (results kept per
+    query in ``run.trec``), ks, bootstrap, cache layout (``cache_dtype="float16"`` halves the disk
+    of a 5.6M x 3584 global pool, ~40 GB instead of ~80 GB) and ``dedup_global``.
+
+    Run-time arguments (not results): ``cache_dir``, where embedding shards are kept between runs
+    (resume, reuse); ``None`` uses ``<out_dir>/.tmp_embedding_cache``, deleted after a successful
+    run (kept after a failure, so rerunning with the same ``out_dir`` resumes). ``shared_dir``: when
+    given, each pool directory references one shared copy of ``qrels.txt``/``queries.jsonl`` there
+    (:func:`.runs.share_inputs`) instead of holding its own. ``reranker`` (a checkpoint directory or
+    a :class:`~umarvel_lib.models.reranker.Reranker`): re-sort each query's top ``cfg.rerank_top_k``
+    by the fused score (:mod:`.rerank`, weights ``fusion_weights``/``fusion_default``). ``state``:
+    an ``accelerate.PartialState`` (created if omitted; launch several processes with ``accelerate
+    launch`` on GPUs, or ``torchrun --nproc_per_node N`` on CPU). Returns ``{"local": metrics,
+    "global": metrics, "out_dir": ...}`` on every process. Queries without positives: see the
+    module doc.
     """
     t_start = time.perf_counter()
-    pools = tuple(pools)
+    cfg = cfg if cfg is not None else EvalConfig()
+    cfg = dataclasses.replace(cfg, pools=tuple(cfg.pools), ks=tuple(sorted(set(int(k) for k in cfg.ks))))
+    ecfg = getattr(encoder, "cfg", None)
+    instructions = cfg.instructions if cfg.instructions is not None else bool(getattr(ecfg, "instructions", True))
+    pools, rows, depth = cfg.pools, cfg.rows, cfg.depth
     bad = [p for p in pools if p not in POOLS]
     if bad or not pools:
         raise EvaluationError(f"pools must be a non-empty subset of {POOLS}, got {pools}")
-    ks = sorted(set(int(k) for k in ks))
-    if depth < max(ks):
-        raise EvaluationError(f"depth {depth} < largest k {max(ks)}")
+    if depth < max(cfg.ks):
+        raise EvaluationError(f"depth {depth} < largest k {max(cfg.ks)}")
     state = _state(state)
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     out_dir, cache_dir = _shared_paths(state, out_dir, cache_dir)
@@ -276,7 +285,7 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
     eval_rows = data.rows(only=rows)
     if not eval_rows:
         raise EvaluationError(f"no evaluation rows found under {data.root / 'query' / data.split}")
-    rqs = _collect_queries(data, eval_rows, instructions, instruction_seed)
+    rqs = _collect_queries(data, eval_rows, instructions, cfg.instruction_seed)
     pool_rows = data.rows() if "global" in pools else list(eval_rows)  # data.rows() includes eval_rows
     local_lists = {r.name: data.local_pool(r) for r in pool_rows}
 
@@ -309,7 +318,7 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
                                                    [(store_of_row[rq.row.name], np.arange(len(dids)))])))
     global_info = {}
     if "global" in pools:
-        gpool, extra_job, global_info = _global_pool(data, pool_rows, local_lists, store_of_row, dedup, ident,
+        gpool, extra_job, global_info = _global_pool(data, pool_rows, local_lists, store_of_row, cfg.dedup_global, ident,
                                                      extra_store_id=len(jobs))
         if extra_job is not None:
             jobs.append(extra_job)
@@ -321,12 +330,12 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
     # ---- encode (every process, its share of shards) -----------------------------------------
     tmp_cache = cache_dir is None
     cache_root = Path(cache_dir) if cache_dir is not None else out_dir / ".tmp_embedding_cache"
-    cache = EmbeddingCache(cache_root, shard_size=shard_size, dtype=cache_dtype)
+    cache = EmbeddingCache(cache_root, shard_size=cfg.shard_size, dtype=cfg.cache_dtype)
     if main:
         cache.cleanup_tmp()
     _barrier(state)
     t0 = time.perf_counter()
-    stores = cache.encode(jobs, encoder, batch_size=batch_size, rank=rank, world_size=world)
+    stores = cache.encode(jobs, encoder, batch_size=cfg.batch_size, rank=rank, world_size=world, progress=progress)
     _barrier(state)
     for s in stores:
         s.verify()
@@ -345,24 +354,28 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
         for t_i, (rq_list, pool) in enumerate(tasks):
             q = np.concatenate([stores[qjob_of_row[rq.row.name]].load() for rq in rq_list])
             src = pool.source(stores)
-            part = search(q, src, depth, backend=backend, parts=split_parts(src.num_parts, rank, world),
-                          block_size=block_size, query_chunk=query_chunk,
-                          device=getattr(state, "device", None) if backend == "torch" else None)
+            part = search(q, src, depth, backend=cfg.backend, parts=split_parts(src.num_parts, rank, world),
+                          block_size=cfg.block_size, query_chunk=cfg.query_chunk,
+                          device=getattr(state, "device", None) if cfg.backend == "torch" else None)
             topks.append(_gather(part, state, scratch / f"{pool_name}_{t_i}", depth))
         t_search = time.perf_counter() - t0
         if main:
-            cfg = _config(pool_name, data, encoder, ident, eval_rows, rqs, pools, instructions, instruction_seed,
-                          batch_size, cache_root if not tmp_cache else None, dedup, backend, depth, ks, n_boot,
-                          boot_seed, shard_size, cache_dtype, world, pool_files, global_info,
-                          {"encode_s": round(t_encode, 3), "search_s": round(t_search, 3)},
-                          sum(len(p.dids) for _, p in tasks) if pool_name == "global" else None)
-            results[pool_name] = _write_run_dir(out_dir / pool_name, pool_name, tasks, topks, cfg, ks, n_boot,
-                                                boot_seed, run_tag, depth, data.split, instruction_seed)
+            record = _config(pool_name, cfg, instructions, data, encoder, ident, eval_rows, rqs,
+                             cache_root if not tmp_cache else None, world, pool_files, global_info,
+                             {"encode_s": round(t_encode, 3), "search_s": round(t_search, 3)},
+                             sum(len(p.dids) for _, p in tasks) if pool_name == "global" else None)
+            results[pool_name] = _write_run_dir(out_dir / pool_name, pool_name, tasks, topks, record, cfg, data.split,
+                                                shared_dir)
     _barrier(state)  # every process is done with the scratch parts and the cache
     if main:
         shutil.rmtree(scratch, ignore_errors=True)
         if tmp_cache:
             shutil.rmtree(cache_root, ignore_errors=True)
+        if reranker is not None:
+            from .rerank import rerank_pools
+
+            results.update(rerank_pools(out_dir, reranker, data, top_k=cfg.rerank_top_k, weights=fusion_weights,
+                                        default_weight=fusion_default, progress=progress))
     if world > 1:  # hand the metrics over in memory: out_dir may be the main process's temporary dir
         from accelerate.utils import broadcast_object_list
 
@@ -438,7 +451,8 @@ def _gather(part: TopK, state, scratch: Path, k: int) -> TopK | None:
     return merge_topk([TopK.load(scratch / f"rank{r}.npz") for r in range(state.num_processes)], k)
 
 
-def _write_run_dir(path: Path, pool_name, tasks, topks, cfg, ks, n_boot, boot_seed, tag, depth, split, iseed) -> dict:
+def _write_run_dir(path: Path, pool_name, tasks, topks, record: dict, cfg: EvalConfig, split: str,
+                   shared_dir) -> dict:
     qrels_all: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
     row_qids: dict[str, list[str]] = {}
@@ -447,7 +461,7 @@ def _write_run_dir(path: Path, pool_name, tasks, topks, cfg, ks, n_boot, boot_se
     line_gens = []
     for (rq_list, pool), tk in zip(tasks, topks):
         keys = [k for rq in rq_list for k, s in zip(rq.qids, rq.scored) if s]
-        line_gens.append(runs.trec_lines(keys, tk.indices, tk.scores, pool.dids, tag, depth))
+        line_gens.append(runs.trec_lines(keys, tk.indices, tk.scores, pool.dids, cfg.run_tag, cfg.depth))
         for key, row_idx in zip(keys, tk.indices):
             run[key] = [pool.dids[i] for i in row_idx if i >= 0]
     for rq in (rq for rq_list, _ in tasks for rq in rq_list):
@@ -458,69 +472,45 @@ def _write_run_dir(path: Path, pool_name, tasks, topks, cfg, ks, n_boot, boot_se
             if s:
                 qrels_all[key] = rq.qrels[key]
                 task_of[key] = rq.row.task_id
-    metrics = score_rows(run, qrels_all, row_qids, ks=ks, n_boot=n_boot, seed=boot_seed)
-    metrics.update(pool=pool_name, paper_table=PAPER_TABLE[pool_name], split=split, instruction_seed=iseed)
+    metrics = score_rows(run, qrels_all, row_qids, ks=cfg.ks, n_boot=cfg.n_boot, seed=cfg.boot_seed)
+    metrics.update(pool=pool_name, paper_table=PAPER_TABLE[pool_name], split=split,
+                   instruction_seed=cfg.instruction_seed)
     with atomic_dir(path) as tmp:
         runs.write_run(tmp / runs.RUN_FILE, itertools.chain.from_iterable(line_gens))
         runs.write_qrels(tmp / runs.QRELS_FILE, qrels_all, task_of)
         runs.write_queries(tmp / runs.QUERIES_FILE, qrecs)
         runs.write_metrics(tmp / runs.METRICS_FILE, metrics)
-        atomic_write_json(tmp / runs.CONFIG_FILE, cfg)
+        atomic_write_json(tmp / runs.CONFIG_FILE, record)
+        if shared_dir is not None:
+            runs.share_inputs(tmp, shared_dir, final_dir=path)
     return metrics
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _versions() -> dict:
-    import torch
-
-    v = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-         "git_commit": _git_commit()}
-    try:
-        import faiss
-
-        v["faiss"] = faiss.__version__
-    except ImportError:
-        pass
-    return v
-
-
-def _config(pool_name, data, encoder, ident, eval_rows, rqs, pools, instructions, instruction_seed, batch_size,
-            cache_dir, dedup, backend, depth, ks, n_boot, boot_seed, shard_size, cache_dtype, world, pool_files,
-            global_info, timing, n_global):
-    cfg = {
-        "pool": pool_name, "pools_evaluated": list(pools), "paper_table": PAPER_TABLE[pool_name],
+def _config(pool_name, cfg: EvalConfig, instructions: bool, data, encoder, ident, eval_rows, rqs, cache_dir, world,
+            pool_files, global_info, timing, n_global) -> dict:
+    """``config.json`` of one pool directory: the evaluation settings and where every input came from."""
+    rec = {
+        "pool": pool_name, "pools_evaluated": list(cfg.pools), "paper_table": PAPER_TABLE[pool_name],
         "metric": METRIC_NAME,
         "data_root": str(data.root), "split": data.split,
         "rows": [r.name for r in eval_rows], "all_16_rows": [r.name for r in eval_rows] == list(ROW_NAMES),
         **ident, "encoder_class": type(encoder).__qualname__,
-        "instructions": instructions, "instruction_seed": instruction_seed,
+        "instructions": instructions, "instruction_seed": cfg.instruction_seed,
         "row_instruction_seeds": {rq.row.name: rq.seed for rq in rqs},
-        "batch_size": batch_size, "backend": backend, "depth": depth, "ks": list(ks), "tie_break": TIE_BREAK,
-        "bootstrap": {"n": n_boot, "seed": boot_seed},
-        "cache_dir": str(cache_dir) if cache_dir else None, "shard_size": shard_size, "cache_dtype": cache_dtype,
-        "num_processes": world, "timing": timing, "versions": _versions(),
+        "batch_size": cfg.batch_size, "backend": cfg.backend, "depth": cfg.depth, "ks": list(cfg.ks),
+        "tie_break": TIE_BREAK, "bootstrap": {"n": cfg.n_boot, "seed": cfg.boot_seed},
+        "cache_dir": str(cache_dir) if cache_dir else None, "shard_size": cfg.shard_size,
+        "cache_dtype": cfg.cache_dtype, "num_processes": world, "timing": timing,
+        "versions": {**versions(), "git_commit": git_commit()},
         "query_files": {rq.row.name: str(rq.row.query_file) for rq in rqs},
         "qrels_files": {rq.row.name: str(rq.row.qrels_file) for rq in rqs},
     }
     if pool_name == "local":
-        cfg["pool_files"] = {r.name: pool_files[r.name] for r in eval_rows}
+        rec["pool_files"] = {r.name: pool_files[r.name] for r in eval_rows}
     else:
-        cfg["global_pool"] = {**global_info, "dedup": dedup, "n_candidates": n_global, "local_pool_files": pool_files}
-    return cfg
+        rec["global_pool"] = {**global_info, "dedup": cfg.dedup_global, "n_candidates": n_global,
+                              "local_pool_files": pool_files}
+    return rec
 
 
 __all__ = ["Encoder", "HashingEncoder", "EvaluationError", "evaluate", "row_seed", "POOLS", "PAPER_TABLE"]

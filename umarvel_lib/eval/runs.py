@@ -8,6 +8,11 @@ One self-contained directory per pool (``<out>/local/``, ``<out>/global/``)::
     metrics.json   {"rows": {row: {"R@1", ..., "headline", "ci95", ...}}, "avg": {...}, ...}
     config.json    everything needed to know what produced the numbers
 
+``qrels.txt`` and ``queries.jsonl`` are the same for every run on one data build (and instruction
+seed): a run directory may instead hold ``qrels.txt.ref.json`` / ``queries.jsonl.ref.json``, a path
+to one shared copy and its sha256 (:func:`share_inputs`, :func:`input_file`); readers go through
+:func:`input_file`, so both layouts read the same.
+
 The rank column is authoritative: re-scoring (:func:`rescore`) orders each query's candidates by
 rank, never by score, so float ties and score formatting cannot change a number. Scores are
 written with 9 significant digits (float32 round-trips).
@@ -16,58 +21,104 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..data.mbeir import ROW_NAMES, read_qrels, row_of_query
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_stream, atomic_write_text, file_sha256
 from .metrics import DEFAULT_KS, score_rows
 
 RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
     "run.trec", "qrels.txt", "queries.jsonl", "metrics.json", "config.json")
+#: Files that are the same for every run on one data build: a run directory may hold, instead of the
+#: file, ``<name>.ref.json`` = {"path": relative path of a shared copy, "sha256": its digest}.
+SHAREABLE = (QRELS_FILE, QUERIES_FILE)
+REF_SUFFIX = ".ref.json"
 
 
 class RunFormatError(ValueError):
     """A malformed run directory file; the message starts with ``file:line``."""
 
 
+# ---- shared inputs: one copy of queries/qrels per data build, referenced by path + sha256 ---------
+
+def input_file(run_dir, name: str) -> Path:
+    """``<run_dir>/<name>``, or the shared copy its ``<name>.ref.json`` points to (sha256 checked).
+
+    Raises FileNotFoundError naming the run directory when neither exists, and RunFormatError
+    naming the reference when the shared copy is missing or its digest differs."""
+    run_dir = Path(run_dir)
+    if (run_dir / name).is_file():
+        return run_dir / name
+    ref_file = run_dir / (name + REF_SUFFIX)
+    if not ref_file.is_file():
+        raise FileNotFoundError(f"{run_dir}: neither {name} nor {name + REF_SUFFIX}")
+    try:
+        ref = json.loads(ref_file.read_text())
+        target, sha = (run_dir / ref["path"]).resolve(), ref["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunFormatError(f"{ref_file}: not a reference {{'path', 'sha256'}} ({e})") from None
+    if not target.is_file():
+        raise RunFormatError(f"{ref_file}: the shared file {target} does not exist")
+    if file_sha256(target) != sha:
+        raise RunFormatError(f"{ref_file}: {target} has sha256 {file_sha256(target)}, the reference says {sha}")
+    return target
+
+
+def share_inputs(run_dir, shared_dir, *, final_dir=None) -> list[str]:
+    """Replace the run directory's :data:`SHAREABLE` files by references to one copy in ``shared_dir``.
+
+    The copy is named by content (``<stem>-<sha256[:16]><suffix>``) and written once; the reference's
+    path is relative to ``final_dir`` (default ``run_dir``; the final place of a directory being
+    built under a temporary name). Returns the names replaced."""
+    run_dir, shared_dir = Path(run_dir), Path(shared_dir)
+    final_dir = Path(final_dir) if final_dir is not None else run_dir
+    done = []
+    for name in SHAREABLE:
+        f = run_dir / name
+        if not f.is_file():
+            continue
+        sha = file_sha256(f)
+        target = shared_dir / f"{Path(name).stem}-{sha[:16]}{Path(name).suffix}"
+        if not (target.is_file() and file_sha256(target) == sha):
+            atomic_write_bytes(target, f.read_bytes())
+        rel = os.path.relpath(target.resolve(), final_dir.resolve())
+        atomic_write_json(run_dir / (name + REF_SUFFIX), {"path": rel, "sha256": sha})
+        f.unlink()
+        done.append(name)
+    return done
+
+
 # ---- TREC run -------------------------------------------------------------------------------------
+
+def _check_tag(tag: str) -> str:
+    if any(c.isspace() for c in tag) or not tag:
+        raise ValueError(f"run tag {tag!r} must be a non-empty word without spaces")
+    return tag
+
+
+def ranked_lines(qid: str, ranked: Iterable[tuple[str, float]], tag: str) -> Iterable[str]:
+    """TREC lines of one query's ranking ``[(did, score), ...]`` (best first): ranks 1, 2, ..."""
+    _check_tag(tag)
+    for rank, (did, score) in enumerate(ranked, 1):
+        yield f"{qid} Q0 {did} {rank} {float(score):.9g} {tag}\n"
+
 
 def trec_lines(qids: Sequence[str], indices: np.ndarray, scores: np.ndarray, dids: Sequence[str],
                tag: str, depth: int | None = None) -> Iterable[str]:
     """TREC lines for a top-k result: ``qid Q0 did rank score tag``. Empty slots (index -1) are dropped."""
-    if any(c.isspace() for c in tag) or not tag:
-        raise ValueError(f"run tag {tag!r} must be a non-empty word without spaces")
+    _check_tag(tag)
     depth = depth or indices.shape[1]
     for qid, idx_row, sc_row in zip(qids, indices, scores):
-        rank = 0
-        for i, s in zip(idx_row[:depth], sc_row[:depth]):
-            if i < 0:
-                break
-            rank += 1
-            yield f"{qid} Q0 {dids[i]} {rank} {float(s):.9g} {tag}\n"
+        kept = [(dids[i], s) for i, s in zip(idx_row[:depth], sc_row[:depth]) if i >= 0]
+        yield from ranked_lines(qid, kept, tag)
 
 
 def write_run(path, lines: Iterable[str]) -> Path:
-    """Stream ``lines`` to ``path`` atomically (temporary sibling, fsync, rename): a global run over
-    ~190k queries x 50 is ~10M lines, which are never joined in memory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Stream TREC ``lines`` to ``path`` atomically (:func:`umarvel_lib.io.atomic_write_stream`)."""
+    return atomic_write_stream(path, lines)
 
 
 def read_run(path) -> dict[str, list[tuple[str, float]]]:
@@ -152,13 +203,13 @@ def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = No
     n_boot = n_boot if n_boot is not None else boot.get("n", 1000)
     seed = seed if seed is not None else boot.get("seed", 0)
     run = ranked_dids(read_run(run_dir / RUN_FILE))
-    qrels = read_qrels(run_dir / QRELS_FILE)
+    qrels = read_qrels(input_file(run_dir, QRELS_FILE))
     row_qids: dict[str, list[str]] = {}
-    if (run_dir / QUERIES_FILE).is_file():
-        for r in read_queries(run_dir / QUERIES_FILE):
+    if (run_dir / QUERIES_FILE).is_file() or (run_dir / (QUERIES_FILE + REF_SUFFIX)).is_file():
+        for r in read_queries(input_file(run_dir, QUERIES_FILE)):
             row_qids.setdefault(r["row"], []).append(r["qid"])
     else:
-        for qid, task in _qrels_task_ids(run_dir / QRELS_FILE).items():
+        for qid, task in _qrels_task_ids(input_file(run_dir, QRELS_FILE)).items():
             row_qids.setdefault(row_of_query(qid, task), []).append(qid)
     out = score_rows(run, qrels, row_qids, ks=ks, n_boot=n_boot, seed=seed)
     for key in ("pool", "paper_table", "split", "instruction_seed"):

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data.mbeir import headline_k, read_qrels
-from ..eval.metrics import first_hit_rank
+from ..eval.metrics import hits_table
 from ..io import atomic_write_json
-from ..eval.runs import QRELS_FILE, QUERIES_FILE, RUN_FILE, ranked_dids, read_queries, read_run
+from ..eval.runs import QRELS_FILE, QUERIES_FILE, RUN_FILE, input_file, ranked_dids, read_queries, read_run
 from ..paper import FINDINGS_BY_ID, Finding
 
 HELD, NOISE, CONTRA, FEW, MISSING = "held", "within noise", "contradicted", "too few seeds", "not run"
@@ -36,7 +36,8 @@ HITS_FILE = "headline_hits.json"
 
 
 def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
-    """{row: (qids, 0/1 hits at the row's headline k)} from ``run.trec`` + ``qrels.txt`` + ``queries.jsonl``.
+    """{row: (qids, 0/1 hits at the row's headline k)} from ``run.trec`` + ``qrels.txt`` + ``queries.jsonl``
+    (the latter two in the run directory or referenced, :func:`~umarvel_lib.eval.runs.input_file`).
 
     The result is kept beside them as ``headline_hits.json`` (small, committed with results), so
     verdicts can be recomputed where the large ``run.trec`` is not kept.
@@ -55,19 +56,15 @@ def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
 
 def _hits_from_run(run_dir: Path) -> dict[str, tuple[list[str], np.ndarray]]:
     run = ranked_dids(read_run(run_dir / RUN_FILE))
-    qrels = read_qrels(run_dir / QRELS_FILE)
+    qrels = read_qrels(input_file(run_dir, QRELS_FILE))
     rows: dict[str, list[str]] = {}
-    for r in read_queries(run_dir / QUERIES_FILE):
+    for r in read_queries(input_file(run_dir, QUERIES_FILE)):
         if r.get("scored", True):
             rows.setdefault(r["row"], []).append(r["qid"])
     out = {}
     for row, qids in rows.items():
-        k = headline_k(row)
-        hits = []
-        for q in qids:
-            rank = first_hit_rank(run.get(q, ()), qrels.get(q, set()))
-            hits.append(1.0 if rank is not None and rank <= k else 0.0)
-        out[row] = (qids, np.asarray(hits))
+        hits, scored, _ = hits_table(run, qrels, qids, [headline_k(row)])  # the metrics' own hit rule
+        out[row] = (scored, hits[:, 0])
     return out
 
 

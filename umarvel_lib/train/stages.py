@@ -37,13 +37,13 @@ from ..config import RunConfig, StageConfig
 from ..data.items import Item, candidate_item, query_item
 from ..data.mbeir import MBEIR, TASKS, row_of_query
 from ..data.synthetic import read_cc3m, read_nli
-from ..io import atomic_write_bytes, atomic_write_json, config_hash, file_lock
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, config_hash, file_lock
 from ..models.embedder import Embedder
 from ..models.reranker import Reranker, fused_teacher, fusion_weights
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step, loss_in_full_precision
 from .losses import distill_kl, gather_with_grad, info_nce
-from .mining import load_negatives, mine_hard_negatives, save_negatives
+from .mining import exact_topk, load_negatives, mine_hard_negatives, save_negatives
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
         c = emb.encode([candidate_item(x, data) for x in pool], batch_size=cfg.eval.batch_size, desc="teacher: pool",
                        progress=progress)
         k = min(stage.teacher_top_k, len(pool))
-        scores, idx = torch.topk(torch.from_numpy(q) @ torch.from_numpy(c).T, k, dim=1)
+        scores, idx = exact_topk(q, c, k)  # the shared search and tie-break (eval.search)
         rr = Reranker.from_pretrained(reranker_dir)
         # one batched pass over every (query, candidate) pair, k per query in order
         py = rr.p_yes([(p.query, candidate_item(pool[j], data)) for i, p in enumerate(pairs) for j in idx[i].tolist()],
@@ -324,8 +324,6 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
         fused = fused_teacher(scores, py, w)
         recs = [{"qid": p.qid, "dids": [pool[j].did for j in idx[i].tolist()], "teacher": fused[i].tolist()}
                 for i, p in enumerate(pairs)]
-        from ..io import atomic_write_text
-
         atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in recs))
     recs = [json.loads(x) for x in f.read_text().splitlines()]
     qmap = {p.qid: p for p in pairs}
