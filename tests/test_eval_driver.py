@@ -398,7 +398,7 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data
     for pool in ("local", "global"):
         pdir = tmp_path / "eval" / pool
         assert runs.read_run(pdir / "run_recall.trec") == recall[pool]
-        assert not (pdir / "queries.jsonl").exists() and (pdir / "queries.jsonl.ref.json").is_file()
+        assert not (pdir / "queries.jsonl").exists() and (pdir / runs.INPUTS_REF_FILE).is_file()
         queries = {q["qid"]: q for q in runs.read_queries(runs.input_file(pdir, runs.QUERIES_FILE))}
         new = runs.read_run(pdir / "run.trec")
         for qid, full in recall[pool].items():
@@ -413,7 +413,7 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data
 
 def test_shared_inputs_are_one_copy_referenced_by_path_and_sha256(evaluated, tmp_path):
     """``share_inputs``: qrels/queries of run directories on one data build become one content-named copy
-    plus ``<name>.ref.json`` (relative path + sha256) per directory; rescoring and the findings' hits read
+    plus ``inputs.ref.json`` (relative path + sha256 of each) per directory; rescoring and the findings' hits read
     through the reference and give the same numbers; a changed shared copy is refused, naming the reference."""
     import shutil
 
@@ -433,10 +433,10 @@ def test_shared_inputs_are_one_copy_referenced_by_path_and_sha256(evaluated, tmp
         assert runs.rescore(tmp_path / "b" / p) == before[p]
     assert {r: (q, h.tolist()) for r, (q, h) in _hits_from_run(tmp_path / "a" / "local").items()} == \
         {r: (q, h.tolist()) for r, (q, h) in hits.items()}
-    ref = json.loads((tmp_path / "a" / "local" / "queries.jsonl.ref.json").read_text())
+    ref = json.loads((tmp_path / "a" / "local" / runs.INPUTS_REF_FILE).read_text())[runs.QUERIES_FILE]
     target = (tmp_path / "a" / "local" / ref["path"]).resolve()
     target.write_text(target.read_text() + "\n")
-    with pytest.raises(runs.RunFormatError, match=r"queries.jsonl.ref.json: .* has sha256"):
+    with pytest.raises(runs.RunFormatError, match=r"inputs.ref.json: .* has sha256"):
         runs.rescore(tmp_path / "a" / "local")
     target.unlink()
     with pytest.raises(runs.RunFormatError, match="does not exist"):

@@ -9,8 +9,8 @@ One self-contained directory per pool (``<out>/local/``, ``<out>/global/``)::
     config.json    everything needed to know what produced the numbers
 
 ``qrels.txt`` and ``queries.jsonl`` are the same for every run on one data build (and instruction
-seed): a run directory may instead hold ``qrels.txt.ref.json`` / ``queries.jsonl.ref.json``, a path
-to one shared copy and its sha256 (:func:`share_inputs`, :func:`input_file`); readers go through
+seed): a run directory may instead hold ``inputs.ref.json``: for each, a path to one shared copy and its
+sha256 (:func:`share_inputs`, :func:`input_file`); readers go through
 :func:`input_file`, so both layouts read the same.
 
 The rank column is authoritative: re-scoring (:func:`rescore`) orders each query's candidates by
@@ -32,10 +32,10 @@ from .metrics import DEFAULT_KS, score_rows
 
 RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
     "run.trec", "qrels.txt", "queries.jsonl", "metrics.json", "config.json")
-#: Files that are the same for every run on one data build: a run directory may hold, instead of the
-#: file, ``<name>.ref.json`` = {"path": relative path of a shared copy, "sha256": its digest}.
+#: Files that are the same for every run on one data build: a run directory may hold, instead of
+#: them, ``inputs.ref.json`` = {file name: {"path": relative path of a shared copy, "sha256": digest}}.
 SHAREABLE = (QRELS_FILE, QUERIES_FILE)
-REF_SUFFIX = ".ref.json"
+INPUTS_REF_FILE = "inputs.ref.json"
 
 
 class RunFormatError(ValueError):
@@ -45,26 +45,34 @@ class RunFormatError(ValueError):
 # ---- shared inputs: one copy of queries/qrels per data build, referenced by path + sha256 ---------
 
 def input_file(run_dir, name: str) -> Path:
-    """``<run_dir>/<name>``, or the shared copy its ``<name>.ref.json`` points to (sha256 checked).
+    """``<run_dir>/<name>``, or the shared copy that ``inputs.ref.json`` names for it (sha256 checked).
 
     Raises FileNotFoundError naming the run directory when neither exists, and RunFormatError
     naming the reference when the shared copy is missing or its digest differs."""
     run_dir = Path(run_dir)
     if (run_dir / name).is_file():
         return run_dir / name
-    ref_file = run_dir / (name + REF_SUFFIX)
+    ref_file = run_dir / INPUTS_REF_FILE
     if not ref_file.is_file():
-        raise FileNotFoundError(f"{run_dir}: neither {name} nor {name + REF_SUFFIX}")
+        raise FileNotFoundError(f"{run_dir}: neither {name} nor {INPUTS_REF_FILE}")
     try:
-        ref = json.loads(ref_file.read_text())
+        ref = json.loads(ref_file.read_text())[name]
         target, sha = (run_dir / ref["path"]).resolve(), ref["sha256"]
     except (ValueError, KeyError, TypeError) as e:
-        raise RunFormatError(f"{ref_file}: not a reference {{'path', 'sha256'}} ({e})") from None
+        raise RunFormatError(f"{ref_file}: no reference {{'path', 'sha256'}} for {name} ({e!r})") from None
     if not target.is_file():
-        raise RunFormatError(f"{ref_file}: the shared file {target} does not exist")
-    if file_sha256(target) != sha:
-        raise RunFormatError(f"{ref_file}: {target} has sha256 {file_sha256(target)}, the reference says {sha}")
+        raise RunFormatError(f"{ref_file}: the shared {name} {target} does not exist")
+    got = file_sha256(target)
+    if got != sha:
+        raise RunFormatError(f"{ref_file}: {target} has sha256 {got}, the reference says {sha}")
     return target
+
+
+def has_input(run_dir, name: str) -> bool:
+    """Whether the run directory holds ``name`` or a reference to it."""
+    run_dir = Path(run_dir)
+    ref = run_dir / INPUTS_REF_FILE
+    return (run_dir / name).is_file() or (ref.is_file() and name in json.loads(ref.read_text()))
 
 
 def share_inputs(run_dir, shared_dir, *, final_dir=None) -> list[str]:
@@ -75,6 +83,8 @@ def share_inputs(run_dir, shared_dir, *, final_dir=None) -> list[str]:
     built under a temporary name). Returns the names replaced."""
     run_dir, shared_dir = Path(run_dir), Path(shared_dir)
     final_dir = Path(final_dir) if final_dir is not None else run_dir
+    ref_file = run_dir / INPUTS_REF_FILE
+    refs = json.loads(ref_file.read_text()) if ref_file.is_file() else {}
     done = []
     for name in SHAREABLE:
         f = run_dir / name
@@ -84,10 +94,12 @@ def share_inputs(run_dir, shared_dir, *, final_dir=None) -> list[str]:
         target = shared_dir / f"{Path(name).stem}-{sha[:16]}{Path(name).suffix}"
         if not (target.is_file() and file_sha256(target) == sha):
             atomic_write_bytes(target, f.read_bytes())
-        rel = os.path.relpath(target.resolve(), final_dir.resolve())
-        atomic_write_json(run_dir / (name + REF_SUFFIX), {"path": rel, "sha256": sha})
-        f.unlink()
+        refs[name] = {"path": os.path.relpath(target.resolve(), final_dir.resolve()), "sha256": sha}
         done.append(name)
+    if done:
+        atomic_write_json(ref_file, refs)
+        for name in done:
+            (run_dir / name).unlink()
     return done
 
 
@@ -205,7 +217,7 @@ def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = No
     run = ranked_dids(read_run(run_dir / RUN_FILE))
     qrels = read_qrels(input_file(run_dir, QRELS_FILE))
     row_qids: dict[str, list[str]] = {}
-    if (run_dir / QUERIES_FILE).is_file() or (run_dir / (QUERIES_FILE + REF_SUFFIX)).is_file():
+    if has_input(run_dir, QUERIES_FILE):
         for r in read_queries(input_file(run_dir, QUERIES_FILE)):
             row_qids.setdefault(r["row"], []).append(r["qid"])
     else:

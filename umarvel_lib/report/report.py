@@ -28,8 +28,9 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
     all_v = []
     parts = [f"# U-MARVEL reproduction report: preset `{preset}`\n",
              "Every number in the *ours* columns comes from a run of this kit (run directories under "
-             "`runs/`, each with `row.json` and `eval/<pool>/` holding `metrics.json`, `qrels.txt`, `queries.jsonl`, "
-             "`headline_hits.json` and the TREC run `run.trec`, which is regenerated rather than committed). The *paper* "
+             "`runs/`, each with `row.json` and `eval/<pool>/` holding `metrics.json`, `config.json`, "
+             "`headline_hits.json`, `inputs.ref.json` (path + sha256 of the qrels and queries shared by every run "
+             "under `eval_inputs/`) and the TREC run `run.trec`, which is regenerated rather than committed). The *paper* "
              "columns are the paper's numbers (Tables 1-6 **provisional**: secondary summaries, see "
              "`umarvel_lib/paper_tables/PROVENANCE.md`). At micro scale absolute numbers are not comparable "
              "with the paper's; what is compared is the **direction** of each finding.\n"]
