@@ -48,7 +48,7 @@ CHECKS = {
     "01_embedding_extraction": (
         "## Why T1b (causal + mean collapses) may not show here\n\n"
         "The paper's largest Table 1 effect is causal + mean + prompt at 33.7 vs 56.6 for causal + last + prompt "
-        "(a gap of -22.9). A full-fine-tuning probe at micro scale did not show it (`../shared/notes/MICRO_PROBE.md`). "
+        "(a gap of -22.9). A full-fine-tuning probe at micro scale did not show it (`docs/micro_scale.md`). "
         "Rows `ft0`/`ft2` repeat the two causal rows with full fine-tuning of the language model instead of LoRA. "
         "Below, the mean-minus-last gap under each (paired over seeds, bootstrapped over queries): if LoRA and full "
         "fine-tuning give the same sign, the missing collapse is not a LoRA effect. The other candidate causes "

@@ -8,7 +8,7 @@ from PIL import Image
 from umarvel_lib.data.mbeir import (EVAL_ROWS, MBEIR, MBEIRFormatError, ROW_NAMES, format_string, headline_k,
                                     read_instructions, read_pool, read_qrels, read_queries)
 
-# Literal records from the real M-BEIR (FACTS.md §10, copied in castorini/UniRAG:README.md)
+# Literal records from the real M-BEIR (docs/mbeir.md, copied in castorini/UniRAG:README.md)
 REAL_QUERY = {"qid": "9:6", "query_txt": None,
               "query_img_path": "mbeir_images/mscoco_images/val2014/COCO_val2014_000000391895.jpg",
               "query_modality": "image", "query_src_content": None,

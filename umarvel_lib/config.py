@@ -2,7 +2,7 @@
 
 A run is a :class:`RunConfig`: which backbone, which data, how the embedder computes an embedding
 (:class:`EmbedderConfig`, here so that this module stays torch-free), which training stages run with which recipe
-(:class:`StageConfig`, the paper's values in :data:`PAPER_STAGES`, FACTS.md §4), and how it is
+(:class:`StageConfig`, the paper's values in :data:`PAPER_STAGES`, docs/recipe.md "Stages"), and how it is
 evaluated (:class:`EvalConfig`).
 
 ``make_run_config(preset, overrides)`` starts from the paper recipe, applies the preset's scaling
@@ -114,7 +114,7 @@ class StageConfig:
     mixed_precision: str = "no"  # no | bf16 (autocast); set by the preset's scale.mixed_precision
 
 
-# The paper's recipe (FACTS.md §4, Qwen2-VL-7B, 64 devices). Batches are global.
+# The paper's recipe (docs/recipe.md "Stages", Qwen2-VL-7B, 64 devices). Batches are global.
 PAPER_STAGES: dict[str, StageConfig] = {
     "nli": StageConfig("nli", lora_r=64, lora_alpha=128, lr=2e-4, epochs=2, batch_size=72 * 64),
     "cc3m": StageConfig("cc3m", lora_r=128, lora_alpha=256, lr=1e-4, epochs=1, batch_size=60 * 64, symmetric=True),

@@ -1,6 +1,6 @@
 """M-BEIR on-disk format (UniIR / TIGER-Lab), read and validated.
 
-Layout under a data root (FACTS.md §10)::
+Layout under a data root (docs/mbeir.md)::
 
     query/{train,union_train,val,test}/mbeir_<dataset>_task<N>_<split>.jsonl
     cand_pool/local/mbeir_<dataset>_task<N>_cand_pool.jsonl      (MSCOCO test: ..._task<N>_test_cand_pool.jsonl)

@@ -1,6 +1,6 @@
 """The M-BEIR evaluation driver: encode -> search -> score, with cached artifacts.
 
-:func:`evaluate` runs the 16-row protocol (FACTS.md §6, §14) for any encoder that satisfies
+:func:`evaluate` runs the 16-row protocol (docs/mbeir.md "Evaluation protocol") for any encoder that satisfies
 :class:`Encoder`, against the local pools and/or the global pool, and writes one self-contained
 run directory per pool (``<out>/local/``, ``<out>/global/``; files in :mod:`.runs`).
 

@@ -5,7 +5,7 @@ What M-BEIR (UniIR, U-MARVEL, LamRA) calls "Recall@k" is a **hit rate**: a query
 (``UniIR:src/common/mbeir_retriever.py compute_recall_at_k``; trec_eval ``success``, ranx
 ``hit_rate``). In code it is named :func:`success_at_k`; tables keep the paper's label ``R@k``.
 
-Conventions (FACTS.md §6, §14):
+Conventions (docs/mbeir.md "Evaluation protocol"):
 
 - The headline number of a row is R@5, except R@10 for Fashion200K (tasks 0, 3) and FashionIQ
   (task 7) (:func:`umarvel_lib.data.mbeir.headline_k`). **Avg** is the plain (unweighted) mean of

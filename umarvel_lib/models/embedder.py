@@ -6,7 +6,7 @@ by hand:
 
 * **attention** -- :func:`set_attention` is the *only* place the causal/bidirectional switch is made.
   It sets ``text_config.is_causal`` (the one switch measured to work in transformers 5.x for eager and
-  SDPA, padded or not; see ``shared/notes/BACKBONE.md`` Q4) and refuses any attention implementation
+  SDPA, padded or not; see docs/micro_scale.md "The attention switch") and refuses any attention implementation
   it was not validated on (flash-attention, flex, ...) instead of silently running causal.
   :func:`check_attention` re-validates before every forward, so a later
   ``model.set_attn_implementation(...)`` cannot slip through.
@@ -253,7 +253,7 @@ def compression_suffix(has_image: bool, has_text: bool) -> str:
 
 
 def query_text(txt: str | None, instruction: str | None) -> str:
-    """``format_string(f"<instruction_start>{instr}<instruction_end> {txt}")`` (FACTS section 2/13)."""
+    """``format_string(f"<instruction_start>{instr}<instruction_end> {txt}")`` (docs/recipe.md "Embedder")."""
     if instruction:
         return format_string(f"{INSTRUCTION_START}{instruction}{INSTRUCTION_END} {txt or ''}")
     return format_string(txt or "")

@@ -1,4 +1,4 @@
-"""LoRA on the language model only, through peft (FACTS section 5).
+"""LoRA on the language model only, through peft (docs/recipe.md "LoRA, frozen parts, images").
 
 U-MARVEL puts LoRA on every linear layer of the LLM (q, k, v, o, gate, up, down in every layer) and
 keeps the vision tower, the merger, the embeddings and the lm_head frozen. The released code selects

@@ -1,4 +1,4 @@
-"""Generative pointwise reranker (U-MARVEL+ / distillation teacher; FACTS section 4 "Reranker details").
+"""Generative pointwise reranker (U-MARVEL+ / distillation teacher; docs/recipe.md "Stages", Reranker).
 
 The same stock Qwen-VL ``*ForConditionalGeneration`` as the embedder, run **causally**, asked whether a
 candidate meets a query and scored by ``P(Yes) = softmax([logit_Yes, logit_No])[0]`` at the first answer
@@ -43,7 +43,7 @@ RERANKER_JSON = "reranker.json"
 
 
 # ---- fusion of the embedding score with P(Yes): the teacher of stage 5 and the U-MARVEL+ reranking ----
-#: Reranker fusion weights per M-BEIR row (FACTS §4): w = 1 except MSCOCO t→i 0.5 and i→t 0.1.
+#: Reranker fusion weights per M-BEIR row (docs/recipe.md, Distillation): w = 1 except MSCOCO t→i 0.5 and i→t 0.1.
 DEFAULT_FUSION_WEIGHTS: Mapping[str, float] = {"mscoco_task0": 0.5, "mscoco_task3": 0.1}
 
 
@@ -65,7 +65,7 @@ def fusion_weights(
 
 
 def fused_teacher(cos: torch.Tensor, p_yes: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
-    """Teacher score ``(cos + w·P(Yes)) / 2`` (FACTS §4, §13.13).
+    """Teacher score ``(cos + w·P(Yes)) / 2`` (docs/recipe.md, Distillation).
 
     ``cos`` and ``p_yes`` are ``(B, N)``; ``w`` is a float or a per-query ``(B,)`` tensor (see
     :func:`fusion_weights`). With ``w = 1`` this is ``0.5·cos + 0.5·P(Yes)``.

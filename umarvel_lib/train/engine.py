@@ -1,7 +1,7 @@
 """A small, generic training loop over 🤗 accelerate, with exact resume.
 
 ``train_loop(model, step_fn, data, cfg, run_dir)`` (or ``Trainer(...).fit()``) runs
-``cfg``'s step budget with the U-MARVEL optimisation recipe (FACTS §4): AdamW with weight decay 0,
+``cfg``'s step budget with the U-MARVEL optimisation recipe (docs/recipe.md "Stages"): AdamW with weight decay 0,
 cosine schedule with warm-up ratio (transformers' ``get_cosine_schedule_with_warmup``), gradient
 clipping at 1.0, optional bf16 autocast. The model-specific part is ``step_fn(batch, ctx)``,
 which returns the loss (or a dict with ``"loss"`` and other scalars such as ``"tau"``):
@@ -74,7 +74,7 @@ _NON_IDENTITY_FIELDS = ("save_every", "eval_every", "eval_at_start", "log_every"
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of one training run (defaults follow the official recipe, FACTS §4)."""
+    """Optimisation settings of one training run (defaults follow the official recipe, docs/recipe.md "Stages")."""
 
     lr: float = 1e-4
     max_steps: int | None = None          # budget in optimizer steps (wins over epochs)

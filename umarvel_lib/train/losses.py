@@ -1,6 +1,6 @@
 """Contrastive and distillation losses, as pure functions on embeddings/scores plus thin modules.
 
-The math follows the official U-MARVEL code (FACTS.md §3, §4, §13):
+The math follows the official U-MARVEL code (docs/recipe.md "Loss and temperature", "Stages"):
 
 * **InfoNCE** on ``cos / τ`` (``scale = 1/τ`` in sentence-transformers' terms). ``τ`` is a *raw*
   scalar tensor: no clamp, no log-parameterisation. Labels are the diagonal, so every other

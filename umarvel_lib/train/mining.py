@@ -10,7 +10,7 @@ removes a candidate):
 2. ``positive`` (``exclude_positives=True``): labelled positives of the query are dropped. This
    is the only filter in the released U-MARVEL code (``_select_topk_hard_neg``).
 3. ``max_score`` (paper: 0.7): candidates with cosine ``> max_score`` are dropped as likely
-   false negatives. Not in the released code (FACTS §11.2).
+   false negatives. Not in the released code (docs/paper_vs_code.md, point 2).
 4. ``relative_margin``: dropped if ``score > pos_score · (1 − relative_margin)``.
 5. ``absolute_margin``: dropped if ``score > pos_score − absolute_margin``.
    ``pos_score`` is the query's cosine with its **most similar** labelled positive that is in

@@ -1,4 +1,4 @@
-"""Progressive training stages, chained exactly (FACTS.md §4, §13 facts 5-13).
+"""Progressive training stages, chained exactly (docs/recipe.md "Stages"; docs/paper_vs_code.md checklist 5-13).
 
     nli  ->  cc3m  ->  mbeir  ->  hard_negatives  ->  distill
 
