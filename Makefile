@@ -1,6 +1,7 @@
 # umarvel-kit: two commands do everything on a fresh machine.
 #   make reproduce [PRESET=cpu|smoke|gpu]   set-up + the whole reproduction, writing results/<preset>/
-#   make test                               set-up + the test suite
+#   make test                               set-up + lint + the fast test suite (-m "not slow", ~5 min)
+#   make test-all                           set-up + lint + every test (slow ones included; what CI runs)
 PYTHON ?= python3
 VENV   ?= .venv
 PRESET ?= cpu
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup reproduce test test-all lab bench clean-cache
+.PHONY: setup reproduce lint format-check test test-all lab bench clean-cache
 
 setup: $(STAMP)
 
@@ -28,10 +29,18 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	$(VENV)/bin/umarvel reproduce --preset $(PRESET) --jobs $(JOBS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# ruff (configured in pyproject.toml). `format-check` is not yet part of `lint`: the tree is formatted
+# once, after the open branches land; then `lint` runs both.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
-test-all: $(STAMP)
+format-check: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: lint
 	$(PY) -m pytest -q -m ""
 
 lab: $(STAMP)

@@ -37,8 +37,14 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from umarvel_lib.models.backbone import (BackboneConfig, build_backbone, build_micro_model, caption_probe,
-                                             load_backbone, read_recipe)
+    from umarvel_lib.models.backbone import (
+        BackboneConfig,
+        build_backbone,
+        build_micro_model,
+        caption_probe,
+        load_backbone,
+        read_recipe,
+    )
 
     t0 = time.time()
     if args.path:

@@ -189,7 +189,7 @@ def _memory_report(args) -> None:
           f"{total_mb / 1024:.0f} GiB is about {fits} (linear extrapolation); GradCache at 3840 needs "
           f"{gc[2]:.0f} MB (plain at 3840 would need about {icpt + slope * 3840:.0f} MB)")
     peak = _matmul_flops(args.threads)
-    for name, (b, sec, rss, flops) in (("plain 2048", plain[-1]), ("GradCache 3840", gc)):
+    for name, (_b, sec, _rss, flops) in (("plain 2048", plain[-1]), ("GradCache 3840", gc)):
         print(f"  achieved {name}: {flops / sec / 1e9:.1f} GFLOP/s = {flops / sec / peak:.0%} of this machine's "
               f"fp32 matmul rate ({peak / 1e9:.0f} GFLOP/s)")
 

@@ -16,7 +16,11 @@ torch = pytest.importorskip("torch")
 from umarvel_lib.data import scenes  # noqa: E402
 from umarvel_lib.models import backbone as bb  # noqa: E402
 from umarvel_lib.models.tokenizer import (  # noqa: E402
-    ANSWER_TOKENS, QWEN_SPECIAL_TOKENS, UMARVEL_TOKENS, build_tokenizer, special_token_ids,
+    ANSWER_TOKENS,
+    QWEN_SPECIAL_TOKENS,
+    UMARVEL_TOKENS,
+    build_tokenizer,
+    special_token_ids,
 )
 
 REPO = Path(__file__).resolve().parents[1]

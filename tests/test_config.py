@@ -1,7 +1,13 @@
 """Config system: presets, dotted overrides, ablation rows and their paper values."""
 import pytest
 
-from umarvel_lib.config import PRESETS, apply_overrides, ablations_dir, load_ablation, make_run_config
+from umarvel_lib.config import (
+    PRESETS,
+    ablations_dir,
+    apply_overrides,
+    load_ablation,
+    make_run_config,
+)
 from umarvel_lib.paper import FINDINGS, FINDINGS_BY_ID, paper_row, provenance
 
 

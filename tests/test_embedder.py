@@ -12,8 +12,18 @@ from PIL import Image
 
 from umarvel_lib.data.items import Item
 from umarvel_lib.models.embedder import (
-    COMPRESSION_SUFFIXES, Embedder, EmbedderConfig, Temperature, UnsupportedAttentionError, attention_mode,
-    check_attention, instruction_span_mask, last_before_token, masked_mean, run_core, set_attention,
+    COMPRESSION_SUFFIXES,
+    Embedder,
+    EmbedderConfig,
+    Temperature,
+    UnsupportedAttentionError,
+    attention_mode,
+    check_attention,
+    instruction_span_mask,
+    last_before_token,
+    masked_mean,
+    run_core,
+    set_attention,
 )
 
 KINDS = ("qwen2_vl", "qwen3_vl")

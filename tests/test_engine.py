@@ -12,8 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from umarvel_lib.train.engine import (NonFiniteLossError, RunConflictError, TrainConfig, latest_checkpoint,
-                                      train_loop, trainable_state_dict)
+from umarvel_lib.train.engine import (
+    NonFiniteLossError,
+    RunConflictError,
+    TrainConfig,
+    latest_checkpoint,
+    train_loop,
+    trainable_state_dict,
+)
 from umarvel_lib.train.gradcache import grad_cache_step
 from umarvel_lib.train.losses import info_nce
 
@@ -85,6 +91,7 @@ def _lines(p):
     return [json.loads(x) for x in Path(p).read_text().splitlines()]
 
 
+@pytest.mark.slow  # SIGKILL of a training subprocess, then a resume
 def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     ref_model, ref = run_training(tmp_path / "ref")
     assert ref.step == 12 and not ref.skipped
@@ -199,7 +206,8 @@ def run_gathered_training(run_dir, steps=6):
 
     def step_fn(batch, ctx):
         xq, xc = (x.double() for x in batch)
-        lf = lambda q, c: info_nce(gather_with_grad(q), gather_with_grad(c), model.tau)
+        def lf(q, c):
+            return info_nce(gather_with_grad(q), gather_with_grad(c), model.tau)
         return grad_cache_step(model, (xq, xc), lf, 2, backward=ctx.backward)
 
     res = train_loop(model, step_fn, _data(), _cfg(max_steps=steps, max_grad_norm=None, eval_every=0, save_every=3),
@@ -207,6 +215,7 @@ def run_gathered_training(run_dir, steps=6):
     return model, res
 
 
+@pytest.mark.slow  # two torchrun processes (gloo)
 def test_two_processes_train_like_one(tmp_path):
     import socket
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from umarvel_lib.eval.cache import CacheError, EmbeddingCache, EncodeJob, ShardStore, check_embeddings
+from umarvel_lib.eval.cache import (
+    CacheError,
+    EmbeddingCache,
+    EncodeJob,
+    ShardStore,
+    check_embeddings,
+)
 
 N, DIM, SHARD = 23, 8, 5  # 5 shards, the last one short
 

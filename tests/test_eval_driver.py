@@ -183,8 +183,9 @@ def test_instructions_are_sampled_per_query_seeded_and_recorded(evaluated, tmp_p
     assert all(r["instruction"] is None for r in runs.read_queries(tmp_path / "noi" / "local" / "queries.jsonl"))
 
 
-def _brute_force(data, pool_cands, enc=HashingEncoder(32)):
+def _brute_force(data, pool_cands, enc=None):
     """{qid: [(did, score), ...]} from a dense full-matrix search over ``pool_cands``."""
+    enc = enc or HashingEncoder(32)
     cand = enc.encode([candidate_item(c, data) for c in pool_cands])
     out = {}
     for row in data.rows():
@@ -316,6 +317,7 @@ if dist.is_initialized():
 """
 
 
+@pytest.mark.slow  # two torchrun processes (gloo)
 def test_two_processes_give_identical_runs(evaluated, tmp_path):
     """Two CPU processes (gloo, as under ``accelerate launch``/``torchrun``) share encode and search;
     the merged result is byte-identical to the single-process run."""

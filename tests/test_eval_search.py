@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from umarvel_lib.eval.cache import EmbeddingCache, EncodeJob
-from umarvel_lib.eval.search import (ArraySource, MappedSource, SearchError, TopK, dense_topk, faiss_available,
-                                     merge_topk, search, search_sharded, split_parts)
+from umarvel_lib.eval.search import (
+    ArraySource,
+    MappedSource,
+    SearchError,
+    TopK,
+    dense_topk,
+    faiss_available,
+    merge_topk,
+    search,
+    search_sharded,
+    split_parts,
+)
 
 K = 20
 

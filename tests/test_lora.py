@@ -9,7 +9,11 @@ from PIL import Image
 from umarvel_lib.data.items import Item
 from umarvel_lib.models.embedder import Embedder, EmbedderConfig, attention_mode, run_core
 from umarvel_lib.models.lora import (
-    LM_LINEAR_SUFFIXES, apply_lora, lora_target_modules, merge_lora, trainable_parameters,
+    LM_LINEAR_SUFFIXES,
+    apply_lora,
+    lora_target_modules,
+    merge_lora,
+    trainable_parameters,
 )
 
 KINDS = ("qwen2_vl", "qwen3_vl")

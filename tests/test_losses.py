@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from umarvel_lib.models.reranker import DEFAULT_FUSION_WEIGHTS, fused_teacher, fusion_weights
-from umarvel_lib.train.losses import (DistillKLLoss, InfoNCELoss, distill_kl,
-                                      gather_with_grad, info_nce, info_nce_logits)
+from umarvel_lib.train.losses import (
+    DistillKLLoss,
+    InfoNCELoss,
+    distill_kl,
+    gather_with_grad,
+    info_nce,
+    info_nce_logits,
+)
 
 
 def _emb(*shape, seed=0):
@@ -169,11 +175,13 @@ def _dist_run(lin, tau, xq, xc, xh, mode):
     """One forward/backward of mode on the given (local or full) rows; returns loss."""
     from umarvel_lib.train.gradcache import grad_cache_step
 
-    enc = lambda x: F.normalize(lin(x), dim=-1)
+    def enc(x):
+        return F.normalize(lin(x), dim=-1)
     loss_mod = InfoNCELoss(symmetric=(mode == "symmetric"))
     if mode == "gradcache":
         B = xq.shape[0]
-        fn = lambda q, c, h: loss_mod(q, c, tau, hard_negatives=h.view(B, _K, -1))
+        def fn(q, c, h):
+            return loss_mod(q, c, tau, hard_negatives=h.view(B, _K, -1))
         return grad_cache_step(enc, (xq, xc, xh.reshape(-1, 6)), fn, chunk_size=2)
     loss = loss_mod(enc(xq), enc(xc), tau, hard_negatives=enc(xh) if mode == "hn" else None)
     loss.backward()

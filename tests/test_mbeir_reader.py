@@ -5,8 +5,18 @@ import random
 import pytest
 from PIL import Image
 
-from umarvel_lib.data.mbeir import (EVAL_ROWS, MBEIR, MBEIRFormatError, ROW_NAMES, format_string, headline_k,
-                                    read_instructions, read_pool, read_qrels, read_queries)
+from umarvel_lib.data.mbeir import (
+    EVAL_ROWS,
+    MBEIR,
+    ROW_NAMES,
+    MBEIRFormatError,
+    format_string,
+    headline_k,
+    read_instructions,
+    read_pool,
+    read_qrels,
+    read_queries,
+)
 
 # Literal records from the real M-BEIR (docs/mbeir.md, copied in castorini/UniRAG:README.md)
 REAL_QUERY = {"qid": "9:6", "query_txt": None,

@@ -79,6 +79,7 @@ def test_rerun_skips_finished_rows(smoke_results):
     assert cfg["data_digest"] == json.loads(recipe.read_text())["hash"]
 
 
+@pytest.mark.slow  # two `umarvel run` worker processes, twice
 def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
     """`reproduce --jobs 2`: each (row, seed) is one `umarvel run` worker with its own log; a finished
     row is skipped by its config hash (its sidecar is not rewritten)."""

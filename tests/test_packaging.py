@@ -1,16 +1,17 @@
 """Packaging, notebooks and CI plumbing."""
 import json
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_environment_yml_matches_pyproject():
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["dev"]
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
     assert "python=3.11" in env["dependencies"]
@@ -21,7 +22,9 @@ def test_layout_and_ci():
     for p in ("umarvel_lib", "notebooks", "ablations", "results", "tests", "environment.yml", "README.md",
               "pyproject.toml", "Makefile", ".ci/run"):
         assert (ROOT / p).exists(), p
-    assert "make test" in (ROOT / ".ci/run").read_text()
+    assert "make test-all" in (ROOT / ".ci/run").read_text()
+    make = (ROOT / "Makefile").read_text()
+    assert "test: lint" in make and "test-all: lint" in make and "ruff check" in make
     readme = (ROOT / "README.md").read_text()
     assert "make reproduce" in readme and "make test" in readme
 

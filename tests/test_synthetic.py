@@ -10,7 +10,13 @@ import pytest
 
 from umarvel_lib.data import synthetic
 from umarvel_lib.data.mbeir import DATASET_IDS, MBEIR, ROW_NAMES, TASKS
-from umarvel_lib.data.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate, read_cc3m, read_nli
+from umarvel_lib.data.synthetic import (
+    SYNTHETIC_PRESETS,
+    SyntheticConfig,
+    generate,
+    read_cc3m,
+    read_nli,
+)
 
 SMOKE = SyntheticConfig(**SYNTHETIC_PRESETS["smoke"])
 
@@ -48,7 +54,7 @@ def test_instructions_name_the_target_modality(smoke_data):
     assert len(data.instructions) == 16
     words = {"image": ("image", "photo", "picture"), "text": ("caption", "text", "passage", "description", "sentence"),
              "image,text": ("image",)}
-    for (did, qm, cm), prompts in data.instructions.items():
+    for (did, _qm, cm), prompts in data.instructions.items():
         assert len(prompts) == 4
         assert all(any(w in p.lower() for w in words[cm]) for p in prompts), (did, cm, prompts)
 

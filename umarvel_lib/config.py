@@ -72,7 +72,7 @@ class EmbedderConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EmbedderConfig":
+    def from_dict(cls, d: dict) -> EmbedderConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

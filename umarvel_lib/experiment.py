@@ -153,7 +153,7 @@ def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
 
 
 def estimate_cost(cfg: RunConfig, *, n_params: float | None = None, sample: int = 200,
-                  gpu_flops: float = 989e12, mfu: float = 0.35) -> "pandas.DataFrame":  # noqa: F821
+                  gpu_flops: float = 989e12, mfu: float = 0.35) -> pandas.DataFrame:  # noqa: F821
     """Tokens per stage and a GPU-hour estimate, printed before a ``paper``-preset run starts.
 
     Tokens are measured on a sample of each stage's examples with the run's own tokenizer (images

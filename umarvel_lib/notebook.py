@@ -154,9 +154,9 @@ def evaluate_checkpoint(checkpoint: str, *, preset: str = "smoke", data_root: st
                         results: str | None = None, label: str = "released") -> pd.DataFrame:
     """Evaluate a local checkpoint as-is (e.g. a released U-MARVEL model) on local and global pools."""
     from .config import make_run_config
+    from .data.mbeir import MBEIR
     from .eval.evaluate import evaluate
     from .eval.runs import metrics_frame
-    from .data.mbeir import MBEIR
     from .experiment import EVAL_INPUTS_DIR, ensure_data
 
     cfg = make_run_config(preset, {"backbone": checkpoint, "data_root": data_root})

@@ -62,7 +62,7 @@ def _job_order(table: int, row, seed: int) -> tuple:
     return (0 if str(row.id) in _finding_rows(table) else 1, table)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _finding_rows(table: int) -> frozenset[str]:
     from .paper import finding_rows
 

@@ -44,8 +44,18 @@ from pathlib import Path
 
 from ..io import atomic_dir, config_hash
 from .mbeir import DATASET_IDS, EVAL_ROWS, TASKS, row_name
-from .scenes import (COLORS, POS_WORDS, SHAPE_WORDS, Obj, Scene, caption, describe_object, perturb, render,
-                     sample_scene)
+from .scenes import (
+    COLORS,
+    POS_WORDS,
+    SHAPE_WORDS,
+    Obj,
+    Scene,
+    caption,
+    describe_object,
+    perturb,
+    render,
+    sample_scene,
+)
 
 
 @dataclass

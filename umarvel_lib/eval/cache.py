@@ -25,9 +25,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -133,7 +133,7 @@ class ShardStore:
             self._dim = dims.pop()
         return self._dim
 
-    def verify(self) -> "ShardStore":
+    def verify(self) -> ShardStore:
         """Raise unless every shard is present, with consistent dims."""
         miss = self.missing()
         if miss:

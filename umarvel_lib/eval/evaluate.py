@@ -31,15 +31,16 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from ..config import EvalConfig
 from ..data.items import Item, candidate_item, query_items
 from ..data.mbeir import MBEIR, ROW_NAMES, Candidate, Row
-from ..config import EvalConfig
 from ..io import atomic_dir, atomic_write_json, file_sha256
 from ..provenance import git_commit, versions
 from . import runs

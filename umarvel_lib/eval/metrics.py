@@ -23,7 +23,7 @@ Conventions (docs/mbeir.md "Evaluation protocol"):
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 

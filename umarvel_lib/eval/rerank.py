@@ -10,8 +10,8 @@ batches that span queries.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -49,7 +49,7 @@ def rerank_pools(eval_dir, reranker, data: MBEIR, *, top_k: int, weights: Mappin
     for pool_dir, run, queries in pools:
         ws = fusion_weights([queries[qid]["row"] for qid in run], weights, default=default_weight)
 
-        def lines():
+        def lines(run=run, queries=queries, ws=ws):
             for (qid, full), w in zip(run.items(), ws.tolist()):
                 head, rest = full[:top_k], full[top_k:]
                 ins = queries[qid].get("instruction")

@@ -21,13 +21,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..data.mbeir import ROW_NAMES, read_qrels, row_of_query
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_stream, atomic_write_text, file_sha256
+from ..io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_stream,
+    atomic_write_text,
+    file_sha256,
+)
 from .metrics import DEFAULT_KS, score_rows
 
 RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
@@ -234,7 +240,7 @@ def load_metrics(run_dir) -> dict:
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
 
 
-def metrics_frame(sources) -> "pandas.DataFrame":  # noqa: F821
+def metrics_frame(sources) -> pandas.DataFrame:  # noqa: F821
     """Tidy table of one or more evaluations for notebooks.
 
     ``sources``: a run directory, an evaluation output directory (with ``local/``/``global/``

@@ -22,8 +22,9 @@ may be ordered differently by the two backends; exactly equal scores never are.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -59,14 +60,14 @@ class TopK:
         return self.scores.shape[0]
 
     @classmethod
-    def empty(cls, n_queries: int, k: int) -> "TopK":
+    def empty(cls, n_queries: int, k: int) -> TopK:
         return cls(np.full((n_queries, k), -np.inf, np.float32), np.full((n_queries, k), -1, np.int64))
 
     def save(self, path) -> None:
         np.savez(path, scores=self.scores, indices=self.indices)
 
     @classmethod
-    def load(cls, path) -> "TopK":
+    def load(cls, path) -> TopK:
         with np.load(path) as z:
             return cls(z["scores"], z["indices"])
 

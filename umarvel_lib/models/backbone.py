@@ -28,8 +28,14 @@ from typing import Any
 from ..data import scenes
 from ..io import atomic_dir, atomic_write_json, config_hash, file_lock
 from .tokenizer import (
-    ANSWER_TOKENS, EMB_TOKEN, INSTRUCTION_END, INSTRUCTION_START, QWEN2_VL_CHAT_TEMPLATE, UMARVEL_TOKENS,
-    build_tokenizer, special_token_ids,
+    ANSWER_TOKENS,
+    EMB_TOKEN,
+    INSTRUCTION_END,
+    INSTRUCTION_START,
+    QWEN2_VL_CHAT_TEMPLATE,
+    UMARVEL_TOKENS,
+    build_tokenizer,
+    special_token_ids,
 )
 
 KINDS = ("qwen2_vl", "qwen3_vl")
@@ -212,7 +218,7 @@ class BackboneConfig:
     grad_clip: float = 1.0
     version: int = RECIPE_VERSION
 
-    def resolved(self) -> "BackboneConfig":
+    def resolved(self) -> BackboneConfig:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.size not in SIZE_PRESETS:
@@ -236,7 +242,7 @@ class BackboneConfig:
         return f"{self.kind}-{self.size}-{self.hash}"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BackboneConfig":
+    def from_dict(cls, d: dict) -> BackboneConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

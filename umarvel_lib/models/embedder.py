@@ -31,8 +31,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import (
-    ATTENTION_MODES, POOLING_MODES, POSITION_MODES, SUPPORTED_ATTN_IMPLEMENTATIONS, EmbedderConfig,
+    ATTENTION_MODES,
+    POOLING_MODES,
+    POSITION_MODES,
+    SUPPORTED_ATTN_IMPLEMENTATIONS,
+    EmbedderConfig,
     UnsupportedAttentionError,
 )
 from ..data.items import Item
@@ -638,14 +643,14 @@ class Embedder(nn.Module):
         return config_hash(self.cfg)
 
     # ------------------------------------------------------------------ LoRA
-    def apply_lora(self, r: int, alpha: int, dropout: float = 0.05, **kw) -> "Embedder":
+    def apply_lora(self, r: int, alpha: int, dropout: float = 0.05, **kw) -> Embedder:
         from .lora import apply_lora
 
         self.model = apply_lora(self.model, r=r, alpha=alpha, dropout=dropout, **kw)
         set_attention(self.model, self.cfg.attention)
         return self
 
-    def merge_lora(self) -> "Embedder":
+    def merge_lora(self) -> Embedder:
         from .lora import merge_lora
 
         self.model = merge_lora(self.model)
@@ -690,7 +695,7 @@ class Embedder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: EmbedderConfig | None = None, *,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Embedder":
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Embedder:
         """Load an embedder saved by :meth:`save`, or wrap a backbone checkpoint directory.
 
         Models load through ``backbone.load_backbone(path)`` (micro and real Qwen2-VL / Qwen3-VL /

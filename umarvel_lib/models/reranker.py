@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +30,15 @@ from ..data.items import Item
 from ..data.mbeir import format_string
 from .backbone import load_backbone
 from .embedder import (
-    check_attention, model_inputs, model_type, move_to_device, render_chat, resolve_local_checkpoint, run_core,
-    set_attention, truncate_text,
+    check_attention,
+    model_inputs,
+    model_type,
+    move_to_device,
+    render_chat,
+    resolve_local_checkpoint,
+    run_core,
+    set_attention,
+    truncate_text,
 )
 from .qwen_vl import unwrap_model
 
@@ -230,7 +238,7 @@ class Reranker(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, cfg: RerankerConfig | None = None, *,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Reranker":
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Reranker:
         p = resolve_local_checkpoint(path)
         if cfg is None and (p / RERANKER_JSON).is_file():
             cfg = RerankerConfig(**json.loads((p / RERANKER_JSON).read_text())["config"])

@@ -118,13 +118,22 @@ def training_corpus(seed: int = 0, n_captions: int = 6000, n_generic: int = 3000
             lines.append(scenes.canonical_caption(s))
     for _ in range(n_generic):
         lines.append(_generic_line(rng))
-    for i in range(20):  # make the fixed phrases frequent enough to be merged
+    for _i in range(20):  # make the fixed phrases frequent enough to be merged
         lines.extend(_FIXED_LINES)
     return lines
 
 
 def _train_bpe(vocab_size: int, seed: int):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()

@@ -24,8 +24,16 @@ import numpy as np
 
 from ..data.mbeir import headline_k, read_qrels
 from ..eval.metrics import hits_table
+from ..eval.runs import (
+    QRELS_FILE,
+    QUERIES_FILE,
+    RUN_FILE,
+    input_file,
+    ranked_dids,
+    read_queries,
+    read_run,
+)
 from ..io import atomic_write_json
-from ..eval.runs import QRELS_FILE, QUERIES_FILE, RUN_FILE, input_file, ranked_dids, read_queries, read_run
 from ..paper import FINDINGS_BY_ID, Finding
 
 HELD, NOISE, CONTRA, FEW, MISSING = "held", "within noise", "contradicted", "too few seeds", "not run"

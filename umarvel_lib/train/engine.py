@@ -52,9 +52,10 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -473,7 +474,7 @@ class Trainer:
                     batch = next(it)
                 except StopIteration:
                     if pos == 0:
-                        raise ValueError(f"epoch {epoch} yielded no batch")
+                        raise ValueError(f"epoch {epoch} yielded no batch") from None
                     epoch, pos = epoch + 1, 0
                     it = iter(self.batches.iterate(epoch, 0))
                     continue

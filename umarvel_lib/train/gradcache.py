@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,8 +130,8 @@ def grad_cache_step(
     chunk_size: int,
     *,
     split_fn: Callable[[Any, int], list[Any]] = split_inputs,
-    autocast: Callable[[], ContextManager] | None = None,
-    no_sync: Callable[[], ContextManager] | None = None,
+    autocast: Callable[[], AbstractContextManager] | None = None,
+    no_sync: Callable[[], AbstractContextManager] | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
     replay_rng: bool = True,
 ) -> torch.Tensor:

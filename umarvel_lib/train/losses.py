@@ -21,7 +21,6 @@ Inputs to every function are assumed already L2-normalised (the embedder normali
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

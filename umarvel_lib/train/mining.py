@@ -33,9 +33,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
