@@ -21,6 +21,10 @@ run directory per pool (``<out>/local/``, ``<out>/global/``; files in :mod:`.run
   process, which alone writes the run directories.
 
 Item, instruction and candidate semantics are those of :mod:`umarvel_lib.data.items`.
+
+Size: over 400 lines because the driver's steps (queries, pools, encode jobs, distributed search and
+gather, run-dir writing) share private state types (``_RowQueries``, ``_Pool``) used nowhere else;
+the reusable parts already live in :mod:`.cache`, :mod:`.search`, :mod:`.runs` and :mod:`.rerank`.
 """
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """A small, generic training loop over 🤗 accelerate, with exact resume.
 
+(Over 400 lines: one Trainer whose resume guarantees couple the checkpoint format, the data order and
+the run identity; splitting them would spread one invariant over several modules.)
+
 ``train_loop(model, step_fn, data, cfg, run_dir)`` (or ``Trainer(...).fit()``) runs
 ``cfg``'s step budget with the U-MARVEL optimisation recipe (docs/recipe.md "Stages"): AdamW with weight decay 0,
 cosine schedule with warm-up ratio (transformers' ``get_cosine_schedule_with_warmup``), gradient
