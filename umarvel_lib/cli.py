@@ -41,7 +41,7 @@ def cmd_reproduce(args) -> int:
     tables = [t for t in (args.tables or "").split(",") if t.strip()]
     status = reproduce(args.preset, tables=tables or None, seeds=args.seeds, results=args.results,
                        backbone=args.backbone, data_root=args.data_root, timeout=args.timeout, jobs=args.jobs,
-                       train=not args.no_train)
+                       train=not args.no_train, all_rows=args.all_rows)
     return 0 if all(v.get("status") == "ok" for v in status.values()) else 1
 
 
@@ -146,7 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr = sub.add_parser("reproduce", help="run every notebook with papermill and write results/<preset>/REPORT.md")
     sr.add_argument("--preset", default="cpu", help="smoke | cpu | gpu | paper")
     sr.add_argument("--tables", help="comma-separated paper tables, e.g. 1,5 (default: all)")
-    sr.add_argument("--seeds", help='comma-separated seeds (default: the notebooks\' "0,1,2")')
+    sr.add_argument("--seeds", help='comma-separated seeds (default: the notebooks\' "0,1,2"; smoke: "0")')
+    sr.add_argument("--all-rows", action="store_true",
+                    help="every row of every table (the smoke preset otherwise runs the two rows of each "
+                         "table's first finding)")
     sr.add_argument("--results", help="results directory (default results/<preset>)")
     sr.add_argument("--backbone", help="local checkpoint directory (default: the preset's micro backbone)")
     sr.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR)")
