@@ -124,7 +124,7 @@ def test_smoke_reproduce_runs_one_seed_and_each_tables_first_finding_pair():
     """`make reproduce PRESET=smoke` (a first look in minutes): seed 0 and a finding's two rows per table."""
     from umarvel_lib.config import load_ablation
     from umarvel_lib.paper import FINDINGS
-    from umarvel_lib.report.batch import QUICK_PRESETS, default_rows
+    from umarvel_lib.runner import QUICK_PRESETS, default_rows
 
     assert QUICK_PRESETS["smoke"] == "0"
     for t in range(1, 8):
