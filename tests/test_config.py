@@ -82,3 +82,55 @@ def test_hashes_of_published_runs_stay_stable():
         setattr(b, field, "fedcba9876543210")
         assert len({a.hash(), b.hash(), "73f9cffdce8ff929"}) == 3
         assert a.hash(upto_stage="mbeir") != b.hash(upto_stage="mbeir")
+
+
+# ---- a reader's own rows (notebook parameter extra_rows) ------------------------------------------
+def test_extra_rows_are_validated_and_marked_as_the_readers():
+    from umarvel_lib.config import load_ablation
+
+    ab = load_ablation("table4").with_extra_rows(
+        '{"my_tau": {"label": "tau 0.02", "overrides": {"embedder.temperature_init": 0.02, "stage.mbeir.lr": 2.0e-4}}}')
+    mine = ab.rows[-1]
+    assert (mine.id, mine.label, mine.own, mine.paper_key) == ("my_tau", "tau 0.02", True, None)
+    assert not any(r.own for r in ab.rows[:-1]) and ab.baseline.id == "0"
+    cfg = ab.run_config(mine, "smoke", 1)
+    assert cfg.embedder.temperature_init == 0.02 and cfg.stage["mbeir"].lr == 2.0e-4 and cfg.seed == 1
+    assert cfg.stages == ["mbeir"]  # the table's base still applies
+    # YAML works too, nested keys as well; empty text adds nothing
+    ab2 = load_ablation("table2").with_extra_rows("mine: {overrides: {embedder: {pooling: last}}}")
+    assert ab2.run_config("mine", "smoke", 0).embedder.pooling == "last"
+    assert load_ablation("table2").with_extra_rows("  ").rows == load_ablation("table2").rows
+
+
+@pytest.mark.parametrize("text, needles", [
+    ('{"x": {"overrides": {"stage.mbeir.temprature": 0.02}}}', ["'stage.mbeir.temprature'", "stage.mbeir.lr"]),
+    ('{"x": {"overrides": {"stage.mbier.lr": 0.02}}}', ["'stage.mbier'", "stage.mbeir"]),
+    ('{"x": {"overrides": {"stage.mbeir.lr": "fast"}}}', ["'stage.mbeir.lr'", "float"]),
+    ('{"x": {"overrides": {"stage.mbeir.batch_size": 1.5}}}', ["'stage.mbeir.batch_size'", "int"]),
+    ('{"x": {"overrides": {"embedder.pooling": "max"}}}', ["'embedder.pooling'", "mean"]),
+    ('{"x": {"overrides": {"stages": ["mbeir", "nope"]}}}', ["'stages'", "hard_negatives"]),
+    ('{"x": {"lable": "typo"}}', ["'lable'", "label, overrides"]),
+    ('{"0": {"label": "clash"}}', ["row '0'", "already has"]),
+    ('[1, 2]', ["extra_rows must map"]),
+    ('{"x": {', ["not YAML/JSON"]),
+])
+def test_bad_extra_rows_name_the_key(text, needles):
+    from umarvel_lib.config import load_ablation
+
+    with pytest.raises(ValueError) as e:
+        load_ablation("table4").with_extra_rows(text)
+    assert str(e.value).startswith("extra_rows")
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_stage_plan_follows_the_scaled_recipe():
+    from umarvel_lib.config import load_ablation, stage_plan
+
+    cfg = load_ablation("table6").run_config("distillation", "cpu", 0)
+    plan = stage_plan(cfg, {"mbeir": 4})
+    assert [p["stage"] for p in plan] == ["nli", "cc3m", "mbeir", "hard_negatives", "distill"]
+    mb = plan[2]
+    assert (mb["steps"], mb["global_batch"], mb["tau"]) == (4, cfg.scaled_stage("mbeir").batch_size, "learnable")
+    assert mb["lr"] == pytest.approx(4e-4 * 10) and plan[0]["tau"].startswith("fixed")
+    assert plan[3]["loss"] == "InfoNCE, in_batch+hard" and plan[4]["loss"] == "distill: kl"

@@ -257,6 +257,7 @@ class AblationRow:
     paper_key: str | int | None = None
     reranker: bool = False  # evaluate the fused reranker teacher instead of the embedder (Table 6)
     explain: bool = False  # a diagnostic row (no paper value), e.g. Table 1's full-fine-tuning check of T1b
+    own: bool = False  # a reader's own row (notebook parameter ``extra_rows``), shown beside the paper's
 
 
 @dataclass
@@ -277,6 +278,15 @@ class Ablation:
             if r.id == str(rid):
                 return r
         raise KeyError(f"{self.name}: no row {rid!r}")
+
+    @property
+    def baseline(self) -> AblationRow:
+        """The row every other row is compared with in the table's figure: the first row of the YAML."""
+        return self.rows[0]
+
+    def with_extra_rows(self, text) -> "Ablation":
+        """This table plus a reader's own rows (YAML/JSON text, see :func:`parse_extra_rows`)."""
+        return dataclasses.replace(self, rows=self.rows + parse_extra_rows(text, self))
 
     def run_config(self, row: AblationRow | str, preset: str, seed: int, **kw) -> RunConfig:
         row = self.row(row) if isinstance(row, str) else row
@@ -311,3 +321,134 @@ def load_ablation(path_or_name) -> Ablation:
                     findings=list(d.get("findings") or []), pools=tuple(d.get("pools", ("local", "global"))),
                     checks={str(k): (str(v[0]), str(v[1])) for k, v in (d.get("checks") or {}).get("pairs", {}).items()},
                     checks_title=(d.get("checks") or {}).get("title", ""))
+
+
+def stage_plan(cfg: RunConfig, steps: dict[str, int] | None = None) -> list[dict]:
+    """What each stage of ``cfg`` runs after the preset's scaling: global batch, LR, epochs or step cap,
+    tau (learnable or fixed), negatives; ``steps`` (stage -> optimizer steps a run recorded) fills the
+    step column, else the cap (``max_steps``) when there is one."""
+    out = []
+    for name in cfg.stages:
+        s = cfg.scaled_stage(name)
+        out.append({"stage": name, "steps": (steps or {}).get(name, s.max_steps), "global_batch": s.batch_size,
+                    "lr": s.lr, "epochs": s.epochs if s.max_steps is None else None,
+                    "tau": "learnable" if s.train_temperature else f"fixed {cfg.embedder.temperature_init:g}",
+                    "lora_r": None if s.full_finetune else s.lora_r,
+                    "loss": f"distill: {s.distill_mode}" if name == "distill" else f"InfoNCE, {s.negatives}"})
+    return out
+
+
+# ---- a reader's own rows (notebook parameter ``extra_rows``) ----------------------------------------
+_TYPE_NAMES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+               "dict": (dict,), "list": (list,), "tuple": (list, tuple), "Any": (object,)}
+
+
+def _allowed_types(obj, name: str) -> tuple[str, ...]:
+    """The type names a dataclass field accepts, from its annotation (``"float | None"`` -> float, None)."""
+    ann = {f.name: f.type for f in dataclasses.fields(obj)}[name]
+    ann = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+    return tuple(p.strip().split("[")[0] for p in ann.split("|"))
+
+
+def _check_key(obj, dotted: str, value, path: str = "") -> None:
+    """Raise ``ValueError`` naming ``dotted`` (and the valid choices) unless ``value`` fits the schema."""
+    head, _, rest = dotted.partition(".")
+    full = f"{path}{head}"
+    if isinstance(obj, dict):  # the stage recipes, keyed by stage name
+        if head not in obj:
+            raise ValueError(f"unknown key {full!r}; valid: {', '.join(path + k for k in sorted(obj))}")
+        cur = obj[head]
+    else:
+        names = [f.name for f in dataclasses.fields(obj)]
+        if head not in names:
+            raise ValueError(f"unknown key {full!r} ({type(obj).__name__} has no field {head!r}); "
+                             f"valid: {', '.join(path + n for n in names)}")
+        cur = getattr(obj, head)
+    nested = dataclasses.is_dataclass(cur) or (isinstance(cur, dict) and dataclasses.is_dataclass(obj) and head == "stage")
+    if rest:
+        if not nested:
+            raise ValueError(f"key {full!r} has no sub-keys (it takes a {type(cur).__name__})")
+        return _check_key(cur, rest, value, full + ".")
+    if nested:
+        if not isinstance(value, dict):
+            raise ValueError(f"key {full!r} is a group; set one of its fields, e.g. "
+                             f"{full}.{next(iter(cur)) if isinstance(cur, dict) else dataclasses.fields(cur)[0].name}")
+        for k, v in value.items():
+            _check_key(cur, str(k), v, full + ".")
+        return
+    allowed = _allowed_types(obj, head)
+    types = tuple(t for a in allowed for t in _TYPE_NAMES.get(a, (object,)))
+    if (isinstance(value, bool) and "bool" not in allowed) or not isinstance(value, types):
+        raise ValueError(f"key {full!r} takes {' or '.join(allowed)}, not {type(value).__name__} ({value!r})")
+    if full == "stages":
+        bad = [s for s in value if s not in STAGE_ORDER]
+        if bad:
+            raise ValueError(f"key 'stages': unknown stage(s) {bad}; valid: {', '.join(STAGE_ORDER)}")
+
+
+def validate_overrides(overrides: dict, *, preset: str = "smoke", base: dict | None = None) -> RunConfig:
+    """Check dotted overrides against the config schema (the dataclasses above), then apply them with
+    :func:`apply_overrides` on top of ``base``: unknown keys and wrong types raise ``ValueError`` naming
+    the key and the valid choices; values the dataclasses themselves refuse (e.g. an unknown pooling
+    mode) too. Returns the resulting config."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a mapping of config keys to values, not {type(overrides).__name__}")
+    cfg = make_run_config(preset, base)
+    for k, v in overrides.items():
+        _check_key(cfg, str(k), v)
+        try:
+            apply_overrides(cfg, {k: v})
+        except (KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"key {k!r}: {e.args[0] if e.args else e}") from None
+    return cfg
+
+
+EXTRA_ROW_KEYS = ("label", "overrides")
+
+
+def parse_extra_rows(text, ablation: Ablation | None = None) -> list[AblationRow]:
+    """A reader's own rows from YAML/JSON text (or an already parsed mapping)::
+
+        {"my_tau": {"label": "tau 0.02", "overrides": {"embedder.temperature_init": 0.02}}}
+
+    Each row id must be new to the table (and usable as a directory name); each row has only
+    ``label`` and ``overrides``; the overrides are checked by :func:`validate_overrides` on top of the
+    table's base. Every error is a ``ValueError`` that starts with ``extra_rows`` and names the row
+    and the key."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return []
+    if isinstance(text, str):
+        try:
+            d = yaml.safe_load(text)  # JSON is YAML
+        except yaml.YAMLError as e:
+            raise ValueError(f"extra_rows: not YAML/JSON: {e}") from None
+    else:
+        d = text
+    if not isinstance(d, dict):
+        raise ValueError("extra_rows must map row ids to {label, overrides}, e.g. "
+                         "'{\"my_tau\": {\"label\": \"tau 0.02\", \"overrides\": {\"embedder.temperature_init\": 0.02}}}'")
+    taken = {r.id for r in ablation.rows} if ablation is not None else set()
+    out = []
+    for rid, spec in d.items():
+        rid = str(rid)
+        where = f"extra_rows: row {rid!r}"
+        if rid in taken:
+            raise ValueError(f"{where}: the table already has a row {rid!r}; choose a new id")
+        if not rid.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ValueError(f"{where}: a row id may hold letters, digits, '_', '-' and '.' only")
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where}: expected a mapping with keys {', '.join(EXTRA_ROW_KEYS)}")
+        unknown = [k for k in spec if k not in EXTRA_ROW_KEYS]
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(EXTRA_ROW_KEYS)}")
+        label = spec.get("label", rid)
+        if not isinstance(label, str):
+            raise ValueError(f"{where}: key 'label' takes str, not {type(label).__name__}")
+        over = spec.get("overrides") or {}
+        try:
+            validate_overrides(over, base=ablation.base if ablation is not None else None)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        out.append(AblationRow(id=rid, label=label, overrides=dict(over), paper_key=None, own=True))
+        taken.add(rid)
+    return out

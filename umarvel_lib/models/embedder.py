@@ -644,6 +644,23 @@ class Embedder(nn.Module):
         )
         return batch
 
+    def pooled_tokens(self, item: Item) -> list[dict]:
+        """One item's tokens as the model sees them (the rendered chat prompt, visual tokens included):
+        ``token``, ``instruction`` (inside the ``<instruction_start>..<instruction_end>`` span) and
+        ``pooled`` (enters the embedding: the :func:`pooling_mask` of :meth:`collate` for mean pooling,
+        the token before ``<emb>`` for last-token pooling)."""
+        batch = self.collate([item])
+        ids = batch["input_ids"][0]
+        span = instruction_span_mask(batch["input_ids"], self.instr_start_id, self.instr_end_id)[0] \
+            if self.instr_start_id is not None and self.instr_end_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+        if self.cfg.pooling == "mean":
+            pooled = batch["pool_mask"][0].bool()
+        else:
+            pooled = torch.zeros_like(ids, dtype=torch.bool)
+            pooled[int((ids == self.emb_id).int().argmax()) - 1] = True
+        toks = self.tokenizer.convert_ids_to_tokens(ids.tolist())
+        return [{"token": t, "instruction": bool(i), "pooled": bool(p)} for t, i, p in zip(toks, span.tolist(), pooled.tolist())]
+
     def lengths(self, items: Sequence[Item]) -> np.ndarray:
         """Approximate token length of every item (text tokens + visual tokens), for bucketing."""
         texts = [self.render(it) for it in items]

@@ -136,7 +136,10 @@ def _record_batch(results: Path, rec: dict) -> None:
 
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
               backbone: str | None = None, data_root: str | None = None, timeout: int | None = None,
-              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True) -> dict:
+              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True,
+              notebook_params: dict[str, dict] | None = None) -> dict:
+    """Run the notebooks (all, or those of ``tables``) through papermill; ``notebook_params`` adds
+    parameters to single notebooks, e.g. ``{"04_batch_lr_temperature": {"extra_rows": "..."}}``."""
     import papermill as pm
     from tqdm.auto import tqdm
 
@@ -173,7 +176,8 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         tmp = out_dir / f".{name}.running.ipynb"
         t0 = time.time()
         try:
-            pm.execute_notebook(str(src), str(tmp), parameters=params, kernel_name=kname, progress_bar=False,
+            pm.execute_notebook(str(src), str(tmp), parameters={**params, **(notebook_params or {}).get(name, {})},
+                                kernel_name=kname, progress_bar=False,
                                 execution_timeout=timeout, cwd=str(Path.cwd()))
             tmp.replace(dst)
             status[name] = {"status": "ok", "wall_s": round(time.time() - t0, 1)}

@@ -22,6 +22,24 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _forest_plot(res: Path, vall: pd.DataFrame, paper_dfs: dict, preset: str) -> str:
+    """``findings.png``: one line per finding (ours with its CI, coloured by verdict; the paper as a marker)."""
+    import matplotlib.pyplot as plt
+
+    from . import figures
+
+    ff = figures.findings_frame(vall, paper_dfs)
+    tmp = res / ".findings.tmp.png"
+    fig = figures.plot_findings(ff, f"The paper's findings at preset {preset}: our paired difference (95% CI, "
+                                    "seeds x queries) and the paper's", tmp)
+    plt.close(fig)
+    tmp.replace(res / "findings.png")
+    return ("\n![findings: ours with 95% CI coloured by verdict, the paper's difference as a diamond](findings.png)\n\n"
+            "Each line is one finding: the dot and bar are our paired difference (A minus B in the paper's "
+            "direction, so positive agrees with the paper) with its 95% CI, coloured by verdict; the diamond is "
+            "the paper's difference of the same rows (on the paper's scale).\n")
+
+
 def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
     res = Path(results)
     abls = [load_ablation(p) for p in sorted(ablations_dir().glob("table*.yaml"))]
@@ -34,8 +52,10 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
              "`umarvel_lib/paper_tables/PROVENANCE.md`). At micro scale absolute numbers are not comparable "
              "with the paper's; what is compared is the **direction** of each finding.\n"]
     body = []
+    paper_dfs = {}
     for ab in abls:
         df = tables.table_vs_paper(res, ab)
+        paper_dfs[ab.table] = df
         body.append(f"\n## Table {ab.table}: {ab.title}\n\n{tables.provenance_note(ab.table)}\n\n" + _md(df))
         if (res / f"table{ab.table}.png").is_file():
             body.append(f"\n![table {ab.table}](table{ab.table}.png)\n")
@@ -48,6 +68,8 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
                         + _md(tables.checks(res, ab, n_boot=n_boot)))
     vall = pd.concat(all_v, ignore_index=True) if all_v else pd.DataFrame(columns=["finding", "verdict"])
     counts = tables.verdict_counts(vall)
+    if not vall.empty:
+        parts.append(_forest_plot(res, vall, paper_dfs, preset))
     summary = [f"\n## Summary of the paper's {len(FINDINGS)} findings\n",
                f"**{counts['held']} of {len(FINDINGS)} held**, {counts['within noise']} within noise, "
                f"{counts['contradicted']} contradicted, {counts['too few seeds']} with too few seeds for a verdict, "

@@ -74,16 +74,16 @@ def table_vs_paper(results, ablation: Ablation) -> pd.DataFrame:
     recs = []
     for r in ablation.rows:
         try:
-            p = paper_row(ablation.table, r.paper_key) if ablation.table <= 6 else None
+            p = paper_row(ablation.table, r.paper_key) if ablation.table <= 6 and not r.own else None
         except KeyError:
             p = None
-        rec = {"id": r.id, "row": r.label}
+        rec = {"id": r.id, "row": r.label + (" (yours)" if r.own else "")}
         for pool in ("local", "global"):
             sub = runs[(runs.row == r.id) & (runs.pool == pool)] if not runs.empty else runs
             ok = sub[sub.status == "ok"] if not sub.empty else sub
             vals = ok["avg"].astype(float).to_numpy() if not ok.empty else np.array([])
             paper_v = None if p is None else p[pool]
-            if ablation.table == 7:
+            if ablation.table == 7 and not r.own:
                 paper_v = _main_table_avg(pool)
             rec[f"paper_{pool}"] = paper_v if paper_v is not None else (None if p is None else p[f"{pool}_raw"] or None)
             rec[f"ours_{pool}"] = round(float(vals.mean()), 2) if len(vals) else None
@@ -156,72 +156,6 @@ def checks(results, ablation: Ablation, *, pool: str | None = None, n_boot: int 
         recs.append(rec)
     return pd.DataFrame.from_records(recs, columns=["check", "row_a", "row_b", "pool", "n_seeds", "diff", "ci95_lo",
                                                     "ci95_hi"])
-
-
-def plot_table(df: pd.DataFrame, title: str, path=None):
-    """Bar plot of ours (mean +- sd over seeds) per row and pool; the paper's value as a marker on a twin axis."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    pools = [p for p in ("local", "global") if f"ours_{p}" in df.columns]
-    long = []
-    for _, r in df.iterrows():
-        for p in pools:
-            v = r[f"ours_{p}"]
-            if isinstance(v, (int, float)) and v is not None and not pd.isna(v):
-                long.append({"row": f"{r['id']}: {r['row']}", "pool": p, "ours": v,
-                             "sd": r.get(f"ours_{p}_sd") or 0.0, "paper": r.get(f"paper_{p}")})
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(df)), 4))
-    if long:
-        ld = pd.DataFrame(long)
-        sns.barplot(data=ld, x="row", y="ours", hue="pool", ax=ax, errorbar=None)
-        ax.set_ylabel("reproduced Avg (micro scale, %)")
-        ax2 = ax.twinx()
-        for p, marker in zip(pools, ("o", "s")):
-            pl = ld[ld.pool == p]
-            ax2.scatter(range(len(pl)), pd.to_numeric(pl["paper"], errors="coerce"), marker=marker, color="k",
-                        label=f"paper {p}", zorder=3)
-        ax2.set_ylabel("paper Avg (%)")
-        ax2.legend(loc="upper right", fontsize=8)
-    ax.set_title(title)
-    ax.tick_params(axis="x", rotation=25)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
-
-
-def plot_curves(results, table: int, path=None):
-    """Training loss (and periodic local Avg, when evaluated) over steps, one line per row (seed mean)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    recs = []
-    for s in sidecars(results, table):
-        offset = 0
-        last_stage = None
-        for c in s.get("curves") or []:
-            if c.get("kind") != "train" or "loss" not in c:
-                continue
-            if c["stage"] != last_stage:
-                offset = recs[-1]["global_step"] if recs and last_stage is not None and recs[-1]["row"] == str(s["row"]) else 0
-                last_stage = c["stage"]
-            recs.append({"row": str(s["row"]), "seed": s["seed"], "stage": c["stage"], "step": c["step"],
-                         "global_step": offset + c["step"], "loss": c["loss"]})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if recs:
-        sns.lineplot(data=pd.DataFrame(recs), x="global_step", y="loss", hue="row", style="stage", ax=ax, errorbar=None)
-    ax.set_title(f"Table {table}: training loss over optimizer steps (all stages, seed mean)")
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
 
 
 def provenance_note(table: int) -> str:
