@@ -115,12 +115,12 @@ def table_notebook(name, ablation, title, text):
            "queries; your rows orange)."),
         code("out = nb.table_outputs(ABLATION, preset=preset, results=results_dir)\n"
              "display(Markdown(out[\"provenance\"]))\nout[\"table\"]"),
-        code("display(out[\"figure\"])"),
+        code("display(nb.show(out[\"figure\"]))"),
         md("Per dataset-task headline metric (mean over seeds), one column per row:"),
         code("out[\"per_task\"]"),
         md("Learning curves: training loss over optimizer steps (and the dev retrieval metric where the runs "
            "evaluated periodically), stage boundaries dotted:"),
-        code("display(out[\"curves\"])"),
+        code("display(nb.show(out[\"curves\"]))"),
         md("The paper's findings for this table, with paired (seeds x queries) bootstrap statistics:"),
         code("out[\"findings\"]"),
     ]
@@ -152,7 +152,7 @@ def main():
         code("print(demo['prompt'])\ndisplay(HTML(demo['tokens_html']))"),
         md("The candidates retrieved from the row's local pool, best first, with cosine and cos/tau:"),
         code("print(f\"first positive at rank {demo['first_positive_rank']} of {demo['pool_size']} candidates\")\n"
-             "display(demo['figure'])\ndemo['similarity']"),
+             "display(nb.show(demo['figure']))\ndemo['similarity']"),
     ], "00_quickstart")
     nbf.write(quick, HERE / "00_quickstart.ipynb")
     report = notebook([

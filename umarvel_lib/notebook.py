@@ -106,6 +106,18 @@ def recipe(ablation: str | Ablation, *, preset: str, results: str | None = None)
             "mining": rc.mining_reports(res, ab.table)}
 
 
+def show(fig):
+    """A figure as a PNG image to ``display`` (the library draws off-screen, so an executed notebook keeps
+    the image itself, at the figures' moderate DPI)."""
+    import io
+
+    from IPython.display import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=figures.DPI)
+    return Image(data=buf.getvalue(), format="png")
+
+
 def _tmp_png(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.png")
 
