@@ -39,7 +39,8 @@ def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", 
     ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
     res = results_dir(preset, results)
     want = parse_list(rows)
-    todo = [(r, int(s)) for r in ab.rows if not want or r.id in want for s in parse_list(seeds)] if train else []
+    # the reader's own rows (extra_rows) always run, whatever ``rows`` selects of the paper's
+    todo = [(r, int(s)) for r in ab.rows if not want or r.id in want or r.own for s in parse_list(seeds)] if train else []
     failures = []
     for r, s in tqdm(todo, desc=f"table {ab.table}", mininterval=10):
         try:
