@@ -70,7 +70,8 @@ def _finding_rows(table: int) -> frozenset[str]:
 
 
 def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs: int,
-             backbone: str | None = None, data_root: str | None = None) -> list[dict]:
+             backbone: str | None = None, data_root: str | None = None, nli_path: str | None = None,
+             cc3m_root: str | None = None) -> list[dict]:
     """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes.
 
     Each job is ``umarvel run``; its log goes to ``<results>/logs/table<N>-<row>-seed<S>.log``. A
@@ -96,6 +97,8 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
                "--seed", str(s), "--preset", preset, "--results", str(results)]
         cmd += ["--backbone", backbone] if backbone else []
         cmd += ["--data-root", data_root] if data_root else []
+        cmd += ["--nli-path", nli_path] if nli_path else []
+        cmd += ["--cc3m-root", cc3m_root] if cc3m_root else []
         t0, log_file = time.time(), logs / f"table{t}-{rid}-seed{s}.log"
         side = run_dir_for(results, t, rid, s) / "row.json"
         before = side.stat().st_mtime_ns if side.is_file() else None
@@ -136,7 +139,8 @@ def _record_batch(results: Path, rec: dict) -> None:
 
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
               backbone: str | None = None, data_root: str | None = None, timeout: int | None = None,
-              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True) -> dict:
+              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True, nli_path: str | None = None,
+              cc3m_root: str | None = None) -> dict:
     import papermill as pm
     from tqdm.auto import tqdm
 
@@ -144,7 +148,7 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
     if jobs > 1 and train:
         t0 = time.time()
         recs = run_jobs([t for _, t in select(tables)], preset=preset, seeds=seeds or DEFAULT_SEEDS, results=res,
-                        jobs=jobs, backbone=backbone, data_root=data_root)
+                        jobs=jobs, backbone=backbone, data_root=data_root, nli_path=nli_path, cc3m_root=cc3m_root)
         failed = [r for r in recs if r["rc"] != 0]
         skipped = sum(r["skipped"] for r in recs)
         print(f"{len(recs) - len(failed)}/{len(recs)} runs ok ({len(recs) - len(failed) - skipped} trained, {skipped} "
@@ -163,6 +167,10 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         params["backbone"] = backbone
     if data_root:
         params["data_root"] = data_root
+    if nli_path:
+        params["nli_path"] = nli_path
+    if cc3m_root:
+        params["cc3m_root"] = cc3m_root
     chosen = select(tables)
     kname = kernel_name()
     bar = tqdm(chosen, desc=f"reproduce ({preset})", unit="notebook")
