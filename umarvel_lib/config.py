@@ -202,7 +202,10 @@ class RunConfig:
 # left out of hashes while at that value, so finished runs and cached stages stay valid; any other
 # value is hashed as usual.
 _NOT_IDENTITY = ("nli_path", "cc3m_root")  # where a corpus lies is not what a run computes
-_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None, "data_digest": None}
+_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None, "data_digest": None,
+                   # None = the paper's image budget for the backbone's kind, no truncation at evaluation
+                   # (the synthetic data's images and texts are inside both budgets: no earlier result changes)
+                   "min_pixels": None, "max_pixels": None, "eval_max_text_tokens": None}
 
 
 def _drop_added_defaults(obj):

@@ -159,6 +159,7 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
         rr_dir = train_reranker(cfg, ckpt, stage_root)
         rerank_eval(cfg, rdir / "eval", rr_dir, data)
     sidecar.update(status="ok", checkpoint=str(ckpt), tau=emb.temperature.value, wall_s=round(time.time() - t0, 1),
+                   image_pixels=_pixels(emb),
                    curves=collect_curves(cfg, stage_root))
     atomic_write_json(side, sidecar)
     return sidecar
@@ -190,9 +191,15 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, preset: 
                    instructions=cfg.embedder.instructions, instruction_seed=cfg.eval.instruction_seed,
                    batch_size=cfg.eval.batch_size, cache_dir=Path(cfg.cache_dir) / "embeddings")
     atomic_write_json(out_dir / "checkpoint.json", {"checkpoint": str(ckpt), "preset": preset, "data_root": str(root),
-                                                   "embedder": dataclasses.asdict(cfg.embedder), "git": git_commit(),
+                                                   "embedder": dataclasses.asdict(cfg.embedder),
+                                                   "image_pixels": _pixels(emb), "git": git_commit(),
                                                    "versions": versions()})
     return res
+
+
+def _pixels(emb) -> dict | None:
+    """The image budget the embedder used (the config's None resolved to the paper's value for its kind)."""
+    return dict(zip(("min_pixels", "max_pixels"), emb.pixel_limits)) if emb.pixel_limits else None
 
 
 def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
