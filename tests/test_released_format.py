@@ -262,3 +262,17 @@ def test_missing_corpus_names_the_file_and_the_flag(released, tmp_path, monkeypa
     with pytest.raises(FileNotFoundError, match=r"stage 'cc3m' needs .*nope/chat.json not found "
                                                 r"\(--cc3m-root .*nope\); pass --cc3m-root"):
         main(args + ["--nli-path", str(released["nli"]), "--cc3m-root", str(tmp_path / "nope")])
+
+
+@pytest.mark.slow  # one papermill kernel: about a minute
+def test_notebook_07_with_a_checkpoint_trains_nothing(released, tmp_path):
+    import papermill as pm
+
+    res = tmp_path / "results"
+    pm.execute_notebook(str(REPO / "notebooks" / "07_main_results.ipynb"), str(tmp_path / "07.ipynb"),
+                        parameters={"preset": "smoke", "checkpoint": str(released["umarvel2"]),
+                                    "data_root": str(released["root"]), "results_dir": str(res)},
+                        kernel_name="umarvel-kit", cwd=str(tmp_path), progress_bar=False)
+    assert not (res / "runs").exists() and not (tmp_path / "cache" / "stages").exists()  # nothing trained
+    metrics = json.loads((res / "checkpoints" / "released" / "local" / "metrics.json").read_text())
+    assert metrics["avg"]["n_rows"] == 16
