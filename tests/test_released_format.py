@@ -276,3 +276,19 @@ def test_notebook_07_with_a_checkpoint_trains_nothing(released, tmp_path):
     assert not (res / "runs").exists() and not (tmp_path / "cache" / "stages").exists()  # nothing trained
     metrics = json.loads((res / "checkpoints" / "released" / "local" / "metrics.json").read_text())
     assert metrics["avg"]["n_rows"] == 16
+
+
+def test_fsdp_config_wraps_classes_the_released_model_has(released):
+    """accelerate refuses an FSDP wrap class the model lacks: the shipped config names Qwen2-VL's decoder
+    layer and vision block, which the released-format Qwen2-VL checkpoint has (Qwen3-VL's are
+    Qwen3VLTextDecoderLayer / Qwen3VLVisionBlock; README, Paper scale)."""
+    import yaml
+
+    from umarvel_lib.models.backbone import load_backbone
+
+    conf = yaml.safe_load((REPO / "umarvel_lib/configs/accelerate_fsdp_8gpu.yaml").read_text())
+    names = conf["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    for key, want in (("qwen2", names), ("qwen3", ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"])):
+        model, _ = load_backbone(released[key])
+        have = {type(m).__name__ for m in model.modules()}
+        assert set(want) <= have, (key, set(want) - have)
