@@ -13,6 +13,8 @@ HERE = Path(__file__).resolve().parent
 PARAMS = '''preset = "smoke"      # smoke (seconds) | cpu (embedded default) | gpu | paper
 backbone = None       # local checkpoint dir, e.g. "/models/Qwen2-VL-7B-Instruct"; None: the preset's micro backbone
 data_root = None      # local M-BEIR root, e.g. "/data/M-BEIR"; None: the synthetic mini-M-BEIR of the preset
+nli_path = None       # SimCSE nli_for_simcse.csv; None: <data_root>/nli/nli_for_simcse.csv
+cc3m_root = None      # folder with LLaVA CC3M-595K chat.json + images; None: <data_root>/cc3m
 seeds = "0,1,2"       # comma-separated training seeds
 rows = ""             # "" runs every row of the table; or e.g. "0,4"
 results_dir = None    # None: results/<preset>
@@ -102,7 +104,9 @@ def table_notebook(name, ablation, title, text):
            "after the preset's scaling, tau):"),
         code("recipe = nb.recipe(ABLATION, preset=preset, results=results_dir)\ndisplay(recipe[\"rows\"])"),
         code("runs = nb.run_table(ABLATION, preset=preset, seeds=seeds, rows=rows, results=results_dir,\n"
-             "                    backbone=backbone, data_root=data_root, train=train)\nruns"),
+             "                    backbone=backbone, data_root=data_root, nli_path=nli_path, cc3m_root=cc3m_root,\n"
+             f"                    train={'train and not checkpoint' if name == '07_main_results' else 'train'})"
+             "\nruns"),
         code("nb.recipe(ABLATION, preset=preset, results=results_dir)[\"stage_plan\"]"),
     ]
     if name == "05_hard_negatives":
@@ -141,9 +145,10 @@ def main():
            "(generatively pre-trained, not retrieval-trained, so its ranking is near chance); pass a local "
            "U-MARVEL-Qwen2VL-7B-Instruct directory or a checkpoint trained by notebook 07 to see real retrieval."),
         code('preset = "smoke"\nbackbone = None       # local checkpoint dir (e.g. U-MARVEL-Qwen2VL-7B-Instruct); None: the micro backbone\n'
+             'checkpoint = None     # the same as backbone (wins when given); nothing is trained either way\n'
              'data_root = None\nseeds = "0"\nresults_dir = None', tags=["parameters"]),
         code("from IPython.display import HTML, display\n\nfrom umarvel_lib import notebook as nb\n\n"
-             "demo = nb.quickstart(backbone, preset=preset, data_root=data_root, seed=int(seeds.split(',')[0]))\n"
+             "demo = nb.quickstart(checkpoint or backbone, preset=preset, data_root=data_root, seed=int(seeds.split(',')[0]))\n"
              "print('embedding dim:', demo['embedding_dim'], ' tau:', round(demo['tau'], 4), ' pooling:', demo['pooling'],\n"
              "      ' instruction span masked:', demo['instruction_mask'])"),
         md("The query's rendered chat prompt (the instruction span between `<instruction_start>` and "

@@ -10,7 +10,8 @@ import pytest
 
 from umarvel_lib.data import synthetic
 from umarvel_lib.data.mbeir import DATASET_IDS, MBEIR, ROW_NAMES, TASKS
-from umarvel_lib.data.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate, read_cc3m, read_nli
+from umarvel_lib.data.corpora import read_cc3m, read_nli
+from umarvel_lib.data.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
 
 SMOKE = SyntheticConfig(**SYNTHETIC_PRESETS["smoke"])
 
@@ -75,9 +76,9 @@ def test_planted_false_negatives_are_documented_and_unlabelled(smoke_data):
 
 
 def test_stage_corpora(smoke_data):
-    nli = read_nli(smoke_data)
+    nli = read_nli(smoke_data / "nli" / "nli_for_simcse.csv")
     assert len(nli) == SMOKE.n_nli and all(len(t) == 3 and t[0] != t[2] for t in nli)
-    cc = read_cc3m(smoke_data)
+    cc = read_cc3m(smoke_data / "cc3m")
     assert len(cc) == SMOKE.n_cc3m and all(Path(p).is_file() for _, p in cc[:5])
 
 

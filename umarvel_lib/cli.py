@@ -41,7 +41,8 @@ def cmd_reproduce(args) -> int:
     tables = [t for t in (args.tables or "").split(",") if t.strip()]
     status = reproduce(args.preset, tables=tables or None, seeds=args.seeds, results=args.results,
                        backbone=args.backbone, data_root=args.data_root, timeout=args.timeout, jobs=args.jobs,
-                       train=not args.no_train, all_rows=args.all_rows)
+                       train=not args.no_train, all_rows=args.all_rows, nli_path=args.nli_path,
+                       cc3m_root=args.cc3m_root)
     return 0 if all(v.get("status") == "ok" for v in status.values()) else 1
 
 
@@ -58,7 +59,8 @@ def cmd_run(args) -> int:
 
     ab = load_ablation(args.table)
     if args.preset == "paper" or args.estimate:
-        cfg = ab.run_config(args.row, args.preset, args.seed, backbone=args.backbone, data_root=args.data_root)
+        cfg = ab.run_config(args.row, args.preset, args.seed, backbone=args.backbone, data_root=args.data_root,
+                            nli_path=args.nli_path, cc3m_root=args.cc3m_root)
         est = estimate_cost(cfg)
         print(f"cost estimate for table {ab.table} row {args.row} ({args.preset}):")
         print(est.to_string(index=False))
@@ -69,9 +71,41 @@ def cmd_run(args) -> int:
             print("re-run with --yes to start (the paper preset is expensive)")
             return 3
     side = run_row(ab, args.row, preset=args.preset, seed=args.seed, results=args.results or Path("results") / args.preset,
-                   backbone=args.backbone, data_root=args.data_root)
+                   backbone=args.backbone, data_root=args.data_root, nli_path=args.nli_path, cc3m_root=args.cc3m_root)
     print(f"table {ab.table} row {args.row} seed {args.seed}: {side['status']} ({side.get('wall_s')} s)")
     return 0 if side["status"] == "ok" else 1
+
+
+def cmd_check_data(args) -> int:
+    """Validate a data root (and the NLI / CC3M corpora given) before any training; non-zero on errors."""
+    from .data.check import DataError, check_data
+
+    stages = ["mbeir"] + (["nli"] if args.nli_path else []) + (["cc3m"] if args.cc3m_root else [])
+    rows = [r for r in (args.rows or "").split(",") if r.strip()] or None
+    try:
+        report = check_data(args.data_root, nli_path=args.nli_path, cc3m_root=args.cc3m_root, rows=rows,
+                            stages=stages, open_images=not args.no_image_decode)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluate a checkpoint as it is (no training) on the local and global pools."""
+    from .experiment import evaluate_checkpoint
+
+    out = Path(args.results) if args.results else \
+        Path("results") / args.preset / "checkpoints" / Path(args.checkpoint).resolve().name
+    rows = [r for r in (args.rows or "").split(",") if r.strip()] or None
+    pools = tuple(p for p in args.pools.split(",") if p.strip())
+    res = evaluate_checkpoint(args.checkpoint, out, preset=args.preset, data_root=args.data_root, rows=rows,
+                              pools=pools)
+    for pool in pools:
+        avg = res[pool]["avg"]
+        print(f"{pool}: Avg {avg['headline']:.2f} over {avg['n_rows']} rows ({out / pool / 'metrics.json'})")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -153,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--results", help="results directory (default results/<preset>)")
     sr.add_argument("--backbone", help="local checkpoint directory (default: the preset's micro backbone)")
     sr.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR)")
+    _corpus_flags(sr)
     sr.add_argument("--timeout", type=int, help="per-cell execution timeout in seconds")
     sr.add_argument("--no-train", action="store_true",
                     help="train nothing: re-execute the notebooks on the finished runs and rewrite the report")
@@ -168,16 +203,38 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--preset", default="cpu")
     sx.add_argument("--results")
     sx.add_argument("--backbone")
-    sx.add_argument("--data-root")
+    sx.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR of the preset)")
+    _corpus_flags(sx)
     sx.add_argument("--estimate", action="store_true", help="print tokens per stage and GPU-hours, then stop")
     sx.add_argument("--yes", action="store_true", help="start a paper-preset run after the estimate")
     sx.set_defaults(func=cmd_run)
+
+    sc = sub.add_parser("check-data", help="validate M-BEIR (+ NLI, CC3M) before any training; non-zero on errors")
+    sc.add_argument("--data-root", required=True, help="local M-BEIR root")
+    _corpus_flags(sc)
+    sc.add_argument("--rows", help="comma-separated test rows to check (default: all 16; a missing one is an error)")
+    sc.add_argument("--no-image-decode", action="store_true", help="check that images exist, without decoding them")
+    sc.set_defaults(func=cmd_check_data)
+
+    se = sub.add_parser("evaluate", help="evaluate a checkpoint as it is (trains nothing)")
+    se.add_argument("--checkpoint", required=True, help="local checkpoint dir (released U-MARVEL or trained here)")
+    se.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR of the preset)")
+    se.add_argument("--results", help="output dir (default results/<preset>/checkpoints/<checkpoint name>)")
+    se.add_argument("--preset", default="paper", help="evaluation batch size and embedder defaults (default paper)")
+    se.add_argument("--rows", help="comma-separated test rows (default: all 16)")
+    se.add_argument("--pools", default="local,global")
+    se.set_defaults(func=cmd_evaluate)
 
     sp2 = sub.add_parser("report", help="(re)write results/<preset>/REPORT.md from the run directories")
     sp2.add_argument("--preset", default="cpu")
     sp2.add_argument("--results")
     sp2.set_defaults(func=cmd_report)
     return p
+
+
+def _corpus_flags(p) -> None:
+    p.add_argument("--nli-path", help="SimCSE nli_for_simcse.csv (default: <data root>/nli/nli_for_simcse.csv)")
+    p.add_argument("--cc3m-root", help="folder with LLaVA CC3M-595K chat.json and its images (default: <data root>/cc3m)")
 
 
 def main(argv=None) -> int:

@@ -120,6 +120,9 @@ class RunConfig:
     backbone_size: str = "micro"
     data_root: str | None = None  # None: data/mini-mbeir-<data_preset>
     data_preset: str = "cpu"
+    # the stage-1/2 corpora, separate downloads (data paths, not result identity: left out of hash())
+    nli_path: str | None = None  # SimCSE nli_for_simcse.csv; None: <data root>/nli/nli_for_simcse.csv
+    cc3m_root: str | None = None  # folder of LLaVA CC3M-595K chat.json + images; None: <data root>/cc3m
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     stages: list[str] = field(default_factory=lambda: ["nli", "cc3m", "mbeir"])
     stage: dict[str, StageConfig] = field(default_factory=lambda: copy.deepcopy(PAPER_STAGES))
@@ -138,6 +141,31 @@ class RunConfig:
 
     def resolved_data_root(self) -> Path:
         return Path(self.data_root) if self.data_root else Path("data") / f"mini-mbeir-{self.data_preset}"
+
+    def resolved_nli_path(self) -> Path:
+        return Path(self.nli_path) if self.nli_path else self.resolved_data_root() / "nli" / "nli_for_simcse.csv"
+
+    def resolved_cc3m_root(self) -> Path:
+        return Path(self.cc3m_root) if self.cc3m_root else self.resolved_data_root() / "cc3m"
+
+    def corpus_paths(self) -> dict[str, Path]:
+        """The file or folder each stage reads beyond M-BEIR (``nli``, ``cc3m``), for the stages this run has.
+
+        A missing one is a :class:`FileNotFoundError` naming the file and the flag that sets it."""
+        out = {}
+        for stage, flag, path, what in (
+                ("nli", "--nli-path", self.resolved_nli_path(), "SimCSE's nli_for_simcse.csv"),
+                ("cc3m", "--cc3m-root", self.resolved_cc3m_root(), "a folder with LLaVA CC3M-595K chat.json + images")):
+            if stage not in self.stages:
+                continue
+            probe = path if stage == "nli" else path / "chat.json"
+            if not probe.is_file():
+                set_by = f"{flag} {path}" if (self.nli_path if stage == "nli" else self.cc3m_root) else "default"
+                raise FileNotFoundError(
+                    f"stage {stage!r} needs {what}: {probe} not found ({set_by}); pass {flag} "
+                    f"(papermill: -p {flag[2:].replace('-', '_')} ...; config: {flag[2:].replace('-', '_')})")
+            out[stage] = path
+        return out
 
     def scaled_stage(self, name: str) -> StageConfig:
         """The stage recipe after the preset's scaling (what actually runs)."""
@@ -165,13 +193,19 @@ class RunConfig:
                  "backbone_size": self.backbone_size, "data_root": str(self.resolved_data_root()),
                  "data_preset": self.data_preset, "embedder": d["embedder"], "stages": keep,
                  "stage": {k: dataclasses.asdict(self.scaled_stage(k)) for k in keep}}
+        for k in _NOT_IDENTITY:
+            d.pop(k, None)
         return config_hash(_drop_added_defaults(d))
 
 
 # Fields added after results were published, with the value every earlier run implicitly had. They are
 # left out of hashes while at that value, so finished runs and cached stages stay valid; any other
 # value is hashed as usual.
-_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None, "data_digest": None}
+_NOT_IDENTITY = ("nli_path", "cc3m_root")  # where a corpus lies is not what a run computes
+_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None, "data_digest": None,
+                   # None = the paper's image budget for the backbone's kind, no truncation at evaluation
+                   # (the synthetic data's images and texts are inside both budgets: no earlier result changes)
+                   "min_pixels": None, "max_pixels": None, "eval_max_text_tokens": None}
 
 
 def _drop_added_defaults(obj):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from .config import Ablation, AblationRow, RunConfig
+from .data.check import validate_run
 from .data.mbeir import MBEIR
 from .data.synthetic import build_digest
 from .io import atomic_write_json, atomic_write_text, checkpoint_digest
@@ -108,8 +109,11 @@ def run_dir_for(results: Path, table: int, row_id, seed: int) -> Path:
 
 
 def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: int, results: str | Path,
-            backbone: str | None = None, data_root: str | None = None, progress: bool = True) -> dict:
-    """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config."""
+            backbone: str | None = None, data_root: str | None = None, progress: bool = True,
+            nli_path: str | None = None, cc3m_root: str | None = None) -> dict:
+    """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config.
+
+    Before anything trains, every file the run reads is validated (:func:`~umarvel_lib.data.check.validate_run`)."""
     import torch
 
     from .eval.evaluate import evaluate
@@ -118,7 +122,8 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     from .train.stages import run_stages
 
     row = ablation.row(row) if isinstance(row, str) else row
-    cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root)
+    cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root, nli_path=nli_path,
+                              cc3m_root=cc3m_root)
     base = backbone_path(cfg)
     cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
     root = ensure_data(cfg)
@@ -131,6 +136,7 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
         if old.get("hash") == h and old.get("status") in ("ok", "diverged"):
             log.info("table %s row %s seed %s: done (hash %s), skipped", ablation.table, row.id, seed, h)
             return old
+    validate_run(cfg)  # a data error now, not after hours of training
     threads = int(os.environ.get("UMARVEL_THREADS", cfg.threads or 0))  # env wins: shared machines
     if threads:
         torch.set_num_threads(threads)
@@ -157,9 +163,47 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
         rr_dir = train_reranker(cfg, ckpt, stage_root)
         rerank_eval(cfg, rdir / "eval", rr_dir, data)
     sidecar.update(status="ok", checkpoint=str(ckpt), tau=emb.temperature.value, wall_s=round(time.time() - t0, 1),
+                   image_pixels=_pixels(emb),
                    curves=collect_curves(cfg, stage_root))
     atomic_write_json(side, sidecar)
     return sidecar
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, preset: str = "smoke",
+                        data_root: str | None = None, rows: list[str] | None = None,
+                        pools: tuple[str, ...] = ("local", "global"), embedder_overrides: dict | None = None) -> dict:
+    """Evaluate a local checkpoint as it is (a released U-MARVEL model, or one this kit trained): no
+    stage runs, nothing is trained. The data is validated first (no training stages: only the test
+    rows, pools, qrels and instructions). A checkpoint saved by this kit keeps its own embedder
+    settings; any other uses the preset's (``embedder_overrides`` on top). Returns :func:`evaluate`'s
+    metrics; writes ``<out_dir>/{local,global}/`` and ``<out_dir>/checkpoint.json``."""
+    from .config import apply_overrides, make_run_config
+    from .eval.evaluate import evaluate
+    from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig, resolve_local_checkpoint
+
+    ckpt = resolve_local_checkpoint(checkpoint)
+    cfg = make_run_config(preset, {"data_root": data_root, "stages": [], "eval.pools": list(pools),
+                                   "eval.rows": tuple(rows) if rows else None})
+    if (ckpt / EMBEDDER_JSON).is_file():
+        cfg.embedder = EmbedderConfig.from_dict(json.loads((ckpt / EMBEDDER_JSON).read_text())["config"])
+    apply_overrides(cfg.embedder, embedder_overrides)
+    root = ensure_data(cfg)
+    validate_run(cfg)
+    emb = Embedder.from_pretrained(ckpt, cfg.embedder)
+    out_dir = Path(out_dir)
+    res = evaluate(emb, MBEIR(root, check_images=False), out_dir, pools=pools, rows=cfg.eval.rows,
+                   instructions=cfg.embedder.instructions, instruction_seed=cfg.eval.instruction_seed,
+                   batch_size=cfg.eval.batch_size, cache_dir=Path(cfg.cache_dir) / "embeddings")
+    atomic_write_json(out_dir / "checkpoint.json", {"checkpoint": str(ckpt), "preset": preset, "data_root": str(root),
+                                                   "embedder": dataclasses.asdict(cfg.embedder),
+                                                   "image_pixels": _pixels(emb), "git": git_commit(),
+                                                   "versions": versions()})
+    return res
+
+
+def _pixels(emb) -> dict | None:
+    """The image budget the embedder used (the config's None resolved to the paper's value for its kind)."""
+    return dict(zip(("min_pixels", "max_pixels"), emb.pixel_limits)) if emb.pixel_limits else None
 
 
 def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
@@ -242,10 +286,11 @@ def estimate_cost(cfg: RunConfig, *, n_params: float | None = None, sample: int 
     from .train.stages import cc3m_pairs, mbeir_pairs, nli_pairs
 
     root = ensure_data(cfg)
+    validate_run(cfg, open_images=False)  # records, ids and corpora; images are opened by the run itself
     data = MBEIR(root, check_images=False)
     emb = Embedder.from_pretrained(backbone_path(cfg), cfg.embedder)
     n_params = n_params or sum(p.numel() for p in emb.model.parameters())
-    loaders = {"nli": lambda: nli_pairs(root), "cc3m": lambda: cc3m_pairs(root),
+    loaders = {"nli": lambda: nli_pairs(cfg.corpus_paths()["nli"]), "cc3m": lambda: cc3m_pairs(cfg.corpus_paths()["cc3m"]),
                "mbeir": lambda: mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=0)}
     recs = []
     for name in cfg.stages:

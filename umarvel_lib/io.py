@@ -20,19 +20,22 @@ class UnsafePathError(ValueError):
 
 
 def safe_join(root: str | os.PathLike, rel: str, *, where: str = "") -> Path:
-    """Join ``rel`` under ``root`` and refuse anything that escapes ``root``.
+    """Join ``rel`` under ``root`` and refuse a *textual* escape: an absolute path, or one that climbs
+    above ``root`` with ``..``.
 
-    ``where`` (e.g. ``"file.jsonl:12"``) is put in the error message.
+    Symbolic links inside ``root`` are followed and allowed: a user who links ``mbeir_images`` to
+    another disk placed that link in the root on purpose (the usual M-BEIR set-up). ``where`` (e.g.
+    ``"file.jsonl:12"``) is put in the error message.
     """
-    root_p = Path(root).resolve()
+    root_p = Path(root).absolute()
     if rel is None or rel == "":
         raise UnsafePathError(f"{where}: empty path")
-    if os.path.isabs(rel):
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")):
         raise UnsafePathError(f"{where}: absolute path {rel!r} is refused; paths must be relative to {root_p}")
-    full = (root_p / rel).resolve()
-    if full != root_p and root_p not in full.parents:
-        raise UnsafePathError(f"{where}: path {rel!r} escapes the data root {root_p}; refused")
-    return full
+    norm = os.path.normpath(rel.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../"):
+        raise UnsafePathError(f"{where}: path {rel!r} escapes the data root {root_p} with '..'; refused")
+    return root_p / norm
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -29,7 +29,8 @@ def results_dir(preset: str, results: str | None = None) -> Path:
 
 
 def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", results: str | None = None,
-              backbone: str | None = None, data_root: str | None = None, train: bool = True) -> pd.DataFrame:
+              backbone: str | None = None, data_root: str | None = None, train: bool = True,
+              nli_path: str | None = None, cc3m_root: str | None = None) -> pd.DataFrame:
     """Train + evaluate every (row, seed) not yet done; one failed row does not stop the others.
     With ``train=False`` nothing is trained: the finished runs are only collected."""
     from tqdm.auto import tqdm
@@ -44,7 +45,8 @@ def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", 
     failures = []
     for r, s in tqdm(todo, desc=f"table {ab.table}", mininterval=10):
         try:
-            run_row(ab, r, preset=preset, seed=s, results=res, backbone=backbone, data_root=data_root, progress=False)
+            run_row(ab, r, preset=preset, seed=s, results=res, backbone=backbone, data_root=data_root, progress=False,
+                    nli_path=nli_path, cc3m_root=cc3m_root)
         except Exception as e:  # noqa: BLE001  (recorded; the batch goes on)
             failures.append({"row": r.id, "seed": s, "error": f"{type(e).__name__}: {e}"})
             print(f"row {r.id} seed {s} FAILED: {type(e).__name__}: {e}")
@@ -243,19 +245,13 @@ def tokens_html(tokens: pd.DataFrame, *, collapse: int = 4) -> str:
 
 def evaluate_checkpoint(checkpoint: str, *, preset: str = "smoke", data_root: str | None = None,
                         results: str | None = None, label: str = "released") -> pd.DataFrame:
-    """Evaluate a local checkpoint as-is (e.g. a released U-MARVEL model) on local and global pools."""
-    from .config import make_run_config
-    from .eval.evaluate import evaluate
+    """Evaluate a local checkpoint as-is (e.g. a released U-MARVEL model) on local and global pools;
+    trains nothing (:func:`~umarvel_lib.experiment.evaluate_checkpoint`)."""
     from .eval.runs import metrics_frame
-    from .experiment import ensure_data
-    from .data.mbeir import MBEIR
+    from .experiment import evaluate_checkpoint as _evaluate
 
-    cfg = make_run_config(preset, {"backbone": checkpoint, "data_root": data_root})
-    emb = load_embedder(checkpoint, preset=preset)
     out = results_dir(preset, results) / "checkpoints" / label
-    evaluate(emb, MBEIR(ensure_data(cfg), check_images=False), out, pools=("local", "global"),
-             instructions=emb.cfg.instructions, instruction_seed=cfg.eval.instruction_seed,
-             batch_size=cfg.eval.batch_size, cache_dir=Path(cfg.cache_dir) / "embeddings")
+    _evaluate(checkpoint, out, preset=preset, data_root=data_root)
     return metrics_frame(out)
 
 

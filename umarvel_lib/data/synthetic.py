@@ -525,19 +525,3 @@ def _write_cc3m(root: Path, cfg: SyntheticConfig) -> None:
                     "conversations": [{"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
                                       {"from": "gpt", "value": caption(s, rng)}]})
     (root / "cc3m" / "chat.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-
-
-def read_nli(root) -> list[tuple[str, str, str]]:
-    with open(Path(root) / "nli" / "nli_for_simcse.csv", newline="", encoding="utf-8") as f:
-        rd = csv.reader(f)
-        header = next(rd)
-        if header[:3] != ["sent0", "sent1", "hard_neg"]:
-            raise ValueError(f"{root}/nli/nli_for_simcse.csv:1: expected header sent0,sent1,hard_neg, got {header}")
-        return [tuple(r[:3]) for r in rd]
-
-
-def read_cc3m(root) -> list[tuple[str, str]]:
-    """(caption, absolute image path) pairs from the CC3M-style ``chat.json``."""
-    base = Path(root) / "cc3m"
-    data = json.loads((base / "chat.json").read_text(encoding="utf-8"))
-    return [(d["conversations"][1]["value"], str(base / "images" / d["image"])) for d in data]

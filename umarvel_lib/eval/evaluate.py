@@ -214,12 +214,15 @@ class _Pool:
         return MappedSource([(stores[m], g) for m, g in self.members], len(self.dids))
 
 
-def _check_qrels_in_pool(rq: _RowQueries, dids: set[str], pool: str, where: str) -> None:
-    for qid, pos in rq.qrels.items():
-        absent = sorted(pos - dids)
-        if absent:
-            raise EvaluationError(f"{pool} pool: qrels of {rq.row.name} ({rq.row.qrels_file}) name candidate(s) "
-                                  f"{absent[:5]} for query {qid} that are not in {where}")
+def _positives_outside(rq: _RowQueries, dids: set[str], pool: str, where: str) -> int:
+    """Scored (query, positive) pairs whose candidate is not in the pool. Not an error (UniIR: OVEN /
+    INFOSEEK positives may sit in the other dataset's pool); such a positive cannot be retrieved, so
+    it can only lower recall. Counted in ``metrics.json`` and logged."""
+    n = sum(len(pos - dids) for pos in rq.qrels.values())
+    if n:
+        log.warning("%s pool: %d qrels positive(s) of %s (%s) are not in %s and cannot be retrieved",
+                    pool, n, rq.row.name, rq.row.qrels_file, where)
+    return n
 
 
 def _barrier(state):
@@ -300,11 +303,13 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
 
     # ---- pools --------------------------------------------------------------------------------
     pool_defs: dict[str, list[tuple[list[_RowQueries], _Pool]]] = {}
+    outside: dict[str, dict[str, int]] = {}
     if "local" in pools:
         pool_defs["local"] = []
         for rq in rqs:
             dids = [c.did for c in local_lists[rq.row.name]]
-            _check_qrels_in_pool(rq, set(dids), "local", rq.row.pool_file)
+            outside.setdefault("local", {})[rq.row.name] = _positives_outside(rq, set(dids), "local",
+                                                                              rq.row.pool_file)
             pool_defs["local"].append(([rq], _Pool(rq.row.name, dids,
                                                    [(store_of_row[rq.row.name], np.arange(len(dids)))])))
     global_info = {}
@@ -315,7 +320,8 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
             jobs.append(extra_job)
         gdids = set(gpool.dids)
         for rq in rqs:
-            _check_qrels_in_pool(rq, gdids, "global", global_info["source"])
+            outside.setdefault("global", {})[rq.row.name] = _positives_outside(rq, gdids, "global",
+                                                                               global_info["source"])
         pool_defs["global"] = [(rqs, gpool)]
 
     # ---- encode (every process, its share of shards) -----------------------------------------
@@ -357,7 +363,8 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
                           {"encode_s": round(t_encode, 3), "search_s": round(t_search, 3)},
                           sum(len(p.dids) for _, p in tasks) if pool_name == "global" else None)
             results[pool_name] = _write_run_dir(out_dir / pool_name, pool_name, tasks, topks, cfg, ks, n_boot,
-                                                boot_seed, run_tag, depth, data.split, instruction_seed)
+                                                boot_seed, run_tag, depth, data.split, instruction_seed,
+                                                outside[pool_name])
     _barrier(state)  # every process is done with the scratch parts and the cache
     if main:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -438,7 +445,8 @@ def _gather(part: TopK, state, scratch: Path, k: int) -> TopK | None:
     return merge_topk([TopK.load(scratch / f"rank{r}.npz") for r in range(state.num_processes)], k)
 
 
-def _write_run_dir(path: Path, pool_name, tasks, topks, cfg, ks, n_boot, boot_seed, tag, depth, split, iseed) -> dict:
+def _write_run_dir(path: Path, pool_name, tasks, topks, cfg, ks, n_boot, boot_seed, tag, depth, split, iseed,
+                   outside: dict[str, int]) -> dict:
     qrels_all: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
     row_qids: dict[str, list[str]] = {}
@@ -460,6 +468,8 @@ def _write_run_dir(path: Path, pool_name, tasks, topks, cfg, ks, n_boot, boot_se
                 task_of[key] = rq.row.task_id
     metrics = score_rows(run, qrels_all, row_qids, ks=ks, n_boot=n_boot, seed=boot_seed)
     metrics.update(pool=pool_name, paper_table=PAPER_TABLE[pool_name], split=split, instruction_seed=iseed)
+    if any(outside.values()):  # only where it happens: metrics.json of complete pools stays as it was
+        metrics["positives_outside_pool"] = {r: n for r, n in outside.items() if n}
     with atomic_dir(path) as tmp:
         runs.write_run(tmp / runs.RUN_FILE, itertools.chain.from_iterable(line_gens))
         runs.write_qrels(tmp / runs.QRELS_FILE, qrels_all, task_of)

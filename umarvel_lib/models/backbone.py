@@ -96,6 +96,29 @@ def build_processor(tokenizer, kind: str = "qwen2_vl", *, min_pixels: int | None
     return cls(image_processor=ip, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
+# The paper's image budget per backbone kind (FACTS: the released vision_process MIN_PIXELS/MAX_PIXELS):
+# Qwen2-VL 4*28*28 .. 300*28*28 (at most 300 visual tokens after the 2x2 merge); Qwen3-VL resets the
+# maximum to 224*224. (min_pixels, max_pixels).
+PAPER_PIXELS: dict[str, tuple[int, int]] = {
+    "qwen2_vl": (4 * 28 * 28, 300 * 28 * 28),
+    "qwen2_5_vl": (4 * 28 * 28, 300 * 28 * 28),
+    "qwen3_vl": (4 * 28 * 28, 224 * 224),
+}
+
+
+def set_pixel_limits(processor, min_pixels: int, max_pixels: int) -> None:
+    """Make ``processor`` resize every image into ``[min_pixels, max_pixels]`` (its visual-token budget)."""
+    from transformers.image_utils import SizeDict
+
+    if not 0 < min_pixels <= max_pixels:
+        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    ip = processor.image_processor
+    ip.size = SizeDict(shortest_edge=int(min_pixels), longest_edge=int(max_pixels))
+    for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if getattr(ip, name, None) is not None:
+            setattr(ip, name, int(v))
+
+
 def _model_type(path: Path) -> str | None:
     cfg = path / "config.json"
     if cfg.is_file():

@@ -28,6 +28,7 @@ by hand:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -432,7 +433,12 @@ class EmbedderConfig:
     instruction_mask: bool = True  # exclude the instruction span (markers included) from the mean
     positions: str = "mrope"  # mrope (Qwen-VL 3-D rope index) | sequential (released code's 1-D positions)
     generation_prompt: bool = False  # the released eval's extra "<|im_start|>assistant\n" (explicit switch)
-    max_text_tokens: int | None = 480
+    max_text_tokens: int | None = 480  # training (forward with grad): the released collators truncate at 480
+    eval_max_text_tokens: int | None = None  # encode() (evaluation, mining, teacher): None = no truncation, as released
+    # image budget (the processor resizes into [min_pixels, max_pixels]); None: the paper's value for the
+    # checkpoint's kind (backbone.PAPER_PIXELS: Qwen2-VL 4*28*28 .. 300*28*28, Qwen3-VL max 224*224)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
     temperature_init: float = 0.05
     train_temperature: bool = True
     temperature_min: float | None = None
@@ -562,6 +568,33 @@ class Embedder(nn.Module):
         set_attention(self.model, self.cfg.attention, attn_implementation=self.cfg.attn_implementation)
         self.temperature.to(self.device)
         self._template_cache: dict[tuple[bool, bool, bool], tuple[str, str]] = {}
+        self.pixel_limits = self._apply_pixel_limits()
+        self._text_budget = self.cfg.max_text_tokens
+
+    def _apply_pixel_limits(self) -> tuple[int, int] | None:
+        """Resize images into the configured (or the paper's, per backbone kind) pixel budget."""
+        from .backbone import PAPER_PIXELS, set_pixel_limits
+
+        if getattr(self.processor, "image_processor", None) is None:
+            return None
+        mn, mx = PAPER_PIXELS.get(_model_type(self.model), (None, None))
+        mn = self.cfg.min_pixels if self.cfg.min_pixels is not None else mn
+        mx = self.cfg.max_pixels if self.cfg.max_pixels is not None else mx
+        if mn is None or mx is None:
+            raise ValueError(f"no default image budget for model_type {_model_type(self.model)!r}; set "
+                             f"embedder.min_pixels and embedder.max_pixels")
+        set_pixel_limits(self.processor, mn, mx)
+        return mn, mx
+
+    @contextlib.contextmanager
+    def eval_text_budget(self):
+        """Within: texts are truncated to ``cfg.eval_max_text_tokens`` (None: not at all), as the
+        released evaluation; training keeps ``cfg.max_text_tokens``."""
+        old, self._text_budget = self._text_budget, self.cfg.eval_max_text_tokens
+        try:
+            yield
+        finally:
+            self._text_budget = old
 
     # ------------------------------------------------------------------ properties
     @property
@@ -578,7 +611,7 @@ class Embedder(nn.Module):
         txt = item.txt or None
         instr = item.instruction if self.cfg.instructions else None
         text = query_text(txt, instr) if (txt or instr) else ""
-        text = truncate_text(text, self.tokenizer, self.cfg.max_text_tokens)
+        text = truncate_text(text, self.tokenizer, self._text_budget)
         if self.cfg.compression_prompt:
             text = text + compression_suffix(item.has_image, bool(text))
         return text
@@ -690,14 +723,20 @@ class Embedder(nn.Module):
         """Embeddings (N, D) float32, row i for ``items[i]``.
 
         Length-bucketed (sorted by length, longest first, order restored), no grad, eval mode,
-        bf16 autocast on CUDA, a ``tqdm.auto`` bar updated at most every ~5 s.
+        bf16 autocast on CUDA, a ``tqdm.auto`` bar updated at most every ~5 s. Texts are truncated
+        to ``cfg.eval_max_text_tokens`` (default: not at all, as the released evaluation).
         """
-        from tqdm.auto import tqdm
-
         n = len(items)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
             return out
+        with self.eval_text_budget():
+            return self._encode(items, out, batch_size, progress, sort_by_length, desc)
+
+    def _encode(self, items, out, batch_size, progress, sort_by_length, desc) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        n = len(items)
         order = np.argsort(-self.lengths(items), kind="stable") if sort_by_length else np.arange(n)
         dev = self.device
         use_autocast = dev.type == "cuda" and self.cfg.autocast_bf16

@@ -88,7 +88,8 @@ def _finding_rows(table: int) -> frozenset[str]:
 
 def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs: int,
              backbone: str | None = None, data_root: str | None = None,
-             rows: dict[int, list[str]] | None = None) -> list[dict]:
+             rows: dict[int, list[str]] | None = None, nli_path: str | None = None,
+             cc3m_root: str | None = None) -> list[dict]:
     """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes
     (``rows``: per table, the row ids to run; a table not in it, or with ``[]``, runs every row).
 
@@ -117,6 +118,8 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
                "--seed", str(s), "--preset", preset, "--results", str(results)]
         cmd += ["--backbone", backbone] if backbone else []
         cmd += ["--data-root", data_root] if data_root else []
+        cmd += ["--nli-path", nli_path] if nli_path else []
+        cmd += ["--cc3m-root", cc3m_root] if cc3m_root else []
         t0, log_file = time.time(), logs / f"table{t}-{rid}-seed{s}.log"
         side = run_dir_for(results, t, rid, s) / "row.json"
         before = side.stat().st_mtime_ns if side.is_file() else None
@@ -158,7 +161,8 @@ def _record_batch(results: Path, rec: dict) -> None:
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
               backbone: str | None = None, data_root: str | None = None, timeout: int | None = None,
               notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True, all_rows: bool = False,
-              notebook_params: dict[str, dict] | None = None) -> dict:
+              notebook_params: dict[str, dict] | None = None, nli_path: str | None = None,
+              cc3m_root: str | None = None) -> dict:
     """Every notebook of ``tables`` through papermill (``jobs`` > 1: the runs trained by workers first).
 
     Without ``seeds`` and ``all_rows`` a quick preset (:data:`QUICK_PRESETS`, smoke) runs its own seed
@@ -176,7 +180,8 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
     if jobs > 1 and train:
         t0 = time.time()
         recs = run_jobs([t for _, t in select(tables)], preset=preset, seeds=seeds or DEFAULT_SEEDS, results=res,
-                        jobs=jobs, backbone=backbone, data_root=data_root, rows=rows)
+                        jobs=jobs, backbone=backbone, data_root=data_root, rows=rows, nli_path=nli_path,
+                        cc3m_root=cc3m_root)
         failed = [r for r in recs if r["rc"] != 0]
         skipped = sum(r["skipped"] for r in recs)
         print(f"{len(recs) - len(failed)}/{len(recs)} runs ok ({len(recs) - len(failed) - skipped} trained, {skipped} "
@@ -195,6 +200,10 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         params["backbone"] = backbone
     if data_root:
         params["data_root"] = data_root
+    if nli_path:
+        params["nli_path"] = nli_path
+    if cc3m_root:
+        params["cc3m_root"] = cc3m_root
     chosen = select(tables)
     kname = kernel_name()
     bar = tqdm(chosen, desc=f"reproduce ({preset})", unit="notebook")

@@ -36,7 +36,7 @@ import torch
 from ..config import RunConfig, StageConfig
 from ..data.items import Item, candidate_item, query_item
 from ..data.mbeir import MBEIR, TASKS
-from ..data.synthetic import read_cc3m, read_nli
+from ..data.corpora import read_cc3m, read_nli
 from ..eval.metrics import row_of_query
 from ..io import atomic_write_bytes, atomic_write_json, config_hash, file_lock
 from ..models.embedder import Embedder
@@ -58,11 +58,13 @@ class Pair:
     row: str | None = None
 
 
-def nli_pairs(root) -> list[Pair]:
-    return [Pair(Item(txt=a), Item(txt=b)) for a, b, _ in read_nli(root)]
+def nli_pairs(path) -> list[Pair]:
+    """``sent0 -> sent1`` of the NLI CSV file (``hard_neg`` unused, as released)."""
+    return [Pair(Item(txt=a), Item(txt=b)) for a, b, _ in read_nli(path)]
 
 
 def cc3m_pairs(root) -> list[Pair]:
+    """caption -> image of the CC3M ``chat.json`` folder."""
     return [Pair(Item(txt=cap), Item(image_path=img)) for cap, img in read_cc3m(root)]
 
 
@@ -182,9 +184,9 @@ def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Pa
     data = MBEIR(data_root, check_images=False)
     emb = _embedder_for(cfg, stage, init, seed=cfg.seed)
     if name == "nli":
-        examples, step = nli_pairs(data_root), contrastive_step(emb, stage)
+        examples, step = nli_pairs(cfg.corpus_paths()["nli"]), contrastive_step(emb, stage)
     elif name == "cc3m":
-        examples, step = cc3m_pairs(data_root), contrastive_step(emb, stage)
+        examples, step = cc3m_pairs(cfg.corpus_paths()["cc3m"]), contrastive_step(emb, stage)
     elif name == "mbeir":
         examples, step = mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed), contrastive_step(emb, stage)
     elif name == "hard_negatives":
