@@ -23,8 +23,7 @@ from pathlib import Path
 
 from .config import Ablation, AblationRow, RunConfig
 from .data.mbeir import MBEIR
-from .data.synthetic import build_digest
-from .io import atomic_write_json, atomic_write_text, checkpoint_digest
+from .io import DamagedFileError, DigestCache, atomic_write_json, atomic_write_text, checkpoint_digest, read_json
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +70,36 @@ def ensure_data(cfg: RunConfig) -> Path:
     return root
 
 
+# the parts of a data root that the NLI and CC3M stages read; everything else is M-BEIR (queries, pools,
+# qrels, instructions, images). Keys of RunConfig.data_digest (see config.data_parts).
+DATA_PARTS = {"nli": "nli", "cc3m": "cc3m"}
+
+
+def data_digest(cfg: RunConfig, root: Path) -> dict:
+    """Content digests of the data a run reads: ``{"mbeir", "nli", "cc3m"}``, each over every file's name
+    and bytes (images included), so a file fixed or replaced in place is a different run while a copy
+    of the same bytes elsewhere is the same. Each file is hashed once and then recognised by its
+    (path, size, mtime) (:class:`~umarvel_lib.io.DigestCache`, ``<cache_dir>/file_digests.sqlite``)."""
+    store = DigestCache(Path(cfg.cache_dir) / "file_digests.sqlite")
+    root = Path(root)
+    out = {"mbeir": store.tree_digest(root, exclude=tuple(DATA_PARTS.values()))}
+    for part, sub in DATA_PARTS.items():
+        out[part] = store.tree_digest(root / sub) if (root / sub).is_dir() else None
+    return out
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """A run's ``row.json``, or None when it is missing or damaged (a damaged one is logged with its path
+    and counts as not finished: the row runs again and rewrites it)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except DamagedFileError as e:
+        log.warning("%s; the run counts as not finished", e)
+        return None
+
+
 def backbone_path(cfg: RunConfig) -> Path:
     """A local checkpoint directory: ``cfg.backbone`` if given, else the (cached) micro backbone."""
     if cfg.backbone:
@@ -103,9 +132,34 @@ def run_dir_for(results: Path, table: int, row_id, seed: int) -> Path:
     return Path(results) / "runs" / f"table{table}" / str(row_id) / f"seed{seed}"
 
 
+FAILED_FILE = "FAILED.json"
+
+
 def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: int, results: str | Path,
             backbone: str | None = None, data_root: str | None = None, progress: bool = True) -> dict:
-    """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config."""
+    """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config.
+
+    A failure is recorded in the run directory's ``FAILED.json`` (the whole error and its traceback; the
+    report lists it first) and raised again; a finished ``row.json`` of an earlier run is left as it
+    was. The next success removes ``FAILED.json``."""
+    import traceback
+
+    row = ablation.row(row) if isinstance(row, str) else row
+    fail = run_dir_for(results, ablation.table, row.id, seed) / FAILED_FILE
+    try:
+        side = _run_row(ablation, row, preset=preset, seed=seed, results=results, backbone=backbone,
+                        data_root=data_root, progress=progress)
+    except Exception as e:
+        atomic_write_json(fail, {"table": ablation.table, "row": row.id, "seed": seed, "preset": preset,
+                                 "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                                 "failed_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        raise
+    fail.unlink(missing_ok=True)
+    return side
+
+
+def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, results: str | Path,
+             backbone: str | None, data_root: str | None, progress: bool) -> dict:
     import torch
 
     from .eval.evaluate import evaluate
@@ -113,18 +167,17 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     from .train.engine import NonFiniteLossError
     from .train.stages import run_stages
 
-    row = ablation.row(row) if isinstance(row, str) else row
     cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root)
     base = backbone_path(cfg)
     cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
     root = ensure_data(cfg)
-    cfg.data_digest = build_digest(root)  # so is a different build of the synthetic data
-    h = cfg.hash()
+    cfg.data_digest = data_digest(cfg, root)  # so are other data bytes (a fixed qrels file, a replaced image)
+    h = cfg.hash(reranker=row.reranker)
     rdir = run_dir_for(results, ablation.table, row.id, seed)
     side = rdir / "row.json"
-    if side.is_file():
-        old = json.loads(side.read_text())
-        if old.get("hash") == h and old.get("status") in ("ok", "diverged"):
+    old = read_sidecar(side)
+    if old is not None:
+        if old.get("hash") == h and old.get("status") in ("ok", "diverged") and _metrics_readable(rdir, old):
             log.info("table %s row %s seed %s: done (hash %s), skipped", ablation.table, row.id, seed, h)
             return old
     threads = int(os.environ.get("UMARVEL_THREADS", cfg.threads or 0))  # env wins: shared machines
@@ -156,6 +209,19 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
                    curves=collect_curves(cfg, stage_root))
     atomic_write_json(side, sidecar)
     return sidecar
+
+
+def _metrics_readable(rdir: Path, side: dict) -> bool:
+    """A finished run's ``metrics.json`` files parse (a damaged one: the run counts as not finished)."""
+    if side.get("status") != "ok":
+        return True
+    for f in sorted((rdir / "eval").glob("*/metrics.json")):
+        try:
+            read_json(f)
+        except DamagedFileError as e:
+            log.warning("%s; the run counts as not finished", e)
+            return False
+    return True
 
 
 def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:

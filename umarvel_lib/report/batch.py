@@ -13,15 +13,15 @@ compare and plot.
 from __future__ import annotations
 
 import functools
-import json
 import os
+import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from ..io import atomic_write_json
+from ..io import DamagedFileError, atomic_write_json, read_json
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 # (notebook, paper table it reproduces or None)
@@ -130,8 +130,29 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
 def _record_batch(results: Path, rec: dict) -> None:
     """Append one training batch to ``<results>/run_batches.json`` (the report's wall-clock record)."""
     f = Path(results) / "run_batches.json"
-    hist = json.loads(f.read_text()) if f.is_file() else []
+    try:
+        hist = read_json(f) if f.is_file() else []
+    except DamagedFileError as e:
+        print(f"{e}; starting a new one")
+        hist = []
     atomic_write_json(f, hist + [rec])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def notebook_error(e: BaseException) -> dict:
+    """The whole error of a failed notebook: for a cell that raised (papermill's PapermillExecutionError),
+    the cell's exception name, value and traceback (without terminal colours); else the exception."""
+    ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
+    if ename:
+        tb = getattr(e, "traceback", None) or []
+        return {"error": f"{ename}: {evalue}", "ename": ename, "evalue": evalue,
+                "cell": getattr(e, "exec_count", None), "traceback": _ANSI.sub("", "\n".join(tb))}
+    import traceback
+
+    return {"error": f"{type(e).__name__}: {e}", "ename": type(e).__name__, "evalue": str(e),
+            "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))}
 
 
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
@@ -153,7 +174,11 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
     out_dir = res / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     status_file = res / "batch.json"
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    try:
+        status = read_json(status_file) if status_file.is_file() else {}
+    except DamagedFileError as e:  # a record of earlier batches only: start it again
+        print(f"{e}; starting a new one")
+        status = {}
     params = {"preset": preset, "results_dir": str(res)}
     if not train:
         params["train"] = False
@@ -180,9 +205,9 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         except Exception as e:  # noqa: BLE001  (one failed notebook does not sink the batch)
             if tmp.is_file():
                 tmp.replace(out_dir / f"{name}.FAILED.ipynb")
-            status[name] = {"status": "failed", "wall_s": round(time.time() - t0, 1),
-                            "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]}
-            print(f"notebook {name} FAILED ({status[name]['error']}); continuing")
+            status[name] = {"status": "failed", "wall_s": round(time.time() - t0, 1), **notebook_error(e),
+                            "notebook": str(out_dir / f"{name}.FAILED.ipynb")}
+            print(f"notebook {name} FAILED: {status[name]['error']}; continuing")
         status[name]["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(status_file, status)
     if status.get("08_report", {}).get("status") == "ok" and any(n == "08_report" for n, _ in chosen):
