@@ -13,7 +13,6 @@ cheap); stages shared by rows are trained once (checkpoints under ``<cache>/stag
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -23,7 +22,8 @@ from pathlib import Path
 
 from .config import Ablation, AblationRow, RunConfig
 from .data.mbeir import MBEIR
-from .io import DamagedFileError, DigestCache, atomic_write_json, atomic_write_text, checkpoint_digest, read_json
+from .io import (DamagedFileError, DigestCache, atomic_write_json, atomic_write_text, checkpoint_digest, file_lock,
+                 read_json, read_jsonl)
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +145,14 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     import traceback
 
     row = ablation.row(row) if isinstance(row, str) else row
-    fail = run_dir_for(results, ablation.table, row.id, seed) / FAILED_FILE
+    rdir = run_dir_for(results, ablation.table, row.id, seed)
+    fail = rdir / FAILED_FILE
     try:
-        side = _run_row(ablation, row, preset=preset, seed=seed, results=results, backbone=backbone,
-                        data_root=data_root, progress=progress)
+        # one process per (row, seed) at a time (two notebooks, `reproduce --jobs` beside a notebook): the
+        # second waits, then finds the run finished and skips it
+        with file_lock(rdir.parent / f".{rdir.name}.lock"):
+            side = _run_row(ablation, row, preset=preset, seed=seed, results=results, backbone=backbone,
+                            data_root=data_root, progress=progress)
     except Exception as e:
         atomic_write_json(fail, {"table": ablation.table, "row": row.id, "seed": seed, "preset": preset,
                                  "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
@@ -232,10 +236,8 @@ def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
         for fname, kind in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
             f = sdir / fname
             if f.is_file():
-                for line in f.read_text().splitlines():
-                    if line.strip():
-                        rec = json.loads(line)
-                        out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
+                for rec in read_jsonl(f):
+                    out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
                                                                      if isinstance(v, (int, float, str))}})
     return out
 

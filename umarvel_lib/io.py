@@ -56,6 +56,23 @@ def read_json(path: str | os.PathLike):
                                "delete it to rebuild what it records") from None
 
 
+def read_jsonl(path: str | os.PathLike) -> list:
+    """The records of a JSON-lines file (blank lines skipped); a damaged line raises
+    :class:`DamagedFileError` naming the file and line."""
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DamagedFileError(f"{path}:{n}: damaged JSON line ({e.msg}, column {e.colno})") from None
+        except UnicodeDecodeError as e:
+            raise DamagedFileError(f"{path}: not UTF-8 text ({e.reason})") from None
+    return out
+
+
 # ---- temporaries owned by their process ------------------------------------------------------------
 # A temporary sibling is named ``.<name>.tmp-<host>-<pid>-<random>``: the process that made it is the
 # only one that removes it, unless that process is provably dead (same host, pid gone). Several

@@ -85,7 +85,10 @@ def table_outputs(ablation: str | Ablation, *, preset: str, results: str | None 
 
 
 def _tmp_png(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.png")
+    """This process's temporary of a figure (two notebooks of one table may plot at once)."""
+    from .io import tmp_prefix
+
+    return path.with_name(tmp_prefix(path.name) + "fig.png")
 
 
 def _commit_png(path: Path) -> None:

@@ -91,3 +91,29 @@ def test_embedding_cache_is_keyed_by_image_bytes_and_survives_a_cut_shard(smoke_
     img.write_bytes(img.read_bytes() + b"\0")
     assert ev("d")[1] > 0
     np.testing.assert_equal(ev("e")[1], 0)
+
+
+@pytest.mark.slow  # three trainings of one smoke row at once (a few minutes on 2 cores)
+def test_concurrent_runs_of_one_row_finish_with_one_result(tmp_path, backbones):
+    """Three `umarvel run` of the same (row, seed) on one results tree, one cache and one (not yet built)
+    data root: all exit 0, the row is trained once, and its metrics equal an undisturbed run's."""
+    import json
+    import os
+
+    def cmd(results):
+        return [sys.executable, "-m", "umarvel_lib.cli", "run", "--table", "table2", "--row", "0", "--seed", "0",
+                "--preset", "smoke", "--results", str(results), "--backbone", str(backbones["qwen2_vl"])]
+
+    env = {**os.environ, "UMARVEL_THREADS": "1"}
+    procs = [subprocess.Popen(cmd(tmp_path / "results"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    subprocess.run(cmd(alone / "results"), cwd=alone, env=env, check=True, capture_output=True)
+    m = [json.loads((r / "runs/table2/0/seed0/eval/local/metrics.json").read_text())["avg"]
+         for r in (tmp_path / "results", alone / "results")]
+    assert m[0] == m[1]
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not leftovers, leftovers

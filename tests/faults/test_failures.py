@@ -29,19 +29,20 @@ def test_reproduce_refuses_a_missing_or_hub_backbone(backbone, tmp_path, monkeyp
 @pytest.mark.slow  # two notebooks through papermill (about a minute on 2 cores)
 def test_a_failing_row_fails_its_notebook_and_the_batch(tmp_path, monkeypatch):
     """The row's error reaches FAILED.json, batch.json (ename, evalue, traceback) and REPORT.md (first)."""
-    from umarvel_lib.report.batch import reproduce
-
     monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "not-a-checkpoint"  # a directory without weights: every row fails when it starts
+    empty.mkdir()
     res = tmp_path / "results" / "smoke"
-    status = reproduce("smoke", tables=[2], seeds="0", results=str(res), backbone=str(tmp_path / "gone"),
-                       notebook_dir=ROOT / "notebooks", timeout=300)
-    nb = status["02_instruction_masking"]
+    rc = main(["reproduce", "--preset", "smoke", "--tables", "2", "--seeds", "0", "--backbone", str(empty),
+               "--timeout", "300"])
+    assert rc == 1
+    nb = read_json(res / "batch.json")["02_instruction_masking"]
     assert nb["status"] == "failed" and nb["ename"] == "RowsFailedError"
-    assert "does not exist" in nb["evalue"] and "run_table" in nb["traceback"] and "\x1b[" not in nb["traceback"]
-    assert read_json(res / "batch.json")["02_instruction_masking"]["traceback"] == nb["traceback"]
+    assert "no *.safetensors" in nb["evalue"] and "run_table" in nb["traceback"] and "\x1b[" not in nb["traceback"]
     assert (res / "notebooks" / "02_instruction_masking.FAILED.ipynb").is_file()
     fail = read_json(res / "runs" / "table2" / "0" / "seed0" / "FAILED.json")
-    assert "does not exist" in fail["error"] and "Traceback" in fail["traceback"]
+    assert "no *.safetensors" in fail["error"] and "Traceback" in fail["traceback"]
+    assert not (res / "runs" / "table2" / "0" / "seed0" / "row.json").exists()
     report = (res / "REPORT.md").read_text()
     assert report.index("## Failures") < report.index("## Table 1")
     assert "notebook `02_instruction_masking` FAILED: RowsFailedError" in report

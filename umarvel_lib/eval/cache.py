@@ -5,12 +5,15 @@ key, item count, shard size, dtype) and ``shard_000000.npy``, ``shard_000001.npy
 holds the embeddings of items ``[i*shard_size, (i+1)*shard_size)``.
 
 - **Key.** Whatever identifies the embeddings: for candidate pools (checkpoint fingerprint, embedder
-  config hash, pool file sha256, item count, shard size, dtype); for queries the same with a digest
-  of the query records *and the sampled instructions*. Any change gives a different directory, so
+  config hash, pool file sha256, a digest of the bytes of the images its records name, item count,
+  shard size, dtype); for queries the same with a digest of the query records *and the sampled
+  instructions* and of their images. Any change gives a different directory, so
   a stale cache is never read; ``meta.json`` is compared with the requested key on open.
-- **Atomic shards.** Each shard is written to a temporary sibling, fsynced and renamed, so a shard
-  file that exists is complete. An interrupted encode leaves complete shards plus, at most, a
-  hidden temporary; the next call encodes only the missing shards.
+- **Atomic shards.** Each shard is written to a temporary sibling named after its writer (host, pid),
+  fsynced and renamed, so a shard file that exists is complete. An interrupted encode leaves complete
+  shards plus, at most, a hidden temporary (removed once its writer is dead); the next call encodes
+  only the missing shards. A shard damaged later (fewer bytes than its header needs) is logged with
+  its path, deleted and encoded again.
 - **Processes.** Shards are assigned round-robin over *all* (entry, shard) pairs, identically on
   every process, and a process skips shards that already exist: ``world_size`` processes share the
   work with no communication; after a barrier every process sees the complete entry.

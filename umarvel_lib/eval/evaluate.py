@@ -39,7 +39,7 @@ import numpy as np
 
 from ..data.items import Item, candidate_item, query_items
 from ..data.mbeir import MBEIR, ROW_NAMES, Candidate, Row
-from ..io import DigestCache, atomic_dir, atomic_write_json, config_hash, file_sha256
+from ..io import DigestCache, atomic_dir, atomic_write_json, file_sha256
 from . import runs
 from .cache import EmbeddingCache, EncodeJob, ShardStore
 from .metrics import DEFAULT_KS, METRIC_NAME, score_rows

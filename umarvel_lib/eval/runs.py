@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from ..data.mbeir import ROW_NAMES, read_qrels
-from ..io import atomic_write_json, atomic_write_stream, atomic_write_text, read_json
+from ..io import atomic_write_json, atomic_write_stream, atomic_write_text, read_json, read_jsonl
 from .metrics import DEFAULT_KS, row_of_query, score_rows
 
 RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
@@ -100,8 +100,7 @@ def write_queries(path, records: Iterable[dict]) -> Path:
 
 
 def read_queries(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def _qrels_task_ids(path) -> dict[str, int]:

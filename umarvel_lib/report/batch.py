@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from ..io import DamagedFileError, atomic_write_json, read_json
+from ..io import DamagedFileError, atomic_write_json, read_json, remove_stale_tmp, tmp_prefix
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 # (notebook, paper table it reproduces or None)
@@ -99,7 +99,7 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
         t0, log_file = time.time(), logs / f"table{t}-{rid}-seed{s}.log"
         side = run_dir_for(results, t, rid, s) / "row.json"
         before = side.stat().st_mtime_ns if side.is_file() else None
-        tmp_log = log_file.with_name(f".{log_file.name}.running")
+        tmp_log = log_file.with_name(tmp_prefix(log_file.name) + "running")  # this process's
         with open(tmp_log, "w") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
         skipped = rc == 0 and before is not None and side.is_file() and side.stat().st_mtime_ns == before
@@ -173,6 +173,7 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
               + (f"; {len(failed)} failed (the notebooks retry and record them)" if failed else ""))
     out_dir = res / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)  # executed copies of a killed batch
     status_file = res / "batch.json"
     try:
         status = read_json(status_file) if status_file.is_file() else {}
@@ -195,7 +196,7 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         bar.set_postfix_str(name)
         src = notebook_dir / f"{name}.ipynb"
         dst = out_dir / f"{name}.ipynb"
-        tmp = out_dir / f".{name}.running.ipynb"
+        tmp = out_dir / (tmp_prefix(name) + "running.ipynb")  # this process's (two batches may share results)
         t0 = time.time()
         try:
             pm.execute_notebook(str(src), str(tmp), parameters=params, kernel_name=kname, progress_bar=False,

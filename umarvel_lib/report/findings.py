@@ -16,7 +16,6 @@ This module reads run directories only; it imports no model code.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 

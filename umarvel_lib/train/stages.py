@@ -39,7 +39,7 @@ from ..data.mbeir import MBEIR, TASKS
 from ..data.synthetic import read_cc3m, read_nli
 from ..eval.metrics import row_of_query
 from ..io import (DamagedFileError, atomic_write_bytes, atomic_write_json, check_safetensors, config_hash, file_lock,
-                  read_json)
+                  read_json, read_jsonl)
 from ..models.embedder import Embedder
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step, loss_in_full_precision
@@ -230,6 +230,12 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
     pairs = pairs if pairs is not None else mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed)
     neg_file = sdir / "hard_negatives.jsonl"
     pool = data.train_pool()
+    if neg_file.is_file():
+        try:
+            load_negatives(neg_file)
+        except DamagedFileError as e:  # written by this function from the mining model: mine again
+            log.warning("%s; mining again", e)
+            neg_file.unlink(missing_ok=True)
     if not neg_file.is_file():
         q_emb, c_emb = _mining_embeddings(cfg, model_dir, pairs, pool, data)
         positives = {q.qid: set(q.pos) for q in data.union_train()}
@@ -334,7 +340,13 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
     f = sdir / "teacher.jsonl"
     pool = data.train_pool()
     by_did = {c.did: c for c in pool}
-    if not f.is_file():
+    recs = None
+    if f.is_file():
+        try:
+            recs = read_jsonl(f)
+        except DamagedFileError as e:  # computed by this function: compute it again
+            log.warning("%s; scoring the teacher lists again", e)
+    if recs is None:
         emb = Embedder.from_pretrained(hn_model, cfg.embedder)
         q = emb.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="teacher: queries")
         c = emb.encode([candidate_item(x, data) for x in pool], batch_size=cfg.eval.batch_size, desc="teacher: pool")
@@ -352,7 +364,7 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
         from ..io import atomic_write_text
 
         atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in recs))
-    recs = [json.loads(x) for x in f.read_text().splitlines()]  # written atomically by this function
+        recs = read_jsonl(f)  # the values as every later run reads them (float round trip)
     qmap = {p.qid: p for p in pairs}
     return [{"query": qmap[r["qid"]].query, "candidates": [candidate_item(by_did[d], data) for d in r["dids"]],
              "teacher": np.asarray(r["teacher"], dtype=np.float32)} for r in recs]
