@@ -224,13 +224,15 @@ NOT_IDENTITY: dict[str, dict[str, str]] = {
         "cache_dir": "where caches live, not what they hold",
     },
     "StageConfig": {
-        "chunk_size": "GradCache chunk: memory only, the gradients are equal (tests/test_gradcache.py)",
+        "chunk_size": "GradCache chunk: memory only; the gradients equal the full batch's up to float rounding "
+                      "(1e-10 in float64, tests/test_gradcache.py)",
     },
     "RerankerStageConfig": {
         "top_k": "not read: the reranker's negatives come from the mined hard-negative file",
     },
     "EvalConfig": {
-        "batch_size": "encoding batch size: speed and memory only (embeddings are per item)",
+        "batch_size": "encoding batch size: speed and memory only (each item's embedding is its own, up to "
+                      "float rounding of batched kernels)",
     },
     "ScaleConfig": {f: "applied by scaled_stage() and reranker_recipe(), whose results are hashed"
                     for f in ("batch_divisor", "min_batch", "lr_multiplier", "max_steps", "chunk_size", "lora_r",
