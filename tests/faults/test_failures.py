@@ -40,13 +40,13 @@ def test_a_failing_row_fails_its_notebook_and_the_batch(tmp_path, monkeypatch):
     assert nb["status"] == "failed" and nb["ename"] == "RowsFailedError"
     assert "no *.safetensors" in nb["evalue"] and "run_table" in nb["traceback"] and "\x1b[" not in nb["traceback"]
     assert (res / "notebooks" / "02_instruction_masking.FAILED.ipynb").is_file()
-    fail = read_json(res / "runs" / "table2" / "0" / "seed0" / "FAILED.json")
+    fail = read_json(res / "runs" / "table2" / "1" / "seed0" / "FAILED.json")  # smoke: the first finding's rows
     assert "no *.safetensors" in fail["error"] and "Traceback" in fail["traceback"]
-    assert not (res / "runs" / "table2" / "0" / "seed0" / "row.json").exists()
+    assert not (res / "runs" / "table2" / "1" / "seed0" / "row.json").exists()
     report = (res / "REPORT.md").read_text()
     assert report.index("## Failures") < report.index("## Table 1")
     assert "notebook `02_instruction_masking` FAILED: RowsFailedError" in report
-    assert "table 2 row `0` seed 0 FAILED: FileNotFoundError" in report
+    assert "table 2 row `1` seed 0 FAILED: FileNotFoundError" in report
 
 
 def test_papermill_refuses_an_unknown_preset(tmp_path, monkeypatch):
