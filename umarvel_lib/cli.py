@@ -34,6 +34,14 @@ def cmd_prepare(args) -> int:
 def cmd_reproduce(args) -> int:
     from .report.batch import reproduce
 
+    if args.backbone:  # refused before any notebook runs: a hub id or a missing directory fails every row
+        from .models.embedder import resolve_local_checkpoint
+
+        try:
+            resolve_local_checkpoint(args.backbone)
+        except FileNotFoundError as e:
+            print(f"--backbone: {e}", file=sys.stderr)
+            return 2
     data = cmd_prepare(argparse.Namespace(preset=_data_preset(args.preset), seed=0, out=args.data_root, force=False)) \
         if not args.data_root else 0
     if data:
@@ -110,8 +118,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_report(args) -> int:
     from .report.report import write_report
+    from .report.tables import problems
 
-    print(write_report(Path(args.results or Path("results") / args.preset), args.preset))
+    out = write_report(Path(args.results or Path("results") / args.preset), args.preset)
+    bad = problems(out.parent)
+    print(str(out) + (f" ({len(bad)} failed or damaged runs listed first)" if bad else ""))
     return 0
 
 
@@ -154,6 +165,12 @@ def cmd_backbone(args) -> int:
     return 0
 
 
+def _presets() -> list[str]:
+    from .config import PRESETS
+
+    return sorted(PRESETS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="umarvel", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -178,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_backbone)
 
     sr = sub.add_parser("reproduce", help="run every notebook with papermill and write results/<preset>/REPORT.md")
-    sr.add_argument("--preset", default="cpu", help="smoke | cpu | gpu | paper")
+    sr.add_argument("--preset", default="cpu", choices=_presets(), help="smoke | cpu | gpu | paper")
     sr.add_argument("--tables", help="comma-separated paper tables, e.g. 1,5 (default: all)")
     sr.add_argument("--seeds", help='comma-separated seeds (default: the notebooks\' "0,1,2"; smoke: "0")')
     sr.add_argument("--all-rows", action="store_true",
@@ -200,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--table", required=True, help="ablation name or number prefix, e.g. table5")
     sx.add_argument("--row", required=True)
     sx.add_argument("--seed", type=int, default=0)
-    sx.add_argument("--preset", default="cpu")
+    sx.add_argument("--preset", default="cpu", choices=_presets())
     sx.add_argument("--results")
     sx.add_argument("--backbone")
     sx.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR of the preset)")
@@ -226,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=cmd_evaluate)
 
     sp2 = sub.add_parser("report", help="(re)write results/<preset>/REPORT.md from the run directories")
-    sp2.add_argument("--preset", default="cpu")
+    sp2.add_argument("--preset", default="cpu", choices=_presets())
     sp2.add_argument("--results")
     sp2.set_defaults(func=cmd_report)
     return p

@@ -133,8 +133,9 @@ class RunConfig:
     cache_dir: str = "cache"
     # the weights actually used (io.checkpoint_digest of the resolved backbone), set by experiment.run_row
     backbone_digest: str | None = None
-    # the synthetic data's recipe hash (experiment.data_digest), set by experiment.run_row
-    data_digest: str | None = None
+    # content digests of the data a run reads, {"mbeir": ..., "nli": ..., "cc3m": ...}
+    # (experiment.data_digest: every file's bytes, images included), set by experiment.run_row
+    data_digest: dict | None = None
 
     def synthetic(self) -> SyntheticConfig:
         return SyntheticConfig(**{**SYNTHETIC_PRESETS[self.data_preset], "seed": 0})
@@ -183,37 +184,131 @@ class RunConfig:
         s.mixed_precision = sc.mixed_precision
         return s
 
-    def hash(self, *, upto_stage: str | None = None) -> str:
-        """Config hash; with ``upto_stage``, only what determines the checkpoint after that stage."""
-        d = dataclasses.asdict(self)
+    def reranker_recipe(self) -> dict:
+        """The reranker's training recipe after the preset's scaling (what ``train_reranker`` runs)."""
+        rc, sc = self.reranker, self.scale
+        return {"lora_r": sc.lora_r or rc.lora_r, "lora_alpha": sc.lora_alpha or rc.lora_alpha,
+                "lr": rc.lr * sc.lr_multiplier, "epochs": None if rc.max_steps else rc.epochs,
+                "max_steps": rc.max_steps, "batch_size": rc.batch_size}
+
+    def identity(self, *, upto_stage: str | None = None, reranker: bool = False) -> dict:
+        """What determines a result (see :data:`NOT_IDENTITY`): the weights (``backbone_digest``), the data
+        bytes each stage reads (``data_digest``), the seed, the embedder, the stages that run with their
+        scaled recipes, and (whole runs only) the evaluation settings. With ``upto_stage``: only what
+        determines the checkpoint after that stage. ``reranker``: the run uses the reranker (a
+        ``reranker: true`` row), so its recipe and the fusion weights are part of it; a distillation
+        stage with the KL teacher includes the reranker recipe by itself."""
+        names = list(self.stages if upto_stage is None else self.stages[: self.stages.index(upto_stage) + 1])
+        d = identity(self)
+        d["stage"] = {k: identity(self.scaled_stage(k)) for k in names}
+        d["stages"] = names
+        d["backbone_digest"] = self.backbone_digest or {  # not yet measured: name the backbone instead
+            "path": self.backbone, "kind": self.backbone_kind, "size": self.backbone_size}
+        parts = data_parts(names, evaluate=upto_stage is None)
+        d["data_digest"] = ({k: self.data_digest.get(k) for k in parts} if isinstance(self.data_digest, dict)
+                            else self.data_digest or {"root": str(self.resolved_data_root()), "parts": parts})
+        uses_teacher = "distill" in names and self.scaled_stage("distill").distill_mode == "kl"
+        if uses_teacher or reranker:
+            d["reranker"] = self.reranker_recipe()
+        else:
+            d.pop("reranker")
+        if reranker and upto_stage is None:  # rerank_eval fuses with the distillation stage's weights
+            st = self.scaled_stage("distill")
+            d["fusion"] = {"teacher_weight": st.teacher_weight, "overrides": st.teacher_weight_overrides}
         if upto_stage is not None:
-            keep = self.stages[: self.stages.index(upto_stage) + 1]
-            d = {"seed": self.seed, "backbone": self.backbone, "backbone_digest": self.backbone_digest,
-                 "data_digest": self.data_digest, "backbone_kind": self.backbone_kind,
-                 "backbone_size": self.backbone_size, "data_root": str(self.resolved_data_root()),
-                 "data_preset": self.data_preset, "embedder": d["embedder"], "stages": keep,
-                 "stage": {k: dataclasses.asdict(self.scaled_stage(k)) for k in keep}}
-        for k in _NOT_IDENTITY:
-            d.pop(k, None)
-        return config_hash(_drop_added_defaults(d))
+            d.pop("eval")
+        return d
+
+    def hash(self, *, upto_stage: str | None = None, reranker: bool = False) -> str:
+        """Short hash of :meth:`identity`: names a finished run, or with ``upto_stage`` a stage checkpoint."""
+        return config_hash(self.identity(upto_stage=upto_stage, reranker=reranker))
 
 
-# Fields added after results were published, with the value every earlier run implicitly had. They are
-# left out of hashes while at that value, so finished runs and cached stages stay valid; any other
-# value is hashed as usual.
-_NOT_IDENTITY = ("nli_path", "cc3m_root")  # where a corpus lies is not what a run computes
-_ADDED_DEFAULTS = {"mixed_precision": "no", "backbone_digest": None, "data_digest": None,
-                   # None = the paper's image budget for the backbone's kind, no truncation at evaluation
-                   # (the synthetic data's images and texts are inside both budgets: no earlier result changes)
-                   "min_pixels": None, "max_pixels": None, "eval_max_text_tokens": None}
+def data_parts(stages, *, evaluate: bool) -> list[str]:
+    """Which parts of the data (keys of ``RunConfig.data_digest``) a run of ``stages`` reads: ``nli`` and
+    ``cc3m`` for those stages, ``mbeir`` (queries, pools, qrels, instructions and their images) for the
+    M-BEIR stages and for evaluation."""
+    parts = {"nli" if s == "nli" else "cc3m" if s == "cc3m" else "mbeir" for s in stages}
+    if evaluate:
+        parts.add("mbeir")
+    return sorted(parts)
 
 
-def _drop_added_defaults(obj):
+# ---- identity: which settings change a result ------------------------------------------------------
+# Every field of every config dataclass is classified here: a field listed in NOT_IDENTITY (with the
+# reason) is left out of every hash that names a run, a stage checkpoint or a cache entry; every other
+# field is in them. A field missing from IDENTITY_FIELDS and NOT_IDENTITY makes identity() raise, so a
+# new field cannot enter or leave the hashes by accident (tests/test_config.py checks every field).
+NOT_IDENTITY: dict[str, dict[str, str]] = {
+    "RunConfig": {
+        "preset": "a name for a set of overrides; their values are classified field by field",
+        "backbone": "a path; the weights it holds are hashed (backbone_digest)",
+        "backbone_kind": "selects the micro backbone; its weights are hashed (backbone_digest)",
+        "backbone_size": "selects the micro backbone; its weights are hashed (backbone_digest)",
+        "data_root": "a path; the bytes under it are hashed (data_digest)",
+        "data_preset": "selects the synthetic build; its bytes are hashed (data_digest)",
+        "scale": "applied by scaled_stage() and reranker_recipe(), whose results are hashed",
+        "threads": "CPU threads: speed only",
+        "cache_dir": "where caches live, not what they hold",
+        "nli_path": "a path; the bytes of the NLI file are hashed (data_digest['nli'])",
+        "cc3m_root": "a path; the bytes of chat.json and its images are hashed (data_digest['cc3m'])",
+    },
+    "StageConfig": {
+        "chunk_size": "GradCache chunk: memory only; the gradients equal the full batch's up to float rounding "
+                      "(1e-10 in float64, tests/test_gradcache.py)",
+    },
+    "RerankerStageConfig": {
+        "top_k": "not read: the reranker's negatives come from the mined hard-negative file",
+    },
+    "EvalConfig": {
+        "batch_size": "encoding batch size: speed and memory only (each item's embedding is its own, up to "
+                      "float rounding of batched kernels)",
+    },
+    "ScaleConfig": {f: "applied by scaled_stage() and reranker_recipe(), whose results are hashed"
+                    for f in ("batch_divisor", "min_batch", "lr_multiplier", "max_steps", "chunk_size", "lora_r",
+                              "lora_alpha", "epochs", "mixed_precision")},
+    "EmbedderConfig": {},
+}
+IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
+    "RunConfig": ("seed", "embedder", "stages", "stage", "reranker", "eval", "backbone_digest", "data_digest"),
+    "StageConfig": ("name", "lora_r", "lora_alpha", "lora_dropout", "full_finetune", "lr", "epochs", "max_steps",
+                    "batch_size", "warmup_ratio", "symmetric", "train_temperature", "compression_prompt", "negatives",
+                    "num_hard", "mine_top_m", "mine_pool", "filter_max_score", "filter_relative_margin",
+                    "sample_fraction", "teacher_top_k", "teacher_weight", "teacher_weight_overrides", "distill_mode",
+                    "mixed_precision"),
+    "RerankerStageConfig": ("lora_r", "lora_alpha", "lr", "epochs", "max_steps", "batch_size"),
+    "EvalConfig": ("pools", "rows", "instruction_seed", "eval_every", "curve_rows", "dedup_global", "rerank_top_k"),
+    "ScaleConfig": (),
+    "EmbedderConfig": ("attention", "pooling", "compression_prompt", "instructions", "instruction_mask", "positions",
+                       "generation_prompt", "max_text_tokens", "temperature_init", "train_temperature",
+                       "temperature_min", "attn_implementation", "autocast_bf16", "min_pixels", "max_pixels",
+                       "eval_max_text_tokens"),
+}
+
+
+class UnclassifiedFieldError(TypeError):
+    """A config field that is neither in IDENTITY_FIELDS nor in NOT_IDENTITY."""
+
+
+def identity(obj):
+    """The result-determining part of a config value: dataclasses keep their IDENTITY_FIELDS (recursively),
+    containers are walked, scalars are kept."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        cls = type(obj).__name__
+        keep, drop = set(IDENTITY_FIELDS.get(cls, ())), NOT_IDENTITY.get(cls, {})
+        out = {}
+        for f in dataclasses.fields(obj):
+            if f.name in keep:
+                out[f.name] = identity(getattr(obj, f.name))
+            elif f.name not in drop:
+                raise UnclassifiedFieldError(
+                    f"{cls}.{f.name} is not classified: add it to IDENTITY_FIELDS (it changes results) or to "
+                    f"NOT_IDENTITY with the reason (it does not), in umarvel_lib/config.py")
+        return out
     if isinstance(obj, dict):
-        return {k: _drop_added_defaults(v) for k, v in obj.items()
-                if not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
-    if isinstance(obj, list):
-        return [_drop_added_defaults(v) for v in obj]
+        return {str(k): identity(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [identity(v) for v in obj]
     return obj
 
 
@@ -269,9 +364,20 @@ def apply_overrides(cfg, overrides: dict[str, Any] | None):
     return cfg
 
 
-def make_run_config(preset: str = "cpu", overrides: dict | None = None, **kw) -> RunConfig:
+class UnknownPresetError(KeyError):
+    def __str__(self):
+        return str(self.args[0])
+
+
+def check_preset(preset: str) -> str:
+    """``preset`` if it is one of :data:`PRESETS`, else :class:`UnknownPresetError` naming the choices."""
     if preset not in PRESETS:
-        raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        raise UnknownPresetError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    return preset
+
+
+def make_run_config(preset: str = "cpu", overrides: dict | None = None, **kw) -> RunConfig:
+    check_preset(preset)
     cfg = RunConfig(preset=preset)
     apply_overrides(cfg, PRESETS[preset])
     apply_overrides(cfg, overrides)

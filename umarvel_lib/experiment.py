@@ -13,7 +13,6 @@ cheap); stages shared by rows are trained once (checkpoints under ``<cache>/stag
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import platform
@@ -24,8 +23,8 @@ from pathlib import Path
 from .config import Ablation, AblationRow, RunConfig
 from .data.check import validate_run
 from .data.mbeir import MBEIR
-from .data.synthetic import build_digest
-from .io import atomic_write_json, atomic_write_text, checkpoint_digest
+from .io import (DamagedFileError, DigestCache, atomic_write_json, atomic_write_text, checkpoint_digest, file_lock,
+                 read_json, read_jsonl)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,39 @@ def ensure_data(cfg: RunConfig) -> Path:
     return root
 
 
+# the parts of a data root that the NLI and CC3M stages read; everything else is M-BEIR (queries, pools,
+# qrels, instructions, images). Keys of RunConfig.data_digest (see config.data_parts).
+DATA_PARTS = {"nli": "nli", "cc3m": "cc3m"}  # the synthetic build's default places, inside the data root
+
+
+def data_digest(cfg: RunConfig, root: Path) -> dict:
+    """Content digests of the data a run reads: ``{"mbeir", "nli", "cc3m"}``, each over every file's name
+    and bytes (images included), so a file fixed or replaced in place is a different run while a copy
+    of the same bytes elsewhere is the same. NLI and CC3M are read where ``--nli-path`` / ``--cc3m-root``
+    put them (default: ``<root>/nli``, ``<root>/cc3m``). Each file is hashed once and then recognised by
+    its (path, size, mtime) (:class:`~umarvel_lib.io.DigestCache`, ``<cache_dir>/file_digests.sqlite``)."""
+    store = DigestCache(Path(cfg.cache_dir) / "file_digests.sqlite")
+    root = Path(root)
+    out = {"mbeir": store.tree_digest(root, exclude=tuple(DATA_PARTS.values()))}
+    nli = cfg.resolved_nli_path()
+    out["nli"] = store.files_digest([nli], root=nli.parent) if nli.is_file() else None
+    cc3m = cfg.resolved_cc3m_root()
+    out["cc3m"] = store.tree_digest(cc3m) if cc3m.is_dir() else None
+    return out
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """A run's ``row.json``, or None when it is missing or damaged (a damaged one is logged with its path
+    and counts as not finished: the row runs again and rewrites it)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except DamagedFileError as e:
+        log.warning("%s; the run counts as not finished", e)
+        return None
+
+
 def backbone_path(cfg: RunConfig) -> Path:
     """A local checkpoint directory: ``cfg.backbone`` if given, else the preset's micro backbone: the
     build shipped in the repository (``backbones/<kind>-<size>/``) when it is of the current recipe,
@@ -108,12 +140,42 @@ def run_dir_for(results: Path, table: int, row_id, seed: int) -> Path:
     return Path(results) / "runs" / f"table{table}" / str(row_id) / f"seed{seed}"
 
 
+FAILED_FILE = "FAILED.json"
+
+
 def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: int, results: str | Path,
             backbone: str | None = None, data_root: str | None = None, progress: bool = True,
             nli_path: str | None = None, cc3m_root: str | None = None) -> dict:
     """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config.
 
-    Before anything trains, every file the run reads is validated (:func:`~umarvel_lib.data.check.validate_run`)."""
+    Before anything trains, every file the run reads is validated (:func:`~umarvel_lib.data.check.validate_run`).
+
+    A failure is recorded in the run directory's ``FAILED.json`` (the whole error and its traceback; the
+    report lists it first) and raised again; a finished ``row.json`` of an earlier run is left as it
+    was. The next success removes ``FAILED.json``."""
+    import traceback
+
+    row = ablation.row(row) if isinstance(row, str) else row
+    rdir = run_dir_for(results, ablation.table, row.id, seed)
+    fail = rdir / FAILED_FILE
+    try:
+        # one process per (row, seed) at a time (two notebooks, `reproduce --jobs` beside a notebook): the
+        # second waits, then finds the run finished and skips it
+        with file_lock(rdir.parent / f".{rdir.name}.lock"):
+            side = _run_row(ablation, row, preset=preset, seed=seed, results=results, backbone=backbone,
+                            data_root=data_root, progress=progress, nli_path=nli_path, cc3m_root=cc3m_root)
+    except Exception as e:
+        atomic_write_json(fail, {"table": ablation.table, "row": row.id, "seed": seed, "preset": preset,
+                                 "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                                 "failed_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        raise
+    fail.unlink(missing_ok=True)
+    return side
+
+
+def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, results: str | Path,
+             backbone: str | None, data_root: str | None, progress: bool, nli_path: str | None,
+             cc3m_root: str | None) -> dict:
     import torch
 
     from .eval.evaluate import evaluate
@@ -121,19 +183,18 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     from .train.engine import NonFiniteLossError
     from .train.stages import run_stages
 
-    row = ablation.row(row) if isinstance(row, str) else row
     cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root, nli_path=nli_path,
                               cc3m_root=cc3m_root)
     base = backbone_path(cfg)
     cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
     root = ensure_data(cfg)
-    cfg.data_digest = build_digest(root)  # so is a different build of the synthetic data
-    h = cfg.hash()
+    cfg.data_digest = data_digest(cfg, root)  # so are other data bytes (a fixed qrels file, a replaced image)
+    h = cfg.hash(reranker=row.reranker)
     rdir = run_dir_for(results, ablation.table, row.id, seed)
     side = rdir / "row.json"
-    if side.is_file():
-        old = json.loads(side.read_text())
-        if old.get("hash") == h and old.get("status") in ("ok", "diverged"):
+    old = read_sidecar(side)
+    if old is not None:
+        if old.get("hash") == h and old.get("status") in ("ok", "diverged") and _metrics_readable(rdir, old):
             log.info("table %s row %s seed %s: done (hash %s), skipped", ablation.table, row.id, seed, h)
             return old
     validate_run(cfg)  # a data error now, not after hours of training
@@ -206,6 +267,19 @@ def _pixels(emb) -> dict | None:
     return dict(zip(("min_pixels", "max_pixels"), emb.pixel_limits)) if emb.pixel_limits else None
 
 
+def _metrics_readable(rdir: Path, side: dict) -> bool:
+    """A finished run's ``metrics.json`` files parse (a damaged one: the run counts as not finished)."""
+    if side.get("status") != "ok":
+        return True
+    for f in sorted((rdir / "eval").glob("*/metrics.json")):
+        try:
+            read_json(f)
+        except DamagedFileError as e:
+            log.warning("%s; the run counts as not finished", e)
+            return False
+    return True
+
+
 def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
     """Training loss (and periodic evals) of every stage of this run, in stage order."""
     out = []
@@ -214,10 +288,8 @@ def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
         for fname, kind in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
             f = sdir / fname
             if f.is_file():
-                for line in f.read_text().splitlines():
-                    if line.strip():
-                        rec = json.loads(line)
-                        out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
+                for rec in read_jsonl(f):
+                    out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
                                                                      if isinstance(v, (int, float, str))}})
     return out
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import Ablation, load_ablation
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_text
 from .report import figures, tables
 
 
@@ -25,6 +25,10 @@ def parse_list(s) -> list[str]:
 
 
 def results_dir(preset: str, results: str | None = None) -> Path:
+    """``results`` or ``results/<preset>``; an unknown preset is refused (no ``results/nonsense``)."""
+    from .config import check_preset
+
+    check_preset(preset)
     return Path(results) if results else Path("results") / preset
 
 
@@ -47,12 +51,17 @@ def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", 
         try:
             run_row(ab, r, preset=preset, seed=s, results=res, backbone=backbone, data_root=data_root, progress=False,
                     nli_path=nli_path, cc3m_root=cc3m_root)
-        except Exception as e:  # noqa: BLE001  (recorded; the batch goes on)
-            failures.append({"row": r.id, "seed": s, "error": f"{type(e).__name__}: {e}"})
+        except Exception as e:  # noqa: BLE001  (recorded in the run's FAILED.json; the other rows go on)
+            failures.append(f"row {r.id} seed {s}: {type(e).__name__}: {e}")
             print(f"row {r.id} seed {s} FAILED: {type(e).__name__}: {e}")
-    if failures:
-        atomic_write_json(res / f"table{ab.table}_failures.json", failures)
+    if failures:  # the notebook (and papermill, and `umarvel reproduce`) fails once every row was tried
+        raise RowsFailedError(f"table {ab.table}: {len(failures)} of {len(todo)} runs failed (each run directory's "
+                              "FAILED.json has the traceback):\n" + "\n".join(failures))
     return tables.runs_frame(res, ab.table)
+
+
+class RowsFailedError(RuntimeError):
+    """Some (row, seed) runs of a table failed; raised after every run was tried."""
 
 
 def checks(ablation: str | Ablation, *, preset: str, results: str | None = None) -> pd.DataFrame:
@@ -122,7 +131,10 @@ def show(fig):
 
 
 def _tmp_png(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.png")
+    """This process's temporary of a figure (two notebooks of one table may plot at once)."""
+    from .io import tmp_prefix
+
+    return path.with_name(tmp_prefix(path.name) + "fig.png")
 
 
 def _commit_png(path: Path) -> None:

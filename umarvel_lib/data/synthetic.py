@@ -42,7 +42,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io import atomic_dir, config_hash
+from ..io import atomic_dir, config_hash, file_lock
 from .mbeir import DATASET_IDS, EVAL_ROWS, TASKS, row_name
 from .scenes import (COLORS, POS_WORDS, SHAPE_WORDS, Obj, Scene, caption, describe_object, perturb, render,
                      sample_scene)
@@ -415,16 +415,24 @@ def generate(root, cfg: SyntheticConfig | None = None, *, force: bool = False) -
     root = Path(root)
     recipe = {"generator": "umarvel_lib.data.synthetic", "version": 1, "config": asdict(cfg)}
     h = config_hash(recipe)
-    if not force:
+
+    def built() -> bool:
         try:
-            if build_digest(root) == h:
-                return root
+            return build_digest(root) == h
         except ValueError:
-            pass  # a broken marker: build again
-    with atomic_dir(root) as tmp:
-        _build(tmp, cfg)
-        (tmp / RECIPE_FILE).parent.mkdir(exist_ok=True)
-        (tmp / RECIPE_FILE).write_text(json.dumps({**recipe, "hash": h}, indent=2, sort_keys=True) + "\n")
+            return False  # a broken marker: build again
+
+    if not force and built():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # concurrent runs on one data root: the first builds, the others wait and reuse its build
+    with file_lock(root.parent / f".{root.name}.lock"):
+        if not force and built():
+            return root
+        with atomic_dir(root) as tmp:
+            _build(tmp, cfg)
+            (tmp / RECIPE_FILE).parent.mkdir(exist_ok=True)
+            (tmp / RECIPE_FILE).write_text(json.dumps({**recipe, "hash": h}, indent=2, sort_keys=True) + "\n")
     return root
 
 

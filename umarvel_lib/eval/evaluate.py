@@ -39,7 +39,7 @@ import numpy as np
 
 from ..data.items import Item, candidate_item, query_items
 from ..data.mbeir import MBEIR, ROW_NAMES, Candidate, Row
-from ..io import atomic_dir, atomic_write_json, config_hash, file_sha256
+from ..io import DigestCache, atomic_dir, atomic_write_json, file_sha256
 from . import runs
 from .cache import EmbeddingCache, EncodeJob, ShardStore
 from .metrics import DEFAULT_KS, METRIC_NAME, score_rows
@@ -274,6 +274,8 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     out_dir, cache_dir = _shared_paths(state, out_dir, cache_dir)
     ident = _encoder_identity(encoder)
+    # the embeddings depend on the image bytes too, not only on the records naming them
+    digests = DigestCache(Path(cache_dir) / "file_digests.sqlite" if cache_dir is not None else None)
 
     # ---- what to encode ----------------------------------------------------------------------
     eval_rows = data.rows(only=rows)
@@ -291,7 +293,8 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
         pool_files[r.name] = {"file": str(r.pool_file), "sha256": sha, "n": len(local_lists[r.name])}
         cands = local_lists[r.name]
         store_of_row[r.name] = len(jobs)
-        jobs.append(EncodeJob({"kind": "pool", **ident, "source": f"file:sha256:{sha}", "n": len(cands)},
+        jobs.append(EncodeJob({"kind": "pool", **ident, "source": f"file:sha256:{sha}", "n": len(cands),
+                               "images": _images_digest(digests, [candidate_item(c, data) for c in cands])},
                               len(cands), _cand_fetcher(cands, data), name=f"pool:{r.name}"))
     qjob_of_row: dict[str, int] = {}
     for rq in rqs:
@@ -299,7 +302,7 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
         qsrc = [file_sha256(rq.row.query_file), recs]
         qjob_of_row[rq.row.name] = len(jobs)
         jobs.append(EncodeJob({"kind": "queries", **ident, "source": f"queries:sha256:{_digest(qsrc)}",
-                               "n": len(rq.items)}, len(rq.items), rq.items, name=f"queries:{rq.row.name}"))
+                               "n": len(rq.items), "images": _images_digest(digests, rq.items)}, len(rq.items), rq.items, name=f"queries:{rq.row.name}"))
 
     # ---- pools --------------------------------------------------------------------------------
     pool_defs: dict[str, list[tuple[list[_RowQueries], _Pool]]] = {}
@@ -315,7 +318,7 @@ def evaluate(encoder, data: MBEIR, out_dir, *, pools: Sequence[str] = POOLS, row
     global_info = {}
     if "global" in pools:
         gpool, extra_job, global_info = _global_pool(data, pool_rows, local_lists, store_of_row, dedup, ident,
-                                                     extra_store_id=len(jobs))
+                                                     extra_store_id=len(jobs), digests=digests)
         if extra_job is not None:
             jobs.append(extra_job)
         gdids = set(gpool.dids)
@@ -384,8 +387,14 @@ def _cand_fetcher(cands: list[Candidate], data: MBEIR):
     return lambda lo, hi: [candidate_item(c, data) for c in cands[lo:hi]]
 
 
+def _images_digest(digests: DigestCache, items) -> str | None:
+    """Digest of the bytes of the image files that ``items`` read (None when they read none)."""
+    files = [it.image_path for it in items if it.image_path]
+    return digests.files_digest(files) if files else None
+
+
 def _global_pool(data: MBEIR, pool_rows: list[Row], local_lists, store_of_row, dedup: bool, ident, *,
-                 extra_store_id: int):
+                 extra_store_id: int, digests: DigestCache):
     """The global pool as a view over the local pools' stores (+ an extra job for leftovers)."""
     gl = data.global_pool(dedup=dedup)
     if not gl:
@@ -428,7 +437,7 @@ def _global_pool(data: MBEIR, pool_rows: list[Row], local_lists, store_of_row, d
         extra = [gl[j] for j in left]
         recs = [[c.did, c.txt, c.img_path, c.modality] for c in extra]
         extra_job = EncodeJob({"kind": "pool", **ident, "source": f"global-extra:sha256:{_digest(recs)}",
-                               "n": len(extra)}, len(extra), _cand_fetcher(extra, data), name="pool:global-extra")
+                               "n": len(extra), "images": _images_digest(digests, [candidate_item(c, data) for c in extra])}, len(extra), _cand_fetcher(extra, data), name="pool:global-extra")
         members.append((extra_store_id, left.astype(np.int64)))
     return _Pool("global", dids, members), extra_job, {"source": source, "dedup": True, "n": len(dids), "n_not_in_local_pools": int(left.size)}
 

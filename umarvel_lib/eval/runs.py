@@ -15,15 +15,13 @@ written with 9 significant digits (float32 round-trips).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..data.mbeir import ROW_NAMES, read_qrels
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_json, atomic_write_stream, atomic_write_text, read_json, read_jsonl
 from .metrics import DEFAULT_KS, row_of_query, score_rows
 
 RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
@@ -54,20 +52,7 @@ def trec_lines(qids: Sequence[str], indices: np.ndarray, scores: np.ndarray, did
 def write_run(path, lines: Iterable[str]) -> Path:
     """Stream ``lines`` to ``path`` atomically (temporary sibling, fsync, rename): a global run over
     ~190k queries x 50 is ~10M lines, which are never joined in memory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_stream(path, lines, mode="w")
 
 
 def read_run(path) -> dict[str, list[tuple[str, float]]]:
@@ -115,8 +100,7 @@ def write_queries(path, records: Iterable[dict]) -> Path:
 
 
 def read_queries(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def _qrels_task_ids(path) -> dict[str, int]:
@@ -146,7 +130,7 @@ def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = No
     run_dir = Path(run_dir)
     prev = {}
     if (run_dir / METRICS_FILE).is_file():
-        prev = json.loads((run_dir / METRICS_FILE).read_text())
+        prev = read_json(run_dir / METRICS_FILE)
     boot = prev.get("bootstrap", {})
     ks = ks or prev.get("ks") or DEFAULT_KS
     n_boot = n_boot if n_boot is not None else boot.get("n", 1000)
@@ -168,7 +152,7 @@ def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = No
 
 
 def load_metrics(run_dir) -> dict:
-    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+    return read_json(Path(run_dir) / METRICS_FILE)
 
 
 def metrics_frame(sources) -> "pandas.DataFrame":  # noqa: F821

@@ -839,7 +839,9 @@ class Embedder(nn.Module):
         p = resolve_local_checkpoint(path)
         meta = None
         if (p / EMBEDDER_JSON).is_file():
-            meta = json.loads((p / EMBEDDER_JSON).read_text())
+            from ..io import read_json
+
+            meta = read_json(p / EMBEDDER_JSON)
             if cfg is None:
                 cfg = EmbedderConfig.from_dict(meta["config"])
         cfg = cfg or EmbedderConfig()
@@ -858,6 +860,9 @@ class Embedder(nn.Module):
             model = model.to(device)
         emb = cls(model, processor, cfg, source=source)
         if (p / TEMPERATURE_FILE).is_file():
+            from ..io import check_safetensors
+
+            check_safetensors(p / TEMPERATURE_FILE)
             tau = load_file(str(p / TEMPERATURE_FILE))["tau"]
             with torch.no_grad():
                 emb.temperature.tau.copy_(tau.to(emb.temperature.tau.dtype))

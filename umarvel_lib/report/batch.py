@@ -13,15 +13,15 @@ compare and plot.
 from __future__ import annotations
 
 import functools
-import json
 import os
+import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from ..io import atomic_write_json
+from ..io import DamagedFileError, atomic_write_json, read_json, remove_stale_tmp, tmp_prefix
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 # (notebook, paper table it reproduces or None)
@@ -123,7 +123,7 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
         t0, log_file = time.time(), logs / f"table{t}-{rid}-seed{s}.log"
         side = run_dir_for(results, t, rid, s) / "row.json"
         before = side.stat().st_mtime_ns if side.is_file() else None
-        tmp_log = log_file.with_name(f".{log_file.name}.running")
+        tmp_log = log_file.with_name(tmp_prefix(log_file.name) + "running")  # this process's
         with open(tmp_log, "w") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
         skipped = rc == 0 and before is not None and side.is_file() and side.stat().st_mtime_ns == before
@@ -154,8 +154,29 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
 def _record_batch(results: Path, rec: dict) -> None:
     """Append one training batch to ``<results>/run_batches.json`` (the report's wall-clock record)."""
     f = Path(results) / "run_batches.json"
-    hist = json.loads(f.read_text()) if f.is_file() else []
+    try:
+        hist = read_json(f) if f.is_file() else []
+    except DamagedFileError as e:
+        print(f"{e}; starting a new one")
+        hist = []
     atomic_write_json(f, hist + [rec])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def notebook_error(e: BaseException) -> dict:
+    """The whole error of a failed notebook: for a cell that raised (papermill's PapermillExecutionError),
+    the cell's exception name, value and traceback (without terminal colours); else the exception."""
+    ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
+    if ename:
+        tb = getattr(e, "traceback", None) or []
+        return {"error": f"{ename}: {evalue}", "ename": ename, "evalue": evalue,
+                "cell": getattr(e, "exec_count", None), "traceback": _ANSI.sub("", "\n".join(tb))}
+    import traceback
+
+    return {"error": f"{type(e).__name__}: {e}", "ename": type(e).__name__, "evalue": str(e),
+            "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))}
 
 
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
@@ -189,8 +210,13 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
               + (f"; {len(failed)} failed (the notebooks retry and record them)" if failed else ""))
     out_dir = res / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)  # executed copies of a killed batch
     status_file = res / "batch.json"
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    try:
+        status = read_json(status_file) if status_file.is_file() else {}
+    except DamagedFileError as e:  # a record of earlier batches only: start it again
+        print(f"{e}; starting a new one")
+        status = {}
     params = {"preset": preset, "results_dir": str(res)}
     if not train:
         params["train"] = False
@@ -211,7 +237,7 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         bar.set_postfix_str(name)
         src = notebook_dir / f"{name}.ipynb"
         dst = out_dir / f"{name}.ipynb"
-        tmp = out_dir / f".{name}.running.ipynb"
+        tmp = out_dir / (tmp_prefix(name) + "running.ipynb")  # this process's (two batches may share results)
         t0 = time.time()
         try:
             nb_params = {**params, "rows": ",".join(rows[table])} if rows.get(table) else params
@@ -223,9 +249,9 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         except Exception as e:  # noqa: BLE001  (one failed notebook does not sink the batch)
             if tmp.is_file():
                 tmp.replace(out_dir / f"{name}.FAILED.ipynb")
-            status[name] = {"status": "failed", "wall_s": round(time.time() - t0, 1),
-                            "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]}
-            print(f"notebook {name} FAILED ({status[name]['error']}); continuing")
+            status[name] = {"status": "failed", "wall_s": round(time.time() - t0, 1), **notebook_error(e),
+                            "notebook": str(out_dir / f"{name}.FAILED.ipynb")}
+            print(f"notebook {name} FAILED: {status[name]['error']}; continuing")
         status[name]["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(status_file, status)
     if status.get("08_report", {}).get("status") == "ok" and any(n == "08_report" for n, _ in chosen):

@@ -16,7 +16,6 @@ This module reads run directories only; it imports no model code.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from ..data.mbeir import headline_k, read_qrels
 from ..eval.metrics import first_hit_rank
-from ..io import atomic_write_json
+from ..io import DamagedFileError, atomic_write_json, read_json
 from ..eval.runs import QRELS_FILE, QUERIES_FILE, RUN_FILE, ranked_dids, read_queries, read_run
 from ..paper import FINDINGS_BY_ID, Finding
 
@@ -45,8 +44,13 @@ def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
     cached = run_dir / HITS_FILE
     if cached.is_file() and (not (run_dir / RUN_FILE).is_file()
                              or cached.stat().st_mtime >= (run_dir / RUN_FILE).stat().st_mtime):
-        d = json.loads(cached.read_text())
-        return {row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()}
+        try:
+            d = read_json(cached)
+            return {row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()}
+        except (DamagedFileError, KeyError, TypeError, AttributeError, ValueError) as e:
+            if not (run_dir / RUN_FILE).is_file():
+                raise DamagedFileError(f"{cached}: damaged ({e}) and no {RUN_FILE} to rebuild it from") from None
+            # rebuilt from the run file below
     out = _hits_from_run(run_dir)
     atomic_write_json(cached, {row: {"qids": q, "hits": "".join(str(int(h)) for h in hits)}
                                for row, (q, hits) in out.items()}, indent=None)

@@ -6,7 +6,7 @@ and appear only in the ``paper_*`` columns.
 """
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +14,25 @@ import pandas as pd
 
 from ..config import Ablation
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
+from ..eval.runs import RunFormatError
+from ..io import DamagedFileError, read_json
 from .findings import HITS_FILE, headline_hits, judge
+
+log = logging.getLogger(__name__)
 
 VERDICT_ORDER = ("held", "within noise", "contradicted", "too few seeds", "not run")
 
 
 def sidecars(results, table: int | None = None) -> list[dict]:
+    """The runs' ``row.json`` sidecars (a damaged one is skipped: :func:`problems` lists it)."""
     base = Path(results) / "runs"
     pattern = f"table{table}/*/seed*/row.json" if table is not None else "table*/*/seed*/row.json"
     out = []
     for f in sorted(base.glob(pattern)):
-        d = json.loads(f.read_text())
+        try:
+            d = read_json(f)
+        except DamagedFileError:
+            continue
         d["run_dir"] = str(f.parent)
         out.append(d)
     return out
@@ -32,7 +40,35 @@ def sidecars(results, table: int | None = None) -> list[dict]:
 
 def _metrics(run_dir: str, pool: str) -> dict | None:
     f = Path(run_dir) / "eval" / pool / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    try:
+        return read_json(f) if f.is_file() else None
+    except DamagedFileError:  # listed by problems()
+        return None
+
+
+def problems(results) -> list[dict]:
+    """What the report must say before any table: runs that failed (``FAILED.json``, written by
+    ``experiment.run_row`` with the whole error) and damaged result files (skipped by every table; the
+    row reruns on the next ``reproduce``/notebook run). One record per problem: table, row, seed,
+    kind, file, error."""
+    base = Path(results) / "runs"
+    out = []
+    for f in sorted(base.glob("table*/*/seed*/FAILED.json")):
+        rec = {"table": f.parts[-4][5:], "row": f.parts[-3], "seed": f.parts[-2][4:], "kind": "failed", "file": str(f)}
+        try:
+            d = read_json(f)
+            rec["error"] = d.get("error", "")
+        except DamagedFileError as e:
+            rec["error"] = str(e)
+        out.append(rec)
+    for f in sorted(list(base.glob("table*/*/seed*/row.json")) + list(base.glob("table*/*/seed*/eval/*/metrics.json"))):
+        try:
+            read_json(f)
+        except DamagedFileError as e:
+            rd = f.parent if f.name == "row.json" else f.parents[2]
+            out.append({"table": rd.parts[-3][5:], "row": rd.parts[-2], "seed": rd.parts[-1][4:], "kind": "damaged",
+                        "file": str(f), "error": str(e)})
+    return out
 
 
 def runs_frame(results, table: int | None = None) -> pd.DataFrame:
@@ -118,7 +154,12 @@ def hits_by_row(results, table: int, pool: str) -> tuple[dict, set[str]]:
             continue
         d = Path(s["run_dir"]) / "eval" / pool
         if (d / "run.trec").is_file() or (d / HITS_FILE).is_file():  # a clone keeps only the hits file
-            out.setdefault(str(s["row"]), {})[int(s["seed"])] = headline_hits(d)
+            try:
+                hits = headline_hits(d)
+            except (DamagedFileError, RunFormatError, OSError) as e:  # that run is left out, with its path
+                log.warning("%s: left out of the findings (%s)", d, e)
+                continue
+            out.setdefault(str(s["row"]), {})[int(s["seed"])] = hits
     return out, diverged
 
 

@@ -38,7 +38,8 @@ from ..data.items import Item, candidate_item, query_item
 from ..data.mbeir import MBEIR, TASKS
 from ..data.corpora import read_cc3m, read_nli
 from ..eval.metrics import row_of_query
-from ..io import atomic_write_bytes, atomic_write_json, config_hash, file_lock
+from ..io import (DamagedFileError, atomic_write_bytes, atomic_write_json, check_safetensors, config_hash, file_lock,
+                  read_json, read_jsonl)
 from ..models.embedder import Embedder
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step, loss_in_full_precision
@@ -168,11 +169,11 @@ def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, eval_fn=
     h = cfg.hash(upto_stage=name)
     sdir = out_root / f"{name}-{h}"
     final = sdir / "model"
-    if (final / "embedder.json").is_file():
+    if checkpoint_complete(final, "embedder.json"):
         log.info("stage %s: reusing %s", name, final)
         return final
     with file_lock(out_root / f".{name}-{h}.lock"):  # parallel rows sharing this stage wait, then reuse it
-        if (final / "embedder.json").is_file():
+        if checkpoint_complete(final, "embedder.json"):
             return final
         return _train_stage(cfg, name, stage, h, init, sdir, eval_fn=eval_fn)
 
@@ -208,6 +209,22 @@ def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Pa
     return final
 
 
+def checkpoint_complete(final: Path, marker: str) -> bool:
+    """A finished stage (or reranker) checkpoint: ``marker`` written last, and whole weight files. A damaged
+    one (a weight file cut short) is logged with its path and counts as not finished: it is trained
+    again and replaced as a whole."""
+    if not (final / marker).is_file():
+        return False
+    try:
+        for f in sorted(final.glob("*.safetensors")):
+            check_safetensors(f)
+        read_json(final / marker)
+    except DamagedFileError as e:
+        log.warning("%s; %s is trained again", e, final)
+        return False
+    return True
+
+
 # ---- hard negatives ---------------------------------------------------------------------------
 def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdir: Path, data: MBEIR,
                         pairs: list[Pair] | None = None) -> list[Pair]:
@@ -215,6 +232,12 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
     pairs = pairs if pairs is not None else mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed)
     neg_file = sdir / "hard_negatives.jsonl"
     pool = data.train_pool()
+    if neg_file.is_file():
+        try:
+            load_negatives(neg_file)
+        except DamagedFileError as e:  # written by this function from the mining model: mine again
+            log.warning("%s; mining again", e)
+            neg_file.unlink(missing_ok=True)
     if not neg_file.is_file():
         q_emb, c_emb = _mining_embeddings(cfg, model_dir, pairs, pool, data)
         positives = {q.qid: set(q.pos) for q in data.union_train()}
@@ -240,8 +263,11 @@ def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool,
     path = Path(model_dir).parent / f"mining-{key}.npz"
     with file_lock(path.with_suffix(".lock")):
         if path.is_file():
-            z = np.load(path)
-            return z["queries"], z["pool"]
+            try:
+                with np.load(path) as z:
+                    return z["queries"], z["pool"]
+            except Exception as e:  # noqa: BLE001  (a cut file: encode again)
+                log.warning("%s: damaged mining embeddings (%s: %s); encoding again", path, type(e).__name__, e)
         miner = Embedder.from_pretrained(model_dir, cfg.embedder)
         q_emb = miner.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="mine: queries")
         c_emb = miner.encode([candidate_item(c, data) for c in pool], batch_size=cfg.eval.batch_size, desc="mine: pool")
@@ -254,14 +280,22 @@ def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool,
 # ---- reranker and distillation ----------------------------------------------------------------
 def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path) -> Path:
     """Pointwise Yes/No reranker from the raw backbone on positives + one random mined negative."""
+    h = cfg.hash(upto_stage="hard_negatives", reranker=True)  # the hard-negative model's run + the reranker recipe
+    rdir = out_root / f"reranker-{h}"
+    final = rdir / "model"
+    if checkpoint_complete(final, "reranker.json"):
+        return final
+    with file_lock(out_root / f".reranker-{h}.lock"):  # a row and a distillation stage may need it at once
+        if checkpoint_complete(final, "reranker.json"):
+            return final
+        return _train_reranker(cfg, hn_model, rdir, h)
+
+
+def _train_reranker(cfg: RunConfig, hn_model: Path, rdir: Path, h: str) -> Path:
     from ..models.backbone import load_backbone
     from ..models.reranker import Reranker
 
-    h = cfg.hash(upto_stage="hard_negatives")
-    rdir = out_root / f"reranker-{h}"
     final = rdir / "model"
-    if (final / "reranker.json").is_file() or (final / "config.json").is_file():
-        return final
     rdir.mkdir(parents=True, exist_ok=True)
     data = MBEIR(cfg.resolved_data_root(), check_images=False)
     stage = dataclasses.replace(cfg.scaled_stage("hard_negatives"), negatives="in_batch+hard", num_hard=1,
@@ -277,11 +311,11 @@ def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path) -> Path:
     for p in rr.model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    rr.model = apply_lora(rr.model, r=cfg.scale.lora_r or cfg.reranker.lora_r,
-                          alpha=cfg.scale.lora_alpha or cfg.reranker.lora_alpha, dropout=0.05)
-    rc = cfg.reranker
-    tcfg = TrainConfig(lr=rc.lr * cfg.scale.lr_multiplier, max_steps=rc.max_steps, epochs=None if rc.max_steps else rc.epochs,
-                       batch_size=min(rc.batch_size, len(examples)), seed=cfg.seed, save_every=50, tqdm_mininterval=5.0)
+    rc = cfg.reranker_recipe()  # exactly what the reranker's cache key hashes
+    rr.model = apply_lora(rr.model, r=rc["lora_r"], alpha=rc["lora_alpha"], dropout=0.05)
+    tcfg = TrainConfig(lr=rc["lr"], max_steps=rc["max_steps"], epochs=rc["epochs"],
+                       batch_size=min(rc["batch_size"], len(examples)), seed=cfg.seed, save_every=50,
+                       tqdm_mininterval=5.0)
 
     def step(batch, ctx):
         loss = rr.loss(rr.collate([(q, c) for q, c, _ in batch], labels=[y for _, _, y in batch]))
@@ -308,7 +342,13 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
     f = sdir / "teacher.jsonl"
     pool = data.train_pool()
     by_did = {c.did: c for c in pool}
-    if not f.is_file():
+    recs = None
+    if f.is_file():
+        try:
+            recs = read_jsonl(f)
+        except DamagedFileError as e:  # computed by this function: compute it again
+            log.warning("%s; scoring the teacher lists again", e)
+    if recs is None:
         emb = Embedder.from_pretrained(hn_model, cfg.embedder)
         q = emb.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="teacher: queries")
         c = emb.encode([candidate_item(x, data) for x in pool], batch_size=cfg.eval.batch_size, desc="teacher: pool")
@@ -326,7 +366,7 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
         from ..io import atomic_write_text
 
         atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in recs))
-    recs = [json.loads(x) for x in f.read_text().splitlines()]
+        recs = read_jsonl(f)  # the values as every later run reads them (float round trip)
     qmap = {p.qid: p for p in pairs}
     return [{"query": qmap[r["qid"]].query, "candidates": [candidate_item(by_did[d], data) for d in r["dids"]],
              "teacher": np.asarray(r["teacher"], dtype=np.float32)} for r in recs]
