@@ -57,6 +57,13 @@ def checks(ablation: str | Ablation, *, preset: str, results: str | None = None)
     return tables.checks(results_dir(preset, results), ab)
 
 
+def wrong_modality(ablation: str | Ablation, *, preset: str, results: str | None = None, k: int = 5) -> pd.DataFrame:
+    """The wrong-modality rate of each row's global top-k (with / without instructions); see
+    :func:`tables.wrong_modality`."""
+    ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
+    return tables.wrong_modality(results_dir(preset, results), ab.table, k=k)
+
+
 def table_outputs(ablation: str | Ablation, *, preset: str, results: str | None = None, n_boot: int = 1000) -> dict:
     """Write ``table<N>.csv``, ``table<N>_findings.csv``, ``table<N>.png``, ``table<N>_curves.png``; return frames."""
     ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
