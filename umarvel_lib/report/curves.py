@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..train.plateau import plateau_of_curve
 
-PLAN_COLUMNS = ["stage", "budget", "steps", "max_steps", "batch", "lr", "tau_learnable", "tau_start", "tau_end",
+PLAN_COLUMNS = ["stage", "budget", "steps", "max_steps", "min_steps", "batch", "lr", "tau_learnable", "tau_start", "tau_end",
                 "examples", "examples_seen", "epochs_seen", "stopped_early", "eval_every", "dev_avg_end"]
 DEV_CURVE_FILE = "dev_curve.csv"  # in the run directory, written by experiment.run_row
 DEV_CURVE_COLUMNS = ["stage", "step", "examples_seen", "dev_avg", "dev_ci_lo", "dev_ci_hi", "dev_queries"]
