@@ -38,10 +38,11 @@ lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
 bench: $(STAMP)
+	$(PY) bench/step.py
 	$(PY) bench/search.py
 	$(PY) bench/encode.py
 	$(PY) bench/train.py --memory
-	$(PY) bench/caption_probe.py --path cache/backbones/$$(ls cache/backbones | grep qwen2_vl-micro | head -1)
+	$(PY) bench/caption_probe.py --path $$($(VENV)/bin/umarvel backbone | sed -n 's/.*: \(.*\) (digest .*/\1/p')
 
 clean-cache:
 	rm -rf cache data

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/search.py                 # defaults: 200k x 256, 2k queries, top-50; 3M x 64 stream
     .venv/bin/python bench/search.py --n 50000 --big-n 500000   # quicker
+    .venv/bin/python bench/search.py --threads 1                # one thread each (a shared machine)
 
 Each measurement runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own;
 ``rss_base`` is the RSS after imports, before any embedding is loaded. Timings are the best of
@@ -79,6 +80,8 @@ def measure(a):
 
     w = Path(a.workdir)
     base = _rss_mb()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     out = {"phase": a.phase, "rss_base_mb": round(base, 1), "threads": torch.get_num_threads()}
     big = a.phase == "big"
     q = np.load(w / ("queries_big.npy" if big else "queries.npy"))
@@ -86,6 +89,8 @@ def measure(a):
     if a.phase == "faiss":
         import faiss
 
+        if a.threads:
+            faiss.omp_set_num_threads(a.threads)
         out["threads"] = faiss.omp_get_max_threads()
         c = np.load(w / "cands.npy")
         t0 = time.perf_counter()
@@ -119,7 +124,8 @@ def measure(a):
 
 def _run(a, phase):
     cmd = [sys.executable, __file__, "--phase", phase, "--workdir", a.workdir]
-    for k in ("n", "dim", "queries", "k", "big_n", "big_dim", "shard_size", "block_size", "query_chunk", "repeat"):
+    for k in ("n", "dim", "queries", "k", "big_n", "big_dim", "shard_size", "block_size", "query_chunk", "repeat",
+              "threads"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
@@ -139,6 +145,9 @@ def main():
     ap.add_argument("--block-size", type=int, default=16384)
     ap.add_argument("--query-chunk", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for both torch and faiss (0: each library's default). On a shared machine use 1: "
+                         "faiss's OpenMP threads slow down several-fold when other jobs hold the cores")
     ap.add_argument("--workdir", default=None, help="scratch dir (default: a temp dir, removed)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -161,7 +170,8 @@ def main():
             res[ph] = _run(a, ph)
         w = Path(a.workdir)
         print(f"\n== exact top-{a.k}: {a.n:,} x {a.dim} candidates, {a.queries:,} queries "
-              f"(best of {a.repeat}; {res['ours_mem']['threads']} threads) ==")
+              f"(best of {a.repeat}; ours {res['ours_mem']['threads']} threads"
+              f"{', faiss %d' % res['faiss']['threads'] if 'faiss' in res else ''}) ==")
         print(f"{'method':<34}{'search s':>10}{'q/s':>10}{'peak RSS MB':>13}{'RSS base MB':>13}")
         names = {"faiss": "faiss IndexFlatIP (in memory)", "ours_mem": "ours, torch (in-memory array)",
                  "ours_disk": "ours, torch (streamed from shards)"}

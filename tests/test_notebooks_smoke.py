@@ -1,7 +1,8 @@
 """Every notebook runs through papermill at the smoke preset and writes its table, plots and findings.
 
 This is the end-to-end check of the whole kit (data -> micro backbone -> stages -> evaluation ->
-report) on the smoke preset with one seed. The batch runner is the same one `make reproduce` uses.
+report) on the smoke preset with one seed and every row (``all_rows``: `make reproduce PRESET=smoke`
+runs only each table's first finding pair). The batch runner is the same one `make reproduce` uses.
 """
 import json
 from pathlib import Path
@@ -19,7 +20,7 @@ def smoke_results(tmp_path_factory, monkeypatch_module):
     work = tmp_path_factory.mktemp("repro")
     monkeypatch_module.chdir(work)  # data/, cache/ and results/ of the run live here
     status = reproduce("smoke", seeds="0", results=str(work / "results" / "smoke"),
-                       notebook_dir=ROOT / "notebooks", timeout=900)
+                       notebook_dir=ROOT / "notebooks", timeout=900, all_rows=True)
     return work / "results" / "smoke", status
 
 
@@ -116,3 +117,19 @@ def test_diagnostic_checks_are_computed_and_reported(smoke_results):
     assert report.count("Diagnostic check") == 2
     findings = pd.read_csv(res / "table1_findings.csv")
     assert not findings["note"].fillna("").str.contains("ft").any()  # diagnostic rows are in no finding
+
+
+def test_smoke_reproduce_runs_one_seed_and_each_tables_first_finding_pair():
+    """`make reproduce PRESET=smoke` (a first look in minutes): seed 0 and a finding's two rows per table."""
+    from umarvel_lib.config import load_ablation
+    from umarvel_lib.paper import FINDINGS
+    from umarvel_lib.report.batch import QUICK_PRESETS, default_rows
+
+    assert QUICK_PRESETS["smoke"] == "0"
+    for t in range(1, 8):
+        ids = {r.id for r in load_ablation(f"table{t}").rows}
+        sel = default_rows("smoke", t)
+        assert set(sel) <= ids and 1 <= len(sel) <= 2
+        pairs = [{f.better, f.worse} for f in FINDINGS if f.table == t]
+        assert set(sel) in pairs or (not pairs and len(sel) == 1)
+    assert default_rows("cpu", 1) == [] and default_rows("smoke", None) == []

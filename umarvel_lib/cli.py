@@ -41,7 +41,7 @@ def cmd_reproduce(args) -> int:
     tables = [t for t in (args.tables or "").split(",") if t.strip()]
     status = reproduce(args.preset, tables=tables or None, seeds=args.seeds, results=args.results,
                        backbone=args.backbone, data_root=args.data_root, timeout=args.timeout, jobs=args.jobs,
-                       train=not args.no_train)
+                       train=not args.no_train, all_rows=args.all_rows)
     return 0 if all(v.get("status") == "ok" for v in status.values()) else 1
 
 
@@ -82,11 +82,41 @@ def cmd_report(args) -> int:
 
 
 def cmd_backbone(args) -> int:
+    """The default micro backbone: the shipped build, or the cached one (built when missing).
+
+    ``--rebuild`` builds the recipe afresh into the cache and says whether it is bitwise identical
+    to the shipped build (exit status 1 when it differs); ``--ship [BUILD]`` copies a complete build
+    (default: the cached build of the recipe) into the repository's ``backbones/<kind>-<size>/``.
+    """
+    from .io import checkpoint_digest
+    from .models import shipped
     from .models.backbone import BackboneConfig, build_backbone
 
     t0 = time.time()
-    path = build_backbone(BackboneConfig(kind=args.kind, size=args.size), Path(args.cache_dir) / "backbones")
-    print(f"backbone {args.kind}/{args.size}: {path} [{time.time() - t0:.1f} s]")
+    cfg = BackboneConfig(kind=args.kind, size=args.size).resolved()
+    cache = Path(args.cache_dir) / "backbones"
+    root = args.shipped_root
+    if args.rebuild:
+        r = shipped.rebuild(cfg, cache, root)
+        print(f"rebuilt {cfg.name}: {r['path']} (digest {r['digest']}) [{time.time() - t0:.1f} s]")
+        if r["shipped"] is None:
+            print(f"no shipped backbone of this recipe under {shipped.shipped_dir(cfg.kind, cfg.size, root)}: "
+                  f"nothing to compare with")
+            return 0
+        verdict = "bitwise identical to" if r["identical"] else "DIFFERENT from"
+        print(f"the rebuild is {verdict} the shipped backbone {r['shipped']} (digest {r['shipped_digest']})")
+        return 0 if r["identical"] else 1
+    if args.ship is not None:
+        src = Path(args.ship) if args.ship else cache / cfg.name
+        out = shipped.ship(src, root)
+        print(f"shipped {src} -> {out} (digest {checkpoint_digest(out)})")
+        return 0
+    path = shipped.shipped_backbone(cfg, root)
+    origin = "shipped"
+    if path is None:
+        path, origin = build_backbone(cfg, cache), "cached build"
+    print(f"backbone {args.kind}/{args.size} ({origin}): {path} (digest {checkpoint_digest(path)}) "
+          f"[{time.time() - t0:.1f} s]")
     return 0
 
 
@@ -100,16 +130,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
     sp.set_defaults(func=cmd_prepare)
 
-    sb = sub.add_parser("backbone", help="build (or reuse) the micro Qwen2-VL / Qwen3-VL backbone")
+    sb = sub.add_parser("backbone", help="the micro Qwen2-VL / Qwen3-VL backbone: shipped, cached or built; "
+                        "--rebuild compares a fresh build with the shipped one")
     sb.add_argument("--kind", default="qwen2_vl", choices=["qwen2_vl", "qwen3_vl"])
     sb.add_argument("--size", default="micro", help="test | micro")
     sb.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    sb.add_argument("--rebuild", action="store_true",
+                    help="build the recipe afresh into the cache and say whether it is bitwise identical to the "
+                         "shipped backbone (exit status 1 if not)")
+    sb.add_argument("--ship", nargs="?", const="", default=None, metavar="BUILD",
+                    help="copy a complete build (default: the cached build of the recipe) into backbones/<kind>-<size>/")
+    sb.add_argument("--shipped-root", default=None, help=argparse.SUPPRESS)  # tests: another backbones/ dir
     sb.set_defaults(func=cmd_backbone)
 
     sr = sub.add_parser("reproduce", help="run every notebook with papermill and write results/<preset>/REPORT.md")
     sr.add_argument("--preset", default="cpu", help="smoke | cpu | gpu | paper")
     sr.add_argument("--tables", help="comma-separated paper tables, e.g. 1,5 (default: all)")
-    sr.add_argument("--seeds", help='comma-separated seeds (default: the notebooks\' "0,1,2")')
+    sr.add_argument("--seeds", help='comma-separated seeds (default: the notebooks\' "0,1,2"; smoke: "0")')
+    sr.add_argument("--all-rows", action="store_true",
+                    help="every row of every table (the smoke preset otherwise runs the two rows of each "
+                         "table's first finding)")
     sr.add_argument("--results", help="results directory (default results/<preset>)")
     sr.add_argument("--backbone", help="local checkpoint directory (default: the preset's micro backbone)")
     sr.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR)")

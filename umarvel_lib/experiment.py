@@ -73,14 +73,18 @@ def ensure_data(cfg: RunConfig) -> Path:
 
 
 def backbone_path(cfg: RunConfig) -> Path:
-    """A local checkpoint directory: ``cfg.backbone`` if given, else the (cached) micro backbone."""
+    """A local checkpoint directory: ``cfg.backbone`` if given, else the preset's micro backbone: the
+    build shipped in the repository (``backbones/<kind>-<size>/``) when it is of the current recipe,
+    else the cached build (built when missing)."""
     if cfg.backbone:
         from .models.embedder import resolve_local_checkpoint
 
         return resolve_local_checkpoint(cfg.backbone)
     from .models.backbone import BackboneConfig, build_backbone
+    from .models.shipped import shipped_backbone
 
-    return build_backbone(BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size), Path(cfg.cache_dir) / "backbones")
+    bcfg = BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size)
+    return shipped_backbone(bcfg) or build_backbone(bcfg, Path(cfg.cache_dir) / "backbones")
 
 
 def curve_eval(cfg: RunConfig, root: Path):

@@ -51,6 +51,23 @@ def select(tables=None) -> list[tuple[str, int | None]]:
 
 
 DEFAULT_SEEDS = "0,1,2"  # the table notebooks' default
+# `reproduce` without explicit seeds/rows: the smoke preset is a first look in a few minutes (one seed,
+# the two rows of each table's first finding, one row for a table without findings); every other
+# preset runs every row of every table with the notebooks' seeds.
+QUICK_PRESETS = {"smoke": "0"}
+
+
+def default_rows(preset: str, table: int | None) -> list[str]:
+    """Row ids ``reproduce`` runs for ``table`` at ``preset`` by default (``[]``: every row)."""
+    if preset not in QUICK_PRESETS or table is None:
+        return []
+    from ..config import load_ablation
+    from ..paper import FINDINGS
+
+    for f in FINDINGS:
+        if f.table == table and "*" not in (f.better, f.worse):
+            return [f.better, f.worse]
+    return [load_ablation(f"table{table}").rows[0].id]
 
 
 def _job_order(table: int, row, seed: int) -> tuple:
@@ -70,8 +87,10 @@ def _finding_rows(table: int) -> frozenset[str]:
 
 
 def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs: int,
-             backbone: str | None = None, data_root: str | None = None) -> list[dict]:
-    """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes.
+             backbone: str | None = None, data_root: str | None = None,
+             rows: dict[int, list[str]] | None = None) -> list[dict]:
+    """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes
+    (``rows``: per table, the row ids to run; a table not in it, or with ``[]``, runs every row).
 
     Each job is ``umarvel run``; its log goes to ``<results>/logs/table<N>-<row>-seed<S>.log``. A
     finished row returns at once (``skipped``: its ``row.json`` is not rewritten) and keeps the log of
@@ -84,8 +103,10 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
     from ..experiment import run_dir_for
 
     seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
-    rows = [(t, r, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows for s in seed_list]
-    todo = [(t, r.id, s) for t, r, s in sorted(rows, key=lambda j: _job_order(*j))]
+    want = rows or {}
+    jobs_ = [(t, r, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows
+             if not want.get(t) or r.id in want[t] for s in seed_list]
+    todo = [(t, r.id, s) for t, r, s in sorted(jobs_, key=lambda j: _job_order(*j))]
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "UMARVEL_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -136,15 +157,23 @@ def _record_batch(results: Path, rec: dict) -> None:
 
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
               backbone: str | None = None, data_root: str | None = None, timeout: int | None = None,
-              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True) -> dict:
+              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True, all_rows: bool = False) -> dict:
+    """Every notebook of ``tables`` through papermill (``jobs`` > 1: the runs trained by workers first).
+
+    Without ``seeds`` and ``all_rows`` a quick preset (:data:`QUICK_PRESETS`, smoke) runs its own seed
+    and :func:`default_rows`; otherwise every row with ``seeds`` (default: the notebooks' 0,1,2)."""
     import papermill as pm
     from tqdm.auto import tqdm
 
     res = Path(results or Path("results") / preset).resolve()
+    quick = preset in QUICK_PRESETS and not all_rows
+    if seeds is None and quick:
+        seeds = QUICK_PRESETS[preset]
+    rows = {t: default_rows(preset, t) for _, t in select(tables) if t is not None} if quick else {}
     if jobs > 1 and train:
         t0 = time.time()
         recs = run_jobs([t for _, t in select(tables)], preset=preset, seeds=seeds or DEFAULT_SEEDS, results=res,
-                        jobs=jobs, backbone=backbone, data_root=data_root)
+                        jobs=jobs, backbone=backbone, data_root=data_root, rows=rows)
         failed = [r for r in recs if r["rc"] != 0]
         skipped = sum(r["skipped"] for r in recs)
         print(f"{len(recs) - len(failed)}/{len(recs)} runs ok ({len(recs) - len(failed) - skipped} trained, {skipped} "
@@ -166,14 +195,15 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
     chosen = select(tables)
     kname = kernel_name()
     bar = tqdm(chosen, desc=f"reproduce ({preset})", unit="notebook")
-    for name, _table in bar:
+    for name, table in bar:
         bar.set_postfix_str(name)
         src = notebook_dir / f"{name}.ipynb"
         dst = out_dir / f"{name}.ipynb"
         tmp = out_dir / f".{name}.running.ipynb"
         t0 = time.time()
         try:
-            pm.execute_notebook(str(src), str(tmp), parameters=params, kernel_name=kname, progress_bar=False,
+            nb_params = {**params, "rows": ",".join(rows[table])} if rows.get(table) else params
+            pm.execute_notebook(str(src), str(tmp), parameters=nb_params, kernel_name=kname, progress_bar=False,
                                 execution_timeout=timeout, cwd=str(Path.cwd()))
             tmp.replace(dst)
             status[name] = {"status": "ok", "wall_s": round(time.time() - t0, 1)}
