@@ -67,6 +67,17 @@ CHECKS = {
 }
 
 
+# notebook 02: the confusion that instructions fix
+WRONG_MODALITY = (
+    "## Wrong modality in the global pool\n\n"
+    "M-BEIR builds the task rows of a dataset from one item set (MSCOCO's task-0 images are the task-3 queries, "
+    "its task-3 captions the task-0 queries; likewise VisualNews and Fashion200K 0/3, OVEN and INFOSEEK 6/8), so the "
+    "global pool holds the same item in several modalities, and the synthetic data is built the same way "
+    "(`docs/synthetic_data.md`). Without an instruction a query can retrieve its twin in the wrong modality. "
+    "Below: the percentage of each row's global top-5 candidates whose modality differs from the task's target "
+    "modality (mean over seeds), over all dataset-task rows, over the rows with twins, and over the others.")
+
+
 def code(src, tags=None):
     c = nbf.v4.new_code_cell(src)
     if tags:
@@ -128,6 +139,8 @@ def table_notebook(name, ablation, title, text):
         md("The paper's findings for this table, with paired (seeds x queries) bootstrap statistics:"),
         code("out[\"findings\"]"),
     ]
+    if name == "02_instruction_masking":
+        cells += [md(WRONG_MODALITY), code("nb.wrong_modality(ABLATION, preset=preset, results=results_dir)")]
     if name in ("01_embedding_extraction", "05_hard_negatives"):
         cells += [md(CHECKS[name]), code("nb.checks(ABLATION, preset=preset, results=results_dir)")]
     if name == "07_main_results":

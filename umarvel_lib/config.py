@@ -38,6 +38,8 @@ class StageConfig:
     lr: float = 1e-4
     epochs: float = 1.0
     max_steps: int | None = None  # cap (same steps for every ablation row of a table)
+    budget: str = "fixed"  # fixed: max_steps/epochs | plateau: stop when the dev curve plateaus (train.plateau), capped
+    min_steps: int = 0  # plateau budget: never stop before this many optimizer steps
     batch_size: int = 64
     chunk_size: int = 32  # GradCache chunk (memory), never changes the result
     warmup_ratio: float = 0.03
@@ -90,8 +92,9 @@ class EvalConfig:
     rows: tuple[str, ...] | None = None  # None: all 16
     instruction_seed: int = 0
     batch_size: int = 64
-    eval_every: int | None = None  # steps between learning-curve evaluations (None: end only)
-    curve_rows: tuple[str, ...] | None = None  # rows evaluated for learning curves (None: all)
+    eval_every: int | None = None  # steps between dev-curve evaluations (None: no dev curve)
+    curve_rows: tuple[str, ...] | None = None  # rows evaluated for the dev curve (None: all)
+    dev_queries: int | None = None  # dev curve: the first N queries of each row's dev (val) split (None: all)
     dedup_global: bool = True
     rerank_top_k: int = 50  # U-MARVEL+ / reranker row: candidates re-scored per query
 
@@ -217,6 +220,9 @@ class RunConfig:
             d["fusion"] = {"teacher_weight": st.teacher_weight, "overrides": st.teacher_weight_overrides}
         if upto_stage is not None:
             d.pop("eval")
+            if any(self.scaled_stage(k).budget == "plateau" for k in names):  # the dev curve decides the weights
+                d["dev"] = {k: identity(getattr(self.eval, k))
+                            for k in ("eval_every", "curve_rows", "dev_queries", "instruction_seed")}
         return d
 
     def hash(self, *, upto_stage: str | None = None, reranker: bool = False) -> str:
@@ -275,9 +281,10 @@ IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
                     "batch_size", "warmup_ratio", "symmetric", "train_temperature", "compression_prompt", "negatives",
                     "num_hard", "mine_top_m", "mine_pool", "filter_max_score", "filter_relative_margin",
                     "sample_fraction", "teacher_top_k", "teacher_weight", "teacher_weight_overrides", "distill_mode",
-                    "mixed_precision"),
+                    "mixed_precision", "budget", "min_steps"),
     "RerankerStageConfig": ("lora_r", "lora_alpha", "lr", "epochs", "max_steps", "batch_size"),
-    "EvalConfig": ("pools", "rows", "instruction_seed", "eval_every", "curve_rows", "dedup_global", "rerank_top_k"),
+    "EvalConfig": ("pools", "rows", "instruction_seed", "eval_every", "curve_rows", "dedup_global", "rerank_top_k",
+                   "dev_queries"),
     "ScaleConfig": (),
     "EmbedderConfig": ("attention", "pooling", "compression_prompt", "instructions", "instruction_mask", "positions",
                        "generation_prompt", "max_text_tokens", "temperature_init", "train_temperature",
@@ -325,9 +332,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # are unchanged by it), the distillation teacher scores the top 20.
     "cpu": {"data_preset": "cpu", "backbone_size": "micro", "scale.batch_divisor": 30, "scale.lr_multiplier": 10.0,
             "scale.epochs": 0.5, "scale.chunk_size": 32, "threads": 2, "reranker.max_steps": 100,
-            "eval.rerank_top_k": 10, "stage.distill.teacher_top_k": 20},
+            "eval.rerank_top_k": 10, "stage.distill.teacher_top_k": 20,
+            "eval.eval_every": 20},  # dev curve every 20 steps on the 30 dev queries per row
     "gpu": {"data_preset": "gpu", "backbone_size": "micro", "scale.batch_divisor": 15, "scale.chunk_size": 64,
-            "scale.max_steps": 2000},
+            "scale.max_steps": 2000, "eval.eval_every": 100},
     "paper": {"data_preset": "cpu", "scale.batch_divisor": 1, "scale.lr_multiplier": 1.0, "scale.lora_r": None,
               "scale.lora_alpha": None, "scale.chunk_size": 16, "scale.min_batch": 1},
 }

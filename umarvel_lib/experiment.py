@@ -5,7 +5,8 @@ Every result lives in a run directory ``<results>/runs/table<N>/<row>/seed<k>/``
     row.json            sidecar: table, row, seed, preset, config + hash, tau, git commit, versions, wall time
     eval/local/         run.trec, qrels.txt, queries.jsonl, metrics.json, config.json   (eval.evaluate)
     eval/global/        the same for the global pool
-    curves.jsonl        learning curve: training loss per step and periodic evaluations, per stage
+    dev_curve.csv       the dev curve of every stage: step, examples seen, dev-split local Avg and its CI
+                        (row.json also holds ``curves``, the training loss per step, and ``stage_plan``)
 
 A row whose ``row.json`` exists with the same config hash is skipped (rerunning a notebook is
 cheap); stages shared by rows are trained once (checkpoints under ``<cache>/stages``).
@@ -119,18 +120,28 @@ def backbone_path(cfg: RunConfig) -> Path:
     return shipped_backbone(bcfg) or build_backbone(bcfg, Path(cfg.cache_dir) / "backbones")
 
 
-def curve_eval(cfg: RunConfig, data: MBEIR):
-    """Trainer eval callback: the local-pool Avg on ``cfg.eval.curve_rows`` (learning curves)."""
+def curve_eval(cfg: RunConfig, root: Path):
+    """Trainer eval callback, the dev curve: the local-pool Avg of the dev split (M-BEIR's ``val``; the
+    first ``eval.dev_queries`` queries of each row, ``eval.curve_rows`` rows), with its 95% CI over the
+    dev queries' hits. Never the test split, so the curve (and a plateau budget) can stop training
+    without looking at the test queries."""
     import tempfile
 
     from .eval.evaluate import evaluate
 
+    dev = MBEIR(root, check_images=False, split="val", max_queries=cfg.eval.dev_queries)
+    if not dev.rows():
+        raise FileNotFoundError(f"{root}: no dev split (query/val/*.jsonl) for the dev curve; rebuild the synthetic "
+                                f"data with n_dev > 0, or set eval.eval_every to null")
+
     def fn(model, step):
-        with tempfile.TemporaryDirectory(prefix="umarvel-curve-") as tmp:
-            res = evaluate(model, data, tmp, pools=("local",), rows=cfg.eval.curve_rows,
+        with tempfile.TemporaryDirectory(prefix="umarvel-dev-") as tmp:
+            res = evaluate(model, dev, tmp, pools=("local",), rows=cfg.eval.curve_rows,
                            instructions=cfg.embedder.instructions, instruction_seed=cfg.eval.instruction_seed,
-                           batch_size=cfg.eval.batch_size, n_boot=200)
-        return {"local_avg": res["local"]["avg"]["headline"]}
+                           batch_size=cfg.eval.batch_size, n_boot=1000)
+        avg = res["local"]["avg"]
+        return {"dev_avg": avg["headline"], "dev_ci_lo": avg["ci95"][0], "dev_ci_hi": avg["ci95"][1],
+                "dev_queries": res["local"]["n_queries"]}
 
     return fn
 
@@ -209,7 +220,7 @@ def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, re
     stage_root = Path(cfg.cache_dir) / "stages"
     try:
         ckpt = run_stages(cfg, base, stage_root, progress=progress,
-                          eval_fn=curve_eval(cfg, data) if cfg.eval.eval_every else None)
+                          eval_fn=curve_eval(cfg, root) if cfg.eval.eval_every else None)
     except NonFiniteLossError as e:
         sidecar.update(status="diverged", error=str(e), wall_s=round(time.time() - t0, 1))
         atomic_write_json(side, sidecar)
@@ -223,9 +234,13 @@ def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, re
 
         rr_dir = train_reranker(cfg, ckpt, stage_root)
         rerank_eval(cfg, rdir / "eval", rr_dir, data)
+    from .report.curves import DEV_CURVE_COLUMNS, DEV_CURVE_FILE
+
+    plan, dev = stage_records(cfg, stage_root)
+    if dev:
+        atomic_write_text(rdir / DEV_CURVE_FILE, _csv(dev, DEV_CURVE_COLUMNS))
     sidecar.update(status="ok", checkpoint=str(ckpt), tau=emb.temperature.value, wall_s=round(time.time() - t0, 1),
-                   image_pixels=_pixels(emb),
-                   curves=collect_curves(cfg, stage_root))
+                   image_pixels=_pixels(emb), curves=collect_curves(cfg, stage_root), stage_plan=plan)
     atomic_write_json(side, sidecar)
     return sidecar
 
@@ -246,7 +261,7 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, preset: 
     cfg = make_run_config(preset, {"data_root": data_root, "stages": [], "eval.pools": list(pools),
                                    "eval.rows": tuple(rows) if rows else None})
     if (ckpt / EMBEDDER_JSON).is_file():
-        cfg.embedder = EmbedderConfig.from_dict(json.loads((ckpt / EMBEDDER_JSON).read_text())["config"])
+        cfg.embedder = EmbedderConfig.from_dict(read_json(ckpt / EMBEDDER_JSON)["config"])
     apply_overrides(cfg.embedder, embedder_overrides)
     root = ensure_data(cfg)
     validate_run(cfg)
@@ -278,6 +293,34 @@ def _metrics_readable(rdir: Path, side: dict) -> bool:
             log.warning("%s; the run counts as not finished", e)
             return False
     return True
+
+
+def stage_records(cfg: RunConfig, stage_root: Path) -> tuple[list[dict], list[dict]]:
+    """The stage plan (one record per stage: steps, batch, LR, tau, examples seen, ...) and the dev
+    curve of every stage of this run, from the stages' records (``stage.json``); a stage trained
+    before plans were recorded has none (left out)."""
+    from .train.stages import dev_curve
+
+    plan, dev = [], []
+    for name in cfg.stages:
+        sdir = stage_root / f"{name}-{cfg.hash(upto_stage=name)}"
+        f = sdir / "stage.json"
+        rec = read_json(f) if f.is_file() else {}
+        if "plan" in rec:
+            plan.append(rec["plan"])
+            batch = rec["plan"]["batch"]
+            dev += [{"stage": name, "examples_seen": c["step"] * batch, **c} for c in dev_curve(sdir)]
+    return plan, dev
+
+
+def _csv(records: list[dict], columns) -> str:
+    import io
+
+    import pandas as pd
+
+    buf = io.StringIO()
+    pd.DataFrame.from_records(records, columns=list(columns)).to_csv(buf, index=False)
+    return buf.getvalue()
 
 
 def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:

@@ -76,6 +76,13 @@ def table(ablation: str, extra_rows=None) -> Ablation:
     return load_ablation(ablation).with_extra_rows(extra_rows)
 
 
+def wrong_modality(ablation: str | Ablation, *, preset: str, results: str | None = None, k: int = 5) -> pd.DataFrame:
+    """The wrong-modality rate of each row's global top-k (with / without instructions); see
+    :func:`tables.wrong_modality`."""
+    ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
+    return tables.wrong_modality(results_dir(preset, results), ab.table, k=k)
+
+
 def table_outputs(ablation: str | Ablation, *, preset: str, results: str | None = None, n_boot: int = 1000) -> dict:
     """Write ``table<N>.csv``, ``table<N>_findings.csv``, ``table<N>.png`` (each row's difference from the
     baseline row, paper and ours side by side) and ``table<N>_curves.png``; return frames and figures.

@@ -299,11 +299,14 @@ class Row:
 
 @dataclass
 class MBEIR:
-    """A data root in M-BEIR layout. ``check_images`` verifies every image file exists."""
+    """A data root in M-BEIR layout. ``check_images`` verifies every image file exists.
+    ``max_queries``: only the first N queries of each row (in file order: a fixed subset, e.g. the
+    dev curve's); their qrels are kept, the rest are dropped after validation."""
 
     root: Path
     check_images: bool = True
     split: str = "test"
+    max_queries: int | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -357,6 +360,10 @@ class MBEIR:
         return self._cache[key]
 
     def queries(self, row: Row) -> list[Query]:
+        qs = self._all_queries(row)
+        return qs[: self.max_queries] if self.max_queries is not None else qs
+
+    def _all_queries(self, row: Row) -> list[Query]:
         return self._cached(("q", row.query_file), lambda: read_queries(
             row.query_file, self.root, check_images=self.check_images, dataset=row.dataset, task_id=row.task_id))
 
@@ -372,7 +379,9 @@ class MBEIR:
         absent one simply cannot be hit; :meth:`positives_outside_pool` counts them.
         """
         def load():
-            return read_qrels(row.qrels_file, known_qids={q.qid for q in self.queries(row)})
+            qrels = read_qrels(row.qrels_file, known_qids={q.qid for q in self._all_queries(row)})
+            keep = {q.qid for q in self.queries(row)}
+            return {q: d for q, d in qrels.items() if q in keep}
         return self._cached(("r", row.qrels_file), load)
 
     def positives_outside_pool(self, row: Row, dids: set[str] | None = None) -> int:

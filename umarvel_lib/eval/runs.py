@@ -151,6 +151,44 @@ def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = No
     return out
 
 
+def wrong_modality_rate(run_dir, modality_of: Mapping[str, str], *, k: int = 5) -> dict:
+    """How often a query's top ``k`` holds candidates of the wrong modality (a diagnostic of the global pool).
+
+    For every scored query of the run directory (``queries.jsonl``), the fraction of its top-``k``
+    candidates whose modality (``modality_of[did]``, e.g. from the global pool file) differs from the
+    query's target modality (the task's candidate modality, ``TASKS[task_id][1]``). In M-BEIR's
+    global pool the rows of one dataset hold the same items in several modalities (MSCOCO's images
+    and their captions), and a query without an instruction drifts to its twin in the wrong
+    modality: this rate shows that confusion, which instructions fix (the paper's T2a).
+
+    Returns ``{"k", "rate", "n_queries", "rows": {row: rate}}``: rates in percent, ``rate`` over all
+    top-``k`` slots of all scored queries (a query with fewer than ``k`` results counts the ones it has).
+    """
+    from ..data.mbeir import TASKS
+
+    run_dir = Path(run_dir)
+    run = ranked_dids(read_run(run_dir / RUN_FILE))
+    wrong: dict[str, list[int]] = {}  # row -> [wrong slots, slots, queries]
+    for q in read_queries(run_dir / QUERIES_FILE):
+        if not q.get("scored", True):
+            continue
+        target = TASKS[int(q["task_id"])][1]
+        top = run.get(q["qid"], [])[:k]
+        missing = [d for d in top if d not in modality_of]
+        if missing:
+            raise KeyError(f"{run_dir / RUN_FILE}: candidate(s) {missing[:3]} of query {q['qid']} have no known "
+                           f"modality (a run made with another pool?)")
+        w = wrong.setdefault(q["row"], [0, 0, 0])
+        w[0] += sum(modality_of[d] != target for d in top)
+        w[1] += len(top)
+        w[2] += 1
+    if not wrong:
+        raise ValueError(f"{run_dir / QUERIES_FILE}: no scored query")
+    total = [sum(v[i] for v in wrong.values()) for i in range(3)]
+    return {"k": k, "rate": round(100 * total[0] / max(1, total[1]), 4), "n_queries": total[2],
+            "rows": {r: round(100 * a / max(1, b), 4) for r, (a, b, _) in wrong.items()}}
+
+
 def load_metrics(run_dir) -> dict:
     return read_json(Path(run_dir) / METRICS_FILE)
 

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import Ablation
+from ..data.mbeir import ROW_NAMES
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
 from ..eval.runs import RunFormatError
 from ..io import DamagedFileError, read_json
@@ -197,6 +198,61 @@ def checks(results, ablation: Ablation, *, pool: str | None = None, n_boot: int 
         recs.append(rec)
     return pd.DataFrame.from_records(recs, columns=["check", "row_a", "row_b", "pool", "n_seeds", "diff", "ci95_lo",
                                                     "ci95_hi"])
+
+
+WRONG_MODALITY_FILE = "wrong_modality.json"  # kept beside a global run (small, committed like headline_hits)
+
+
+def wrong_modality(results, table: int, *, k: int = 5) -> pd.DataFrame:
+    """The wrong-modality rate of the global top-``k`` per row of a table (mean over seeds, percent),
+    with whether the row uses instructions: :func:`umarvel_lib.eval.runs.wrong_modality_rate` on each
+    run's global pool, over all rows, over the rows built from a shared item set (M-BEIR's twins:
+    VisualNews/MSCOCO/Fashion200K 0/3, OVEN/INFOSEEK 6/8) and over the others. Computed from
+    ``run.trec`` with the candidates' modalities from the run's data root, and kept as
+    ``wrong_modality.json`` so a clone without ``run.trec`` still shows it. Runs made with another
+    build of the data than the one now at their data root are left out (counted in ``not_current``)."""
+    from ..data.mbeir import MBEIR
+    from ..data.synthetic import TWINS
+    from ..eval.runs import RUN_FILE, wrong_modality_rate
+    from ..io import DigestCache, atomic_write_json
+
+    twin_rows = {n for n in ROW_NAMES if n.split("_task")[0] in {d.lower() for d in TWINS}}
+    modality_of: dict[str, dict[str, str]] = {}
+    recs = []
+    for sc in sidecars(results, table):
+        d = Path(sc["run_dir"]) / "eval" / "global"
+        cached = d / WRONG_MODALITY_FILE
+        rec = {"row": str(sc["row"]), "label": sc.get("label"), "seed": sc["seed"],
+               "instructions": sc["config"]["embedder"]["instructions"], "rate": None, "not_current": 0}
+        w = read_json(cached) if cached.is_file() else None
+        if w is not None and (w.get("k") != k or ((d / RUN_FILE).is_file()
+                                                  and (d / RUN_FILE).stat().st_mtime > cached.stat().st_mtime)):
+            w = None  # another k, or a newer run.trec
+        if w is None and (d / RUN_FILE).is_file():
+            root = sc["data_root"]
+            dd = sc["config"].get("data_digest")
+            store = DigestCache(Path(sc["config"].get("cache_dir") or "cache") / "file_digests.sqlite")
+            if not isinstance(dd, dict) or store.tree_digest(root, exclude=("nli", "cc3m")) != dd.get("mbeir"):
+                rec["not_current"] = 1
+            else:
+                if root not in modality_of:
+                    modality_of[root] = {c.did: c.modality for c in MBEIR(root, check_images=False).global_pool()}
+                w = wrong_modality_rate(d, modality_of[root], k=k)
+                atomic_write_json(cached, w)
+        if w is not None:
+            rec.update(rate=w["rate"],
+                       twin_rows=float(np.mean([v for r, v in w["rows"].items() if r in twin_rows] or [np.nan])),
+                       other_rows=float(np.mean([v for r, v in w["rows"].items() if r not in twin_rows] or [np.nan])))
+        recs.append(rec)
+    cols = ["row", "label", "instructions", "n_seeds", f"wrong_modality_top{k}", "twin_rows", "other_rows", "not_current"]
+    df = pd.DataFrame.from_records(recs, columns=["row", "label", "seed", "instructions", "rate", "twin_rows",
+                                                  "other_rows", "not_current"])
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    out = df.groupby(["row", "label", "instructions"], sort=False).agg(
+        n_seeds=("rate", "count"), rate=("rate", "mean"), twin_rows=("twin_rows", "mean"),
+        other_rows=("other_rows", "mean"), not_current=("not_current", "sum")).reset_index()
+    return out.rename(columns={"rate": f"wrong_modality_top{k}"})[cols].round(2)
 
 
 def provenance_note(table: int) -> str:

@@ -37,7 +37,9 @@ Guarantees (tested in ``tests/test_engine.py``):
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
-Budget is in optimizer steps (``max_steps``) or in ``epochs`` of a sized dataset, never in time.
+Budget is in optimizer steps (``max_steps``) or in ``epochs`` of a sized dataset, never in time;
+``stop_fn`` (called with every eval record after each periodic eval) may end a run early, e.g. when
+its dev curve has plateaued (``FINISHED.json`` then says ``stopped_early``).
 Only the trainable parameters (``requires_grad``) are checkpointed: the caller must rebuild the
 frozen part identically (same base weights / same seed) before resuming.
 """
@@ -315,6 +317,7 @@ class Trainer:
         *,
         collate_fn: Callable[[list], Any] | None = None,
         eval_fn: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+        stop_fn: Callable[[list[dict]], bool] | None = None,
         run_identity: Mapping[str, Any] | None = None,
         resume: bool = True,
         accelerator=None,
@@ -323,6 +326,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.batches = _Batches(data, cfg, collate_fn)
         self.eval_fn = eval_fn
+        self.stop_fn = stop_fn  # early stop: called with every eval record so far after each periodic eval
         self.identity = {"train": cfg.identity(), "run": dict(run_identity or {})}
         self.hash = config_hash(self.identity)
         self.resume = resume
@@ -497,7 +501,7 @@ class Trainer:
         bar = tqdm(total=total, initial=step, desc=self.run_dir.name, mininterval=cfg.tqdm_mininterval,
                    disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
         history: list[dict] = []
-        last_loss = None
+        last_loss, stopped_early = None, False
         it = iter(self.batches.iterate(epoch, pos))
         metrics_f = open(self.metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
         try:
@@ -527,6 +531,9 @@ class Trainer:
                     bar.set_postfix(post, refresh=False)
                 if self.eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
                     self._eval(step)
+                    if self.stop_fn is not None and step < total and self._should_stop():
+                        stopped_early = True
+                        break
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     self._save_checkpoint(step, epoch, pos)
         finally:
@@ -543,6 +550,7 @@ class Trainer:
             with atomic_dir(final_dir) as tmp:
                 save_file(trainable_state_dict(acc.unwrap_model(self.model)), str(tmp / "model.safetensors"))
             atomic_write_json(self.finished_path, {"config_hash": self.hash, "step": step, "loss": last_loss,
+                                                   "total_steps": total, "stopped_early": stopped_early,
                                                    "time": time.time()})
         acc.wait_for_everyone()
         return TrainResult(self.run_dir, step, last_loss, resumed_from=resumed_from, final_dir=final_dir,
@@ -587,6 +595,15 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return {"loss": loss_val, "lr": lr, "grad_norm": gn, **extra}
+
+    def _should_stop(self) -> bool:
+        """``stop_fn`` on the eval records so far, decided on the main process (which alone writes them)."""
+        box = [bool(self.stop_fn(_read_jsonl(self.eval_path))) if self.acc.is_main_process else None]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(box, from_process=0)
+        return bool(box[0])
 
     def _fail(self, step: int, what: str):
         ck = latest_checkpoint(self.run_dir)

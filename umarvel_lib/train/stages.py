@@ -172,13 +172,15 @@ def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, eval_fn=
     if checkpoint_complete(final, "embedder.json"):
         log.info("stage %s: reusing %s", name, final)
         return final
+    stop_fn = _plateau_stop(cfg, stage, eval_fn)
     with file_lock(out_root / f".{name}-{h}.lock"):  # parallel rows sharing this stage wait, then reuse it
         if checkpoint_complete(final, "embedder.json"):
             return final
-        return _train_stage(cfg, name, stage, h, init, sdir, eval_fn=eval_fn)
+        return _train_stage(cfg, name, stage, h, init, sdir, eval_fn=eval_fn, stop_fn=stop_fn)
 
 
-def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Path, sdir: Path, *, eval_fn) -> Path:
+def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Path, sdir: Path, *, eval_fn,
+                 stop_fn=None) -> Path:
     final = sdir / "model"
     sdir.mkdir(parents=True, exist_ok=True)
     data_root = cfg.resolved_data_root()
@@ -198,14 +200,24 @@ def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Pa
     else:
         raise ValueError(f"unknown stage {name!r}")
     tcfg = train_config(stage, len(examples), cfg.seed, eval_every=cfg.eval.eval_every)
+    tau_start = emb.temperature.value
     trainer = Trainer(emb, step, examples, tcfg, sdir / "train", collate_fn=list, eval_fn=eval_fn,
-                      run_identity={"stage_hash": h, "init": str(init)})
-    trainer.fit()
+                      stop_fn=stop_fn, run_identity={"stage_hash": h, "init": str(init)})
+    res = trainer.fit()
     if emb.is_lora:
         emb.merge_lora()
     emb.save(final)
+    fin = json.loads(trainer.finished_path.read_text())
+    curve = dev_curve(sdir)
+    plan = {"stage": name, "budget": stage.budget, "steps": res.step, "max_steps": trainer.total_steps(),
+            "min_steps": stage.min_steps, "batch": tcfg.batch_size, "lr": tcfg.lr, "tau_learnable": stage.train_temperature,
+            "tau_start": tau_start, "tau_end": emb.temperature.value, "examples": len(examples),
+            "examples_seen": res.step * tcfg.batch_size, "epochs_seen": res.step * tcfg.batch_size / max(1, len(examples)),
+            "stopped_early": bool(fin.get("stopped_early")), "eval_every": cfg.eval.eval_every,
+            "dev_avg_end": curve[-1]["dev_avg"] if curve else None}
     atomic_write_json(sdir / "stage.json", {"stage": name, "hash": h, "init": str(init), "tau": emb.temperature.value,
-                                            "recipe": dataclasses.asdict(stage), "n_examples": len(examples)})
+                                            "recipe": dataclasses.asdict(stage), "n_examples": len(examples),
+                                            "plan": plan, "dev_curve": curve})
     return final
 
 
@@ -223,6 +235,28 @@ def checkpoint_complete(final: Path, marker: str) -> bool:
         log.warning("%s; %s is trained again", e, final)
         return False
     return True
+
+
+def dev_curve(sdir: Path) -> list[dict]:
+    """A stage's dev curve: ``{"step", "dev_avg", "dev_ci_lo", "dev_ci_hi", ...}`` from its ``train/eval.jsonl``."""
+    f = Path(sdir) / "train" / "eval.jsonl"
+    if not f.is_file():
+        return []
+    recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return [r for r in recs if "dev_avg" in r]
+
+
+def _plateau_stop(cfg: RunConfig, stage: StageConfig, eval_fn):
+    """The early stop of a ``budget: plateau`` stage: the plateau rule on its dev curve, from ``min_steps``."""
+    if stage.budget == "fixed":
+        return None
+    if stage.budget != "plateau":
+        raise ValueError(f"stage {stage.name}: budget must be 'fixed' or 'plateau', got {stage.budget!r}")
+    if not cfg.eval.eval_every or eval_fn is None:
+        raise ValueError(f"stage {stage.name}: budget 'plateau' needs a dev curve (set eval.eval_every)")
+    from .plateau import plateau_of_curve
+
+    return lambda evals: plateau_of_curve([r for r in evals if "dev_avg" in r], min_steps=stage.min_steps).ok
 
 
 # ---- hard negatives ---------------------------------------------------------------------------
