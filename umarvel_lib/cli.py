@@ -137,6 +137,11 @@ def cmd_backbone(args) -> int:
     from .models import shipped
     from .models.backbone import BackboneConfig, build_backbone
 
+    import torch
+
+    # pre-training's float reductions depend on the thread count: the shipped build was made on one
+    # thread, and only a one-thread build can come out bitwise identical to it
+    torch.set_num_threads(1)
     t0 = time.time()
     cfg = BackboneConfig(kind=args.kind, size=args.size).resolved()
     cache = Path(args.cache_dir) / "backbones"
