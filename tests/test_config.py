@@ -69,22 +69,146 @@ def test_fifteen_findings_and_provisional_labels():
     assert paper_row(6, "Distillation")["global"] == 60.7
 
 
-def test_hashes_of_published_runs_stay_stable():
-    """Fields added after results were published (`mixed_precision`, `backbone_digest`, `data_digest`)
-    are left out of the hash at their defaults, so published runs keep counting as finished; any other
-    value changes the hash. Pinned: table 1 row 0 at the cpu preset (half an epoch per stage; the data
-    build enters through ``data_digest``)."""
+def test_every_config_field_is_classified_identity_or_not():
+    """Fail safe: a new config field must be declared result-changing (IDENTITY_FIELDS) or not (NOT_IDENTITY,
+    with its reason); an unclassified one makes every hash raise."""
+    import dataclasses
+
+    from umarvel_lib.config import (
+        IDENTITY_FIELDS,
+        NOT_IDENTITY,
+        EvalConfig,
+        RerankerStageConfig,
+        RunConfig,
+        ScaleConfig,
+        StageConfig,
+        UnclassifiedFieldError,
+        identity,
+    )
+    from umarvel_lib.models.embedder import EmbedderConfig
+
+    classes = (RunConfig, StageConfig, RerankerStageConfig, EvalConfig, ScaleConfig, EmbedderConfig)
+    for cls in classes:
+        names = {f.name for f in dataclasses.fields(cls)}
+        keep, drop = set(IDENTITY_FIELDS[cls.__name__]), set(NOT_IDENTITY[cls.__name__])
+        assert not keep & drop, (cls.__name__, keep & drop)
+        assert names == keep | drop, (cls.__name__, names ^ (keep | drop))
+        assert all(NOT_IDENTITY[cls.__name__][n] for n in drop)  # every exclusion says why
+    Extra = dataclasses.make_dataclass("EvalConfig", [("new_knob", int, 1)], bases=(EvalConfig,))
+    with pytest.raises(UnclassifiedFieldError, match="new_knob"):
+        identity(Extra())
+
+
+def test_identity_is_what_changes_results_and_nothing_else():
     ab = load_ablation("table1")
-    cfg = ab.run_config("0", "cpu", 0)
-    assert cfg.hash() == "73f9cffdce8ff929" and cfg.hash(upto_stage="mbeir") == "fe0d3d158382af2b"
-    apply_overrides(cfg, {"scale.mixed_precision": "bf16"})
-    assert cfg.hash() != "73f9cffdce8ff929" and cfg.hash(upto_stage="mbeir") != "fe0d3d158382af2b"
-    assert cfg.scaled_stage("mbeir").mixed_precision == "bf16"
-    # the backbone's weights and the data build are part of a run's identity: another build is another run
-    for field in ("backbone_digest", "data_digest"):
-        a = ab.run_config("0", "cpu", 0)
-        b = ab.run_config("0", "cpu", 0)
-        setattr(a, field, "0123456789abcdef")
-        setattr(b, field, "fedcba9876543210")
-        assert len({a.hash(), b.hash(), "73f9cffdce8ff929"}) == 3
-        assert a.hash(upto_stage="mbeir") != b.hash(upto_stage="mbeir")
+    base = ab.run_config("0", "cpu", 0)
+    h, hs = base.hash(), base.hash(upto_stage="mbeir")
+    # settings that do not change a result leave every hash alone
+    for over in ({"threads": 7}, {"cache_dir": "/elsewhere"}, {"eval.batch_size": 3}, {"scale.chunk_size": 4},
+                 {"data_root": None, "backbone": None}):
+        c = ab.run_config("0", "cpu", 0)
+        apply_overrides(c, over)
+        assert (c.hash(), c.hash(upto_stage="mbeir")) == (h, hs), over
+    # settings that do change it
+    for over in ({"scale.mixed_precision": "bf16"}, {"seed": 1}, {"stage.mbeir.lr": 1e-3},
+                 {"embedder.max_text_tokens": 64}):
+        c = ab.run_config("0", "cpu", 0)
+        apply_overrides(c, over)
+        assert c.hash() != h and c.hash(upto_stage="mbeir") != hs, over
+    c = ab.run_config("0", "cpu", 0)
+    apply_overrides(c, {"eval.instruction_seed": 3})  # evaluation: the run, not its checkpoints
+    assert c.hash() != h and c.hash(upto_stage="mbeir") == hs
+    # the weights and the data bytes: another build is another run; the NLI stage reads only the NLI part
+    for field, a_val, b_val in (("backbone_digest", "0123456789abcdef", "fedcba9876543210"),
+                                ("data_digest", {"mbeir": "a", "nli": "n", "cc3m": "c"},
+                                 {"mbeir": "b", "nli": "n", "cc3m": "c"})):
+        a, b = (make_run_config("cpu", {"stages": ["nli", "cc3m", "mbeir"]}) for _ in range(2))
+        setattr(a, field, a_val)
+        setattr(b, field, b_val)
+        assert a.hash() != b.hash() and a.hash(upto_stage="mbeir") != b.hash(upto_stage="mbeir")
+    assert a.hash(upto_stage="nli") == b.hash(upto_stage="nli")  # M-BEIR bytes changed, NLI's did not
+
+
+def test_reranker_settings_key_the_reranker_and_the_teacher():
+    ab = load_ablation("table6")
+    for rid in ("reranker", "distillation"):
+        row = ab.row(rid)
+        a, b = ab.run_config(row, "cpu", 0), ab.run_config(row, "cpu", 0)
+        apply_overrides(b, {"reranker.lr": 1e-3})
+        assert a.hash(upto_stage="hard_negatives", reranker=True) != b.hash(upto_stage="hard_negatives", reranker=True)
+        assert a.hash(reranker=row.reranker) != b.hash(reranker=row.reranker)
+        assert a.hash(upto_stage="hard_negatives") == b.hash(upto_stage="hard_negatives")  # the embedder stage
+    c, d = ab.run_config("distillation", "cpu", 0), ab.run_config("distillation", "cpu", 0)
+    apply_overrides(d, {"reranker.lr": 1e-3})
+    assert c.hash(upto_stage="distill") != d.hash(upto_stage="distill")  # the teacher's scores come from it
+    e, f = ab.run_config("baseline", "cpu", 0), ab.run_config("baseline", "cpu", 0)
+    apply_overrides(f, {"reranker.lr": 1e-3})
+    assert e.hash() == f.hash()  # a row that uses no reranker
+
+
+def test_hashes_are_pinned():
+    """Changing a hash orphans every finished run and cached stage: it must be deliberate (update the pin
+    and say so in the commit). Pinned: table 1 row 0 at the cpu preset."""
+    cfg = load_ablation("table1").run_config("0", "cpu", 0)
+    assert cfg.hash() == "4e94e03a425fdbb3" and cfg.hash(upto_stage="mbeir") == "8671d6c20ac28ad2"
+
+
+def test_unknown_preset_is_refused_with_the_choices():
+    from umarvel_lib.config import check_preset
+    from umarvel_lib.notebook import results_dir
+
+    for fn in (check_preset, lambda p: make_run_config(p), lambda p: results_dir(p)):
+        with pytest.raises(KeyError, match="unknown preset 'nonsense'; choose from cpu, gpu, paper, smoke"):
+            fn("nonsense")
+
+
+# ---- a reader's own rows (notebook parameter extra_rows) ------------------------------------------
+def test_extra_rows_are_validated_and_marked_as_the_readers():
+    from umarvel_lib.config import load_ablation
+
+    ab = load_ablation("table4").with_extra_rows(
+        '{"my_tau": {"label": "tau 0.02", "overrides": {"embedder.temperature_init": 0.02, "stage.mbeir.lr": 2.0e-4}}}')
+    mine = ab.rows[-1]
+    assert (mine.id, mine.label, mine.own, mine.paper_key) == ("my_tau", "tau 0.02", True, None)
+    assert not any(r.own for r in ab.rows[:-1]) and ab.baseline.id == "0"
+    cfg = ab.run_config(mine, "smoke", 1)
+    assert cfg.embedder.temperature_init == 0.02 and cfg.stage["mbeir"].lr == 2.0e-4 and cfg.seed == 1
+    assert cfg.stages == ["mbeir"]  # the table's base still applies
+    # YAML works too, nested keys as well; empty text adds nothing
+    ab2 = load_ablation("table2").with_extra_rows("mine: {overrides: {embedder: {pooling: last}}}")
+    assert ab2.run_config("mine", "smoke", 0).embedder.pooling == "last"
+    assert load_ablation("table2").with_extra_rows("  ").rows == load_ablation("table2").rows
+
+
+@pytest.mark.parametrize("text, needles", [
+    ('{"x": {"overrides": {"stage.mbeir.temprature": 0.02}}}', ["'stage.mbeir.temprature'", "stage.mbeir.lr"]),
+    ('{"x": {"overrides": {"stage.mbier.lr": 0.02}}}', ["'stage.mbier'", "stage.mbeir"]),
+    ('{"x": {"overrides": {"stage.mbeir.lr": "fast"}}}', ["'stage.mbeir.lr'", "float"]),
+    ('{"x": {"overrides": {"stage.mbeir.batch_size": 1.5}}}', ["'stage.mbeir.batch_size'", "int"]),
+    ('{"x": {"overrides": {"embedder.pooling": "max"}}}', ["'embedder.pooling'", "mean"]),
+    ('{"x": {"overrides": {"stages": ["mbeir", "nope"]}}}', ["'stages'", "hard_negatives"]),
+    ('{"x": {"lable": "typo"}}', ["'lable'", "label, overrides"]),
+    ('{"0": {"label": "clash"}}', ["row '0'", "already has"]),
+    ('[1, 2]', ["extra_rows must map"]),
+    ('{"x": {', ["not YAML/JSON"]),
+])
+def test_bad_extra_rows_name_the_key(text, needles):
+    from umarvel_lib.config import load_ablation
+
+    with pytest.raises(ValueError) as e:
+        load_ablation("table4").with_extra_rows(text)
+    assert str(e.value).startswith("extra_rows")
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_stage_plan_follows_the_scaled_recipe():
+    from umarvel_lib.config import load_ablation, stage_plan
+
+    cfg = load_ablation("table6").run_config("distillation", "cpu", 0)
+    plan = stage_plan(cfg, {"mbeir": 4})
+    assert [p["stage"] for p in plan] == ["nli", "cc3m", "mbeir", "hard_negatives", "distill"]
+    mb = plan[2]
+    assert (mb["steps"], mb["global_batch"], mb["tau"]) == (4, cfg.scaled_stage("mbeir").batch_size, "learnable")
+    assert mb["lr"] == pytest.approx(4e-4 * 10) and plan[0]["tau"].startswith("fixed")
+    assert plan[3]["loss"] == "InfoNCE, in_batch+hard" and plan[4]["loss"] == "distill: kl"

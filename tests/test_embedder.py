@@ -199,6 +199,23 @@ def test_instruction_mask_off_and_instructions_off(backbones):
     assert "<instruction_start>" not in on.render(Item(txt="a candidate caption"))
 
 
+def test_pooled_tokens_show_the_span_and_the_pool(backbones):
+    """What notebook 00 shows: the instruction span and the tokens that enter the pool, from the same
+    masks that :meth:`Embedder.collate` gives the model."""
+    it = _items()[0]
+    for mask in (True, False):
+        e = _emb(backbones, "qwen2_vl", instruction_mask=mask)
+        toks = e.pooled_tokens(it)
+        b = e.collate([it])
+        assert [t["pooled"] for t in toks] == b["pool_mask"][0].tolist()
+        span = [t["token"] for t in toks if t["instruction"]]
+        assert span[0] == "<instruction_start>" and span[-1] == "<instruction_end>"
+        assert any(t["pooled"] for t in toks if t["instruction"]) is (not mask)  # masked: the span stays out
+    last = _emb(backbones, "qwen2_vl", pooling="last").pooled_tokens(it)
+    i = [t["pooled"] for t in last].index(True)
+    assert sum(t["pooled"] for t in last) == 1 and last[i + 1]["token"] == "<emb>"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_last_pooling_is_token_before_emb(backbones, kind):
     e = _emb(backbones, kind, pooling="last")

@@ -1,6 +1,8 @@
 """Embedding shard cache: resume after an interrupted encode, no stale reuse, atomic shards, bad encoder output."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -91,9 +93,19 @@ def test_partial_or_wrong_shards_are_not_trusted(tmp_path):
     cache = EmbeddingCache(tmp_path, shard_size=SHARD)
     (s,) = cache.encode([_job()], Counting(_table()), batch_size=4)
     np.save(s.shard_path(1), np.zeros((3, DIM), np.float32))  # wrong row count: discarded
-    (s.path / ".shard_000003.npy.abc.tmp").write_bytes(b"half a shard")  # a killed write
+    import subprocess
+    import sys
+
+    from umarvel_lib.io import tmp_prefix
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = tmp_prefix("shard_000003.npy")  # ".shard_000003.npy.tmp-<host>-<pid>-"
+    (s.path / (mine.replace(f"-{os.getpid()}-", f"-{dead.pid}-") + "abc")).write_bytes(b"half a shard")  # a killed write
+    (s.path / (mine + "def")).write_bytes(b"a live writer's shard")  # this (live) process's: kept
     assert s.missing() == [1]
     assert cache.cleanup_tmp() == 1
+    assert (s.path / (mine + "def")).is_file()
     enc = Counting(_table())
     cache.encode([_job()], enc, batch_size=4)
     assert enc.items == SHARD

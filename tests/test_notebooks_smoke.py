@@ -13,6 +13,8 @@ import pytest
 from umarvel_lib.runner import NOTEBOOKS, reproduce
 
 ROOT = Path(__file__).resolve().parents[1]
+# a reader's own row on one notebook (Table 4: one M-BEIR stage, the cheapest to train)
+EXTRA_ROWS = '{"my_tau": {"label": "tau 0.02 from the start", "overrides": {"embedder.temperature_init": 0.02}}}'
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,8 @@ def smoke_results(tmp_path_factory, monkeypatch_module):
     work = tmp_path_factory.mktemp("repro")
     monkeypatch_module.chdir(work)  # data/, cache/ and results/ of the run live here
     status = reproduce("smoke", seeds="0", results=str(work / "results" / "smoke"),
-                       notebook_dir=ROOT / "notebooks", timeout=900, all_rows=True)
+                       notebook_dir=ROOT / "notebooks", timeout=900, all_rows=True,
+                       notebook_params={"04_batch_lr_temperature": {"extra_rows": EXTRA_ROWS}})
     return work / "results" / "smoke", status
 
 
@@ -39,6 +42,66 @@ def test_every_notebook_executed(smoke_results):
     for name, _ in NOTEBOOKS:
         nb = json.loads((res / "notebooks" / f"{name}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+        # the executed copies keep their figures (PNG at moderate size), and no cell failed
+        pngs = [o["data"]["image/png"] for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        assert pngs, name
+        assert all(len(p) < 400_000 for p in pngs), name
+
+
+def test_extra_row_appears_in_its_table_and_figure(smoke_results):
+    from umarvel_lib.config import load_ablation
+    from umarvel_lib.report import figures
+
+    res, _ = smoke_results
+    mine = pd.read_csv(res / "table4_yours.csv").set_index("id").loc["my_tau"]
+    assert "(yours)" in mine["row"] and mine["ours_local"] == mine["ours_local"] and pd.isna(mine["paper_local"])
+    assert "my_tau" not in set(pd.read_csv(res / "table4.csv")["id"])  # the paper-only table stays as it was
+    side = json.loads((res / "runs" / "table4" / "my_tau" / "seed0" / "row.json").read_text())
+    assert side["status"] == "ok" and side["config"]["embedder"]["temperature_init"] == 0.02
+    ab = load_ablation("table4").with_extra_rows(EXTRA_ROWS)
+    diff = figures.differences(res, ab, n_boot=20)
+    assert diff.set_index("id").loc["my_tau", "n_seeds"] == 1
+    fig = figures.plot_differences(diff, "t", "0")
+    assert any("my_tau" in t.get_text() and "(yours)" in t.get_text() for t in fig.axes[0].get_yticklabels())
+    nb = (res / "notebooks" / "04_batch_lr_temperature.ipynb").read_text()
+    assert "tau 0.02 from the start (yours)" in nb  # in the executed notebook's table
+    assert (res / "table4_yours.png").stat().st_size > 1000
+
+
+def test_bad_extra_rows_fail_the_notebook_naming_the_key(smoke_results, tmp_path):
+    import papermill as pm
+
+    from umarvel_lib.runner import kernel_name
+
+    res, _ = smoke_results
+    bad = '{"mine": {"overrides": {"stage.mbeir.temprature": 0.02}}}'
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        pm.execute_notebook(str(ROOT / "notebooks" / "03_progressive_transition.ipynb"), str(tmp_path / "bad.ipynb"),
+                            parameters={"preset": "smoke", "results_dir": str(res), "extra_rows": bad, "train": False},
+                            kernel_name=kernel_name(), progress_bar=False, cwd=str(Path.cwd()))
+    assert "stage.mbeir.temprature" in str(e.value) and "stage.mbeir.lr" in str(e.value)
+
+
+def test_saved_figures_have_no_overlapping_tick_labels(smoke_results):
+    """Every per-table figure and the forest plot, rebuilt from the smoke results as they were saved."""
+    from umarvel_lib.config import load_ablation
+    from umarvel_lib.report import figures
+    from umarvel_lib.report.tables import table_vs_paper, verdicts
+
+    res, _ = smoke_results
+    abls = [load_ablation(f"table{t}") for t in range(1, 8)]
+    for ab in abls:
+        assert (res / f"table{ab.table}.png").is_file() and (res / f"table{ab.table}_curves.png").is_file()
+        fig = figures.plot_differences(figures.differences(res, ab, n_boot=20), f"Table {ab.table}: {ab.title} (smoke)",
+                                       f"{ab.baseline.id}: {ab.baseline.label}")
+        assert figures.overlapping_tick_labels(fig) == [], ab.table
+        assert figures.overlapping_tick_labels(figures.plot_curves(res, ab.table)) == [], ab.table
+    vall = pd.concat([verdicts(res, ab, n_boot=20) for ab in abls if ab.findings])
+    ff = figures.findings_frame(vall, {ab.table: table_vs_paper(res, ab) for ab in abls})
+    assert figures.overlapping_tick_labels(figures.plot_findings(ff, "The paper's findings (smoke)")) == []
+    assert (res / "findings.png").stat().st_size > 1000
+    report = (res / "REPORT.md").read_text()
+    assert report.index("](findings.png)") < report.index("## Summary")
 
 
 @pytest.mark.parametrize("table", [1, 2, 3, 4, 5, 6, 7])
@@ -75,9 +138,14 @@ def test_rerun_skips_finished_rows(smoke_results):
     run_row(load_ablation("table2_instruction_masking"), "0", preset="smoke", seed=0, results=res)
     assert side.stat().st_mtime_ns == before
     # the data build is part of the run's identity (a rebuilt synthetic set must not reuse runs)
+    # (its bytes: every file, images included; the NLI and CC3M parts apart, read by their stages only)
+    from umarvel_lib.io import DigestCache
+
     cfg = json.loads(side.read_text())["config"]
-    recipe = Path(json.loads(side.read_text())["data_root"]) / "synthetic_meta" / "recipe.json"
-    assert cfg["data_digest"] == json.loads(recipe.read_text())["hash"]
+    root = Path(json.loads(side.read_text())["data_root"])
+    assert cfg["data_digest"] == {"mbeir": DigestCache().tree_digest(root, exclude=("nli", "cc3m")),
+                                  "nli": DigestCache().tree_digest(root / "nli"),
+                                  "cc3m": DigestCache().tree_digest(root / "cc3m")}
 
 
 @pytest.mark.slow  # two `umarvel run` worker processes, twice

@@ -50,16 +50,19 @@ def test_cli_entry_point():
 
 
 def test_checkpoint_digest_follows_the_weights(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     from umarvel_lib.io import checkpoint_digest
 
     d = tmp_path / "ckpt"
     d.mkdir()
-    (d / "model.safetensors").write_bytes(b"weights-a")
+    save_file({"w": torch.zeros(3)}, str(d / "model.safetensors"))
     (d / "config.json").write_text("{}")
     a = checkpoint_digest(d)
     (d / "config.json").write_text('{"x": 1}')
     assert checkpoint_digest(d) == a                 # weights only
-    (d / "model.safetensors").write_bytes(b"weights-b")
+    save_file({"w": torch.ones(3)}, str(d / "model.safetensors"))
     assert checkpoint_digest(d) != a
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):

@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from umarvel_lib.data import synthetic
+from umarvel_lib.data.corpora import read_cc3m, read_nli
 from umarvel_lib.data.mbeir import DATASET_IDS, MBEIR, ROW_NAMES, TASKS
-from umarvel_lib.data.synthetic import (
-    SYNTHETIC_PRESETS,
-    SyntheticConfig,
-    generate,
-    read_cc3m,
-    read_nli,
-)
+from umarvel_lib.data.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
 
 SMOKE = SyntheticConfig(**SYNTHETIC_PRESETS["smoke"])
 
@@ -81,9 +76,9 @@ def test_planted_false_negatives_are_documented_and_unlabelled(smoke_data):
 
 
 def test_stage_corpora(smoke_data):
-    nli = read_nli(smoke_data)
+    nli = read_nli(smoke_data / "nli" / "nli_for_simcse.csv")
     assert len(nli) == SMOKE.n_nli and all(len(t) == 3 and t[0] != t[2] for t in nli)
-    cc = read_cc3m(smoke_data)
+    cc = read_cc3m(smoke_data / "cc3m")
     assert len(cc) == SMOKE.n_cc3m and all(Path(p).is_file() for _, p in cc[:5])
 
 
@@ -112,4 +107,67 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path / "data", SMOKE)
     assert not (tmp_path / "data").exists()
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".data.lock"]  # only the (empty) generation lock
+
+
+def test_rows_of_a_dataset_share_one_item_set(smoke_data):
+    """M-BEIR's construction: the task-3 queries are the task-0 pool's photos and the task-0 queries are
+    the task-3 pool's captions (VisualNews, MSCOCO, Fashion200K); OVEN/INFOSEEK 6 and 8 ask about the same
+    query photos and hold the same entities as text and as image + text. So the global pool has twins."""
+    data = MBEIR(smoke_data)
+    fn: dict[str, set[str]] = {name: set() for name in ROW_NAMES}
+    for x in (smoke_data / "synthetic_meta/planted_false_negatives.jsonl").read_text().splitlines():
+        f = json.loads(x)
+        if f["split"] == "test":
+            fn[f["row"]].add(f["false_negative"])
+
+    def row(name):
+        (r,) = data.rows([name])
+        return data.queries(r), data.local_pool(r), data.qrels(r)
+
+    for ds in ("visualnews", "mscoco", "fashion200k"):
+        q0, p0, r0 = row(f"{ds}_task0")
+        q3, p3, r3 = row(f"{ds}_task3")
+        img0 = {c.did: c.img_path for c in p0}
+        txt3 = {c.did: c.txt for c in p3}
+        # query i of each row is item i: its caption -> its photo, and its photo -> its caption
+        for a, b in zip(q0, q3):
+            (pos0,), (pos3,) = r0[a.qid], r3[b.qid]
+            assert b.img_path == img0[pos0] and a.txt == txt3[pos3]
+        # the pools are the same items (positives, near misses, distractors) in two modalities; only the
+        # planted false negatives (another photo / a paraphrase) are the row's own
+        assert len(p0) - len(fn[f"{ds}_task0"]) == len(p3) - len(fn[f"{ds}_task3"])
+    for ds in ("oven", "infoseek"):
+        q6, p6, _ = row(f"{ds}_task6")
+        q8, p8, _ = row(f"{ds}_task8")
+        assert [q.img_path for q in q6] == [q.img_path for q in q8]
+        assert ({c.txt for c in p6 if c.did not in fn[f"{ds}_task6"]}
+                == {c.txt for c in p8 if c.did not in fn[f"{ds}_task8"]})
+        assert {c.modality for c in p8} == {"image,text"}
+    # the other rows are drawn on their own: no query photo of WebQA-2 is an EDIS candidate, etc.
+    meta = [json.loads(x) for x in (smoke_data / "synthetic_meta/rows.jsonl").read_text().splitlines()]
+    assert {m["row"] for m in meta if m["twin_group"]} == {
+        f"{d}_task{t}" for d in ("visualnews", "mscoco", "fashion200k") for t in (0, 3)} | {
+        f"{d}_task{t}" for d in ("oven", "infoseek") for t in (6, 8)}
+
+
+def test_test_dev_and_train_items_are_disjoint(smoke_data):
+    """No photo or caption of a test or dev item of a twin group appears in training, in any of its rows."""
+    splits = {s: MBEIR(smoke_data, split=s) for s in ("test", "val", "train")}
+    for ds in ("visualnews", "mscoco", "fashion200k", "oven", "infoseek"):
+        seen = {}
+        for split, data in splits.items():
+            imgs, txts = set(), set()
+            for r in data.rows():
+                if not r.name.startswith(ds + "_"):
+                    continue
+                for q in data.queries(r):
+                    imgs.add(q.img_path)
+                    txts.add(q.txt)
+            seen[split] = (imgs - {None}, txts - {None})
+        assert len(seen["val"][0] | seen["val"][1]) > 0, ds
+        for held in ("test", "val"):
+            assert not seen[held][0] & seen["train"][0], (ds, held)
+            if ds not in ("oven", "infoseek"):  # their questions are templates; the photos decide
+                assert not seen[held][1] & seen["train"][1], (ds, held)
+    assert len(splits["val"].queries(splits["val"].rows()[0])) == SMOKE.n_dev

@@ -34,6 +34,14 @@ def cmd_prepare(args) -> int:
 def cmd_reproduce(args) -> int:
     from .runner import reproduce
 
+    if args.backbone:  # refused before any notebook runs: a hub id or a missing directory fails every row
+        from .models.embedder import resolve_local_checkpoint
+
+        try:
+            resolve_local_checkpoint(args.backbone)
+        except FileNotFoundError as e:
+            print(f"--backbone: {e}", file=sys.stderr)
+            return 2
     data = cmd_prepare(argparse.Namespace(preset=_data_preset(args.preset), seed=0, out=args.data_root, force=False)) \
         if not args.data_root else 0
     if data:
@@ -41,7 +49,8 @@ def cmd_reproduce(args) -> int:
     tables = [t for t in (args.tables or "").split(",") if t.strip()]
     status = reproduce(args.preset, tables=tables or None, seeds=args.seeds, results=args.results,
                        backbone=args.backbone, data_root=args.data_root, timeout=args.timeout, jobs=args.jobs,
-                       train=not args.no_train, all_rows=args.all_rows)
+                       train=not args.no_train, all_rows=args.all_rows, nli_path=args.nli_path,
+                       cc3m_root=args.cc3m_root)
     return 0 if all(v.get("status") == "ok" for v in status.values()) else 1
 
 
@@ -58,7 +67,8 @@ def cmd_run(args) -> int:
 
     ab = load_ablation(args.table)
     if args.preset == "paper" or args.estimate:
-        cfg = ab.run_config(args.row, args.preset, args.seed, backbone=args.backbone, data_root=args.data_root)
+        cfg = ab.run_config(args.row, args.preset, args.seed, backbone=args.backbone, data_root=args.data_root,
+                            nli_path=args.nli_path, cc3m_root=args.cc3m_root)
         est = estimate_cost(cfg)
         print(f"cost estimate for table {ab.table} row {args.row} ({args.preset}):")
         print(est.to_string(index=False))
@@ -69,15 +79,50 @@ def cmd_run(args) -> int:
             print("re-run with --yes to start (the paper preset is expensive)")
             return 3
     side = run_row(ab, args.row, preset=args.preset, seed=args.seed, results=args.results or Path("results") / args.preset,
-                   backbone=args.backbone, data_root=args.data_root)
+                   backbone=args.backbone, data_root=args.data_root, nli_path=args.nli_path, cc3m_root=args.cc3m_root)
     print(f"table {ab.table} row {args.row} seed {args.seed}: {side['status']} ({side.get('wall_s')} s)")
     return 0 if side["status"] == "ok" else 1
 
 
+def cmd_check_data(args) -> int:
+    """Validate a data root (and the NLI / CC3M corpora given) before any training; non-zero on errors."""
+    from .data.check import DataError, check_data
+
+    stages = ["mbeir"] + (["nli"] if args.nli_path else []) + (["cc3m"] if args.cc3m_root else [])
+    rows = [r for r in (args.rows or "").split(",") if r.strip()] or None
+    try:
+        report = check_data(args.data_root, nli_path=args.nli_path, cc3m_root=args.cc3m_root, rows=rows,
+                            stages=stages, open_images=not args.no_image_decode)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def cmd_evaluate(args) -> int:
+    """Evaluate a checkpoint as it is (no training) on the local and global pools."""
+    from .experiment import evaluate_checkpoint
+
+    out = Path(args.results) if args.results else \
+        Path("results") / args.preset / "checkpoints" / Path(args.checkpoint).resolve().name
+    rows = [r for r in (args.rows or "").split(",") if r.strip()] or None
+    pools = tuple(p for p in args.pools.split(",") if p.strip())
+    res = evaluate_checkpoint(args.checkpoint, out, preset=args.preset, data_root=args.data_root, rows=rows,
+                              pools=pools)
+    for pool in pools:
+        avg = res[pool]["avg"]
+        print(f"{pool}: Avg {avg['headline']:.2f} over {avg['n_rows']} rows ({out / pool / 'metrics.json'})")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report.report import write_report
+    from .report.tables import problems
 
-    print(write_report(Path(args.results or Path("results") / args.preset), args.preset))
+    out = write_report(Path(args.results or Path("results") / args.preset), args.preset)
+    bad = problems(out.parent)
+    print(str(out) + (f" ({len(bad)} failed or damaged runs listed first)" if bad else ""))
     return 0
 
 
@@ -88,10 +133,15 @@ def cmd_backbone(args) -> int:
     to the shipped build (exit status 1 when it differs); ``--ship [BUILD]`` copies a complete build
     (default: the cached build of the recipe) into the repository's ``backbones/<kind>-<size>/``.
     """
+    import torch
+
     from .io import checkpoint_digest
     from .models import shipped
     from .models.backbone import BackboneConfig, build_backbone
 
+    # pre-training's float reductions depend on the thread count: the shipped build was made on one
+    # thread, and only a one-thread build can come out bitwise identical to it
+    torch.set_num_threads(1)
     t0 = time.time()
     cfg = BackboneConfig(kind=args.kind, size=args.size).resolved()
     cache = Path(args.cache_dir) / "backbones"
@@ -120,6 +170,12 @@ def cmd_backbone(args) -> int:
     return 0
 
 
+def _presets() -> list[str]:
+    from .config import PRESETS
+
+    return sorted(PRESETS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="umarvel", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -144,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_backbone)
 
     sr = sub.add_parser("reproduce", help="run every notebook with papermill and write results/<preset>/REPORT.md")
-    sr.add_argument("--preset", default="cpu", help="smoke | cpu | gpu | paper")
+    sr.add_argument("--preset", default="cpu", choices=_presets(), help="smoke | cpu | gpu | paper")
     sr.add_argument("--tables", help="comma-separated paper tables, e.g. 1,5 (default: all)")
     sr.add_argument("--seeds", help='comma-separated seeds (default: the notebooks\' "0,1,2"; smoke: "0")')
     sr.add_argument("--all-rows", action="store_true",
@@ -153,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--results", help="results directory (default results/<preset>)")
     sr.add_argument("--backbone", help="local checkpoint directory (default: the preset's micro backbone)")
     sr.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR)")
+    _corpus_flags(sr)
     sr.add_argument("--timeout", type=int, help="per-cell execution timeout in seconds")
     sr.add_argument("--no-train", action="store_true",
                     help="train nothing: re-execute the notebooks on the finished runs and rewrite the report")
@@ -165,19 +222,41 @@ def build_parser() -> argparse.ArgumentParser:
     sx.add_argument("--table", required=True, help="ablation name or number prefix, e.g. table5")
     sx.add_argument("--row", required=True)
     sx.add_argument("--seed", type=int, default=0)
-    sx.add_argument("--preset", default="cpu")
+    sx.add_argument("--preset", default="cpu", choices=_presets())
     sx.add_argument("--results")
     sx.add_argument("--backbone")
-    sx.add_argument("--data-root")
+    sx.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR of the preset)")
+    _corpus_flags(sx)
     sx.add_argument("--estimate", action="store_true", help="print tokens per stage and GPU-hours, then stop")
     sx.add_argument("--yes", action="store_true", help="start a paper-preset run after the estimate")
     sx.set_defaults(func=cmd_run)
 
+    sc = sub.add_parser("check-data", help="validate M-BEIR (+ NLI, CC3M) before any training; non-zero on errors")
+    sc.add_argument("--data-root", required=True, help="local M-BEIR root")
+    _corpus_flags(sc)
+    sc.add_argument("--rows", help="comma-separated test rows to check (default: all 16; a missing one is an error)")
+    sc.add_argument("--no-image-decode", action="store_true", help="check that images exist, without decoding them")
+    sc.set_defaults(func=cmd_check_data)
+
+    se = sub.add_parser("evaluate", help="evaluate a checkpoint as it is (trains nothing)")
+    se.add_argument("--checkpoint", required=True, help="local checkpoint dir (released U-MARVEL or trained here)")
+    se.add_argument("--data-root", help="local M-BEIR root (default: the synthetic mini-M-BEIR of the preset)")
+    se.add_argument("--results", help="output dir (default results/<preset>/checkpoints/<checkpoint name>)")
+    se.add_argument("--preset", default="paper", help="evaluation batch size and embedder defaults (default paper)")
+    se.add_argument("--rows", help="comma-separated test rows (default: all 16)")
+    se.add_argument("--pools", default="local,global")
+    se.set_defaults(func=cmd_evaluate)
+
     sp2 = sub.add_parser("report", help="(re)write results/<preset>/REPORT.md from the run directories")
-    sp2.add_argument("--preset", default="cpu")
+    sp2.add_argument("--preset", default="cpu", choices=_presets())
     sp2.add_argument("--results")
     sp2.set_defaults(func=cmd_report)
     return p
+
+
+def _corpus_flags(p) -> None:
+    p.add_argument("--nli-path", help="SimCSE nli_for_simcse.csv (default: <data root>/nli/nli_for_simcse.csv)")
+    p.add_argument("--cc3m-root", help="folder with LLaVA CC3M-595K chat.json and its images (default: <data root>/cc3m)")
 
 
 def main(argv=None) -> int:

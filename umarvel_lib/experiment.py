@@ -7,7 +7,8 @@ Every result lives in a run directory ``<results>/runs/table<N>/<row>/seed<k>/``
                         (path + sha256) to the qrels.txt/queries.jsonl shared by every run on the
                         data build, under <results>/eval_inputs/   (eval.evaluate, eval.runs)
     eval/global/        the same for the global pool
-    curves.jsonl        learning curve: training loss per step and periodic evaluations, per stage
+    dev_curve.csv       the dev curve of every stage: step, examples seen, dev-split local Avg and its CI
+                        (row.json also holds ``curves``, the training loss per step, and ``stage_plan``)
 
 A row whose ``row.json`` exists with the same config hash is skipped (rerunning a notebook is
 cheap); stages shared by rows are trained once (checkpoints under ``<cache>/stages``).
@@ -15,17 +16,25 @@ cheap); stages shared by rows are trained once (checkpoints under ``<cache>/stag
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
 from .config import Ablation, AblationRow, RunConfig
+from .data.check import validate_run
 from .data.mbeir import MBEIR
-from .data.synthetic import build_digest
-from .io import atomic_write_json, checkpoint_digest
-from .provenance import provenance
+from .io import (
+    DamagedFileError,
+    DigestCache,
+    atomic_write_json,
+    atomic_write_text,
+    checkpoint_digest,
+    file_lock,
+    read_json,
+    read_jsonl,
+)
+from .provenance import git_commit, provenance, versions
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,39 @@ def ensure_data(cfg: RunConfig) -> Path:
     elif not root.is_dir():
         raise FileNotFoundError(f"data root {root} does not exist (pass the path of a local M-BEIR copy)")
     return root
+
+
+# the parts of a data root that the NLI and CC3M stages read; everything else is M-BEIR (queries, pools,
+# qrels, instructions, images). Keys of RunConfig.data_digest (see config.data_parts).
+DATA_PARTS = {"nli": "nli", "cc3m": "cc3m"}  # the synthetic build's default places, inside the data root
+
+
+def data_digest(cfg: RunConfig, root: Path) -> dict:
+    """Content digests of the data a run reads: ``{"mbeir", "nli", "cc3m"}``, each over every file's name
+    and bytes (images included), so a file fixed or replaced in place is a different run while a copy
+    of the same bytes elsewhere is the same. NLI and CC3M are read where ``--nli-path`` / ``--cc3m-root``
+    put them (default: ``<root>/nli``, ``<root>/cc3m``). Each file is hashed once and then recognised by
+    its (path, size, mtime) (:class:`~umarvel_lib.io.DigestCache`, ``<cache_dir>/file_digests.sqlite``)."""
+    store = DigestCache(Path(cfg.cache_dir) / "file_digests.sqlite")
+    root = Path(root)
+    out = {"mbeir": store.tree_digest(root, exclude=tuple(DATA_PARTS.values()))}
+    nli = cfg.resolved_nli_path()
+    out["nli"] = store.files_digest([nli], root=nli.parent) if nli.is_file() else None
+    cc3m = cfg.resolved_cc3m_root()
+    out["cc3m"] = store.tree_digest(cc3m) if cc3m.is_dir() else None
+    return out
+
+
+def read_sidecar(path: Path) -> dict | None:
+    """A run's ``row.json``, or None when it is missing or damaged (a damaged one is logged with its path
+    and counts as not finished: the row runs again and rewrites it)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except DamagedFileError as e:
+        log.warning("%s; the run counts as not finished", e)
+        return None
 
 
 def backbone_path(cfg: RunConfig, *, progress: bool = True) -> Path:
@@ -57,18 +99,27 @@ def backbone_path(cfg: RunConfig, *, progress: bool = True) -> Path:
     return shipped_backbone(bcfg) or build_backbone(bcfg, Path(cfg.cache_dir) / "backbones", progress=progress)
 
 
-def curve_eval(cfg: RunConfig, data: MBEIR):
-    """Trainer eval callback: the local-pool Avg on ``cfg.eval.curve_rows`` (learning curves)."""
+def curve_eval(cfg: RunConfig, root: Path):
+    """Trainer eval callback, the dev curve: the local-pool Avg of the dev split (M-BEIR's ``val``; the
+    first ``eval.dev_queries`` queries of each row, ``eval.curve_rows`` rows), with its 95% CI over the
+    dev queries' hits. Never the test split, so the curve (and a plateau budget) can stop training
+    without looking at the test queries."""
     import tempfile
 
     from .eval.evaluate import evaluate
 
-    curve_cfg = dataclasses.replace(cfg.eval, pools=("local",), rows=cfg.eval.curve_rows, n_boot=200)
+    dev = MBEIR(root, check_images=False, split="val", max_queries=cfg.eval.dev_queries)
+    if not dev.rows():
+        raise FileNotFoundError(f"{root}: no dev split (query/val/*.jsonl) for the dev curve; rebuild the synthetic "
+                                f"data with n_dev > 0, or set eval.eval_every to null")
+    dev_cfg = dataclasses.replace(cfg.eval, pools=("local",), rows=cfg.eval.curve_rows, n_boot=1000)
 
     def fn(model, step):
-        with tempfile.TemporaryDirectory(prefix="umarvel-curve-") as tmp:
-            res = evaluate(model, data, tmp, curve_cfg)
-        return {"local_avg": res["local"]["avg"]["headline"]}
+        with tempfile.TemporaryDirectory(prefix="umarvel-dev-") as tmp:
+            res = evaluate(model, dev, tmp, dev_cfg)
+        avg = res["local"]["avg"]
+        return {"dev_avg": avg["headline"], "dev_ci_lo": avg["ci95"][0], "dev_ci_hi": avg["ci95"][1],
+                "dev_queries": res["local"]["n_queries"]}
 
     return fn
 
@@ -82,9 +133,42 @@ def run_dir_for(results: Path, table: int, row_id, seed: int) -> Path:
     return Path(results) / "runs" / f"table{table}" / str(row_id) / f"seed{seed}"
 
 
+FAILED_FILE = "FAILED.json"
+
+
 def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: int, results: str | Path,
-            backbone: str | None = None, data_root: str | None = None, progress: bool = True) -> dict:
-    """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config."""
+            backbone: str | None = None, data_root: str | None = None, progress: bool = True,
+            nli_path: str | None = None, cc3m_root: str | None = None) -> dict:
+    """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config.
+
+    Before anything trains, every file the run reads is validated (:func:`~umarvel_lib.data.check.validate_run`).
+
+    A failure is recorded in the run directory's ``FAILED.json`` (the whole error and its traceback; the
+    report lists it first) and raised again; a finished ``row.json`` of an earlier run is left as it
+    was. The next success removes ``FAILED.json``."""
+    import traceback
+
+    row = ablation.row(row) if isinstance(row, str) else row
+    rdir = run_dir_for(results, ablation.table, row.id, seed)
+    fail = rdir / FAILED_FILE
+    try:
+        # one process per (row, seed) at a time (two notebooks, `reproduce --jobs` beside a notebook): the
+        # second waits, then finds the run finished and skips it
+        with file_lock(rdir.parent / f".{rdir.name}.lock"):
+            side = _run_row(ablation, row, preset=preset, seed=seed, results=results, backbone=backbone,
+                            data_root=data_root, progress=progress, nli_path=nli_path, cc3m_root=cc3m_root)
+    except Exception as e:
+        atomic_write_json(fail, {"table": ablation.table, "row": row.id, "seed": seed, "preset": preset,
+                                 "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                                 "failed_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        raise
+    fail.unlink(missing_ok=True)
+    return side
+
+
+def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, results: str | Path,
+             backbone: str | None, data_root: str | None, progress: bool, nli_path: str | None,
+             cc3m_root: str | None) -> dict:
     import torch
 
     from .eval.evaluate import evaluate
@@ -92,20 +176,21 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     from .train.engine import NonFiniteLossError
     from .train.stages import run_stages
 
-    row = ablation.row(row) if isinstance(row, str) else row
-    cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root)
+    cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root, nli_path=nli_path,
+                              cc3m_root=cc3m_root)
     base = backbone_path(cfg, progress=progress)
     cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
     root = ensure_data(cfg)
-    cfg.data_digest = build_digest(root)  # so is a different build of the synthetic data
-    h = cfg.hash()
+    cfg.data_digest = data_digest(cfg, root)  # so are other data bytes (a fixed qrels file, a replaced image)
+    h = cfg.hash(reranker=row.reranker)
     rdir = run_dir_for(results, ablation.table, row.id, seed)
     side = rdir / "row.json"
-    if side.is_file():
-        old = json.loads(side.read_text())
-        if old.get("hash") == h and old.get("status") in ("ok", "diverged"):
+    old = read_sidecar(side)
+    if old is not None:
+        if old.get("hash") == h and old.get("status") in ("ok", "diverged") and _metrics_readable(rdir, old):
             log.info("table %s row %s seed %s: done (hash %s), skipped", ablation.table, row.id, seed, h)
             return old
+    validate_run(cfg)  # a data error now, not after hours of training
     threads = int(os.environ.get("UMARVEL_THREADS", cfg.threads or 0))  # env wins: shared machines
     if threads:
         torch.set_num_threads(threads)
@@ -117,7 +202,7 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     stage_root = Path(cfg.cache_dir) / "stages"
     try:
         ckpt = run_stages(cfg, base, stage_root, progress=progress,
-                          eval_fn=curve_eval(cfg, data) if cfg.eval.eval_every else None)
+                          eval_fn=curve_eval(cfg, root) if cfg.eval.eval_every else None)
     except NonFiniteLossError as e:
         sidecar.update(status="diverged", error=str(e), wall_s=round(time.time() - t0, 1))
         atomic_write_json(side, sidecar)
@@ -132,10 +217,96 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
     evaluate(emb, data, rdir / "eval", cfg.eval, cache_dir=Path(cfg.cache_dir) / "embeddings",
              shared_dir=Path(results) / EVAL_INPUTS_DIR, reranker=rr_dir,
              fusion_weights=distill.teacher_weight_overrides, fusion_default=distill.teacher_weight, progress=progress)
+    from .eval.plateau import DEV_CURVE_COLUMNS, DEV_CURVE_FILE
+
+    plan, dev = stage_records(cfg, stage_root)
+    if dev:
+        atomic_write_text(rdir / DEV_CURVE_FILE, _csv(dev, DEV_CURVE_COLUMNS))
     sidecar.update(status="ok", checkpoint=str(ckpt), tau=emb.temperature.value, wall_s=round(time.time() - t0, 1),
-                   curves=collect_curves(cfg, stage_root))
+                   image_pixels=_pixels(emb), curves=collect_curves(cfg, stage_root), stage_plan=plan)
     atomic_write_json(side, sidecar)
     return sidecar
+
+
+def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, preset: str = "smoke",
+                        data_root: str | None = None, rows: list[str] | None = None,
+                        pools: tuple[str, ...] = ("local", "global"), embedder_overrides: dict | None = None,
+                        shared_dir: str | Path | None = None) -> dict:
+    """Evaluate a local checkpoint as it is (a released U-MARVEL model, or one this kit trained): no
+    stage runs, nothing is trained. The data is validated first (no training stages: only the test
+    rows, pools, qrels and instructions). A checkpoint saved by this kit keeps its own embedder
+    settings; any other uses the preset's (``embedder_overrides`` on top). Returns :func:`evaluate`'s
+    metrics; writes ``<out_dir>/{local,global}/`` and ``<out_dir>/checkpoint.json``. ``shared_dir``: where the
+    qrels/queries shared by the runs of a results tree go (``inputs.ref.json``); None: in the run directories."""
+    from .config import apply_overrides, make_run_config
+    from .eval.evaluate import evaluate
+    from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig, resolve_local_checkpoint
+
+    ckpt = resolve_local_checkpoint(checkpoint)
+    cfg = make_run_config(preset, {"data_root": data_root, "stages": [], "eval.pools": list(pools),
+                                   "eval.rows": tuple(rows) if rows else None})
+    if (ckpt / EMBEDDER_JSON).is_file():
+        cfg.embedder = EmbedderConfig.from_dict(read_json(ckpt / EMBEDDER_JSON)["config"])
+    apply_overrides(cfg.embedder, embedder_overrides)
+    root = ensure_data(cfg)
+    validate_run(cfg)
+    emb = Embedder.from_pretrained(ckpt, cfg.embedder)
+    out_dir = Path(out_dir)
+    # cfg.eval: the preset's evaluation settings (dedup_global, ks, ...) with these pools and rows; the
+    # instructions are the embedder's own (cfg.eval.instructions None)
+    res = evaluate(emb, MBEIR(root, check_images=False), out_dir, cfg.eval, cache_dir=Path(cfg.cache_dir) / "embeddings",
+                   shared_dir=shared_dir)
+    atomic_write_json(out_dir / "checkpoint.json", {"checkpoint": str(ckpt), "preset": preset, "data_root": str(root),
+                                                   "embedder": dataclasses.asdict(cfg.embedder),
+                                                   "image_pixels": _pixels(emb), "git": git_commit(),
+                                                   "versions": versions()})
+    return res
+
+
+def _pixels(emb) -> dict | None:
+    """The image budget the embedder used (the config's None resolved to the paper's value for its kind)."""
+    return dict(zip(("min_pixels", "max_pixels"), emb.pixel_limits)) if emb.pixel_limits else None
+
+
+def _metrics_readable(rdir: Path, side: dict) -> bool:
+    """A finished run's ``metrics.json`` files parse (a damaged one: the run counts as not finished)."""
+    if side.get("status") != "ok":
+        return True
+    for f in sorted((rdir / "eval").glob("*/metrics.json")):
+        try:
+            read_json(f)
+        except DamagedFileError as e:
+            log.warning("%s; the run counts as not finished", e)
+            return False
+    return True
+
+
+def stage_records(cfg: RunConfig, stage_root: Path) -> tuple[list[dict], list[dict]]:
+    """The stage plan (one record per stage: steps, batch, LR, tau, examples seen, ...) and the dev
+    curve of every stage of this run, from the stages' records (``stage.json``); a stage trained
+    before plans were recorded has none (left out)."""
+    from .train.stages import dev_curve
+
+    plan, dev = [], []
+    for name in cfg.stages:
+        sdir = stage_root / f"{name}-{cfg.hash(upto_stage=name)}"
+        f = sdir / "stage.json"
+        rec = read_json(f) if f.is_file() else {}
+        if "plan" in rec:
+            plan.append(rec["plan"])
+            batch = rec["plan"]["batch"]
+            dev += [{"stage": name, "examples_seen": c["step"] * batch, **c} for c in dev_curve(sdir)]
+    return plan, dev
+
+
+def _csv(records: list[dict], columns) -> str:
+    import io
+
+    import pandas as pd
+
+    buf = io.StringIO()
+    pd.DataFrame.from_records(records, columns=list(columns)).to_csv(buf, index=False)
+    return buf.getvalue()
 
 
 def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
@@ -146,10 +317,8 @@ def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
         for fname, kind in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
             f = sdir / fname
             if f.is_file():
-                for line in f.read_text().splitlines():
-                    if line.strip():
-                        rec = json.loads(line)
-                        out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
+                for rec in read_jsonl(f):
+                    out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
                                                                      if isinstance(v, (int, float, str))}})
     return out
 
@@ -170,10 +339,11 @@ def estimate_cost(cfg: RunConfig, *, n_params: float | None = None, sample: int 
     from .train.stages import cc3m_pairs, mbeir_pairs, nli_pairs
 
     root = ensure_data(cfg)
+    validate_run(cfg, open_images=False)  # records, ids and corpora; images are opened by the run itself
     data = MBEIR(root, check_images=False)
     emb = Embedder.from_pretrained(backbone_path(cfg), cfg.embedder)
     n_params = n_params or sum(p.numel() for p in emb.model.parameters())
-    loaders = {"nli": lambda: nli_pairs(root), "cc3m": lambda: cc3m_pairs(root),
+    loaders = {"nli": lambda: nli_pairs(cfg.corpus_paths()["nli"]), "cc3m": lambda: cc3m_pairs(cfg.corpus_paths()["cc3m"]),
                "mbeir": lambda: mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=0)}
     recs = []
     for name in cfg.stages:

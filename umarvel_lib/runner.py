@@ -13,15 +13,15 @@ compare and plot.
 from __future__ import annotations
 
 import functools
-import json
 import os
+import re
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from .io import atomic_write_json
+from .io import DamagedFileError, atomic_write_json, read_json, remove_stale_tmp, tmp_prefix
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 # (notebook, paper table it reproduces or None)
@@ -88,7 +88,8 @@ def _finding_rows(table: int) -> frozenset[str]:
 
 def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs: int,
              backbone: str | None = None, data_root: str | None = None,
-             rows: dict[int, list[str]] | None = None) -> list[dict]:
+             rows: dict[int, list[str]] | None = None, nli_path: str | None = None,
+             cc3m_root: str | None = None) -> list[dict]:
     """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes
     (``rows``: per table, the row ids to run; a table not in it, or with ``[]``, runs every row).
 
@@ -117,10 +118,12 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
                "--seed", str(s), "--preset", preset, "--results", str(results)]
         cmd += ["--backbone", backbone] if backbone else []
         cmd += ["--data-root", data_root] if data_root else []
+        cmd += ["--nli-path", nli_path] if nli_path else []
+        cmd += ["--cc3m-root", cc3m_root] if cc3m_root else []
         t0, log_file = time.time(), logs / f"table{t}-{rid}-seed{s}.log"
         side = run_dir_for(results, t, rid, s) / "row.json"
         before = side.stat().st_mtime_ns if side.is_file() else None
-        tmp_log = log_file.with_name(f".{log_file.name}.running")
+        tmp_log = log_file.with_name(tmp_prefix(log_file.name) + "running")  # this process's
         with open(tmp_log, "w") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
         skipped = rc == 0 and before is not None and side.is_file() and side.stat().st_mtime_ns == before
@@ -151,17 +154,42 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
 def _record_batch(results: Path, rec: dict) -> None:
     """Append one training batch to ``<results>/run_batches.json`` (the report's wall-clock record)."""
     f = Path(results) / "run_batches.json"
-    hist = json.loads(f.read_text()) if f.is_file() else []
+    try:
+        hist = read_json(f) if f.is_file() else []
+    except DamagedFileError as e:
+        print(f"{e}; starting a new one")
+        hist = []
     atomic_write_json(f, hist + [rec])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def notebook_error(e: BaseException) -> dict:
+    """The whole error of a failed notebook: for a cell that raised (papermill's PapermillExecutionError),
+    the cell's exception name, value and traceback (without terminal colours); else the exception."""
+    ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
+    if ename:
+        tb = getattr(e, "traceback", None) or []
+        return {"error": f"{ename}: {evalue}", "ename": ename, "evalue": evalue,
+                "cell": getattr(e, "exec_count", None), "traceback": _ANSI.sub("", "\n".join(tb))}
+    import traceback
+
+    return {"error": f"{type(e).__name__}: {e}", "ename": type(e).__name__, "evalue": str(e),
+            "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))}
 
 
 def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
               backbone: str | None = None, data_root: str | None = None, timeout: int | None = None,
-              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True, all_rows: bool = False) -> dict:
+              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True, all_rows: bool = False,
+              notebook_params: dict[str, dict] | None = None, nli_path: str | None = None,
+              cc3m_root: str | None = None) -> dict:
     """Every notebook of ``tables`` through papermill (``jobs`` > 1: the runs trained by workers first).
 
     Without ``seeds`` and ``all_rows`` a quick preset (:data:`QUICK_PRESETS`, smoke) runs its own seed
-    and :func:`default_rows`; otherwise every row with ``seeds`` (default: the notebooks' 0,1,2)."""
+    and :func:`default_rows`; otherwise every row with ``seeds`` (default: the notebooks' 0,1,2).
+    ``notebook_params`` adds parameters to single notebooks, e.g.
+    ``{"04_batch_lr_temperature": {"extra_rows": "..."}}``."""
     import papermill as pm
     from tqdm.auto import tqdm
 
@@ -173,7 +201,8 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
     if jobs > 1 and train:
         t0 = time.time()
         recs = run_jobs([t for _, t in select(tables)], preset=preset, seeds=seeds or DEFAULT_SEEDS, results=res,
-                        jobs=jobs, backbone=backbone, data_root=data_root, rows=rows)
+                        jobs=jobs, backbone=backbone, data_root=data_root, rows=rows, nli_path=nli_path,
+                        cc3m_root=cc3m_root)
         failed = [r for r in recs if r["rc"] != 0]
         skipped = sum(r["skipped"] for r in recs)
         print(f"{len(recs) - len(failed)}/{len(recs)} runs ok ({len(recs) - len(failed) - skipped} trained, {skipped} "
@@ -181,8 +210,13 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
               + (f"; {len(failed)} failed (the notebooks retry and record them)" if failed else ""))
     out_dir = res / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)  # executed copies of a killed batch
     status_file = res / "batch.json"
-    status = json.loads(status_file.read_text()) if status_file.is_file() else {}
+    try:
+        status = read_json(status_file) if status_file.is_file() else {}
+    except DamagedFileError as e:  # a record of earlier batches only: start it again
+        print(f"{e}; starting a new one")
+        status = {}
     params = {"preset": preset, "results_dir": str(res)}
     if not train:
         params["train"] = False
@@ -192,6 +226,10 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         params["backbone"] = backbone
     if data_root:
         params["data_root"] = data_root
+    if nli_path:
+        params["nli_path"] = nli_path
+    if cc3m_root:
+        params["cc3m_root"] = cc3m_root
     chosen = select(tables)
     kname = kernel_name()
     bar = tqdm(chosen, desc=f"reproduce ({preset})", unit="notebook")
@@ -199,10 +237,11 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         bar.set_postfix_str(name)
         src = notebook_dir / f"{name}.ipynb"
         dst = out_dir / f"{name}.ipynb"
-        tmp = out_dir / f".{name}.running.ipynb"
+        tmp = out_dir / (tmp_prefix(name) + "running.ipynb")  # this process's (two batches may share results)
         t0 = time.time()
         try:
             nb_params = {**params, "rows": ",".join(rows[table])} if rows.get(table) else params
+            nb_params = {**nb_params, **(notebook_params or {}).get(name, {})}
             pm.execute_notebook(str(src), str(tmp), parameters=nb_params, kernel_name=kname, progress_bar=False,
                                 execution_timeout=timeout, cwd=str(Path.cwd()))
             tmp.replace(dst)
@@ -210,9 +249,9 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         except Exception as e:  # noqa: BLE001  (one failed notebook does not sink the batch)
             if tmp.is_file():
                 tmp.replace(out_dir / f"{name}.FAILED.ipynb")
-            status[name] = {"status": "failed", "wall_s": round(time.time() - t0, 1),
-                            "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]}
-            print(f"notebook {name} FAILED ({status[name]['error']}); continuing")
+            status[name] = {"status": "failed", "wall_s": round(time.time() - t0, 1), **notebook_error(e),
+                            "notebook": str(out_dir / f"{name}.FAILED.ipynb")}
+            print(f"notebook {name} FAILED: {status[name]['error']}; continuing")
         status[name]["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(status_file, status)
     if status.get("08_report", {}).get("status") == "ok" and any(n == "08_report" for n, _ in chosen):

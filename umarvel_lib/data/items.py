@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .mbeir import MBEIR, TASKS, Candidate, Query
+from .mbeir import MBEIR, TASKS, Candidate, Query, load_rgb
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,7 @@ class Item:
             return self.image.convert("RGB")
         if self.image_path is None:
             return None
-        with Image.open(self.image_path) as im:
-            return im.convert("RGB")
+        return load_rgb(self.image_path)
 
 
 def candidate_item(c: Candidate, data: MBEIR) -> Item:

@@ -110,20 +110,31 @@ QUERY_FIELDS = ("qid", "query_txt", "query_img_path", "query_modality", "query_s
 CAND_FIELDS = ("did", "txt", "img_path", "modality", "src_content")
 
 
-def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+def text_lines(path: Path) -> Iterable[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file; bytes that are not UTF-8 are a
+    :class:`MBEIRFormatError` naming the file and line (not a bare ``UnicodeDecodeError``)."""
     if not path.is_file():
         raise MBEIRFormatError(path, None, "file not found")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MBEIRFormatError(path, n, f"malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise MBEIRFormatError(path, n, f"expected a JSON object, got {type(rec).__name__}")
-            yield n, rec
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MBEIRFormatError(path, n, f"not UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
+                                                f"{e.start + 1})") from None
+
+
+def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MBEIRFormatError(path, n, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise MBEIRFormatError(path, n, f"expected a JSON object, got {type(rec).__name__}")
+        yield n, rec
 
 
 def _check_fields(path, n, rec, fields):
@@ -159,17 +170,29 @@ def _check_content(path, n, root, modality, txt, img, check_images, kind):
             raise MBEIRFormatError(path, n, str(e).split(": ", 1)[1]) from None
 
 
-def read_queries(path, root, *, check_images: bool = True) -> list[Query]:
-    """Read a query JSONL file; validates every record."""
+def read_queries(path, root, *, check_images: bool = True, allow_repeats: bool = False,
+                 dataset: str | None = None, task_id: int | None = None) -> list[Query]:
+    """Read a query JSONL file; validates every record.
+
+    ``allow_repeats``: UniIR's up-sampled training file (``mbeir_union_up_train.jsonl``) copies whole
+    records, so a repeated qid there is the data (every copy is kept; :func:`count_repeats` counts
+    them); in any other file it is an error. ``dataset``/``task_id``: what the file name says the
+    records are (a per-row file); a qid of another dataset or another task id is an error saying so.
+    """
     path, out, seen = Path(path), [], {}
     for n, r in _iter_jsonl(path):
         _check_fields(path, n, r, QUERY_FIELDS)
         _check_id(path, n, r["qid"], "qid")
-        if r["qid"] in seen:
+        if r["qid"] in seen and not allow_repeats:
             raise MBEIRFormatError(path, n, f"duplicate qid {r['qid']!r} (first at line {seen[r['qid']]})")
-        seen[r["qid"]] = n
-        if not isinstance(r["task_id"], int) or r["task_id"] not in TASKS:
+        seen.setdefault(r["qid"], n)
+        if not isinstance(r["task_id"], int) or isinstance(r["task_id"], bool) or r["task_id"] not in TASKS:
             raise MBEIRFormatError(path, n, f"unknown task_id {r['task_id']!r} (expected 0..8)")
+        if task_id is not None and r["task_id"] != task_id:
+            raise MBEIRFormatError(path, n, f"task_id {r['task_id']} in a task{task_id} file (qid {r['qid']})")
+        if dataset is not None and int(r["qid"].split(":")[0]) != DATASET_IDS[dataset]:
+            raise MBEIRFormatError(path, n, f"qid {r['qid']!r} has dataset id {r['qid'].split(':')[0]}, but the "
+                                            f"file is {dataset} (dataset id {DATASET_IDS[dataset]})")
         for key in ("pos_cand_list", "neg_cand_list"):
             lst = r[key]
             if not isinstance(lst, list) or not all(isinstance(d, str) for d in lst):
@@ -178,6 +201,11 @@ def read_queries(path, root, *, check_images: bool = True) -> list[Query]:
         out.append(Query(r["qid"], r["query_txt"], r["query_img_path"], r["query_modality"], r["task_id"],
                          tuple(r["pos_cand_list"]), tuple(r["neg_cand_list"]), r["query_src_content"]))
     return out
+
+
+def count_repeats(queries: list[Query]) -> int:
+    """Records that repeat an earlier qid (UniIR's up-sampling copies)."""
+    return len(queries) - len({q.qid for q in queries})
 
 
 def read_pool(path, root, *, check_images: bool = True, allow_empty: bool = False) -> list[Candidate]:
@@ -202,27 +230,24 @@ def read_qrels(path, *, known_qids=None, known_dids=None) -> dict[str, set[str]]
     With ``known_qids``/``known_dids`` given, a line naming an unknown id is an error.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MBEIRFormatError(path, None, "file not found")
     qrels: dict[str, set[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) not in (4, 5):
-                raise MBEIRFormatError(path, n, f"expected 'qid 0 did rel [task_id]', got {line.strip()!r}")
-            qid, _, did, rel = parts[:4]
-            try:
-                rel_v = int(rel)
-            except ValueError:
-                raise MBEIRFormatError(path, n, f"relevance {rel!r} is not an integer") from None
-            if known_qids is not None and qid not in known_qids:
-                raise MBEIRFormatError(path, n, f"qrels names unknown query {qid!r}")
-            if known_dids is not None and did not in known_dids:
-                raise MBEIRFormatError(path, n, f"qrels names candidate {did!r}, which is not in the pool")
-            if rel_v > 0:
-                qrels.setdefault(qid, set()).add(did)
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) not in (4, 5):
+            raise MBEIRFormatError(path, n, f"expected 'qid 0 did rel [task_id]', got {line.strip()!r}")
+        qid, _, did, rel = parts[:4]
+        try:
+            rel_v = int(rel)
+        except ValueError:
+            raise MBEIRFormatError(path, n, f"relevance {rel!r} is not an integer") from None
+        if known_qids is not None and qid not in known_qids:
+            raise MBEIRFormatError(path, n, f"qrels names unknown query {qid!r}")
+        if known_dids is not None and did not in known_dids:
+            raise MBEIRFormatError(path, n, f"qrels names candidate {did!r}, which is not in the pool")
+        if rel_v > 0:
+            qrels.setdefault(qid, set()).add(did)
     return qrels
 
 
@@ -232,13 +257,10 @@ def read_instructions(path) -> dict[tuple[int, str, str], list[str]]:
     Columns: query_modality, cand_modality, dataset_name, dataset_id, prompt_1..prompt_4; a header line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise MBEIRFormatError(path, None, "file not found")
     out: dict[tuple[int, str, str], list[str]] = {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    for n, line in enumerate(lines[1:], 2):
-        if not line.strip():
+    for n, line in text_lines(path):
+        line = line.rstrip("\r\n")
+        if n == 1 or not line.strip():
             continue
         parts = line.split("\t")
         if len(parts) < 5:
@@ -285,11 +307,14 @@ class Row:
 
 @dataclass
 class MBEIR:
-    """A data root in M-BEIR layout. ``check_images`` verifies every image file exists."""
+    """A data root in M-BEIR layout. ``check_images`` verifies every image file exists.
+    ``max_queries``: only the first N queries of each row (in file order: a fixed subset, e.g. the
+    dev curve's); their qrels are kept, the rest are dropped after validation."""
 
     root: Path
     check_images: bool = True
     split: str = "test"
+    max_queries: int | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -331,6 +356,11 @@ class MBEIR:
             raise FileNotFoundError(f"rows {sorted(missing)} not found under {self.root / 'query' / self.split}")
         return out
 
+    def missing_rows(self) -> list[Row]:
+        """Evaluation rows whose query file is absent (a complete copy has none)."""
+        return [Row(d, t, self.query_file(d, t), self.pool_file(d, t), self.qrels_file(d, t))
+                for d, t in EVAL_ROWS if not self.query_file(d, t).is_file()]
+
     # ---- readers (cached) --------------------------------------------------------------------
     def _cached(self, key, fn):
         if key not in self._cache:
@@ -338,19 +368,35 @@ class MBEIR:
         return self._cache[key]
 
     def queries(self, row: Row) -> list[Query]:
-        return self._cached(("q", row.query_file), lambda: read_queries(row.query_file, self.root,
-                                                                          check_images=self.check_images))
+        qs = self._all_queries(row)
+        return qs[: self.max_queries] if self.max_queries is not None else qs
+
+    def _all_queries(self, row: Row) -> list[Query]:
+        return self._cached(("q", row.query_file), lambda: read_queries(
+            row.query_file, self.root, check_images=self.check_images, dataset=row.dataset, task_id=row.task_id))
 
     def local_pool(self, row: Row) -> list[Candidate]:
         return self._cached(("p", row.pool_file), lambda: read_pool(row.pool_file, self.root,
                                                                       check_images=self.check_images))
 
     def qrels(self, row: Row) -> dict[str, set[str]]:
-        """Qrels of a row, checked against its queries and its local pool."""
+        """Qrels of a row, checked against its queries.
+
+        A positive need not be in the row's local pool: OVEN and INFOSEEK positives may belong to
+        the other dataset (UniIR). Recall counts a hit when any qrels positive is retrieved, so an
+        absent one simply cannot be hit; :meth:`positives_outside_pool` counts them.
+        """
         def load():
-            return read_qrels(row.qrels_file, known_qids={q.qid for q in self.queries(row)},
-                              known_dids={c.did for c in self.local_pool(row)})
+            qrels = read_qrels(row.qrels_file, known_qids={q.qid for q in self._all_queries(row)})
+            keep = {q.qid for q in self.queries(row)}
+            return {q: d for q, d in qrels.items() if q in keep}
         return self._cached(("r", row.qrels_file), load)
+
+    def positives_outside_pool(self, row: Row, dids: set[str] | None = None) -> int:
+        """(query, positive) pairs of a row's qrels whose candidate is not in ``dids`` (default: the
+        row's local pool)."""
+        dids = {c.did for c in self.local_pool(row)} if dids is None else dids
+        return sum(len(pos - dids) for pos in self.qrels(row).values())
 
     def global_pool_file(self, split: str | None = None) -> Path:
         return self.root / "cand_pool" / "global" / f"mbeir_union_{split or self.split}_cand_pool.jsonl"
@@ -376,7 +422,8 @@ class MBEIR:
 
     def union_train(self) -> list[Query]:
         f = self.root / "query" / "union_train" / "mbeir_union_up_train.jsonl"
-        return self._cached(("ut",), lambda: read_queries(f, self.root, check_images=self.check_images))
+        return self._cached(("ut",), lambda: read_queries(f, self.root, check_images=self.check_images,
+                                                           allow_repeats=True))
 
     def train_pool(self) -> list[Candidate]:
         f = self.global_pool_file("train")
@@ -401,7 +448,17 @@ class MBEIR:
         return {c.did: c for c in pool}
 
     def image(self, rel: str):
-        from PIL import Image
+        return load_rgb(safe_join(self.root, rel, where=str(self.root)))
 
-        with Image.open(safe_join(self.root, rel, where=str(self.root))) as im:
-            return im.convert("RGB")
+
+def load_rgb(path, *, where: str = ""):
+    """An image file as RGB (grayscale, palette, RGBA and CMYK converted); a missing, truncated or
+    unreadable file is an :class:`MBEIRFormatError` naming it (and ``where`` it was referenced)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() decodes every pixel: a truncated file fails here
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, truncated data
+        ref = f" (referenced at {where})" if where else ""
+        raise MBEIRFormatError(path, None, f"cannot read image{ref}: {e}") from None

@@ -26,7 +26,24 @@ with jitter, or a paraphrase of the positive text). They are listed in
 ``synthetic_meta/planted_false_negatives.jsonl``. This is the failure mode of M-BEIR that the
 paper's similarity-threshold filter targets.
 
-Also written: the two earlier-stage corpora in the formats the paper used, ``nli/nli_for_simcse.csv``
+**One item set per dataset, several task rows (M-BEIR's construction).** M-BEIR builds the task rows
+of one dataset from the same source items: MSCOCO's task-0 pool holds the test images whose captions
+are the task-3 pool, a task-0 query is one of those captions and a task-3 query is one of those images;
+VisualNews 0/3 and Fashion200K 0/3 are built alike from one set of (image, caption) pairs each, and
+OVEN 6/8 and INFOSEEK 6/8 from one set of (query image, asked entity) items each, the entity's text
+in the task-6 pool and its image + text in the task-8 pool. So M-BEIR's global pool (the union of the
+local pools) holds the same item in several modalities, and a query without an instruction can match
+its twin in the wrong modality, up to the query itself (a task-3 query image is a task-0 candidate):
+the confusion that instructions fix (UniIR's motivation; the paper's T2a: without instructions the
+global Avg falls far more than the local one). The generator does the same (:data:`TWINS`): the
+items of a twin group are drawn once per split, with their near misses and distractors, and every
+row of the group views them in its own modalities; test, dev (``val``) and train items are disjoint
+(no scene of a test or dev item appears in training). The other rows (WebQA 1 and 2, EDIS, NIGHTS,
+FashionIQ, CIRR) are drawn row by row.
+
+Also written: a **dev split** (``query/val``, ``qrels/val``, ``cand_pool/local/mbeir_<row>_val_cand_pool.jsonl``,
+``n_dev`` queries per row, disjoint from test and train and never trained on), for the learning
+curves and the plateau rule; and the two earlier-stage corpora in the formats the paper used, ``nli/nli_for_simcse.csv``
 (``sent0,sent1,hard_neg``) and ``cc3m/chat.json`` (LLaVA CC3M-595K style conversations + images).
 
 Deterministic: same config and seed give the same bytes (no set/dict-of-set iteration, PNGs from
@@ -42,7 +59,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io import atomic_dir, config_hash
+from ..io import atomic_dir, config_hash, file_lock
 from .mbeir import DATASET_IDS, EVAL_ROWS, TASKS, row_name
 from .scenes import (
     COLORS,
@@ -64,6 +81,7 @@ class SyntheticConfig:
 
     n_test: int = 300            # test queries per row
     n_train: int = 1200          # train queries per row (union_train = 16 x n_train)
+    n_dev: int = 0               # dev (val split) queries per row, for learning curves (0: no dev split)
     near_misses: int = 3         # near-miss candidates per query (one attribute off)
     distractors: int = 100       # random extra candidates per row pool
     false_negative_rate: float = 0.1  # fraction of queries with a planted unlabelled duplicate of the positive
@@ -74,14 +92,15 @@ class SyntheticConfig:
 
 
 SYNTHETIC_PRESETS = {
-    "smoke": dict(n_test=16, n_train=24, near_misses=2, distractors=6, n_nli=64, n_cc3m=64, image_size=56),
+    "smoke": dict(n_test=16, n_train=24, n_dev=4, near_misses=2, distractors=6, n_nli=64, n_cc3m=64, image_size=56),
     # cpu: sized for every table x 3 seeds in about 2 hours on 2 cores: 50 test queries per row (800 in
     # all, 3,300 candidates in the global test pool; evaluation is about half of a row's time) and 60
     # train queries per row (960; the cpu preset trains on half of them, and mining encodes the train
     # pool). Earlier builds (README, "cpu preset"): 100 test / 300 train queries per row took 3-4 min per
     # (row, seed) with the mining at 4 min per seed; the dataclass defaults took 11-13 min per (row, seed).
-    "cpu": dict(n_test=50, n_train=60, distractors=30, n_nli=800, n_cc3m=800),
-    "gpu": dict(n_test=1000, n_train=5000, near_misses=4, distractors=500, n_nli=20000, n_cc3m=20000),
+    # n_dev: 30 dev queries per row (480) give the dev Avg a 95% CI half-width of about 4-5 points.
+    "cpu": dict(n_test=50, n_train=60, n_dev=30, distractors=30, n_nli=800, n_cc3m=800),
+    "gpu": dict(n_test=1000, n_train=5000, n_dev=200, near_misses=4, distractors=500, n_nli=20000, n_cc3m=20000),
 }
 
 INSTRUCTIONS = {
@@ -184,21 +203,40 @@ def _img(scene, rng):
     return Content(scene=scene, jitter=rng.randrange(1 << 30))
 
 
-def make_t2i(scene_fn, text_fn, near_attrs=None):
-    def make(rng, cfg):
-        s = scene_fn(rng)
-        return Example(Content(txt=text_fn(s, rng)), _img(s, rng), [_img(x, rng) for x in _near(s, rng, cfg.near_misses, near_attrs)],
-                       _img(s, rng))
-    return make
+@dataclass(frozen=True)
+class CaptionedItem:
+    """A photo (scene + jitter) and its caption, with near-miss items one attribute off (photo + caption)."""
+
+    scene: Scene
+    jitter: int
+    text: str
+    near: tuple[CaptionedItem, ...] = ()
 
 
-def make_i2t(scene_fn, text_fn, near_attrs=None):
-    def make(rng, cfg):
+def draw_captioned(scene_fn, text_fn, near_attrs=None):
+    def draw(rng, cfg):
         s = scene_fn(rng)
-        return Example(_img(s, rng), Content(txt=text_fn(s, rng)),
-                       [Content(txt=text_fn(x, rng)) for x in _near(s, rng, cfg.near_misses, near_attrs)],
-                       Content(txt=text_fn(s, rng)))
-    return make
+        near = tuple(CaptionedItem(x, rng.randrange(1 << 30), text_fn(x, rng))
+                     for x in _near(s, rng, cfg.near_misses, near_attrs))
+        return CaptionedItem(s, rng.randrange(1 << 30), text_fn(s, rng), near)
+    return draw
+
+
+def view_t2i(it: CaptionedItem, rng, cfg):
+    """Task 0: the caption -> the photo (the near misses' photos; false negative: another photo of the scene)."""
+    return Example(Content(txt=it.text), _photo(it), [_photo(n) for n in it.near], _img(it.scene, rng))
+
+
+def view_i2t(text_fn):
+    """Task 3: the photo -> the caption (the near misses' captions; false negative: a paraphrase)."""
+    def view(it: CaptionedItem, rng, cfg):
+        return Example(_photo(it), Content(txt=it.text), [Content(txt=n.text) for n in it.near],
+                       Content(txt=text_fn(it.scene, rng)))
+    return view
+
+
+def _photo(it: CaptionedItem) -> Content:
+    return Content(scene=it.scene, jitter=it.jitter)
 
 
 def _webqa_q(s, rng):
@@ -244,31 +282,51 @@ def _entity_text(e: Obj, rng: random.Random | None = None) -> str:
     return f"{d}: a {SHAPE_WORDS[e.shape][0]} entity, coloured {e.color}, with a {e.texture} surface."
 
 
-def make_vqa(ask: str, with_image: bool):
-    """image + question -> entity (text, or image+text). ``ask`` is 'position' (OVEN) or 'color' (InfoSeek)."""
-    def cand(e, rng):
-        return Content(txt=_entity_text(e), scene=Scene((e,), "gray") if with_image else None, jitter=None)
+@dataclass(frozen=True)
+class EntityItem:
+    """An OVEN/INFOSEEK item: a query photo, the asked object and its entity's near misses."""
 
-    def make(rng, cfg):
+    scene: Scene
+    jitter: int
+    index: int                      # the asked object
+    near: tuple[Obj, ...]           # entities one attribute off
+
+    @property
+    def entity(self) -> Obj:
+        return _entity(self.scene.objects[self.index])
+
+
+def draw_entity(ask: str):
+    """An OVEN ('position') or INFOSEEK ('color') item; the colour must identify the asked object."""
+    def draw(rng, cfg):
         s = sample_scene(rng, rng.choice((2, 3)))
-        if ask == "color" and len({o.color for o in s.objects}) < len(s.objects):  # colour must identify the object
+        if ask == "color" and len({o.color for o in s.objects}) < len(s.objects):
             s = Scene(tuple(Obj(o.shape, c, o.size, o.position, o.texture)
                             for o, c in zip(s.objects, rng.sample(COLORS, len(s.objects)))), s.background)
         i = rng.randrange(len(s.objects))
-        o = s.objects[i]
+        e = _entity(s.objects[i])
+        near = tuple(perturb(Scene((e,)), rng, attr=attr)[0].objects[0]
+                     for attr in rng.sample(("shape", "color", "texture"), min(cfg.near_misses, 3)))
+        return EntityItem(s, rng.randrange(1 << 30), i, near)
+    return draw
+
+
+def view_entity(ask: str, with_image: bool):
+    """image + question -> the entity's text (task 6) or its image + text (task 8)."""
+    def cand(e, txt=None):
+        return Content(txt=txt or _entity_text(e), scene=Scene((e,), "gray") if with_image else None)
+
+    def view(it: EntityItem, rng, cfg):
+        o = it.scene.objects[it.index]
         if ask == "position":
             q = rng.choice(("what is the object at the {p}?", "name the thing in the {p}.", "which entity is shown in the {p}?")
                            ).format(p=rng.choice(POS_WORDS[o.position]))
         else:
             q = rng.choice(("the {c} object: what is it?", "what entity is the {c} one?", "identify the {c} thing.")).format(c=o.color)
-        e = _entity(o)
-        near = []
-        for attr in rng.sample(("shape", "color", "texture"), min(cfg.near_misses, 3)):
-            ne, _ = perturb(Scene((e,)), rng, attr=attr)
-            near.append(cand(ne.objects[0], rng))
-        fn = Content(txt=_entity_text(e).replace("entity", "thing", 1), scene=Scene((e,), "gray") if with_image else None)
-        return Example(Content(txt=q, scene=s, jitter=rng.randrange(1 << 30)), cand(e, rng), near, fn)
-    return make
+        e = it.entity
+        return Example(Content(txt=q, scene=it.scene, jitter=it.jitter), cand(e), [cand(n) for n in it.near],
+                       cand(e, _entity_text(e).replace("entity", "thing", 1)))
+    return view
 
 
 _CHANGE = {"color": "change the colour to {v}", "texture": "make it {v}", "size": "make it {v}", "shape": "turn it into a {v}"}
@@ -295,29 +353,46 @@ def _coco_text(s, rng):
     return caption(s, rng, with_background=False)
 
 
-ROW_MAKERS = {
-    ("VisualNews", 0): make_t2i(sample_scene, _news),
-    ("MSCOCO", 0): make_t2i(sample_scene, _coco_text),
-    ("Fashion200K", 0): make_t2i(_fashion_scene, _fashion_text, ("texture", "size", "color")),
+# Twin groups: dataset -> (draw one item, {task: view the item as that row's example}).
+TWINS = {
+    "VisualNews": (draw_captioned(sample_scene, _news), {0: view_t2i, 3: view_i2t(_news)}),
+    "MSCOCO": (draw_captioned(sample_scene, _coco_text), {0: view_t2i, 3: view_i2t(_coco_text)}),
+    "Fashion200K": (draw_captioned(_fashion_scene, _fashion_text, ("texture", "size", "color")),
+                    {0: view_t2i, 3: view_i2t(_fashion_text)}),
+    "OVEN": (draw_entity("position"), {6: view_entity("position", False), 8: view_entity("position", True)}),
+    "INFOSEEK": (draw_entity("color"), {6: view_entity("color", False), 8: view_entity("color", True)}),
+}
+# Rows drawn on their own: (rng, cfg) -> Example.
+SINGLE_ROWS = {
     ("WebQA", 1): make_t2t,
     ("EDIS", 2): make_t2it(_news, _headline),
     ("WebQA", 2): make_t2it(_webqa_q, lambda s, rng: f"photo of a {describe_object(s.objects[0], rng)}"),
-    ("VisualNews", 3): make_i2t(sample_scene, _news),
-    ("MSCOCO", 3): make_i2t(sample_scene, _coco_text),
-    ("Fashion200K", 3): make_i2t(_fashion_scene, _fashion_text, ("texture", "size", "color")),
     ("NIGHTS", 4): make_i2i,
-    ("OVEN", 6): make_vqa("position", False),
-    ("INFOSEEK", 6): make_vqa("color", False),
     ("FashionIQ", 7): make_composed(False),
     ("CIRR", 7): make_composed(True),
-    ("OVEN", 8): make_vqa("position", True),
-    ("INFOSEEK", 8): make_vqa("color", True),
 }
-assert tuple(ROW_MAKERS) == EVAL_ROWS
+
+
+def _groups() -> list[tuple[str, tuple[int, ...], object, dict]]:
+    """(dataset, tasks, draw, {task: view}) in the paper's row order; a single row is a group whose
+    item is its example."""
+    out, seen = [], set()
+    for dataset, task in EVAL_ROWS:
+        if dataset in TWINS:
+            if dataset not in seen:
+                draw, views = TWINS[dataset]
+                out.append((dataset, tuple(views), draw, views))
+                seen.add(dataset)
+        else:
+            out.append((dataset, (task,), SINGLE_ROWS[(dataset, task)], {task: lambda ex, rng, cfg: ex}))
+    return out
+
+
+assert sorted((d, t) for d, ts, _, _ in _groups() for t in ts) == sorted(EVAL_ROWS)
 
 
 # ---- writer --------------------------------------------------------------------------------------
-def _row_seed(seed: int, dataset: str, task: int, split: str) -> int:
+def _row_seed(seed: int, dataset: str, task, split: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{dataset}/{task}/{split}".encode()).digest()[:8], "big")
 
 
@@ -361,13 +436,28 @@ class _Writer:
                 "task_id": task}
 
 
-def _scene_keys(ex: Example) -> list[str]:
-    """What must not leak from test into train: the query's scene (or the positive's, or the query text)."""
-    if ex.query.scene is not None:
-        return [ex.query.scene.key]
-    if ex.positive.scene is not None:
-        return [ex.positive.scene.key]
-    return [ex.query.txt or ""]
+def _item_keys(it) -> list[str]:
+    """What must not leak from test or dev into train: an item's scene (for an example of a single
+    row: the query's scene, or the positive's, or the query text)."""
+    if not isinstance(it, Example):
+        return [it.scene.key]
+    if it.query.scene is not None:
+        return [it.query.scene.key]
+    if it.positive.scene is not None:
+        return [it.positive.scene.key]
+    return [it.query.txt or ""]
+
+
+def _draw_items(draw, rng: random.Random, cfg: SyntheticConfig, n: int, held_out: set[str], what: str) -> list:
+    out, tries = [], 0
+    while len(out) < n:
+        tries += 1
+        if tries > 20 * n + 100:
+            raise RuntimeError(f"{what}: cannot draw {n} items disjoint from the test and dev items")
+        it = draw(rng, cfg)
+        if not any(k in held_out for k in _item_keys(it)):  # no test or dev scene leaks into a later split
+            out.append(it)
+    return out
 
 
 def _jsonl(path: Path, records) -> None:
@@ -423,59 +513,77 @@ def generate(root, cfg: SyntheticConfig | None = None, *, force: bool = False) -
     rebuilt when the recipe differs or its marker is unreadable)."""
     cfg = cfg or SyntheticConfig()
     root = Path(root)
-    recipe = {"generator": "umarvel_lib.data.synthetic", "version": 1, "config": asdict(cfg)}
+    recipe = {"generator": "umarvel_lib.data.synthetic", "version": 2, "config": asdict(cfg)}
     h = config_hash(recipe)
-    if not force:
+
+    def built() -> bool:
         try:
-            if build_digest(root) == h:
-                return root
+            return build_digest(root) == h
         except ValueError:
-            pass  # a broken marker: build again
-    with atomic_dir(root) as tmp:
-        _build(tmp, cfg)
-        (tmp / RECIPE_FILE).parent.mkdir(exist_ok=True)
-        (tmp / RECIPE_FILE).write_text(json.dumps({**recipe, "hash": h}, indent=2, sort_keys=True) + "\n")
+            return False  # a broken marker: build again
+
+    if not force and built():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # concurrent runs on one data root: the first builds, the others wait and reuse its build
+    with file_lock(root.parent / f".{root.name}.lock"):
+        if not force and built():
+            return root
+        with atomic_dir(root) as tmp:
+            _build(tmp, cfg)
+            (tmp / RECIPE_FILE).parent.mkdir(exist_ok=True)
+            (tmp / RECIPE_FILE).write_text(json.dumps({**recipe, "hash": h}, indent=2, sort_keys=True) + "\n")
     return root
+
+
+SPLITS = ("test", "val", "train")  # drawn in this order; val is the dev split
 
 
 def _build(root: Path, cfg: SyntheticConfig) -> None:
     w = _Writer(root, cfg)
     fn_log: list[dict] = []
+    written: dict[str, dict] = {}  # row name -> split -> (queries, pool records)
+    sizes = {"test": cfg.n_test, "val": cfg.n_dev, "train": cfg.n_train}
+    for dataset, tasks, draw, views in _groups():
+        held_out: set[str] = set()
+        for split in SPLITS:
+            n = sizes[split]
+            if not n:
+                continue
+            rng = random.Random(_row_seed(cfg.seed, dataset, "+".join(map(str, tasks)), split))
+            what = f"{dataset} tasks {'/'.join(map(str, tasks))} ({split})"
+            items = _draw_items(draw, rng, cfg, n, held_out, what)
+            # random distractors: more items of the dataset, in the test and dev pools only (dev: pro rata)
+            n_extra = {"test": cfg.distractors, "val": round(cfg.distractors * n / max(1, cfg.n_test)), "train": 0}[split]
+            extra = [draw(rng, cfg) for _ in range(n_extra)]
+            held_out.update(k for it in items for k in _item_keys(it))
+            for task in tasks:
+                view, name = views[task], row_name(dataset, task)
+                vrng = random.Random(_row_seed(cfg.seed, dataset, task, f"{split}/view"))
+                examples = [view(it, vrng, cfg) for it in items]
+                pool: dict[str, dict] = {}
+                queries = _write_split(w, split, dataset, task, examples, vrng, pool, fn_log)
+                for it in extra:
+                    w.candidate(dataset, view(it, vrng, cfg).positive, pool)
+                written.setdefault(name, {})[split] = (queries, list(pool.values()))
     union_train, test_pools, train_pool_all, stats = [], [], [], []
     for dataset, task in EVAL_ROWS:
-        make = ROW_MAKERS[(dataset, task)]
-        rng_test = random.Random(_row_seed(cfg.seed, dataset, task, "test"))
-        test_ex = [make(rng_test, cfg) for _ in range(cfg.n_test)]
-        held_out = {k for ex in test_ex for k in _scene_keys(ex)}
-        rng_train = random.Random(_row_seed(cfg.seed, dataset, task, "train"))
-        train_ex, tries = [], 0
-        while len(train_ex) < cfg.n_train:
-            tries += 1
-            if tries > 20 * cfg.n_train + 100:
-                raise RuntimeError(f"{row_name(dataset, task)}: cannot draw {cfg.n_train} train examples disjoint from test")
-            ex = make(rng_train, cfg)
-            if not any(k in held_out for k in _scene_keys(ex)):  # no test scene leaks into training
-                train_ex.append(ex)
-        pool: dict[str, dict] = {}
-        tq = _write_split(w, "test", dataset, task, test_ex, rng_test, pool, fn_log)
-        # random distractors: positives of other, unrelated examples of the same row
-        for _ in range(cfg.distractors):
-            w.candidate(dataset, make(rng_test, cfg).positive, pool)
-        tpool: dict[str, dict] = {}
-        trq = _write_split(w, "train", dataset, task, train_ex, rng_train, tpool, fn_log)
         name = row_name(dataset, task)
-        _jsonl(root / "query" / "test" / f"mbeir_{name}_test.jsonl", tq)
-        _qrels(root / "qrels" / "test" / f"mbeir_{name}_test_qrels.txt", tq)
-        _jsonl(root / "cand_pool" / "local" / f"mbeir_{name}_cand_pool.jsonl", pool.values())
-        _jsonl(root / "query" / "train" / f"mbeir_{name}_train.jsonl", trq)
-        _qrels(root / "qrels" / "train" / f"mbeir_{name}_train_qrels.txt", trq)
-        _jsonl(root / "cand_pool" / "local" / f"mbeir_{name}_train_cand_pool.jsonl", tpool.values())
+        for split, (queries, pool) in written[name].items():
+            _jsonl(root / "query" / split / f"mbeir_{name}_{split}.jsonl", queries)
+            _qrels(root / "qrels" / split / f"mbeir_{name}_{split}_qrels.txt", queries)
+            pool_name = f"mbeir_{name}_cand_pool.jsonl" if split == "test" else f"mbeir_{name}_{split}_cand_pool.jsonl"
+            _jsonl(root / "cand_pool" / "local" / pool_name, pool)
+        tq, tpool = written[name]["test"]
+        trq, trpool = written[name]["train"]
+        dq, dpool = written[name].get("val", ([], []))
         union_train += trq
-        test_pools += list(pool.values())
-        train_pool_all += list(tpool.values())
+        test_pools += tpool
+        train_pool_all += trpool
         stats.append({"row": name, "task_id": task, "query_modality": TASKS[task][0], "cand_modality": TASKS[task][1],
-                      "n_test_queries": len(tq), "n_test_pool": len(pool), "n_train_queries": len(trq),
-                      "n_train_pool": len(tpool)})
+                      "twin_group": dataset if dataset in TWINS else None,
+                      "n_test_queries": len(tq), "n_test_pool": len(tpool), "n_dev_queries": len(dq),
+                      "n_dev_pool": len(dpool), "n_train_queries": len(trq), "n_train_pool": len(trpool)})
     _jsonl(root / "query" / "union_train" / "mbeir_union_up_train.jsonl", union_train)
     _jsonl(root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl", _dedup(test_pools))
     _jsonl(root / "cand_pool" / "global" / "mbeir_union_train_cand_pool.jsonl", _dedup(train_pool_all))
@@ -535,19 +643,3 @@ def _write_cc3m(root: Path, cfg: SyntheticConfig) -> None:
                     "conversations": [{"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
                                       {"from": "gpt", "value": caption(s, rng)}]})
     (root / "cc3m" / "chat.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-
-
-def read_nli(root) -> list[tuple[str, str, str]]:
-    with open(Path(root) / "nli" / "nli_for_simcse.csv", newline="", encoding="utf-8") as f:
-        rd = csv.reader(f)
-        header = next(rd)
-        if header[:3] != ["sent0", "sent1", "hard_neg"]:
-            raise ValueError(f"{root}/nli/nli_for_simcse.csv:1: expected header sent0,sent1,hard_neg, got {header}")
-        return [tuple(r[:3]) for r in rd]
-
-
-def read_cc3m(root) -> list[tuple[str, str]]:
-    """(caption, absolute image path) pairs from the CC3M-style ``chat.json``."""
-    base = Path(root) / "cc3m"
-    data = json.loads((base / "chat.json").read_text(encoding="utf-8"))
-    return [(d["conversations"][1]["value"], str(base / "images" / d["image"])) for d in data]

@@ -5,12 +5,15 @@ key, item count, shard size, dtype) and ``shard_000000.npy``, ``shard_000001.npy
 holds the embeddings of items ``[i*shard_size, (i+1)*shard_size)``.
 
 - **Key.** Whatever identifies the embeddings: for candidate pools (checkpoint fingerprint, embedder
-  config hash, pool file sha256, item count, shard size, dtype); for queries the same with a digest
-  of the query records *and the sampled instructions*. Any change gives a different directory, so
+  config hash, pool file sha256, a digest of the bytes of the images its records name, item count,
+  shard size, dtype); for queries the same with a digest of the query records *and the sampled
+  instructions* and of their images. Any change gives a different directory, so
   a stale cache is never read; ``meta.json`` is compared with the requested key on open.
-- **Atomic shards.** Each shard is written to a temporary sibling, fsynced and renamed, so a shard
-  file that exists is complete. An interrupted encode leaves complete shards plus, at most, a
-  hidden temporary; the next call encodes only the missing shards.
+- **Atomic shards.** Each shard is written to a temporary sibling named after its writer (host, pid),
+  fsynced and renamed, so a shard file that exists is complete. An interrupted encode leaves complete
+  shards plus, at most, a hidden temporary (removed once its writer is dead); the next call encodes
+  only the missing shards. A shard damaged later (fewer bytes than its header needs) is logged with
+  its path, deleted and encoded again.
 - **Processes.** Shards are assigned round-robin over *all* (entry, shard) pairs, identically on
   every process, and a process skips shards that already exist: ``world_size`` processes share the
   work with no communication; after a barrier every process sees the complete entry.
@@ -31,7 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write_bytes, atomic_write_json, config_hash
+from ..io import (
+    DamagedFileError,
+    atomic_write_bytes,
+    atomic_write_json,
+    config_hash,
+    read_json,
+    remove_stale_tmp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +92,7 @@ class ShardStore:
         meta_f = self.path / META
         if not meta_f.is_file():
             raise CacheError(f"{self.path}: not an embedding cache entry (no {META})")
-        self.meta = json.loads(meta_f.read_text())
+        self.meta = read_json(meta_f)
         self.key = self.meta["key"]
         self.n = int(self.meta["n"])
         self.shard_size = int(self.meta["shard_size"])
@@ -97,11 +107,26 @@ class ShardStore:
         return i * self.shard_size, min((i + 1) * self.shard_size, self.n)
 
     def shard_shape(self, i: int) -> tuple[int, ...] | None:
+        """Shape of shard ``i``, or None when it is absent. A damaged shard (unreadable header, or fewer
+        bytes than its header promises: a copy cut short, a full disk) is a cache miss: it is logged
+        with its path, deleted and encoded again."""
         p = self.shard_path(i)
         if not p.is_file():
             return None
-        with open(p, "rb") as f:
-            return _npy_header(f)[0]
+        try:
+            with open(p, "rb") as f:
+                shape, dtype, offset = _npy_header(f)
+            if len(shape) != 2:
+                raise ValueError(f"{len(shape)}-d array")
+            want = offset + int(np.prod(shape)) * dtype.itemsize
+            size = p.stat().st_size
+            if size != want:
+                raise ValueError(f"{size} bytes, its header needs {want}")
+        except (ValueError, OSError, CacheError) as e:
+            log.warning("%s: damaged embedding shard (%s); discarding it, it is encoded again", p, e)
+            p.unlink(missing_ok=True)
+            return None
+        return shape
 
     def has_shard(self, i: int) -> bool:
         """True if shard ``i`` exists with the expected row count (a wrong one is deleted)."""
@@ -153,11 +178,15 @@ class ShardStore:
     # -- reading -------------------------------------------------------------------------------
     def read_rows(self, i: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` of shard ``i`` (local row numbers), as float32."""
-        with open(self.shard_path(i), "rb") as f:
-            shape, dtype, offset = _npy_header(f)
-            stop = shape[0] if stop is None else min(stop, shape[0])
-            f.seek(offset + start * shape[1] * dtype.itemsize)
-            a = np.fromfile(f, dtype=dtype, count=(stop - start) * shape[1]).reshape(stop - start, shape[1])
+        p = self.shard_path(i)
+        try:
+            with open(p, "rb") as f:
+                shape, dtype, offset = _npy_header(f)
+                stop = shape[0] if stop is None else min(stop, shape[0])
+                f.seek(offset + start * shape[1] * dtype.itemsize)
+                a = np.fromfile(f, dtype=dtype, count=(stop - start) * shape[1]).reshape(stop - start, shape[1])
+        except (ValueError, OSError) as e:
+            raise CacheError(f"{p}: damaged embedding shard ({e}); delete it and rerun to encode it again") from None
         return a.astype(np.float32, copy=False)
 
     def blocks(self, parts: Sequence[int] | None = None, block_size: int = 16384):
@@ -214,8 +243,13 @@ class EmbeddingCache:
         fk = self.full_key(job.key)
         meta = {"key": fk, "n": job.n, "shard_size": self.shard_size, "dtype": self.dtype, "name": job.name}
         mf = path / META
+        old = None
         if mf.is_file():
-            old = json.loads(mf.read_text())
+            try:
+                old = read_json(mf)
+            except DamagedFileError as e:  # its content is fully determined by the key: write it again
+                log.warning("%s; rewriting it", e)
+        if old is not None:
             if old.get("key") != json.loads(json.dumps(fk)) or old.get("n") != job.n:
                 raise CacheError(f"{path}: cache entry holds a different key or size than requested "
                                  f"(hash collision or hand-edited cache); delete it")
@@ -254,10 +288,12 @@ class EmbeddingCache:
         return stores
 
     def cleanup_tmp(self) -> int:
-        """Remove temporaries left by killed writes. Call on one process while no encode runs."""
+        """Remove temporaries left by killed writes: only those whose owner process is dead (a shard
+        temporary is named after its writer's host and pid), so it is safe while other processes encode
+        into the same cache."""
         n = 0
         if self.root.is_dir():
-            for p in self.root.glob("*/.shard_*.tmp"):
-                p.unlink(missing_ok=True)
-                n += 1
+            for entry in self.root.iterdir():
+                if entry.is_dir():
+                    n += remove_stale_tmp(entry, ".shard_*.tmp-*") + remove_stale_tmp(entry, f".{META}.tmp-*")
         return n

@@ -45,7 +45,7 @@ import numpy as np
 from ..config import EvalConfig
 from ..data.items import Item, candidate_item, query_items
 from ..data.mbeir import MBEIR, ROW_NAMES, Candidate, Row
-from ..io import atomic_dir, atomic_write_json, file_sha256
+from ..io import DigestCache, atomic_dir, atomic_write_json, file_sha256
 from ..provenance import git_commit, versions
 from . import runs
 from .cache import EmbeddingCache, EncodeJob, ShardStore
@@ -221,12 +221,15 @@ class _Pool:
         return MappedSource([(stores[m], g) for m, g in self.members], len(self.dids))
 
 
-def _check_qrels_in_pool(rq: _RowQueries, dids: set[str], pool: str, where: str) -> None:
-    for qid, pos in rq.qrels.items():
-        absent = sorted(pos - dids)
-        if absent:
-            raise EvaluationError(f"{pool} pool: qrels of {rq.row.name} ({rq.row.qrels_file}) name candidate(s) "
-                                  f"{absent[:5]} for query {qid} that are not in {where}")
+def _positives_outside(rq: _RowQueries, dids: set[str], pool: str, where: str) -> int:
+    """Scored (query, positive) pairs whose candidate is not in the pool. Not an error (UniIR: OVEN /
+    INFOSEEK positives may sit in the other dataset's pool); such a positive cannot be retrieved, so
+    it can only lower recall. Counted in ``metrics.json`` and logged."""
+    n = sum(len(pos - dids) for pos in rq.qrels.values())
+    if n:
+        log.warning("%s pool: %d qrels positive(s) of %s (%s) are not in %s and cannot be retrieved",
+                    pool, n, rq.row.name, rq.row.qrels_file, where)
+    return n
 
 
 def _barrier(state):
@@ -285,6 +288,8 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     out_dir, cache_dir = _shared_paths(state, out_dir, cache_dir)
     ident = _encoder_identity(encoder)
+    # the embeddings depend on the image bytes too, not only on the records naming them
+    digests = DigestCache(Path(cache_dir) / "file_digests.sqlite" if cache_dir is not None else None)
 
     # ---- what to encode ----------------------------------------------------------------------
     eval_rows = data.rows(only=rows)
@@ -302,7 +307,8 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
         pool_files[r.name] = {"file": str(r.pool_file), "sha256": sha, "n": len(local_lists[r.name])}
         cands = local_lists[r.name]
         store_of_row[r.name] = len(jobs)
-        jobs.append(EncodeJob({"kind": "pool", **ident, "source": f"file:sha256:{sha}", "n": len(cands)},
+        jobs.append(EncodeJob({"kind": "pool", **ident, "source": f"file:sha256:{sha}", "n": len(cands),
+                               "images": _images_digest(digests, [candidate_item(c, data) for c in cands])},
                               len(cands), _cand_fetcher(cands, data), name=f"pool:{r.name}"))
     qjob_of_row: dict[str, int] = {}
     for rq in rqs:
@@ -310,26 +316,29 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
         qsrc = [file_sha256(rq.row.query_file), recs]
         qjob_of_row[rq.row.name] = len(jobs)
         jobs.append(EncodeJob({"kind": "queries", **ident, "source": f"queries:sha256:{_digest(qsrc)}",
-                               "n": len(rq.items)}, len(rq.items), rq.items, name=f"queries:{rq.row.name}"))
+                               "n": len(rq.items), "images": _images_digest(digests, rq.items)}, len(rq.items), rq.items, name=f"queries:{rq.row.name}"))
 
     # ---- pools --------------------------------------------------------------------------------
     pool_defs: dict[str, list[tuple[list[_RowQueries], _Pool]]] = {}
+    outside: dict[str, dict[str, int]] = {}
     if "local" in pools:
         pool_defs["local"] = []
         for rq in rqs:
             dids = [c.did for c in local_lists[rq.row.name]]
-            _check_qrels_in_pool(rq, set(dids), "local", rq.row.pool_file)
+            outside.setdefault("local", {})[rq.row.name] = _positives_outside(rq, set(dids), "local",
+                                                                              rq.row.pool_file)
             pool_defs["local"].append(([rq], _Pool(rq.row.name, dids,
                                                    [(store_of_row[rq.row.name], np.arange(len(dids)))])))
     global_info = {}
     if "global" in pools:
         gpool, extra_job, global_info = _global_pool(data, pool_rows, local_lists, store_of_row, cfg.dedup_global, ident,
-                                                     extra_store_id=len(jobs))
+                                                     extra_store_id=len(jobs), digests=digests)
         if extra_job is not None:
             jobs.append(extra_job)
         gdids = set(gpool.dids)
         for rq in rqs:
-            _check_qrels_in_pool(rq, gdids, "global", global_info["source"])
+            outside.setdefault("global", {})[rq.row.name] = _positives_outside(rq, gdids, "global",
+                                                                               global_info["source"])
         pool_defs["global"] = [(rqs, gpool)]
 
     # ---- encode (every process, its share of shards) -----------------------------------------
@@ -370,7 +379,7 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
                              {"encode_s": round(t_encode, 3), "search_s": round(t_search, 3)},
                              sum(len(p.dids) for _, p in tasks) if pool_name == "global" else None)
             results[pool_name] = _write_run_dir(out_dir / pool_name, pool_name, tasks, topks, record, cfg, data.split,
-                                                shared_dir)
+                                                shared_dir, outside[pool_name])
     _barrier(state)  # every process is done with the scratch parts and the cache
     if main:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -395,8 +404,14 @@ def _cand_fetcher(cands: list[Candidate], data: MBEIR):
     return lambda lo, hi: [candidate_item(c, data) for c in cands[lo:hi]]
 
 
+def _images_digest(digests: DigestCache, items) -> str | None:
+    """Digest of the bytes of the image files that ``items`` read (None when they read none)."""
+    files = [it.image_path for it in items if it.image_path]
+    return digests.files_digest(files) if files else None
+
+
 def _global_pool(data: MBEIR, pool_rows: list[Row], local_lists, store_of_row, dedup: bool, ident, *,
-                 extra_store_id: int):
+                 extra_store_id: int, digests: DigestCache):
     """The global pool as a view over the local pools' stores (+ an extra job for leftovers)."""
     gl = data.global_pool(dedup=dedup)
     if not gl:
@@ -439,7 +454,7 @@ def _global_pool(data: MBEIR, pool_rows: list[Row], local_lists, store_of_row, d
         extra = [gl[j] for j in left]
         recs = [[c.did, c.txt, c.img_path, c.modality] for c in extra]
         extra_job = EncodeJob({"kind": "pool", **ident, "source": f"global-extra:sha256:{_digest(recs)}",
-                               "n": len(extra)}, len(extra), _cand_fetcher(extra, data), name="pool:global-extra")
+                               "n": len(extra), "images": _images_digest(digests, [candidate_item(c, data) for c in extra])}, len(extra), _cand_fetcher(extra, data), name="pool:global-extra")
         members.append((extra_store_id, left.astype(np.int64)))
     return _Pool("global", dids, members), extra_job, {"source": source, "dedup": True, "n": len(dids), "n_not_in_local_pools": int(left.size)}
 
@@ -457,7 +472,7 @@ def _gather(part: TopK, state, scratch: Path, k: int) -> TopK | None:
 
 
 def _write_run_dir(path: Path, pool_name, tasks, topks, record: dict, cfg: EvalConfig, split: str,
-                   shared_dir) -> dict:
+                   shared_dir, outside: dict[str, int]) -> dict:
     qrels_all: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
     row_qids: dict[str, list[str]] = {}
@@ -480,6 +495,8 @@ def _write_run_dir(path: Path, pool_name, tasks, topks, record: dict, cfg: EvalC
     metrics = score_rows(run, qrels_all, row_qids, ks=cfg.ks, n_boot=cfg.n_boot, seed=cfg.boot_seed)
     metrics.update(pool=pool_name, paper_table=PAPER_TABLE[pool_name], split=split,
                    instruction_seed=cfg.instruction_seed)
+    if any(outside.values()):  # only where it happens: metrics.json of complete pools stays as it was
+        metrics["positives_outside_pool"] = {r: n for r, n in outside.items() if n}
     with atomic_dir(path) as tmp:
         runs.write_run(tmp / runs.RUN_FILE, itertools.chain.from_iterable(line_gens))
         runs.write_qrels(tmp / runs.QRELS_FILE, qrels_all, task_of)

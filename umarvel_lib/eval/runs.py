@@ -33,6 +33,8 @@ from ..io import (
     atomic_write_stream,
     atomic_write_text,
     file_sha256,
+    read_json,
+    read_jsonl,
 )
 from .metrics import DEFAULT_KS, score_rows
 
@@ -62,7 +64,7 @@ def input_file(run_dir, name: str) -> Path:
     if not ref_file.is_file():
         raise FileNotFoundError(f"{run_dir}: neither {name} nor {INPUTS_REF_FILE}")
     try:
-        ref = json.loads(ref_file.read_text())[name]
+        ref = read_json(ref_file)[name]
         target, sha = (run_dir / ref["path"]).resolve(), ref["sha256"]
     except (ValueError, KeyError, TypeError) as e:
         raise RunFormatError(f"{ref_file}: no reference {{'path', 'sha256'}} for {name} ({e!r})") from None
@@ -78,7 +80,7 @@ def has_input(run_dir, name: str) -> bool:
     """Whether the run directory holds ``name`` or a reference to it."""
     run_dir = Path(run_dir)
     ref = run_dir / INPUTS_REF_FILE
-    return (run_dir / name).is_file() or (ref.is_file() and name in json.loads(ref.read_text()))
+    return (run_dir / name).is_file() or (ref.is_file() and name in read_json(ref))
 
 
 def share_inputs(run_dir, shared_dir, *, final_dir=None) -> list[str]:
@@ -90,7 +92,7 @@ def share_inputs(run_dir, shared_dir, *, final_dir=None) -> list[str]:
     run_dir, shared_dir = Path(run_dir), Path(shared_dir)
     final_dir = Path(final_dir) if final_dir is not None else run_dir
     ref_file = run_dir / INPUTS_REF_FILE
-    refs = json.loads(ref_file.read_text()) if ref_file.is_file() else {}
+    refs = read_json(ref_file) if ref_file.is_file() else {}
     done = []
     for name in SHAREABLE:
         f = run_dir / name
@@ -184,8 +186,7 @@ def write_queries(path, records: Iterable[dict]) -> Path:
 
 
 def read_queries(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def _qrels_task_ids(path) -> dict[str, int]:
@@ -215,7 +216,7 @@ def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = No
     run_dir = Path(run_dir)
     prev = {}
     if (run_dir / METRICS_FILE).is_file():
-        prev = json.loads((run_dir / METRICS_FILE).read_text())
+        prev = read_json(run_dir / METRICS_FILE)
     boot = prev.get("bootstrap", {})
     ks = ks or prev.get("ks") or DEFAULT_KS
     n_boot = n_boot if n_boot is not None else boot.get("n", 1000)
@@ -236,8 +237,46 @@ def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = No
     return out
 
 
+def wrong_modality_rate(run_dir, modality_of: Mapping[str, str], *, k: int = 5) -> dict:
+    """How often a query's top ``k`` holds candidates of the wrong modality (a diagnostic of the global pool).
+
+    For every scored query of the run directory (``queries.jsonl``), the fraction of its top-``k``
+    candidates whose modality (``modality_of[did]``, e.g. from the global pool file) differs from the
+    query's target modality (the task's candidate modality, ``TASKS[task_id][1]``). In M-BEIR's
+    global pool the rows of one dataset hold the same items in several modalities (MSCOCO's images
+    and their captions), and a query without an instruction drifts to its twin in the wrong
+    modality: this rate shows that confusion, which instructions fix (the paper's T2a).
+
+    Returns ``{"k", "rate", "n_queries", "rows": {row: rate}}``: rates in percent, ``rate`` over all
+    top-``k`` slots of all scored queries (a query with fewer than ``k`` results counts the ones it has).
+    """
+    from ..data.mbeir import TASKS
+
+    run_dir = Path(run_dir)
+    run = ranked_dids(read_run(run_dir / RUN_FILE))
+    wrong: dict[str, list[int]] = {}  # row -> [wrong slots, slots, queries]
+    for q in read_queries(input_file(run_dir, QUERIES_FILE)):
+        if not q.get("scored", True):
+            continue
+        target = TASKS[int(q["task_id"])][1]
+        top = run.get(q["qid"], [])[:k]
+        missing = [d for d in top if d not in modality_of]
+        if missing:
+            raise KeyError(f"{run_dir / RUN_FILE}: candidate(s) {missing[:3]} of query {q['qid']} have no known "
+                           f"modality (a run made with another pool?)")
+        w = wrong.setdefault(q["row"], [0, 0, 0])
+        w[0] += sum(modality_of[d] != target for d in top)
+        w[1] += len(top)
+        w[2] += 1
+    if not wrong:
+        raise ValueError(f"{run_dir / QUERIES_FILE}: no scored query")
+    total = [sum(v[i] for v in wrong.values()) for i in range(3)]
+    return {"k": k, "rate": round(100 * total[0] / max(1, total[1]), 4), "n_queries": total[2],
+            "rows": {r: round(100 * a / max(1, b), 4) for r, (a, b, _) in wrong.items()}}
+
+
 def load_metrics(run_dir) -> dict:
-    return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+    return read_json(Path(run_dir) / METRICS_FILE)
 
 
 def metrics_frame(sources) -> pandas.DataFrame:  # noqa: F821

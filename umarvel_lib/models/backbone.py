@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import scenes
-from ..io import atomic_dir, atomic_write_json, config_hash, file_lock
+from ..io import atomic_dir, atomic_write_json, check_safetensors, config_hash, file_lock, read_json
 from .tokenizer import (
     ANSWER_TOKENS,
     EMB_TOKEN,
@@ -102,14 +101,37 @@ def build_processor(tokenizer, kind: str = "qwen2_vl", *, min_pixels: int | None
     return cls(image_processor=ip, tokenizer=tokenizer, chat_template=tokenizer.chat_template)
 
 
+# The paper's image budget per backbone kind (FACTS: the released vision_process MIN_PIXELS/MAX_PIXELS):
+# Qwen2-VL 4*28*28 .. 300*28*28 (at most 300 visual tokens after the 2x2 merge); Qwen3-VL resets the
+# maximum to 224*224. (min_pixels, max_pixels).
+PAPER_PIXELS: dict[str, tuple[int, int]] = {
+    "qwen2_vl": (4 * 28 * 28, 300 * 28 * 28),
+    "qwen2_5_vl": (4 * 28 * 28, 300 * 28 * 28),
+    "qwen3_vl": (4 * 28 * 28, 224 * 224),
+}
+
+
+def set_pixel_limits(processor, min_pixels: int, max_pixels: int) -> None:
+    """Make ``processor`` resize every image into ``[min_pixels, max_pixels]`` (its visual-token budget)."""
+    from transformers.image_utils import SizeDict
+
+    if not 0 < min_pixels <= max_pixels:
+        raise ValueError(f"need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    ip = processor.image_processor
+    ip.size = SizeDict(shortest_edge=int(min_pixels), longest_edge=int(max_pixels))
+    for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if getattr(ip, name, None) is not None:
+            setattr(ip, name, int(v))
+
+
 def _model_type(path: Path) -> str | None:
     cfg = path / "config.json"
     if cfg.is_file():
-        return json.loads(cfg.read_text()).get("model_type")
+        return read_json(cfg).get("model_type")
     for name in ("processor_config.json", "preprocessor_config.json"):
         f = path / name
         if f.is_file():
-            pc = json.loads(f.read_text()).get("processor_class", "")
+            pc = read_json(f).get("processor_class", "")
             if "Qwen3" in pc:
                 return "qwen3_vl"
             if "Qwen2_5" in pc:
@@ -359,6 +381,8 @@ def load_backbone(path, *, attn_implementation: str | None = None, dtype=None):
     p = _require_local_dir(path)
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p} has no config.json; is it a model directory (or an incomplete build)?")
+    for w in sorted(p.glob("*.safetensors")):  # a cut weight file: its name, not transformers' bare error
+        check_safetensors(w)
     kw: dict[str, Any] = {"local_files_only": True}
     if attn_implementation is not None:
         kw["attn_implementation"] = attn_implementation
@@ -549,7 +573,7 @@ def build_backbone(cfg: BackboneConfig, cache_dir, *, progress: bool = True, for
 
 
 def read_recipe(path) -> dict:
-    return json.loads((Path(path) / RECIPE_FILE).read_text())
+    return read_json(Path(path) / RECIPE_FILE)
 
 
 def tiny_backbone(cache_dir, kind: str = "qwen2_vl", *, pretrain_steps: int = 0, seed: int = 0) -> Path:

@@ -28,6 +28,7 @@ by hand:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -487,6 +488,33 @@ class Embedder(nn.Module):
         set_attention(self.model, self.cfg.attention, attn_implementation=self.cfg.attn_implementation)
         self.temperature.to(self.device)
         self._template_cache: dict[tuple[bool, bool, bool], tuple[str, str]] = {}
+        self.pixel_limits = self._apply_pixel_limits()
+        self._text_budget = self.cfg.max_text_tokens
+
+    def _apply_pixel_limits(self) -> tuple[int, int] | None:
+        """Resize images into the configured (or the paper's, per backbone kind) pixel budget."""
+        from .backbone import PAPER_PIXELS, set_pixel_limits
+
+        if getattr(self.processor, "image_processor", None) is None:
+            return None
+        mn, mx = PAPER_PIXELS.get(model_type(self.model), (None, None))
+        mn = self.cfg.min_pixels if self.cfg.min_pixels is not None else mn
+        mx = self.cfg.max_pixels if self.cfg.max_pixels is not None else mx
+        if mn is None or mx is None:
+            raise ValueError(f"no default image budget for model_type {model_type(self.model)!r}; set "
+                             f"embedder.min_pixels and embedder.max_pixels")
+        set_pixel_limits(self.processor, mn, mx)
+        return mn, mx
+
+    @contextlib.contextmanager
+    def eval_text_budget(self):
+        """Within: texts are truncated to ``cfg.eval_max_text_tokens`` (None: not at all), as the
+        released evaluation; training keeps ``cfg.max_text_tokens``."""
+        old, self._text_budget = self._text_budget, self.cfg.eval_max_text_tokens
+        try:
+            yield
+        finally:
+            self._text_budget = old
 
     # ------------------------------------------------------------------ properties
     @property
@@ -503,7 +531,7 @@ class Embedder(nn.Module):
         txt = item.txt or None
         instr = item.instruction if self.cfg.instructions else None
         text = query_text(txt, instr) if (txt or instr) else ""
-        text = truncate_text(text, self.tokenizer, self.cfg.max_text_tokens)
+        text = truncate_text(text, self.tokenizer, self._text_budget)
         if self.cfg.compression_prompt:
             text = text + compression_suffix(item.has_image, bool(text))
         return text
@@ -569,6 +597,23 @@ class Embedder(nn.Module):
         )
         return batch
 
+    def pooled_tokens(self, item: Item) -> list[dict]:
+        """One item's tokens as the model sees them (the rendered chat prompt, visual tokens included):
+        ``token``, ``instruction`` (inside the ``<instruction_start>..<instruction_end>`` span) and
+        ``pooled`` (enters the embedding: the :func:`pooling_mask` of :meth:`collate` for mean pooling,
+        the token before ``<emb>`` for last-token pooling)."""
+        batch = self.collate([item])
+        ids = batch["input_ids"][0]
+        span = instruction_span_mask(batch["input_ids"], self.instr_start_id, self.instr_end_id)[0] \
+            if self.instr_start_id is not None and self.instr_end_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+        if self.cfg.pooling == "mean":
+            pooled = batch["pool_mask"][0].bool()
+        else:
+            pooled = torch.zeros_like(ids, dtype=torch.bool)
+            pooled[int((ids == self.emb_id).int().argmax()) - 1] = True
+        toks = self.tokenizer.convert_ids_to_tokens(ids.tolist())
+        return [{"token": t, "instruction": bool(i), "pooled": bool(p)} for t, i, p in zip(toks, span.tolist(), pooled.tolist())]
+
     def lengths(self, items: Sequence[Item]) -> np.ndarray:
         """Approximate token length of every item (text tokens + visual tokens), for bucketing."""
         texts = [self.render(it) for it in items]
@@ -598,14 +643,20 @@ class Embedder(nn.Module):
         """Embeddings (N, D) float32, row i for ``items[i]``.
 
         Length-bucketed (sorted by length, longest first, order restored), no grad, eval mode,
-        bf16 autocast on CUDA, a ``tqdm.auto`` bar updated at most every ~5 s.
+        bf16 autocast on CUDA, a ``tqdm.auto`` bar updated at most every ~5 s. Texts are truncated
+        to ``cfg.eval_max_text_tokens`` (default: not at all, as the released evaluation).
         """
-        from tqdm.auto import tqdm
-
         n = len(items)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
             return out
+        with self.eval_text_budget():
+            return self._encode(items, out, batch_size, progress, sort_by_length, desc)
+
+    def _encode(self, items, out, batch_size, progress, sort_by_length, desc) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        n = len(items)
         order = np.argsort(-self.lengths(items), kind="stable") if sort_by_length else np.arange(n)
         dev = self.device
         use_autocast = dev.type == "cuda" and self.cfg.autocast_bf16
@@ -708,7 +759,9 @@ class Embedder(nn.Module):
         p = resolve_local_checkpoint(path)
         meta = None
         if (p / EMBEDDER_JSON).is_file():
-            meta = json.loads((p / EMBEDDER_JSON).read_text())
+            from ..io import read_json
+
+            meta = read_json(p / EMBEDDER_JSON)
             if cfg is None:
                 cfg = EmbedderConfig.from_dict(meta["config"])
         cfg = cfg or EmbedderConfig()
@@ -727,6 +780,9 @@ class Embedder(nn.Module):
             model = model.to(device)
         emb = cls(model, processor, cfg, source=source)
         if (p / TEMPERATURE_FILE).is_file():
+            from ..io import check_safetensors
+
+            check_safetensors(p / TEMPERATURE_FILE)
             tau = load_file(str(p / TEMPERATURE_FILE))["tau"]
             with torch.no_grad():
                 emb.temperature.tau.copy_(tau.to(emb.temperature.tau.dtype))

@@ -14,7 +14,6 @@ The released prompt string has a source-code line continuation inside it (a run 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -241,7 +240,9 @@ class Reranker(nn.Module):
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Reranker:
         p = resolve_local_checkpoint(path)
         if cfg is None and (p / RERANKER_JSON).is_file():
-            cfg = RerankerConfig(**json.loads((p / RERANKER_JSON).read_text())["config"])
+            from ..io import read_json
+
+            cfg = RerankerConfig(**read_json(p / RERANKER_JSON)["config"])
         cfg = cfg or RerankerConfig()
         model, processor = load_backbone(p, attn_implementation=cfg.attn_implementation, dtype=dtype)
         if device is not None:

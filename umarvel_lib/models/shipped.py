@@ -16,12 +16,11 @@ weights' :func:`~umarvel_lib.io.checkpoint_digest`.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
-from ..io import atomic_dir, atomic_write_json, checkpoint_digest
+from ..io import atomic_dir, atomic_write_json, checkpoint_digest, read_json
 from .backbone import BackboneConfig, build_backbone, is_complete_build, read_recipe
 
 SHIPPED_ROOT = Path(__file__).resolve().parents[2] / "backbones"  # the repository's backbones/
@@ -49,7 +48,7 @@ def shipped_backbone(cfg: BackboneConfig, root: str | Path | None = None) -> Pat
         return None
     if read_recipe(p).get("hash") != cfg.hash:
         return None
-    meta = json.loads((p / SHIPPED_FILE).read_text())
+    meta = read_json(p / SHIPPED_FILE)
     digest = checkpoint_digest(p)
     if digest != meta.get("digest"):
         raise ShippedBackboneError(

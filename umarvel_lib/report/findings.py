@@ -16,7 +16,6 @@ This module reads run directories only; it imports no model code.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from ..eval.runs import (
     read_queries,
     read_run,
 )
-from ..io import atomic_write_json
+from ..io import DamagedFileError, atomic_write_json, read_json
 from ..paper import FINDINGS_BY_ID, Finding
 
 HELD, NOISE, CONTRA, FEW, MISSING = "held", "within noise", "contradicted", "too few seeds", "not run"
@@ -54,8 +53,13 @@ def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
     cached = run_dir / HITS_FILE
     if cached.is_file() and (not (run_dir / RUN_FILE).is_file()
                              or cached.stat().st_mtime >= (run_dir / RUN_FILE).stat().st_mtime):
-        d = json.loads(cached.read_text())
-        return {row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()}
+        try:
+            d = read_json(cached)
+            return {row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()}
+        except (DamagedFileError, KeyError, TypeError, AttributeError, ValueError) as e:
+            if not (run_dir / RUN_FILE).is_file():
+                raise DamagedFileError(f"{cached}: damaged ({e}) and no {RUN_FILE} to rebuild it from") from None
+            # rebuilt from the run file below
     out = _hits_from_run(run_dir)
     atomic_write_json(cached, {row: {"qids": q, "hits": "".join(str(int(h)) for h in hits)}
                                for row, (q, hits) in out.items()}, indent=None)

@@ -1,13 +1,12 @@
 """``REPORT.md``: every reproduced table beside the paper's, the 15 findings with verdicts, provenance."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from ..config import ablations_dir, load_ablation
-from ..io import atomic_write_text
+from ..config import ablations_dir, check_preset, load_ablation
+from ..io import DamagedFileError, atomic_write_text, read_json
 from ..paper import FINDINGS
 from . import tables
 
@@ -22,7 +21,59 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _forest_plot(res: Path, vall: pd.DataFrame, paper_dfs: dict, preset: str) -> str:
+    """``findings.png``: one line per finding (ours with its CI, coloured by verdict; the paper as a marker)."""
+    import matplotlib.pyplot as plt
+
+    from . import figures
+
+    ff = figures.findings_frame(vall, paper_dfs)
+    from ..io import tmp_prefix
+
+    tmp = res / (tmp_prefix("findings.png") + "fig.png")  # this process's temporary
+    fig = figures.plot_findings(ff, f"The paper's findings at preset {preset}: our paired difference (95% CI, "
+                                    "seeds x queries) and the paper's", tmp)
+    plt.close(fig)
+    tmp.replace(res / "findings.png")
+    return ("\n![findings: ours with 95% CI coloured by verdict, the paper's difference as a diamond](findings.png)\n\n"
+            "Each line is one finding: the dot and bar are our paired difference (A minus B in the paper's "
+            "direction, so positive agrees with the paper) with its 95% CI, coloured by verdict; the diamond is "
+            "the paper's difference of the same rows (on the paper's scale).\n")
+
+
+def failures_section(res: Path) -> str:
+    """Everything that failed, first in the report: notebooks (``batch.json``), runs (``FAILED.json``),
+    damaged result files (skipped by the tables below; the row runs again on the next reproduce)."""
+    lines = []
+    batch = res / "batch.json"
+    if batch.is_file():
+        try:
+            st = read_json(batch)
+        except DamagedFileError as e:
+            st = {}
+            lines.append(f"- `batch.json` is damaged: {e}")
+        for name, v in st.items():
+            if isinstance(v, dict) and v.get("status") == "failed":
+                lines.append(f"- notebook `{name}` FAILED: {_one_line(v.get('error', ''))}")
+    for p in tables.problems(res):
+        what = "FAILED" if p["kind"] == "failed" else "has a damaged file (skipped below; it reruns)"
+        lines.append(f"- table {p['table']} row `{p['row']}` seed {p['seed']} {what}: {_one_line(p['error'])} "
+                     f"(`{Path(p['file']).relative_to(res)}`)")
+    if not lines:
+        return ""
+    return ("\n## Failures\n\nThese did not finish; their rows count as *not run* below. The whole error is in "
+            "`batch.json` (notebooks) and in each run's `FAILED.json` (traceback). Fix the cause and run "
+            "`umarvel reproduce` again: finished runs are skipped, failed and damaged ones run again.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def _one_line(s: str, limit: int = 400) -> str:
+    s = " ".join(str(s).split())
+    return (s[:limit] + " ...") if len(s) > limit else s
+
+
 def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
+    check_preset(preset)
     res = Path(results)
     abls = [load_ablation(p) for p in sorted(ablations_dir().glob("table*.yaml"))]
     all_v = []
@@ -33,10 +84,12 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
              "under `eval_inputs/`) and the TREC run `run.trec`, which is regenerated rather than committed). The *paper* "
              "columns are the paper's numbers (Tables 1-6 **provisional**: secondary summaries, see "
              "`umarvel_lib/paper_tables/PROVENANCE.md`). At micro scale absolute numbers are not comparable "
-             "with the paper's; what is compared is the **direction** of each finding.\n"]
+             "with the paper's; what is compared is the **direction** of each finding.\n", failures_section(res)]
     body = []
+    paper_dfs = {}
     for ab in abls:
         df = tables.table_vs_paper(res, ab)
+        paper_dfs[ab.table] = df
         body.append(f"\n## Table {ab.table}: {ab.title}\n\n{tables.provenance_note(ab.table)}\n\n" + _md(df))
         if (res / f"table{ab.table}.png").is_file():
             body.append(f"\n![table {ab.table}](table{ab.table}.png)\n")
@@ -49,6 +102,8 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
                         + _md(tables.checks(res, ab, n_boot=n_boot)))
     vall = pd.concat(all_v, ignore_index=True) if all_v else pd.DataFrame(columns=["finding", "verdict"])
     counts = tables.verdict_counts(vall)
+    if not vall.empty:
+        parts.append(_forest_plot(res, vall, paper_dfs, preset))
     summary = [f"\n## Summary of the paper's {len(FINDINGS)} findings\n",
                f"**{counts['held']} of {len(FINDINGS)} held**, {counts['within noise']} within noise, "
                f"{counts['contradicted']} contradicted, {counts['too few seeds']} with too few seeds for a verdict, "
@@ -82,13 +137,20 @@ queries alone shows). T1a, T2b, T3a and T3b are effects of well under one point 
     if batches.is_file():
         prov.append("\nTraining batches (`umarvel reproduce --jobs N`: the (row, seed) runs in N worker processes "
                     "before the notebooks; a row finished earlier with the same config hash is skipped):\n\n"
-                    + _md(pd.DataFrame(json.loads(batches.read_text()), columns=[
+                    + _md(pd.DataFrame(_json_or_empty(batches, []), columns=[
                         "started_at", "finished_at", "workers", "runs", "trained", "skipped", "failed", "wall_s"])))
     batch = res / "batch.json"
     if batch.is_file():
-        st = json.loads(batch.read_text())
+        st = _json_or_empty(batch, {})
         prov.append("\nWall time per notebook:\n\n" + _md(pd.DataFrame(
             [{"notebook": k, **{c: v.get(c) for c in ("status", "wall_s", "finished_at")}} for k, v in st.items()])))
     out = res / "REPORT.md"
     atomic_write_text(out, "".join(parts + summary + body + prov))
     return out
+
+
+def _json_or_empty(path: Path, empty):
+    try:
+        return read_json(path)
+    except DamagedFileError:  # named in the Failures section
+        return empty

@@ -6,25 +6,34 @@ and appear only in the ``paper_*`` columns.
 """
 from __future__ import annotations
 
-import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..config import Ablation
+from ..data.mbeir import ROW_NAMES
+from ..eval.runs import RunFormatError
+from ..io import DamagedFileError, read_json
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
 from .findings import HITS_FILE, headline_hits, judge
+
+log = logging.getLogger(__name__)
 
 VERDICT_ORDER = ("held", "within noise", "contradicted", "too few seeds", "not run")
 
 
 def sidecars(results, table: int | None = None) -> list[dict]:
+    """The runs' ``row.json`` sidecars (a damaged one is skipped: :func:`problems` lists it)."""
     base = Path(results) / "runs"
     pattern = f"table{table}/*/seed*/row.json" if table is not None else "table*/*/seed*/row.json"
     out = []
     for f in sorted(base.glob(pattern)):
-        d = json.loads(f.read_text())
+        try:
+            d = read_json(f)
+        except DamagedFileError:
+            continue
         d["run_dir"] = str(f.parent)
         out.append(d)
     return out
@@ -32,7 +41,35 @@ def sidecars(results, table: int | None = None) -> list[dict]:
 
 def _metrics(run_dir: str, pool: str) -> dict | None:
     f = Path(run_dir) / "eval" / pool / "metrics.json"
-    return json.loads(f.read_text()) if f.is_file() else None
+    try:
+        return read_json(f) if f.is_file() else None
+    except DamagedFileError:  # listed by problems()
+        return None
+
+
+def problems(results) -> list[dict]:
+    """What the report must say before any table: runs that failed (``FAILED.json``, written by
+    ``experiment.run_row`` with the whole error) and damaged result files (skipped by every table; the
+    row reruns on the next ``reproduce``/notebook run). One record per problem: table, row, seed,
+    kind, file, error."""
+    base = Path(results) / "runs"
+    out = []
+    for f in sorted(base.glob("table*/*/seed*/FAILED.json")):
+        rec = {"table": f.parts[-4][5:], "row": f.parts[-3], "seed": f.parts[-2][4:], "kind": "failed", "file": str(f)}
+        try:
+            d = read_json(f)
+            rec["error"] = d.get("error", "")
+        except DamagedFileError as e:
+            rec["error"] = str(e)
+        out.append(rec)
+    for f in sorted(list(base.glob("table*/*/seed*/row.json")) + list(base.glob("table*/*/seed*/eval/*/metrics.json"))):
+        try:
+            read_json(f)
+        except DamagedFileError as e:
+            rd = f.parent if f.name == "row.json" else f.parents[2]
+            out.append({"table": rd.parts[-3][5:], "row": rd.parts[-2], "seed": rd.parts[-1][4:], "kind": "damaged",
+                        "file": str(f), "error": str(e)})
+    return out
 
 
 def runs_frame(results, table: int | None = None) -> pd.DataFrame:
@@ -74,16 +111,16 @@ def table_vs_paper(results, ablation: Ablation) -> pd.DataFrame:
     recs = []
     for r in ablation.rows:
         try:
-            p = paper_row(ablation.table, r.paper_key) if ablation.table <= 6 else None
+            p = paper_row(ablation.table, r.paper_key) if ablation.table <= 6 and not r.own else None
         except KeyError:
             p = None
-        rec = {"id": r.id, "row": r.label}
+        rec = {"id": r.id, "row": r.label + (" (yours)" if r.own else "")}
         for pool in ("local", "global"):
             sub = runs[(runs.row == r.id) & (runs.pool == pool)] if not runs.empty else runs
             ok = sub[sub.status == "ok"] if not sub.empty else sub
             vals = ok["avg"].astype(float).to_numpy() if not ok.empty else np.array([])
             paper_v = None if p is None else p[pool]
-            if ablation.table == 7:
+            if ablation.table == 7 and not r.own:
                 paper_v = _main_table_avg(pool)
             rec[f"paper_{pool}"] = paper_v if paper_v is not None else (None if p is None else p[f"{pool}_raw"] or None)
             rec[f"ours_{pool}"] = round(float(vals.mean()), 2) if len(vals) else None
@@ -118,7 +155,12 @@ def hits_by_row(results, table: int, pool: str) -> tuple[dict, set[str]]:
             continue
         d = Path(s["run_dir"]) / "eval" / pool
         if (d / "run.trec").is_file() or (d / HITS_FILE).is_file():  # a clone keeps only the hits file
-            out.setdefault(str(s["row"]), {})[int(s["seed"])] = headline_hits(d)
+            try:
+                hits = headline_hits(d)
+            except (DamagedFileError, RunFormatError, OSError) as e:  # that run is left out, with its path
+                log.warning("%s: left out of the findings (%s)", d, e)
+                continue
+            out.setdefault(str(s["row"]), {})[int(s["seed"])] = hits
     return out, diverged
 
 
@@ -158,70 +200,59 @@ def checks(results, ablation: Ablation, *, pool: str | None = None, n_boot: int 
                                                     "ci95_hi"])
 
 
-def plot_table(df: pd.DataFrame, title: str, path=None):
-    """Bar plot of ours (mean +- sd over seeds) per row and pool; the paper's value as a marker on a twin axis."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    pools = [p for p in ("local", "global") if f"ours_{p}" in df.columns]
-    long = []
-    for _, r in df.iterrows():
-        for p in pools:
-            v = r[f"ours_{p}"]
-            if isinstance(v, (int, float)) and v is not None and not pd.isna(v):
-                long.append({"row": f"{r['id']}: {r['row']}", "pool": p, "ours": v,
-                             "sd": r.get(f"ours_{p}_sd") or 0.0, "paper": r.get(f"paper_{p}")})
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(df)), 4))
-    if long:
-        ld = pd.DataFrame(long)
-        sns.barplot(data=ld, x="row", y="ours", hue="pool", ax=ax, errorbar=None)
-        ax.set_ylabel("reproduced Avg (micro scale, %)")
-        ax2 = ax.twinx()
-        for p, marker in zip(pools, ("o", "s")):
-            pl = ld[ld.pool == p]
-            ax2.scatter(range(len(pl)), pd.to_numeric(pl["paper"], errors="coerce"), marker=marker, color="k",
-                        label=f"paper {p}", zorder=3)
-        ax2.set_ylabel("paper Avg (%)")
-        ax2.legend(loc="upper right", fontsize=8)
-    ax.set_title(title)
-    ax.tick_params(axis="x", rotation=25)
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
+WRONG_MODALITY_FILE = "wrong_modality.json"  # kept beside a global run (small, committed like headline_hits)
 
 
-def plot_curves(results, table: int, path=None):
-    """Training loss (and periodic local Avg, when evaluated) over steps, one line per row (seed mean)."""
-    import matplotlib
+def wrong_modality(results, table: int, *, k: int = 5) -> pd.DataFrame:
+    """The wrong-modality rate of the global top-``k`` per row of a table (mean over seeds, percent),
+    with whether the row uses instructions: :func:`umarvel_lib.eval.runs.wrong_modality_rate` on each
+    run's global pool, over all rows, over the rows built from a shared item set (M-BEIR's twins:
+    VisualNews/MSCOCO/Fashion200K 0/3, OVEN/INFOSEEK 6/8) and over the others. Computed from
+    ``run.trec`` with the candidates' modalities from the run's data root, and kept as
+    ``wrong_modality.json`` so a clone without ``run.trec`` still shows it. Runs made with another
+    build of the data than the one now at their data root are left out (counted in ``not_current``)."""
+    from ..data.mbeir import MBEIR
+    from ..data.synthetic import TWINS
+    from ..eval.runs import RUN_FILE, wrong_modality_rate
+    from ..io import DigestCache, atomic_write_json
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
+    twin_rows = {n for n in ROW_NAMES if n.split("_task")[0] in {d.lower() for d in TWINS}}
+    modality_of: dict[str, dict[str, str]] = {}
     recs = []
-    for s in sidecars(results, table):
-        offset = 0
-        last_stage = None
-        for c in s.get("curves") or []:
-            if c.get("kind") != "train" or "loss" not in c:
-                continue
-            if c["stage"] != last_stage:
-                offset = recs[-1]["global_step"] if recs and last_stage is not None and recs[-1]["row"] == str(s["row"]) else 0
-                last_stage = c["stage"]
-            recs.append({"row": str(s["row"]), "seed": s["seed"], "stage": c["stage"], "step": c["step"],
-                         "global_step": offset + c["step"], "loss": c["loss"]})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if recs:
-        sns.lineplot(data=pd.DataFrame(recs), x="global_step", y="loss", hue="row", style="stage", ax=ax, errorbar=None)
-    ax.set_title(f"Table {table}: training loss over optimizer steps (all stages, seed mean)")
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=110)
-    return fig
+    for sc in sidecars(results, table):
+        d = Path(sc["run_dir"]) / "eval" / "global"
+        cached = d / WRONG_MODALITY_FILE
+        rec = {"row": str(sc["row"]), "label": sc.get("label"), "seed": sc["seed"],
+               "instructions": sc["config"]["embedder"]["instructions"], "rate": None, "not_current": 0}
+        w = read_json(cached) if cached.is_file() else None
+        if w is not None and (w.get("k") != k or ((d / RUN_FILE).is_file()
+                                                  and (d / RUN_FILE).stat().st_mtime > cached.stat().st_mtime)):
+            w = None  # another k, or a newer run.trec
+        if w is None and (d / RUN_FILE).is_file():
+            root = sc["data_root"]
+            dd = sc["config"].get("data_digest")
+            store = DigestCache(Path(sc["config"].get("cache_dir") or "cache") / "file_digests.sqlite")
+            if not isinstance(dd, dict) or store.tree_digest(root, exclude=("nli", "cc3m")) != dd.get("mbeir"):
+                rec["not_current"] = 1
+            else:
+                if root not in modality_of:
+                    modality_of[root] = {c.did: c.modality for c in MBEIR(root, check_images=False).global_pool()}
+                w = wrong_modality_rate(d, modality_of[root], k=k)
+                atomic_write_json(cached, w)
+        if w is not None:
+            rec.update(rate=w["rate"],
+                       twin_rows=float(np.mean([v for r, v in w["rows"].items() if r in twin_rows] or [np.nan])),
+                       other_rows=float(np.mean([v for r, v in w["rows"].items() if r not in twin_rows] or [np.nan])))
+        recs.append(rec)
+    cols = ["row", "label", "instructions", "n_seeds", f"wrong_modality_top{k}", "twin_rows", "other_rows", "not_current"]
+    df = pd.DataFrame.from_records(recs, columns=["row", "label", "seed", "instructions", "rate", "twin_rows",
+                                                  "other_rows", "not_current"])
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    out = df.groupby(["row", "label", "instructions"], sort=False).agg(
+        n_seeds=("rate", "count"), rate=("rate", "mean"), twin_rows=("twin_rows", "mean"),
+        other_rows=("other_rows", "mean"), not_current=("not_current", "sum")).reset_index()
+    return out.rename(columns={"rate": f"wrong_modality_top{k}"})[cols].round(2)
 
 
 def provenance_note(table: int) -> str:

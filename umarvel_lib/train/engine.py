@@ -40,7 +40,9 @@ Guarantees (tested in ``tests/test_engine.py``):
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
-Budget is in optimizer steps (``max_steps``) or in ``epochs`` of a sized dataset, never in time.
+Budget is in optimizer steps (``max_steps``) or in ``epochs`` of a sized dataset, never in time;
+``stop_fn`` (called with every eval record after each periodic eval) may end a run early, e.g. when
+its dev curve has plateaued (``FINISHED.json`` then says ``stopped_early``).
 Only the trainable parameters (``requires_grad``) are checkpointed: the caller must rebuild the
 frozen part identically (same base weights / same seed) before resuming.
 """
@@ -64,7 +66,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from umarvel_lib.io import atomic_dir, atomic_write_json, atomic_write_text, config_hash
+from umarvel_lib.io import (
+    DamagedFileError,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    config_hash,
+    read_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +222,17 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """Newest complete checkpoint directory of a run, or None."""
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoint directories of a run, oldest first."""
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir():
-        return None
-    done = sorted(p for p in ck.glob("step_*") if (p / "state.json").is_file())
+        return []
+    return sorted(p for p in ck.glob("step_*") if (p / "state.json").is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint directory of a run, or None."""
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
 
 
@@ -314,6 +328,7 @@ class Trainer:
         *,
         collate_fn: Callable[[list], Any] | None = None,
         eval_fn: Callable[[nn.Module, int], Mapping[str, float]] | None = None,
+        stop_fn: Callable[[list[dict]], bool] | None = None,
         run_identity: Mapping[str, Any] | None = None,
         resume: bool = True,
         accelerator=None,
@@ -322,6 +337,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.batches = _Batches(data, cfg, collate_fn)
         self.eval_fn = eval_fn
+        self.stop_fn = stop_fn  # early stop: called with every eval record so far after each periodic eval
         self.identity = {"train": cfg.identity(), "run": dict(run_identity or {})}
         self.hash = config_hash(self.identity)
         self.resume = resume
@@ -381,16 +397,27 @@ class Trainer:
         return path
 
     def _load_checkpoint(self, path: Path) -> dict:
+        """Restore model, optimizer, scheduler and RNG from ``path``. Every file is read before anything is
+        restored, so a damaged checkpoint (:class:`DamagedFileError`, naming the file) changes nothing."""
         from safetensors.torch import load_file
 
-        state = json.loads((path / "state.json").read_text())
+        state = read_json(path / "state.json")
         if state["config_hash"] != self.hash:
             raise RunConflictError(f"{path} was written by a run with config hash {state['config_hash']}, this run is "
                                    f"{self.hash}; use another run_dir or delete it")
-        load_trainable_state_dict(self.acc.unwrap_model(self.model), load_file(str(path / "model.safetensors")))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        parts = {}
+        for name, load in (("model.safetensors", lambda f: load_file(str(f))),
+                           ("optimizer.pt", lambda f: torch.load(f, weights_only=True)),
+                           ("scheduler.pt", lambda f: torch.load(f, weights_only=True)),
+                           ("rng.pt", lambda f: torch.load(f, weights_only=True))):
+            try:
+                parts[name] = load(path / name)
+            except Exception as e:  # noqa: BLE001  (safetensors, pickle and zip errors name no file)
+                raise DamagedFileError(f"{path / name}: damaged checkpoint file ({type(e).__name__}: {e})") from None
+        load_trainable_state_dict(self.acc.unwrap_model(self.model), parts["model.safetensors"])
+        self.optimizer.load_state_dict(parts["optimizer.pt"])
+        self.scheduler.load_state_dict(parts["scheduler.pt"])
+        _set_rng_state(parts["rng.pt"])
         return state
 
     # -- main
@@ -403,18 +430,28 @@ class Trainer:
         final_dir = self.run_dir / "final"
 
         # a finished run is not re-run
+        fin = None
         if self.finished_path.exists():
-            fin = json.loads(self.finished_path.read_text())
+            try:
+                fin = read_json(self.finished_path)
+            except DamagedFileError as e:  # not finished after all: resume from the last checkpoint
+                log.warning("%s; the run is resumed", e)
+        if fin is not None:
             if fin.get("config_hash") != self.hash:
                 raise RunConflictError(f"{self.run_dir} holds a finished run with config hash {fin.get('config_hash')}, "
                                        f"this run is {self.hash}; use another run_dir")
-            load_trainable_state_dict(acc.unwrap_model(self.model), load_file(str(final_dir / "model.safetensors")))
+            try:
+                final_state = load_file(str(final_dir / "model.safetensors"))
+            except Exception as e:  # noqa: BLE001
+                raise DamagedFileError(f"{final_dir / 'model.safetensors'}: damaged final weights ({e}); delete "
+                                       f"{self.finished_path} to train again from the last checkpoint") from None
+            load_trainable_state_dict(acc.unwrap_model(self.model), final_state)
             log.info("run %s already finished (step %s, hash %s): skipped", self.run_dir, fin.get("step"), self.hash)
             return TrainResult(self.run_dir, int(fin["step"]), fin.get("loss"), skipped=True, final_dir=final_dir)
 
         existing = self.run_dir / "config.json"
         if existing.exists():
-            old = json.loads(existing.read_text()).get("config_hash")
+            old = read_json(existing).get("config_hash")
             if old != self.hash:
                 raise RunConflictError(f"{self.run_dir} holds a run with config hash {old}, this run is {self.hash}; "
                                        f"use another run_dir or delete it")
@@ -444,12 +481,19 @@ class Trainer:
                                                          num_training_steps=total)
 
         step, epoch, pos, resumed_from = 0, 0, 0, None
-        ck = latest_checkpoint(self.run_dir) if self.resume else None
-        if ck is not None:
-            st = self._load_checkpoint(ck)
+        ck = None
+        # newest first; a damaged checkpoint is skipped (logged with its path) for the one before it
+        for cand in reversed(complete_checkpoints(self.run_dir)) if self.resume else ():
+            try:
+                st = self._load_checkpoint(cand)
+            except DamagedFileError as e:
+                log.warning("%s; resuming from an earlier checkpoint", e)
+                continue
+            ck = cand
             step, epoch, pos, resumed_from = st["step"], st["epoch"], st["batch_in_epoch"], st["step"]
             log.info("resuming %s from %s (step %d/%d)", self.run_dir, ck.name, step, total)
-        elif not self.resume and (self.run_dir / "checkpoints").exists() and acc.is_main_process:
+            break
+        if not self.resume and (self.run_dir / "checkpoints").exists() and acc.is_main_process:
             shutil.rmtree(self.run_dir / "checkpoints")
         if acc.is_main_process:
             # lines written after the checkpoint by a killed run would be duplicated: drop them
@@ -468,7 +512,7 @@ class Trainer:
         bar = tqdm(total=total, initial=step, desc=self.run_dir.name, mininterval=cfg.tqdm_mininterval,
                    disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
         history: list[dict] = []
-        last_loss = None
+        last_loss, stopped_early = None, False
         it = iter(self.batches.iterate(epoch, pos))
         metrics_f = open(self.metrics_path, "a", encoding="utf-8") if acc.is_main_process else None
         try:
@@ -498,6 +542,9 @@ class Trainer:
                     bar.set_postfix(post, refresh=False)
                 if self.eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
                     self._eval(step)
+                    if self.stop_fn is not None and step < total and self._should_stop():
+                        stopped_early = True
+                        break
                 if cfg.save_every and step % cfg.save_every == 0 and step < total:
                     self._save_checkpoint(step, epoch, pos)
         finally:
@@ -514,6 +561,7 @@ class Trainer:
             with atomic_dir(final_dir) as tmp:
                 save_file(trainable_state_dict(acc.unwrap_model(self.model)), str(tmp / "model.safetensors"))
             atomic_write_json(self.finished_path, {"config_hash": self.hash, "step": step, "loss": last_loss,
+                                                   "total_steps": total, "stopped_early": stopped_early,
                                                    "time": time.time()})
         acc.wait_for_everyone()
         return TrainResult(self.run_dir, step, last_loss, resumed_from=resumed_from, final_dir=final_dir,
@@ -558,6 +606,15 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return {"loss": loss_val, "lr": lr, "grad_norm": gn, **extra}
+
+    def _should_stop(self) -> bool:
+        """``stop_fn`` on the eval records so far, decided on the main process (which alone writes them)."""
+        box = [bool(self.stop_fn(_read_jsonl(self.eval_path))) if self.acc.is_main_process else None]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(box, from_process=0)
+        return bool(box[0])
 
     def _fail(self, step: int, what: str):
         ck = latest_checkpoint(self.run_dir)

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from umarvel_lib.io import atomic_write_json, atomic_write_text
+from umarvel_lib.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,10 @@ def _json_default(o):
 def load_negatives(path: str | Path) -> pd.DataFrame:
     """Read a table written by :func:`save_negatives` (report, if present, in ``attrs``)."""
     path = Path(path)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     df = pd.DataFrame(rows, columns=["qid", "negatives", "scores", "num_mined", "fill", "pos_score"])
     df["pos_score"] = df["pos_score"].astype(float)
     rep = path.with_name(path.name + ".report.json")
     if rep.exists():
-        df.attrs["mining_report"] = json.loads(rep.read_text(encoding="utf-8"))
+        df.attrs["mining_report"] = read_json(rep)
     return df

@@ -34,10 +34,20 @@ import numpy as np
 import torch
 
 from ..config import RunConfig, StageConfig
+from ..data.corpora import read_cc3m, read_nli
 from ..data.items import Item, candidate_item, query_item
 from ..data.mbeir import MBEIR, TASKS, row_of_query
-from ..data.synthetic import read_cc3m, read_nli
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, config_hash, file_lock
+from ..io import (
+    DamagedFileError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_safetensors,
+    config_hash,
+    file_lock,
+    read_json,
+    read_jsonl,
+)
 from ..models.embedder import Embedder
 from ..models.reranker import Reranker, fused_teacher, fusion_weights
 from .engine import TrainConfig, Trainer
@@ -58,11 +68,13 @@ class Pair:
     row: str | None = None
 
 
-def nli_pairs(root) -> list[Pair]:
-    return [Pair(Item(txt=a), Item(txt=b)) for a, b, _ in read_nli(root)]
+def nli_pairs(path) -> list[Pair]:
+    """``sent0 -> sent1`` of the NLI CSV file (``hard_neg`` unused, as released)."""
+    return [Pair(Item(txt=a), Item(txt=b)) for a, b, _ in read_nli(path)]
 
 
 def cc3m_pairs(root) -> list[Pair]:
+    """caption -> image of the CC3M ``chat.json`` folder."""
     return [Pair(Item(txt=cap), Item(image_path=img)) for cap, img in read_cc3m(root)]
 
 
@@ -171,26 +183,28 @@ def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, backbone
     h = cfg.hash(upto_stage=name)
     sdir = out_root / f"{name}-{h}"
     final = sdir / "model"
-    if (final / "embedder.json").is_file():
+    if checkpoint_complete(final, "embedder.json"):
         log.info("stage %s: reusing %s", name, final)
         return final
+    stop_fn = _plateau_stop(cfg, stage, eval_fn)
     with file_lock(out_root / f".{name}-{h}.lock"):  # parallel rows sharing this stage wait, then reuse it
-        if (final / "embedder.json").is_file():
+        if checkpoint_complete(final, "embedder.json"):
             return final
-        return _train_stage(cfg, name, stage, h, init, sdir, backbone=backbone, eval_fn=eval_fn, progress=progress)
+        return _train_stage(cfg, name, stage, h, init, sdir, backbone=backbone, eval_fn=eval_fn, stop_fn=stop_fn,
+                            progress=progress)
 
 
 def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Path, sdir: Path, *, backbone: Path,
-                 eval_fn, progress: bool) -> Path:
+                 eval_fn, stop_fn=None, progress: bool = True) -> Path:
     final = sdir / "model"
     sdir.mkdir(parents=True, exist_ok=True)
     data_root = cfg.resolved_data_root()
     data = MBEIR(data_root, check_images=False)
     emb = _embedder_for(cfg, stage, init, seed=cfg.seed)
     if name == "nli":
-        examples, step = nli_pairs(data_root), contrastive_step(emb, stage)
+        examples, step = nli_pairs(cfg.corpus_paths()["nli"]), contrastive_step(emb, stage)
     elif name == "cc3m":
-        examples, step = cc3m_pairs(data_root), contrastive_step(emb, stage)
+        examples, step = cc3m_pairs(cfg.corpus_paths()["cc3m"]), contrastive_step(emb, stage)
     elif name == "mbeir":
         examples, step = mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed), contrastive_step(emb, stage)
     elif name == "hard_negatives":
@@ -201,15 +215,63 @@ def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Pa
     else:
         raise ValueError(f"unknown stage {name!r}")
     tcfg = train_config(stage, len(examples), cfg.seed, eval_every=cfg.eval.eval_every, progress=progress)
+    tau_start = emb.temperature.value
     trainer = Trainer(emb, step, examples, tcfg, sdir / "train", collate_fn=list, eval_fn=eval_fn,
-                      run_identity={"stage_hash": h, "init": str(init)})
-    trainer.fit()
+                      stop_fn=stop_fn, run_identity={"stage_hash": h, "init": str(init)})
+    res = trainer.fit()
     if emb.is_lora:
         emb.merge_lora()
     emb.save(final)
+    fin = json.loads(trainer.finished_path.read_text())
+    curve = dev_curve(sdir)
+    plan = {"stage": name, "budget": stage.budget, "steps": res.step, "max_steps": trainer.total_steps(),
+            "min_steps": stage.min_steps, "batch": tcfg.batch_size, "lr": tcfg.lr, "tau_learnable": stage.train_temperature,
+            "tau_start": tau_start, "tau_end": emb.temperature.value, "examples": len(examples),
+            "examples_seen": res.step * tcfg.batch_size, "epochs_seen": res.step * tcfg.batch_size / max(1, len(examples)),
+            "stopped_early": bool(fin.get("stopped_early")), "eval_every": cfg.eval.eval_every,
+            "dev_avg_end": curve[-1]["dev_avg"] if curve else None}
     atomic_write_json(sdir / "stage.json", {"stage": name, "hash": h, "init": str(init), "tau": emb.temperature.value,
-                                            "recipe": dataclasses.asdict(stage), "n_examples": len(examples)})
+                                            "recipe": dataclasses.asdict(stage), "n_examples": len(examples),
+                                            "plan": plan, "dev_curve": curve})
     return final
+
+
+def checkpoint_complete(final: Path, marker: str) -> bool:
+    """A finished stage (or reranker) checkpoint: ``marker`` written last, and whole weight files. A damaged
+    one (a weight file cut short) is logged with its path and counts as not finished: it is trained
+    again and replaced as a whole."""
+    if not (final / marker).is_file():
+        return False
+    try:
+        for f in sorted(final.glob("*.safetensors")):
+            check_safetensors(f)
+        read_json(final / marker)
+    except DamagedFileError as e:
+        log.warning("%s; %s is trained again", e, final)
+        return False
+    return True
+
+
+def dev_curve(sdir: Path) -> list[dict]:
+    """A stage's dev curve: ``{"step", "dev_avg", "dev_ci_lo", "dev_ci_hi", ...}`` from its ``train/eval.jsonl``."""
+    f = Path(sdir) / "train" / "eval.jsonl"
+    if not f.is_file():
+        return []
+    recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return [r for r in recs if "dev_avg" in r]
+
+
+def _plateau_stop(cfg: RunConfig, stage: StageConfig, eval_fn):
+    """The early stop of a ``budget: plateau`` stage: the plateau rule on its dev curve, from ``min_steps``."""
+    if stage.budget == "fixed":
+        return None
+    if stage.budget != "plateau":
+        raise ValueError(f"stage {stage.name}: budget must be 'fixed' or 'plateau', got {stage.budget!r}")
+    if not cfg.eval.eval_every or eval_fn is None:
+        raise ValueError(f"stage {stage.name}: budget 'plateau' needs a dev curve (set eval.eval_every)")
+    from ..eval.plateau import plateau_of_curve
+
+    return lambda evals: plateau_of_curve([r for r in evals if "dev_avg" in r], min_steps=stage.min_steps).ok
 
 
 # ---- hard negatives ---------------------------------------------------------------------------
@@ -219,6 +281,12 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
     pairs = pairs if pairs is not None else mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed)
     neg_file = sdir / "hard_negatives.jsonl"
     pool = data.train_pool()
+    if neg_file.is_file():
+        try:
+            load_negatives(neg_file)
+        except DamagedFileError as e:  # written by this function from the mining model: mine again
+            log.warning("%s; mining again", e)
+            neg_file.unlink(missing_ok=True)
     if not neg_file.is_file():
         q_emb, c_emb = _mining_embeddings(cfg, model_dir, pairs, pool, data, progress=progress)
         positives = {q.qid: set(q.pos) for q in data.union_train()}
@@ -244,8 +312,11 @@ def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool,
     path = Path(model_dir).parent / f"mining-{key}.npz"
     with file_lock(path.with_suffix(".lock")):
         if path.is_file():
-            z = np.load(path)
-            return z["queries"], z["pool"]
+            try:
+                with np.load(path) as z:
+                    return z["queries"], z["pool"]
+            except Exception as e:  # noqa: BLE001  (a cut file: encode again)
+                log.warning("%s: damaged mining embeddings (%s: %s); encoding again", path, type(e).__name__, e)
         miner = Embedder.from_pretrained(model_dir, cfg.embedder)
         q_emb = miner.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="mine: queries",
                              progress=progress)
@@ -260,13 +331,21 @@ def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool,
 # ---- reranker and distillation ----------------------------------------------------------------
 def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path, *, backbone: Path, progress: bool = True) -> Path:
     """Pointwise Yes/No reranker from the raw ``backbone`` on positives + one random mined negative."""
-    from ..models.backbone import load_backbone
-
-    h = cfg.hash(upto_stage="hard_negatives")
+    h = cfg.hash(upto_stage="hard_negatives", reranker=True)  # the hard-negative model's run + the reranker recipe
     rdir = out_root / f"reranker-{h}"
     final = rdir / "model"
-    if (final / "reranker.json").is_file() or (final / "config.json").is_file():
+    if checkpoint_complete(final, "reranker.json"):
         return final
+    with file_lock(out_root / f".reranker-{h}.lock"):  # a row and a distillation stage may need it at once
+        if checkpoint_complete(final, "reranker.json"):
+            return final
+        return _train_reranker(cfg, hn_model, rdir, h, backbone=backbone, progress=progress)
+
+
+def _train_reranker(cfg: RunConfig, hn_model: Path, rdir: Path, h: str, *, backbone: Path, progress: bool) -> Path:
+    from ..models.backbone import load_backbone
+
+    final = rdir / "model"
     rdir.mkdir(parents=True, exist_ok=True)
     data = MBEIR(cfg.resolved_data_root(), check_images=False)
     stage = dataclasses.replace(cfg.scaled_stage("hard_negatives"), negatives="in_batch+hard", num_hard=1,
@@ -282,12 +361,11 @@ def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path, *, backbone: 
     for p in rr.model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    rr.model = apply_lora(rr.model, r=cfg.scale.lora_r or cfg.reranker.lora_r,
-                          alpha=cfg.scale.lora_alpha or cfg.reranker.lora_alpha, dropout=0.05)
-    rc = cfg.reranker
-    tcfg = TrainConfig(lr=rc.lr * cfg.scale.lr_multiplier, max_steps=rc.max_steps, epochs=None if rc.max_steps else rc.epochs,
-                       batch_size=min(rc.batch_size, len(examples)), seed=cfg.seed, save_every=50, tqdm_mininterval=5.0,
-                       progress=progress)
+    rc = cfg.reranker_recipe()  # exactly what the reranker's cache key hashes
+    rr.model = apply_lora(rr.model, r=rc["lora_r"], alpha=rc["lora_alpha"], dropout=0.05)
+    tcfg = TrainConfig(lr=rc["lr"], max_steps=rc["max_steps"], epochs=rc["epochs"],
+                       batch_size=min(rc["batch_size"], len(examples)), seed=cfg.seed, save_every=50,
+                       tqdm_mininterval=5.0, progress=progress)
 
     def step(batch, ctx):
         loss = rr.loss(rr.collate([(q, c) for q, c, _ in batch], labels=[y for _, _, y in batch]))
@@ -307,7 +385,13 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
     f = sdir / "teacher.jsonl"
     pool = data.train_pool()
     by_did = {c.did: c for c in pool}
-    if not f.is_file():
+    recs = None
+    if f.is_file():
+        try:
+            recs = read_jsonl(f)
+        except DamagedFileError as e:  # computed by this function: compute it again
+            log.warning("%s; scoring the teacher lists again", e)
+    if recs is None:
         emb = Embedder.from_pretrained(hn_model, cfg.embedder)
         q = emb.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="teacher: queries",
                        progress=progress)
@@ -325,7 +409,7 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
         recs = [{"qid": p.qid, "dids": [pool[j].did for j in idx[i].tolist()], "teacher": fused[i].tolist()}
                 for i, p in enumerate(pairs)]
         atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in recs))
-    recs = [json.loads(x) for x in f.read_text().splitlines()]
+        recs = read_jsonl(f)  # the values as every later run reads them (float round trip)
     qmap = {p.qid: p for p in pairs}
     return [{"query": qmap[r["qid"]].query, "candidates": [candidate_item(by_did[d], data) for d in r["dids"]],
              "teacher": np.asarray(r["teacher"], dtype=np.float32)} for r in recs]

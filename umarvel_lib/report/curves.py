@@ -1,0 +1,42 @@
+"""Stage plans and dev curves of a run directory, and the plateau rule on them (reads files only).
+
+``row.json`` holds the run's ``stage_plan`` (one record per training stage: optimizer steps, global
+batch, LR, tau at start and end and whether it was learned, examples and examples seen, the budget and
+whether it stopped early); ``dev_curve.csv`` holds the dev curve of every stage (the dev-split local
+Avg with its 95% CI every ``eval.eval_every`` steps). See :mod:`umarvel_lib.eval.plateau` for the rule.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ..eval.plateau import DEV_CURVE_COLUMNS, DEV_CURVE_FILE, plateau_of_curve
+
+PLAN_COLUMNS = ["stage", "budget", "steps", "max_steps", "min_steps", "batch", "lr", "tau_learnable", "tau_start", "tau_end",
+                "examples", "examples_seen", "epochs_seen", "stopped_early", "eval_every", "dev_avg_end"]
+
+
+def stage_plan(run_dir) -> pd.DataFrame:
+    """The stage plan of one (row, seed) run: one line per stage (empty for a run that predates plans)."""
+    side = json.loads((Path(run_dir) / "row.json").read_text())
+    return pd.DataFrame.from_records(side.get("stage_plan") or [], columns=PLAN_COLUMNS)
+
+
+def dev_curve(run_dir) -> pd.DataFrame:
+    """The run's dev curve (``dev_curve.csv``): stage, step, examples seen, dev Avg, CI; empty when absent."""
+    f = Path(run_dir) / DEV_CURVE_FILE
+    if not f.is_file():
+        return pd.DataFrame(columns=DEV_CURVE_COLUMNS)
+    return pd.read_csv(f)
+
+
+def plateau_checks(run_dir, *, min_steps: int = 0) -> pd.DataFrame:
+    """The plateau rule on each stage of a run's dev curve: ok, reason, window, movement, CI half-width."""
+    curve = dev_curve(run_dir)
+    recs = []
+    for stage, g in curve.groupby("stage", sort=False):
+        recs.append({"stage": stage, **plateau_of_curve(g.to_dict("records"), min_steps=min_steps).as_dict()})
+    return pd.DataFrame.from_records(recs, columns=["stage", "ok", "reason", "last_step", "window_start", "movement",
+                                                    "half_width"])
