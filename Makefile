@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml
 reproduce: $(STAMP)
 	$(VENV)/bin/umarvel reproduce --preset $(PRESET) --jobs $(JOBS)
 
-# ruff (configured in pyproject.toml). `format-check` is not yet part of `lint`: the tree is formatted
-# once, after the open branches land; then `lint` runs both.
+# ruff (configured in pyproject.toml): lint rules and the formatter's layout (`ruff format .` fixes it)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format-check: $(STAMP)
 	$(VENV)/bin/ruff format --check .

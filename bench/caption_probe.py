@@ -8,6 +8,7 @@ pair, binding) and the held-out caption loss of the pre-trained vs an untrained 
 recipe; writes ``caption_probe.csv`` and ``caption_probe_samples.txt`` into ``--out`` (default: the
 build directory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--path", help="an existing backbone directory (skips building)")
     ap.add_argument("--kind", default="qwen2_vl", choices=("qwen2_vl", "qwen3_vl"))
     ap.add_argument("--size", default="micro", choices=("test", "micro"))
@@ -29,8 +32,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default="cache/backbones")
     ap.add_argument("--n", type=int, default=200, help="held-out scenes to caption")
     ap.add_argument("--probe-seed", type=int, default=777)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=None, help="where to write the csv (default: the backbone directory)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    ap.add_argument(
+        "--out", default=None, help="where to write the csv (default: the backbone directory)"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -50,7 +57,9 @@ def main(argv=None) -> int:
     if args.path:
         path = Path(args.path)
     else:
-        cfg = BackboneConfig(kind=args.kind, size=args.size, seed=args.seed, pretrain_steps=args.pretrain_steps)
+        cfg = BackboneConfig(
+            kind=args.kind, size=args.size, seed=args.seed, pretrain_steps=args.pretrain_steps
+        )
         print(f"building/reusing {cfg.name} under {args.cache_dir}", flush=True)
         path = build_backbone(cfg, args.cache_dir)
     print(f"backbone: {path}  ({time.time() - t0:.1f} s)", flush=True)
@@ -62,15 +71,26 @@ def main(argv=None) -> int:
         cfg = BackboneConfig.from_dict(recipe["config"])
         untrained = build_micro_model(cfg, processor.tokenizer)
         image_size = cfg.image_size
-        print(f"params {recipe['params']:,}  vocab {recipe['vocab_size']}  build {recipe['build_seconds']} s  "
-              f"(pretrain {recipe['pretrain_seconds']} s, {cfg.pretrain_steps} steps x {cfg.batch_size})")
+        print(
+            f"params {recipe['params']:,}  vocab {recipe['vocab_size']}  build {recipe['build_seconds']} s  "
+            f"(pretrain {recipe['pretrain_seconds']} s, {cfg.pretrain_steps} steps x {cfg.batch_size})"
+        )
         if recipe["pretrain_log"]:
             last = recipe["pretrain_log"][-1]
-            print(f"final train loss (mean over the last logging window, step {last['step']}): {last['loss']}")
+            print(
+                f"final train loss (mean over the last logging window, step {last['step']}): {last['loss']}"
+            )
         print(f"build-time held-out caption loss: {json.dumps(recipe['heldout_caption_loss'])}")
     t1 = time.time()
-    df, caps = caption_probe(model, processor, n=args.n, seed=args.probe_seed, image_size=image_size,
-                             untrained_model=untrained, return_captions=True)
+    df, caps = caption_probe(
+        model,
+        processor,
+        n=args.n,
+        seed=args.probe_seed,
+        image_size=image_size,
+        untrained_model=untrained,
+        return_captions=True,
+    )
     print(f"\ncaption probe on {args.n} held-out scenes ({time.time() - t1:.1f} s)")
     with __import__("pandas").option_context("display.float_format", "{:.3f}".format):
         print(df.to_string(index=False))

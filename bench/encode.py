@@ -9,6 +9,7 @@ difference between the two outputs (they must agree: order is restored).
     .venv/bin/python bench/encode.py                # micro Qwen2-VL (random init), 512 items
     .venv/bin/python bench/encode.py --kind qwen3_vl --n 256 --rounds 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WORDS = ("red green blue yellow purple orange small large tiny huge circle square triangle star "
-         "striped dotted plain left right top bottom centre near far above below next to beside").split()
+WORDS = (
+    "red green blue yellow purple orange small large tiny huge circle square triangle star "
+    "striped dotted plain left right top bottom centre near far above below next to beside"
+).split()
 
 
 def make_pool(n: int, seed: int = 0):
@@ -49,17 +52,27 @@ def make_pool(n: int, seed: int = 0):
         elif k == 2:
             items.append(Item(image=image(56)))  # small image
         elif k == 3:
-            items.append(Item(image=image(112), txt=text(3, 8), instruction="Retrieve a matching image"))
+            items.append(
+                Item(image=image(112), txt=text(3, 8), instruction="Retrieve a matching image")
+            )
         else:
-            items.append(Item(txt=text(20, 60), instruction="Find the caption that describes the image"))
+            items.append(
+                Item(txt=text(20, 60), instruction="Find the caption that describes the image")
+            )
     rng.shuffle(items)
     return items
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--kind", default="qwen2_vl", choices=("qwen2_vl", "qwen3_vl"))
-    ap.add_argument("--size", default="micro", help="backbone size preset (random init; weights do not matter here)")
+    ap.add_argument(
+        "--size",
+        default="micro",
+        help="backbone size preset (random init; weights do not matter here)",
+    )
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
@@ -75,15 +88,20 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = build_backbone(BackboneConfig(kind=args.kind, size=args.size, pretrain_steps=0), args.cache_dir,
-                          progress=False)
+    path = build_backbone(
+        BackboneConfig(kind=args.kind, size=args.size, pretrain_steps=0),
+        args.cache_dir,
+        progress=False,
+    )
     emb = Embedder.from_pretrained(path, EmbedderConfig())
     items = make_pool(args.n)
     lens = emb.lengths(items)
-    print(f"pool: {len(items)} items, token length min {lens.min()} / median {int(np.median(lens))} / "
-          f"max {lens.max()}; model {path.name} ({sum(p.numel() for p in emb.model.parameters()) / 1e6:.2f} M params), "
-          f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, device {emb.device}")
-    emb.encode(items[:args.batch_size], batch_size=args.batch_size, progress=False)  # warm-up
+    print(
+        f"pool: {len(items)} items, token length min {lens.min()} / median {int(np.median(lens))} / "
+        f"max {lens.max()}; model {path.name} ({sum(p.numel() for p in emb.model.parameters()) / 1e6:.2f} M params), "
+        f"batch {args.batch_size}, torch threads {torch.get_num_threads()}, device {emb.device}"
+    )
+    emb.encode(items[: args.batch_size], batch_size=args.batch_size, progress=False)  # warm-up
 
     times = {"naive": [], "bucketed": []}
     outs = {}
@@ -91,13 +109,18 @@ def main(argv=None) -> int:
         modes = ("naive", "bucketed") if r % 2 == 0 else ("bucketed", "naive")
         for mode in modes:
             t0 = time.perf_counter()
-            outs[mode] = emb.encode(items, batch_size=args.batch_size, progress=False,
-                                    sort_by_length=mode == "bucketed")
+            outs[mode] = emb.encode(
+                items, batch_size=args.batch_size, progress=False, sort_by_length=mode == "bucketed"
+            )
             times[mode].append(time.perf_counter() - t0)
     naive, bucketed = statistics.median(times["naive"]), statistics.median(times["bucketed"])
     diff = float(np.abs(outs["naive"] - outs["bucketed"]).max())
-    print(f"naive order   : {len(items) / naive:8.1f} items/s  ({naive:.2f} s; rounds {[round(t, 2) for t in times['naive']]})")
-    print(f"length-bucket : {len(items) / bucketed:8.1f} items/s  ({bucketed:.2f} s; rounds {[round(t, 2) for t in times['bucketed']]})")
+    print(
+        f"naive order   : {len(items) / naive:8.1f} items/s  ({naive:.2f} s; rounds {[round(t, 2) for t in times['naive']]})"
+    )
+    print(
+        f"length-bucket : {len(items) / bucketed:8.1f} items/s  ({bucketed:.2f} s; rounds {[round(t, 2) for t in times['bucketed']]})"
+    )
     print(f"speed-up      : {naive / bucketed:.2f}x   (max |naive - bucketed| = {diff:.1e})")
     return 0
 

@@ -10,6 +10,7 @@ Each measurement runs in its own subprocess so that its peak RSS (``ru_maxrss``)
 mismatches are listed with the score gap that explains them (float near-ties; see
 ``umarvel_lib.eval.search``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +61,9 @@ def gen(a):
         if name == "big" and not a.big_n:
             continue
         cache = EmbeddingCache(w / f"shards_{name}", shard_size=a.shard_size)
-        job = EncodeJob({"kind": "pool", "source": name}, n, lambda lo, hi: [None] * (hi - lo), name=name)
+        job = EncodeJob(
+            {"kind": "pool", "source": name}, n, lambda lo, hi: [None] * (hi - lo), name=name
+        )
         if name == "small":  # the same vectors as cands.npy, as shards
             arr = np.load(w / "cands.npy", mmap_mode="r")
             store = cache.open(job)
@@ -124,8 +127,19 @@ def measure(a):
 
 def _run(a, phase):
     cmd = [sys.executable, __file__, "--phase", phase, "--workdir", a.workdir]
-    for k in ("n", "dim", "queries", "k", "big_n", "big_dim", "shard_size", "block_size", "query_chunk", "repeat",
-              "threads"):
+    for k in (
+        "n",
+        "dim",
+        "queries",
+        "k",
+        "big_n",
+        "big_dim",
+        "shard_size",
+        "block_size",
+        "query_chunk",
+        "repeat",
+        "threads",
+    ):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode:
@@ -134,7 +148,9 @@ def _run(a, phase):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--queries", type=int, default=2000)
@@ -145,9 +161,13 @@ def main():
     ap.add_argument("--block-size", type=int, default=16384)
     ap.add_argument("--query-chunk", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="threads for both torch and faiss (0: each library's default). On a shared machine use 1: "
-                         "faiss's OpenMP threads slow down several-fold when other jobs hold the cores")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for both torch and faiss (0: each library's default). On a shared machine use 1: "
+        "faiss's OpenMP threads slow down several-fold when other jobs hold the cores",
+    )
     ap.add_argument("--workdir", default=None, help="scratch dir (default: a temp dir, removed)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -169,37 +189,54 @@ def main():
         for ph in phases:
             res[ph] = _run(a, ph)
         w = Path(a.workdir)
-        print(f"\n== exact top-{a.k}: {a.n:,} x {a.dim} candidates, {a.queries:,} queries "
-              f"(best of {a.repeat}; ours {res['ours_mem']['threads']} threads"
-              f"{(', faiss ' + str(res['faiss']['threads'])) if 'faiss' in res else ''}) ==")
+        print(
+            f"\n== exact top-{a.k}: {a.n:,} x {a.dim} candidates, {a.queries:,} queries "
+            f"(best of {a.repeat}; ours {res['ours_mem']['threads']} threads"
+            f"{(', faiss ' + str(res['faiss']['threads'])) if 'faiss' in res else ''}) =="
+        )
         print(f"{'method':<34}{'search s':>10}{'q/s':>10}{'peak RSS MB':>13}{'RSS base MB':>13}")
-        names = {"faiss": "faiss IndexFlatIP (in memory)", "ours_mem": "ours, torch (in-memory array)",
-                 "ours_disk": "ours, torch (streamed from shards)"}
+        names = {
+            "faiss": "faiss IndexFlatIP (in memory)",
+            "ours_mem": "ours, torch (in-memory array)",
+            "ours_disk": "ours, torch (streamed from shards)",
+        }
         for ph in phases:
             r = res[ph]
-            print(f"{names[ph]:<34}{r['seconds']:>10.3f}{a.queries / r['seconds']:>10.0f}"
-                  f"{r['peak_rss_mb']:>13.0f}{r['rss_base_mb']:>13.0f}")
+            print(
+                f"{names[ph]:<34}{r['seconds']:>10.3f}{a.queries / r['seconds']:>10.0f}"
+                f"{r['peak_rss_mb']:>13.0f}{r['rss_base_mb']:>13.0f}"
+            )
         if "faiss" in res:
             for ph in ("ours_mem", "ours_disk"):
-                print(f"speed {ph} / faiss = {res['faiss']['seconds'] / res[ph]['seconds']:.2f}x "
-                      f"(target >= 0.8x)")
+                print(
+                    f"speed {ph} / faiss = {res['faiss']['seconds'] / res[ph]['seconds']:.2f}x "
+                    f"(target >= 0.8x)"
+                )
             fi, fs = np.load(w / "res_faiss.npy"), np.load(w / "res_faiss_s.npy")
             oi, os_ = np.load(w / "res_ours_disk.npy"), np.load(w / "res_ours_disk_s.npy")
             same_rows = int((fi == oi).all(1).sum())
             gap = float(np.abs(fs - os_).max())
-            print(f"ids and order identical for {same_rows}/{a.queries} queries; max |score diff| {gap:.2e}")
+            print(
+                f"ids and order identical for {same_rows}/{a.queries} queries; max |score diff| {gap:.2e}"
+            )
             bad = np.flatnonzero(~(fi == oi).all(1))[:3]
             for b in bad:
                 j = int(np.flatnonzero(fi[b] != oi[b])[0])
-                print(f"  query {b}: first difference at rank {j + 1}: faiss {fi[b, j]} ({fs[b, j]:.9g}) vs "
-                      f"ours {oi[b, j]} ({os_[b, j]:.9g})")
+                print(
+                    f"  query {b}: first difference at rank {j + 1}: faiss {fi[b, j]} ({fs[b, j]:.9g}) vs "
+                    f"ours {oi[b, j]} ({os_[b, j]:.9g})"
+                )
         if a.big_n:
             r = _run(a, "big")
             gb = a.big_n * a.big_dim * 4 / 2**30
-            print(f"\n== streaming: {a.big_n:,} x {a.big_dim} candidates in {a.shard_size:,}-row shards on disk "
-                  f"({gb:.2f} GiB), {a.queries:,} queries, top-{a.k} ==")
-            print(f"search {r['seconds']:.1f}s ({a.big_n * a.queries / r['seconds'] / 1e9:.2f} G scores/s), "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_base_mb']:.0f} MB)")
+            print(
+                f"\n== streaming: {a.big_n:,} x {a.big_dim} candidates in {a.shard_size:,}-row shards on disk "
+                f"({gb:.2f} GiB), {a.queries:,} queries, top-{a.k} =="
+            )
+            print(
+                f"search {r['seconds']:.1f}s ({a.big_n * a.queries / r['seconds'] / 1e9:.2f} G scores/s), "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB (after imports {r['rss_base_mb']:.0f} MB)"
+            )
     finally:
         if own:
             shutil.rmtree(a.workdir, ignore_errors=True)

@@ -17,6 +17,7 @@ same (checked: max |difference| printed).
 
 The last line is "achieved X% of matmul peak" (the whole step: model FLOPs / step time / peak).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,28 +38,48 @@ def _backbone(args) -> Path:
 
     if args.backbone:
         return Path(args.backbone)
-    if args.random_micro:  # the micro architecture without pre-training (seconds): same FLOPs and split
-        return build_backbone(BackboneConfig(size="micro", pretrain_steps=0), Path(args.cache_dir) / "backbones",
-                              progress=False)
+    if (
+        args.random_micro
+    ):  # the micro architecture without pre-training (seconds): same FLOPs and split
+        return build_backbone(
+            BackboneConfig(size="micro", pretrain_steps=0),
+            Path(args.cache_dir) / "backbones",
+            progress=False,
+        )
     cfg = BackboneConfig(size="micro")
     path = shipped_backbone(cfg) or Path(args.cache_dir) / "backbones" / cfg.resolved().name
     if not is_complete_build(path):
-        sys.exit(f"no micro backbone at {path}: build it (`umarvel backbone`), or pass --backbone PATH or --random-micro")
+        sys.exit(
+            f"no micro backbone at {path}: build it (`umarvel backbone`), or pass --backbone PATH or --random-micro"
+        )
     return backbone_path(make_run_config("cpu", {"backbone": str(path)}))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", help="a local backbone directory (default: the shipped or cached micro build)")
-    ap.add_argument("--random-micro", action="store_true", help="a random-init micro backbone (no pre-training)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--backbone", help="a local backbone directory (default: the shipped or cached micro build)"
+    )
+    ap.add_argument(
+        "--random-micro", action="store_true", help="a random-init micro backbone (no pre-training)"
+    )
     ap.add_argument("--cache-dir", default="cache")
-    ap.add_argument("--data-root", default=None, help="default: data/mini-mbeir-cpu (prepared if missing)")
+    ap.add_argument(
+        "--data-root", default=None, help="default: data/mini-mbeir-cpu (prepared if missing)"
+    )
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--profile", action="store_true", help="print the top ops of one step by self CPU time")
-    ap.add_argument("--cache-collate", action="store_true",
-                    help="also measure the step with per-item collate outputs cached")
+    ap.add_argument(
+        "--profile", action="store_true", help="print the top ops of one step by self CPU time"
+    )
+    ap.add_argument(
+        "--cache-collate",
+        action="store_true",
+        help="also measure the step with per-item collate outputs cached",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -85,7 +106,7 @@ def main(argv=None) -> int:
     n_all = sum(p.numel() for p in emb.parameters())
 
     def batches(i):
-        b = pairs[(i * args.batch) % len(pairs):][: args.batch]
+        b = pairs[(i * args.batch) % len(pairs) :][: args.batch]
         return [p.query for p in b], [p.positive for p in b]
 
     def step(i, collate=emb.collate, count=None):
@@ -106,7 +127,12 @@ def main(argv=None) -> int:
         t.append(time.perf_counter())
         tokens = int(bq["attention_mask"].sum() + bc["attention_mask"].sum())
         padded = int(bq["attention_mask"].numel() + bc["attention_mask"].numel())
-        return [b - a for a, b in zip(t, t[1:])], tokens, padded, (ctx.get_total_flops() if count else None)
+        return (
+            [b - a for a, b in zip(t, t[1:])],
+            tokens,
+            padded,
+            (ctx.get_total_flops() if count else None),
+        )
 
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -119,18 +145,24 @@ def main(argv=None) -> int:
     tokens = statistics.mean(r[1] for r in runs)
     padded = statistics.mean(r[2] for r in runs)
     peak = _matmul_flops(args.threads)
-    print(f"backbone {base} ({n_all / 1e6:.2f} M parameters, {n_train / 1e6:.3f} M trainable: LoRA r{stage.lora_r} "
-          f"+ tau); batch {args.batch} (query, positive) pairs of the cpu mini-M-BEIR; {args.threads} thread(s); "
-          f"median of {args.steps} steps")
+    print(
+        f"backbone {base} ({n_all / 1e6:.2f} M parameters, {n_train / 1e6:.3f} M trainable: LoRA r{stage.lora_r} "
+        f"+ tau); batch {args.batch} (query, positive) pairs of the cpu mini-M-BEIR; {args.threads} thread(s); "
+        f"median of {args.steps} steps"
+    )
     print(f"tokens per step {tokens:.0f} of {padded:.0f} padded ({tokens / padded:.0%} real)")
     print(f"{'part':<10}{'s':>8}{'share':>8}")
     for p in parts:
         print(f"{p:<10}{med[p]:8.3f}{med[p] / total:8.0%}")
     print(f"{'step':<10}{total:8.3f}")
     fb = med["forward"] + med["backward"]
-    print(f"model FLOPs per step {flops / 1e9:.2f} G (forward + backward, counted); single-thread fp32 matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s (1024^3, this run)")
-    print(f"forward + backward alone: {flops / fb / 1e9:.1f} GFLOP/s = {flops / fb / peak:.0%} of matmul peak")
+    print(
+        f"model FLOPs per step {flops / 1e9:.2f} G (forward + backward, counted); single-thread fp32 matmul peak "
+        f"{peak / 1e9:.1f} GFLOP/s (1024^3, this run)"
+    )
+    print(
+        f"forward + backward alone: {flops / fb / 1e9:.1f} GFLOP/s = {flops / fb / peak:.0%} of matmul peak"
+    )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -139,7 +171,9 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.cache_collate:
         _cached_collate_report(emb, batches, step, med, args)
-    print(f"achieved {flops / total / 1e9:.1f} GFLOP/s over the whole step = {flops / total / peak:.0%} of matmul peak")
+    print(
+        f"achieved {flops / total / 1e9:.1f} GFLOP/s over the whole step = {flops / total / peak:.0%} of matmul peak"
+    )
     return 0
 
 
@@ -177,7 +211,9 @@ def _cached_collate_report(emb, batches, step, med, args) -> None:
     print("with cached collate outputs (second epoch on):")
     for p in parts:
         print(f"  {p:<10}{med[p]:8.3f} -> {m2[p]:8.3f}")
-    print(f"  step      {sum(med.values()):8.3f} -> {sum(m2.values()):8.3f}; max |embedding difference| {diff:.1e}")
+    print(
+        f"  step      {sum(med.values()):8.3f} -> {sum(m2.values()):8.3f}; max |embedding difference| {diff:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ machine, run with ``--rounds 3`` or more and read the ratios, not the absolute t
     .venv/bin/python bench/train.py                       # batch 64, chunk 16, 10 steps, 2 rounds
     .venv/bin/python bench/train.py --batch 128 --chunk 32 --dim 256 --layers 4 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--seq", type=int, default=32)
@@ -34,9 +37,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--modes", default="plain-fp32,gc-fp32,plain-bf16,gc-bf16")
-    ap.add_argument("--memory", action="store_true",
-                    help="also: peak RSS of one step at a 3840 global batch with GradCache vs plain batches, "
-                         "the largest plain batch that fits this machine's RAM, and achieved vs matmul FLOP/s")
+    ap.add_argument(
+        "--memory",
+        action="store_true",
+        help="also: peak RSS of one step at a 3840 global batch with GradCache vs plain batches, "
+        "the largest plain batch that fits this machine's RAM, and achieved vs matmul FLOP/s",
+    )
     ap.add_argument("--one-step", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one_step:
@@ -55,7 +61,9 @@ def main(argv=None) -> int:
     n = args.batch * args.steps
     q_ids = torch.randint(0, 1000, (n, args.seq), generator=g)
     c_ids = q_ids.clone()
-    c_ids[:, ::3] = torch.randint(0, 1000, c_ids[:, ::3].shape, generator=g)   # noisy copy = positive
+    c_ids[:, ::3] = torch.randint(
+        0, 1000, c_ids[:, ::3].shape, generator=g
+    )  # noisy copy = positive
     data = [(q_ids[i], c_ids[i]) for i in range(n)]
 
     def collate(items):
@@ -69,12 +77,24 @@ def main(argv=None) -> int:
         def step(batch, ctx):
             q, c = batch
             if gc == "gc":
-                return grad_cache_step(model, (q, c), lambda a, b: info_nce(a, b, model.tau), args.chunk,
-                                       backward=ctx.backward)
+                return grad_cache_step(
+                    model,
+                    (q, c),
+                    lambda a, b: info_nce(a, b, model.tau),
+                    args.chunk,
+                    backward=ctx.backward,
+                )
             return info_nce(model(q), model(c), model.tau)
 
-        cfg = TrainConfig(lr=1e-4, max_steps=args.steps, batch_size=args.batch, shuffle=False, progress=False,
-                          mixed_precision="bf16" if prec == "bf16" else "no", grad_cache_chunk=args.chunk if gc == "gc" else None)
+        cfg = TrainConfig(
+            lr=1e-4,
+            max_steps=args.steps,
+            batch_size=args.batch,
+            shuffle=False,
+            progress=False,
+            mixed_precision="bf16" if prec == "bf16" else "no",
+            grad_cache_chunk=args.chunk if gc == "gc" else None,
+        )
         t0 = time.perf_counter()
         res = train_loop(model, step, data, cfg, tmp / mode, collate_fn=collate)
         return (time.perf_counter() - t0) / args.steps, [h["loss"] for h in res.history]
@@ -83,13 +103,15 @@ def main(argv=None) -> int:
     times = {m: [] for m in modes}
     losses = {}
     for r in range(args.rounds):
-        for m in (modes if r % 2 == 0 else modes[::-1]):
+        for m in modes if r % 2 == 0 else modes[::-1]:
             with tempfile.TemporaryDirectory() as d:
                 sec, ls = run(m, Path(d))
             times[m].append(sec)
             losses[m] = ls
-    print(f"batch {args.batch}, chunk {args.chunk}, seq {args.seq}, dim {args.dim}, layers {args.layers}, "
-          f"threads {torch.get_num_threads()}, {args.steps} steps × {args.rounds} rounds")
+    print(
+        f"batch {args.batch}, chunk {args.chunk}, seq {args.seq}, dim {args.dim}, layers {args.layers}, "
+        f"threads {torch.get_num_threads()}, {args.steps} steps × {args.rounds} rounds"
+    )
     base = statistics.median(times[modes[0]])
     print(f"{'mode':<12} {'s/step':>8} {'vs ' + modes[0]:>14} {'loss first':>11} {'loss last':>10}")
     for m in modes:
@@ -109,7 +131,9 @@ def _encoder(args):
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(1000, args.dim)
-            layer = nn.TransformerEncoderLayer(args.dim, 4, 4 * args.dim, dropout=0.1, batch_first=True)
+            layer = nn.TransformerEncoderLayer(
+                args.dim, 4, 4 * args.dim, dropout=0.1, batch_first=True
+            )
             self.enc = nn.TransformerEncoder(layer, args.layers, enable_nested_tensor=False)
             self.tau = nn.Parameter(torch.tensor(0.05))
 
@@ -151,10 +175,25 @@ def _one_step(args, mode: str, batch: int) -> int:
 def _child(args, mode, batch):
     import subprocess
 
-    cmd = [sys.executable, __file__, "--one-step", mode, str(batch), "--seq", str(args.seq), "--dim", str(args.dim),
-           "--layers", str(args.layers), "--chunk", str(args.chunk)] + (["--threads", str(args.threads)] if args.threads else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one-step",
+        mode,
+        str(batch),
+        "--seq",
+        str(args.seq),
+        "--dim",
+        str(args.dim),
+        "--layers",
+        str(args.layers),
+        "--chunk",
+        str(args.chunk),
+    ] + (["--threads", str(args.threads)] if args.threads else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    sec, rss, flops = next(line.split()[1:] for line in out.splitlines() if line.startswith("RESULT"))
+    sec, rss, flops = next(
+        line.split()[1:] for line in out.splitlines() if line.startswith("RESULT")
+    )
     return float(sec), float(rss), float(flops)
 
 
@@ -169,7 +208,7 @@ def _matmul_flops(threads) -> float:
     t0, n = time.perf_counter(), 20
     for _ in range(n):
         a @ b
-    return 2 * 1024 ** 3 * n / (time.perf_counter() - t0)
+    return 2 * 1024**3 * n / (time.perf_counter() - t0)
 
 
 def _memory_report(args) -> None:
@@ -185,13 +224,17 @@ def _memory_report(args) -> None:
     with open("/proc/meminfo") as f:
         total_mb = int(next(x for x in f if x.startswith("MemTotal")).split()[1]) / 1024
     fits = int((0.9 * total_mb - icpt) / slope) if slope > 0 else None
-    print(f"  plain RSS grows {slope:.2f} MB per sample: the largest plain batch fitting 90% of this machine's "
-          f"{total_mb / 1024:.0f} GiB is about {fits} (linear extrapolation); GradCache at 3840 needs "
-          f"{gc[2]:.0f} MB (plain at 3840 would need about {icpt + slope * 3840:.0f} MB)")
+    print(
+        f"  plain RSS grows {slope:.2f} MB per sample: the largest plain batch fitting 90% of this machine's "
+        f"{total_mb / 1024:.0f} GiB is about {fits} (linear extrapolation); GradCache at 3840 needs "
+        f"{gc[2]:.0f} MB (plain at 3840 would need about {icpt + slope * 3840:.0f} MB)"
+    )
     peak = _matmul_flops(args.threads)
     for name, (_b, sec, _rss, flops) in (("plain 2048", plain[-1]), ("GradCache 3840", gc)):
-        print(f"  achieved {name}: {flops / sec / 1e9:.1f} GFLOP/s = {flops / sec / peak:.0%} of this machine's "
-              f"fp32 matmul rate ({peak / 1e9:.0f} GFLOP/s)")
+        print(
+            f"  achieved {name}: {flops / sec / 1e9:.1f} GFLOP/s = {flops / sec / peak:.0%} of this machine's "
+            f"fp32 matmul rate ({peak / 1e9:.0f} GFLOP/s)"
+        )
 
 
 if __name__ == "__main__":

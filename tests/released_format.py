@@ -19,6 +19,7 @@ pools are ``..._task{0,3}_test_cand_pool.jsonl`` next to the larger train pools 
 the instruction TSV has a header and rows with fewer than four prompts; images come as RGBA PNG,
 CMYK and grayscale JPEG, a palette GIF, a 1200x900 photo and a 12x9 thumbnail.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,16 +31,58 @@ from pathlib import Path
 from PIL import Image
 
 # UniIR DATASET_IDS and the 16 evaluation rows (dataset, task id, query modality, candidate modality)
-DATASET_IDS = {"VisualNews": 0, "Fashion200K": 1, "WebQA": 2, "EDIS": 3, "NIGHTS": 4, "OVEN": 5, "INFOSEEK": 6,
-               "FashionIQ": 7, "CIRR": 8, "MSCOCO": 9}
-ROWS = [("VisualNews", 0, "text", "image"), ("MSCOCO", 0, "text", "image"), ("Fashion200K", 0, "text", "image"),
-        ("WebQA", 1, "text", "text"), ("EDIS", 2, "text", "image,text"), ("WebQA", 2, "text", "image,text"),
-        ("VisualNews", 3, "image", "text"), ("MSCOCO", 3, "image", "text"), ("Fashion200K", 3, "image", "text"),
-        ("NIGHTS", 4, "image", "image"), ("OVEN", 6, "image,text", "text"), ("INFOSEEK", 6, "image,text", "text"),
-        ("FashionIQ", 7, "image,text", "image"), ("CIRR", 7, "image,text", "image"),
-        ("OVEN", 8, "image,text", "image,text"), ("INFOSEEK", 8, "image,text", "image,text")]
-WORDS = ("red", "blue", "green", "small", "large", "dog", "cat", "car", "tree", "house", "river", "street",
-         "shirt", "dress", "bridge", "market", "player", "team", "city", "mountain")
+DATASET_IDS = {
+    "VisualNews": 0,
+    "Fashion200K": 1,
+    "WebQA": 2,
+    "EDIS": 3,
+    "NIGHTS": 4,
+    "OVEN": 5,
+    "INFOSEEK": 6,
+    "FashionIQ": 7,
+    "CIRR": 8,
+    "MSCOCO": 9,
+}
+ROWS = [
+    ("VisualNews", 0, "text", "image"),
+    ("MSCOCO", 0, "text", "image"),
+    ("Fashion200K", 0, "text", "image"),
+    ("WebQA", 1, "text", "text"),
+    ("EDIS", 2, "text", "image,text"),
+    ("WebQA", 2, "text", "image,text"),
+    ("VisualNews", 3, "image", "text"),
+    ("MSCOCO", 3, "image", "text"),
+    ("Fashion200K", 3, "image", "text"),
+    ("NIGHTS", 4, "image", "image"),
+    ("OVEN", 6, "image,text", "text"),
+    ("INFOSEEK", 6, "image,text", "text"),
+    ("FashionIQ", 7, "image,text", "image"),
+    ("CIRR", 7, "image,text", "image"),
+    ("OVEN", 8, "image,text", "image,text"),
+    ("INFOSEEK", 8, "image,text", "image,text"),
+]
+WORDS = (
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "dog",
+    "cat",
+    "car",
+    "tree",
+    "house",
+    "river",
+    "street",
+    "shirt",
+    "dress",
+    "bridge",
+    "market",
+    "player",
+    "team",
+    "city",
+    "mountain",
+)
 N_QUERIES = 3  # test queries per row
 N_CANDS = 6  # local pool size per row
 
@@ -113,7 +156,15 @@ def write_mbeir(base: Path, seed: int = 0) -> dict:
         cands = []
         for _ in range(N_CANDS):
             txt, img = content(cm)
-            cands.append({"txt": txt, "img_path": img, "modality": cm, "did": new_id(dataset), "src_content": None})
+            cands.append(
+                {
+                    "txt": txt,
+                    "img_path": img,
+                    "modality": cm,
+                    "did": new_id(dataset),
+                    "src_content": None,
+                }
+            )
         pools[(dataset, task)] = cands
     for dataset, task, qm, cm in ROWS:
         cands = pools[(dataset, task)]
@@ -127,21 +178,41 @@ def write_mbeir(base: Path, seed: int = 0) -> dict:
                 pos.append(pools[(other, task)][N_CANDS - 1]["did"])
                 outside[f"{dataset.lower()}_task{task}"] = 1
             qid = new_id(dataset)
-            queries.append({"qid": qid, "query_txt": txt, "query_img_path": img, "query_modality": qm,
-                            "query_src_content": json.dumps({"id": j}) if j == 1 else None,
-                            "pos_cand_list": pos, "neg_cand_list": [cands[-2]["did"]] if j == 2 else [],
-                            "task_id": task})
+            queries.append(
+                {
+                    "qid": qid,
+                    "query_txt": txt,
+                    "query_img_path": img,
+                    "query_modality": qm,
+                    "query_src_content": json.dumps({"id": j}) if j == 1 else None,
+                    "pos_cand_list": pos,
+                    "neg_cand_list": [cands[-2]["did"]] if j == 2 else [],
+                    "task_id": task,
+                }
+            )
             qrels += [f"{qid} 0 {d} 1 {task}\n" for d in pos]
         name = f"mbeir_{dataset.lower()}_task{task}"
         _jsonl(root / "query" / "test" / f"{name}_test.jsonl", queries)
         (root / "qrels" / "test").mkdir(parents=True, exist_ok=True)
-        (root / "qrels" / "test" / f"{name}_test_qrels.txt").write_text("".join(qrels), encoding="utf-8")
-        if dataset == "MSCOCO":  # the test pool has its own name; the plain name is the (larger) train pool
+        (root / "qrels" / "test" / f"{name}_test_qrels.txt").write_text(
+            "".join(qrels), encoding="utf-8"
+        )
+        if (
+            dataset == "MSCOCO"
+        ):  # the test pool has its own name; the plain name is the (larger) train pool
             _jsonl(root / "cand_pool" / "local" / f"{name}_test_cand_pool.jsonl", cands)
             extra = []
             for _ in range(2):
                 t, i = content(cm)
-                extra.append({"txt": t, "img_path": i, "modality": cm, "did": new_id(dataset), "src_content": None})
+                extra.append(
+                    {
+                        "txt": t,
+                        "img_path": i,
+                        "modality": cm,
+                        "did": new_id(dataset),
+                        "src_content": None,
+                    }
+                )
             _jsonl(root / "cand_pool" / "local" / f"{name}_cand_pool.jsonl", cands + extra)
         else:
             _jsonl(root / "cand_pool" / "local" / f"{name}_cand_pool.jsonl", cands)
@@ -157,32 +228,64 @@ def write_mbeir(base: Path, seed: int = 0) -> dict:
         for _ in range(2):
             t, i = content(cm)
             did = new_id(dataset)
-            train_pool.append({"txt": t, "img_path": i, "modality": cm, "did": did, "src_content": None})
+            train_pool.append(
+                {"txt": t, "img_path": i, "modality": cm, "did": did, "src_content": None}
+            )
             t, i = content(qm)
-            train_q.append({"qid": new_id(dataset), "query_txt": t, "query_img_path": i, "query_modality": qm,
-                            "query_src_content": None, "pos_cand_list": [did], "neg_cand_list": [], "task_id": task})
+            train_q.append(
+                {
+                    "qid": new_id(dataset),
+                    "query_txt": t,
+                    "query_img_path": i,
+                    "query_modality": qm,
+                    "query_src_content": None,
+                    "pos_cand_list": [did],
+                    "neg_cand_list": [],
+                    "task_id": task,
+                }
+            )
     _jsonl(root / "cand_pool" / "global" / "mbeir_union_train_cand_pool.jsonl", train_pool)
-    up = train_q + [r for r in train_q if DATASET_IDS[_dataset_of(r["qid"])] in (4, 7, 8)]  # NIGHTS, FIQ, CIRR x2
+    up = train_q + [
+        r for r in train_q if DATASET_IDS[_dataset_of(r["qid"])] in (4, 7, 8)
+    ]  # NIGHTS, FIQ, CIRR x2
     rng.shuffle(up)
     _jsonl(root / "query" / "union_train" / "mbeir_union_up_train.jsonl", up)
-    _jsonl(root / "query" / "train" / "mbeir_mscoco_train.jsonl", [r for r in train_q if r["qid"].startswith("9:")])
+    _jsonl(
+        root / "query" / "train" / "mbeir_mscoco_train.jsonl",
+        [r for r in train_q if r["qid"].startswith("9:")],
+    )
 
     # instructions: header, then query_modality, cand_modality, dataset, dataset_id, prompt_1..4
-    lines = ["query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\tprompt_4"]
+    lines = [
+        "query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\tprompt_4"
+    ]
     seen = set()
     for dataset, task, qm, cm in ROWS:
         if (dataset, qm, cm) in seen:
             continue
         seen.add((dataset, qm, cm))
-        prompts = [f"retrieve a {cm.replace(',', ' and ')} for this {qm.replace(',', ' and ')} ({dataset})",
-                   f"Find the matching {cm} in {dataset}"]
+        prompts = [
+            f"retrieve a {cm.replace(',', ' and ')} for this {qm.replace(',', ' and ')} ({dataset})",
+            f"Find the matching {cm} in {dataset}",
+        ]
         if task != 4:  # some rows carry fewer prompts (empty trailing columns)
             prompts += [f"Show me the {cm} that fits", f"I want the {cm} for this query"]
-        lines.append("\t".join([qm, cm, dataset, str(DATASET_IDS[dataset])] + prompts + [""] * (4 - len(prompts))))
+        lines.append(
+            "\t".join(
+                [qm, cm, dataset, str(DATASET_IDS[dataset])] + prompts + [""] * (4 - len(prompts))
+            )
+        )
     (root / "instructions").mkdir()
-    (root / "instructions" / "query_instructions.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"root": root, "images": disk, "repeats": len(up) - len(train_q), "train_records": len(up),
-            "outside": outside}
+    (root / "instructions" / "query_instructions.tsv").write_text(
+        "\n".join(lines) + "\n", encoding="utf-8"
+    )
+    return {
+        "root": root,
+        "images": disk,
+        "repeats": len(up) - len(train_q),
+        "train_records": len(up),
+        "outside": outside,
+    }
 
 
 def _dataset_of(qid: str) -> str:
@@ -213,9 +316,16 @@ def write_cc3m(base: Path, n: int = 12, seed: int = 0) -> Path:
     for i in range(n):
         name = f"GCC_train_{i:09d}.jpg"
         _image(root / name, rng, IMAGE_KINDS[i % len(IMAGE_KINDS)] if i % 3 == 0 else "rgb")
-        recs.append({"id": f"GCC_train_{i:09d}", "image": name,
-                     "conversations": [{"from": "human", "value": "Give a brief description of the image.\n<image>"},
-                                       {"from": "gpt", "value": _sentence(rng).lower()}]})
+        recs.append(
+            {
+                "id": f"GCC_train_{i:09d}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "Give a brief description of the image.\n<image>"},
+                    {"from": "gpt", "value": _sentence(rng).lower()},
+                ],
+            }
+        )
     (root / "chat.json").write_text(json.dumps(recs), encoding="utf-8")
     return root
 
@@ -223,11 +333,36 @@ def write_cc3m(base: Path, n: int = 12, seed: int = 0) -> Path:
 # ---- checkpoints -------------------------------------------------------------------------------
 # Special tokens at their real ids (Qwen2-VL-7B-Instruct and Qwen3-VL-4B-Instruct share 151643-151656;
 # Qwen3 adds tool/think tokens up to 151668). U-MARVEL appends its three tokens after them.
-QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN3_EXTRA = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-               "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+QWEN3_EXTRA = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+]
 FIRST_SPECIAL = 151643
 UMARVEL = ["<emb>", "<instruction_start>", "<instruction_end>"]
 
@@ -270,61 +405,148 @@ def _tokenizer(kind: str, umarvel: bool):
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     if umarvel:
         tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in UMARVEL])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        clean_up_tokenization_spaces=False,
+    )
 
 
 def _qwen2_config(arch: str) -> dict:
     """Qwen2-VL-7B-Instruct's config.json keys (flat text keys, rope_scaling type mrope), tiny sizes."""
-    return {"architectures": [arch], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
-            "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
-            "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 32,
-            "initializer_range": 0.02, "intermediate_size": 64, "max_position_embeddings": 32768,
-            "max_window_layers": 2, "model_type": "qwen2_vl", "num_attention_heads": 2, "num_hidden_layers": 2,
-            "num_key_value_heads": 1, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
-            "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.41.2",
-            "use_cache": True, "use_sliding_window": False,
-            "vision_config": {"depth": 1, "embed_dim": 16, "mlp_ratio": 4, "num_heads": 2, "in_chans": 3,
-                              "hidden_size": 32, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
-                              "temporal_patch_size": 2},
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "vocab_size": 152064}
+    return {
+        "architectures": [arch],
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "hidden_act": "silu",
+        "hidden_size": 32,
+        "initializer_range": 0.02,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 2,
+        "model_type": "qwen2_vl",
+        "num_attention_heads": 2,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.41.2",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vision_config": {
+            "depth": 1,
+            "embed_dim": 16,
+            "mlp_ratio": 4,
+            "num_heads": 2,
+            "in_chans": 3,
+            "hidden_size": 32,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "temporal_patch_size": 2,
+        },
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "vocab_size": 152064,
+    }
 
 
 def _qwen3_config(arch: str) -> dict:
     """Qwen3-VL-4B-Instruct's config.json keys (nested text/vision configs, interleaved mrope), tiny sizes."""
-    return {"architectures": [arch], "image_token_id": 151655, "model_type": "qwen3_vl",
-            "text_config": {"attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
-                            "dtype": "float32", "eos_token_id": 151645, "head_dim": 16, "hidden_act": "silu",
-                            "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
-                            "max_position_embeddings": 262144, "model_type": "qwen3_vl_text",
-                            "num_attention_heads": 2, "num_hidden_layers": 2, "num_key_value_heads": 1,
-                            "rms_norm_eps": 1e-06,
-                            "rope_scaling": {"mrope_interleaved": True, "mrope_section": [2, 3, 3],
-                                             "rope_type": "default"},
-                            "rope_theta": 5000000, "tie_word_embeddings": True, "use_cache": True,
-                            "vocab_size": 151936},
-            "tie_word_embeddings": True, "transformers_version": "4.57.0.dev0", "video_token_id": 151656,
-            "vision_config": {"deepstack_visual_indexes": [0], "depth": 1, "hidden_act": "gelu_pytorch_tanh",
-                              "hidden_size": 16, "in_channels": 3, "initializer_range": 0.02, "intermediate_size": 32,
-                              "model_type": "qwen3_vl", "num_heads": 2, "num_position_embeddings": 64,
-                              "out_hidden_size": 32, "patch_size": 16, "spatial_merge_size": 2,
-                              "temporal_patch_size": 2},
-            "vision_end_token_id": 151653, "vision_start_token_id": 151652}
+    return {
+        "architectures": [arch],
+        "image_token_id": 151655,
+        "model_type": "qwen3_vl",
+        "text_config": {
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": 151643,
+            "dtype": "float32",
+            "eos_token_id": 151645,
+            "head_dim": 16,
+            "hidden_act": "silu",
+            "hidden_size": 32,
+            "initializer_range": 0.02,
+            "intermediate_size": 64,
+            "max_position_embeddings": 262144,
+            "model_type": "qwen3_vl_text",
+            "num_attention_heads": 2,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 1,
+            "rms_norm_eps": 1e-06,
+            "rope_scaling": {
+                "mrope_interleaved": True,
+                "mrope_section": [2, 3, 3],
+                "rope_type": "default",
+            },
+            "rope_theta": 5000000,
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "vocab_size": 151936,
+        },
+        "tie_word_embeddings": True,
+        "transformers_version": "4.57.0.dev0",
+        "video_token_id": 151656,
+        "vision_config": {
+            "deepstack_visual_indexes": [0],
+            "depth": 1,
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_size": 16,
+            "in_channels": 3,
+            "initializer_range": 0.02,
+            "intermediate_size": 32,
+            "model_type": "qwen3_vl",
+            "num_heads": 2,
+            "num_position_embeddings": 64,
+            "out_hidden_size": 32,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        "vision_end_token_id": 151653,
+        "vision_start_token_id": 151652,
+    }
 
 
 def _preprocessor(kind: str) -> dict:
     if kind == "qwen3_vl":  # Qwen3-VL-4B-Instruct: size dict, patch 16, mean/std 0.5
-        return {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
-                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
-                "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
-                "image_processor_type": "Qwen2VLImageProcessorFast"}
-    return {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
-            "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2VLProcessor"}
+        return {
+            "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+            "patch_size": 16,
+            "temporal_patch_size": 2,
+            "merge_size": 2,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+            "processor_class": "Qwen3VLProcessor",
+            "image_processor_type": "Qwen2VLImageProcessorFast",
+        }
+    return {
+        "min_pixels": 3136,
+        "max_pixels": 12845056,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+    }
 
 
-def write_checkpoint(path: Path, kind: str = "qwen2_vl", *, umarvel: bool = False, seed: int = 0) -> Path:
+def write_checkpoint(
+    path: Path, kind: str = "qwen2_vl", *, umarvel: bool = False, seed: int = 0
+) -> Path:
     """A tiny checkpoint directory as Qwen2-VL-7B-Instruct / Qwen3-VL-4B-Instruct ship it (sharded
     safetensors + index, config.json, generation_config.json, preprocessor_config.json, tokenizer
     files, chat_template.json), or, with ``umarvel``, as the released U-MARVEL models: the forked
@@ -343,26 +565,52 @@ def write_checkpoint(path: Path, kind: str = "qwen2_vl", *, umarvel: bool = Fals
     path = Path(path)
     path.mkdir(parents=True)
     if kind == "qwen2_vl":
-        arch = "Qwen2VLRetFinetuneForConditionalGeneration" if umarvel else "Qwen2VLForConditionalGeneration"
+        arch = (
+            "Qwen2VLRetFinetuneForConditionalGeneration"
+            if umarvel
+            else "Qwen2VLForConditionalGeneration"
+        )
         conf, template = _qwen2_config(arch), QWEN2_VL_CHAT_TEMPLATE
         cfg_cls, model_cls = Qwen2VLConfig, Qwen2VLForConditionalGeneration
     else:
-        arch = "Qwen3VLRetFinetuneForConditionalGeneration" if umarvel else "Qwen3VLForConditionalGeneration"
+        arch = (
+            "Qwen3VLRetFinetuneForConditionalGeneration"
+            if umarvel
+            else "Qwen3VLForConditionalGeneration"
+        )
         conf, template = _qwen3_config(arch), QWEN3_VL_TEMPLATE
         cfg_cls, model_cls = Qwen3VLConfig, Qwen3VLForConditionalGeneration
     (path / "config.json").write_text(json.dumps(conf, indent=2))
     torch.manual_seed(seed)
     model = model_cls(cfg_cls.from_pretrained(str(path)))
     model.save_pretrained(path, max_shard_size="8MB")  # sharded like the release (index + shards)
-    (path / "config.json").write_text(json.dumps(conf, indent=2))  # the released keys, not the re-serialised ones
-    (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
-         "eos_token_id": [151645, 151643], "temperature": 0.01, "top_k": 1, "top_p": 0.001}))
+    (path / "config.json").write_text(
+        json.dumps(conf, indent=2)
+    )  # the released keys, not the re-serialised ones
+    (path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token_id": 151643,
+                "pad_token_id": 151643,
+                "do_sample": True,
+                "eos_token_id": [151645, 151643],
+                "temperature": 0.01,
+                "top_k": 1,
+                "top_p": 0.001,
+            }
+        )
+    )
     tok = _tokenizer(kind, umarvel)
     tok.save_pretrained(path)
     tc = json.loads((path / "tokenizer_config.json").read_text())
-    tc.update(tokenizer_class="Qwen2Tokenizer", chat_template=template, model_max_length=32768, errors="replace",
-              split_special_tokens=False, add_prefix_space=False)
+    tc.update(
+        tokenizer_class="Qwen2Tokenizer",
+        chat_template=template,
+        model_max_length=32768,
+        errors="replace",
+        split_special_tokens=False,
+        add_prefix_space=False,
+    )
     (path / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))
     (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
     (path / "preprocessor_config.json").write_text(json.dumps(_preprocessor(kind), indent=2))

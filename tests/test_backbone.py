@@ -1,4 +1,5 @@
 """The embedded backbone: tokenizer, processor, micro builds, cache, one loading path (test size only)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -53,18 +54,26 @@ def test_tokenizer_special_tokens_and_chat_template():
     for t in UMARVEL_TOKENS + ANSWER_TOKENS:
         assert len(tok.encode(t, add_special_tokens=False)) == 1
     # U-MARVEL tokens stay atomic inside text and survive decoding (they are plain added tokens)
-    enc = tok.encode("a red star<instruction_start>find it<instruction_end> <emb>.", add_special_tokens=False)
+    enc = tok.encode(
+        "a red star<instruction_start>find it<instruction_end> <emb>.", add_special_tokens=False
+    )
     assert ids["<instruction_start>"] in enc and ids["<emb>"] in enc
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a red star"}]},
-            {"role": "assistant", "content": "<emb>."}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a red star"}]},
+        {"role": "assistant", "content": "<emb>."},
+    ]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                    "<|vision_start|><|image_pad|><|vision_end|>a red star<|im_end|>\n"
-                    "<|im_start|>assistant\n<emb>.<|im_end|>\n")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>a red star<|im_end|>\n"
+        "<|im_start|>assistant\n<emb>.<|im_end|>\n"
+    )
     gen = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
     assert gen.endswith("a red star<|im_end|>\n<|im_start|>assistant\n")
     sys_msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(sys_msgs, tokenize=False).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert tok.apply_chat_template(sys_msgs, tokenize=False).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>"
+    )
 
 
 _HASH_SNIPPET = """
@@ -80,8 +89,16 @@ def test_tokenizer_byte_identical_across_hash_seeds(tmp_path):
     procs = []
     for seed in ("1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, "-c", _HASH_SNIPPET], env=env, cwd=str(REPO),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _HASH_SNIPPET],
+                env=env,
+                cwd=str(REPO),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -102,7 +119,9 @@ def test_load_backbone_and_auto_classes(built, monkeypatch):
     assert isinstance(proc, bb.ImageOnlyQwen2VLProcessor)
     tok = proc.tokenizer
     assert model.config.emb_token_id == tok.convert_tokens_to_ids("<emb>")
-    assert model.config.instruction_start_token_id == tok.convert_tokens_to_ids("<instruction_start>")
+    assert model.config.instruction_start_token_id == tok.convert_tokens_to_ids(
+        "<instruction_start>"
+    )
     assert model.config.instruction_end_token_id == tok.convert_tokens_to_ids("<instruction_end>")
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     # stock auto class and the concrete class load the same directory, offline
@@ -111,7 +130,9 @@ def test_load_backbone_and_auto_classes(built, monkeypatch):
     sd_a, sd_b = auto.state_dict(), model.state_dict()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_b)
     # the saved processor renders an image+text chat with the right special tokens and image tokens
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a red star"}]}]
+    msgs = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a red star"}]}
+    ]
     text = proc.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert "<|vision_start|><|image_pad|><|vision_end|>a red star" in text
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
@@ -121,10 +142,14 @@ def test_load_backbone_and_auto_classes(built, monkeypatch):
     assert int(batch["mm_token_type_ids"].sum()) == n_img
 
 
-@pytest.mark.parametrize("name", ["Qwen/Qwen2-VL-7B-Instruct", "chaxjli/U-MARVEL-Qwen2VL-7B", "/no/such/dir"])
+@pytest.mark.parametrize(
+    "name", ["Qwen/Qwen2-VL-7B-Instruct", "chaxjli/U-MARVEL-Qwen2VL-7B", "/no/such/dir"]
+)
 def test_hub_id_fails_fast(name):
     t = time.time()
-    with pytest.raises(FileNotFoundError, match="not a local directory.*no download is attempted.*local copy"):
+    with pytest.raises(
+        FileNotFoundError, match="not a local directory.*no download is attempted.*local copy"
+    ):
         bb.load_backbone(name)
     with pytest.raises(FileNotFoundError, match="no download is attempted"):
         bb.load_processor(name)
@@ -141,8 +166,12 @@ def test_missing_umarvel_tokens_are_added(built, tmp_path):
     raw = Tokenizer.from_str(json.dumps(tj))
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+    )
     tok.chat_template = proc.tokenizer.chat_template
     assert "<emb>" not in tok.get_vocab()
     model.resize_token_embeddings(len(tok))
@@ -169,7 +198,9 @@ def test_same_seed_same_weights_and_cache_reuse(built, cache, tmp_path):
     again = bb.build_backbone(TEST_CFG, cache, progress=False)
     assert again == built and time.time() - t < 1.0
     # explicit values equal to the preset are the same recipe; a different seed is not
-    same = bb.BackboneConfig(kind="qwen2_vl", size="test", pretrain_steps=TEST_CFG.resolved().pretrain_steps)
+    same = bb.BackboneConfig(
+        kind="qwen2_vl", size="test", pretrain_steps=TEST_CFG.resolved().pretrain_steps
+    )
     assert same.name == TEST_CFG.name
     assert bb.BackboneConfig(size="test", seed=1).name != TEST_CFG.name
 
@@ -192,11 +223,17 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
 
 def test_pretraining_reduces_heldout_caption_loss(built):
     recipe = bb.read_recipe(built)
-    assert recipe["heldout_caption_loss"]["pretrained"] < recipe["heldout_caption_loss"]["untrained"] - 1.0
+    assert (
+        recipe["heldout_caption_loss"]["pretrained"]
+        < recipe["heldout_caption_loss"]["untrained"] - 1.0
+    )
     model, proc = bb.load_backbone(built)
     untrained = bb.build_micro_model(TEST_CFG, proc.tokenizer)
     kw = dict(n=16, seed=4242, image_size=56)
-    assert bb.heldout_caption_loss(model, proc, **kw) < bb.heldout_caption_loss(untrained, proc, **kw) - 1.0
+    assert (
+        bb.heldout_caption_loss(model, proc, **kw)
+        < bb.heldout_caption_loss(untrained, proc, **kw) - 1.0
+    )
     assert [r["step"] for r in recipe["pretrain_log"]][-1] == TEST_CFG.resolved().pretrain_steps
 
 
@@ -204,10 +241,15 @@ def test_pretraining_reduces_heldout_caption_loss(built):
 def test_forward_with_image(kind, cache):
     path = bb.tiny_backbone(cache, kind, pretrain_steps=0)
     model, proc = bb.load_backbone(path)
-    assert type(model).__name__ == ("Qwen3VLForConditionalGeneration" if kind == "qwen3_vl"
-                                    else "Qwen2VLForConditionalGeneration")
-    texts = [bb.chat_text(proc, "a red star", "<emb>.", image=True),
-             bb.chat_text(proc, "only text here, a bit longer", "<emb>.", image=False)]
+    assert type(model).__name__ == (
+        "Qwen3VLForConditionalGeneration"
+        if kind == "qwen3_vl"
+        else "Qwen2VLForConditionalGeneration"
+    )
+    texts = [
+        bb.chat_text(proc, "a red star", "<emb>.", image=True),
+        bb.chat_text(proc, "only text here, a bit longer", "<emb>.", image=False),
+    ]
     batch = proc(text=texts, images=[_image(1)], padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(**batch, use_cache=False)

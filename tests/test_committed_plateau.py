@@ -5,6 +5,7 @@ a dev curve predates dev curves and is skipped with that reason; a run with one 
 every stage (:func:`umarvel_lib.eval.plateau.plateau`), and a row that one of the paper's findings
 compares must have trained at least ``MIN_STEPS`` optimizer steps per stage.
 """
+
 import json
 from pathlib import Path
 
@@ -32,7 +33,9 @@ def test_committed_run_trained_to_plateau(run_dir):
         pytest.skip(f"status {side.get('status')}")
     curve = report.dev_curve(run_dir)
     if curve.empty:
-        pytest.skip("no dev curve (dev_curve.csv): the run predates dev curves; rerun it at the cpu preset")
+        pytest.skip(
+            "no dev curve (dev_curve.csv): the run predates dev curves; rerun it at the cpu preset"
+        )
     plan = report.stage_plan(run_dir)
     min_steps = MIN_STEPS if _finding_row(side) else 0
     checks = report.plateau_checks(run_dir, min_steps=min_steps)

@@ -1,4 +1,5 @@
 """Config system: presets, dotted overrides, ablation rows and their paper values."""
+
 import pytest
 
 from umarvel_lib.config import (
@@ -25,7 +26,9 @@ def test_presets_scale_the_paper_recipe():
 
 
 def test_overrides_are_checked():
-    cfg = make_run_config("smoke", {"embedder.attention": "causal", "stage.mbeir.lr": 1e-3, "stages": ["mbeir"]})
+    cfg = make_run_config(
+        "smoke", {"embedder.attention": "causal", "stage.mbeir.lr": 1e-3, "stages": ["mbeir"]}
+    )
     assert cfg.embedder.attention == "causal" and cfg.stage["mbeir"].lr == 1e-3
     with pytest.raises(KeyError, match="unknown config key"):
         make_run_config("smoke", {"embedder.atention": "causal"})
@@ -37,7 +40,13 @@ def test_overrides_are_checked():
 
 def test_stage_hash_prefix_sharing():
     a = make_run_config("smoke", {"stages": ["nli", "mbeir"]})
-    b = make_run_config("smoke", {"stages": ["nli", "mbeir", "hard_negatives"], "stage.hard_negatives.filter_max_score": 0.5})
+    b = make_run_config(
+        "smoke",
+        {
+            "stages": ["nli", "mbeir", "hard_negatives"],
+            "stage.hard_negatives.filter_max_score": 0.5,
+        },
+    )
     assert a.hash(upto_stage="mbeir") == b.hash(upto_stage="mbeir")
     c = make_run_config("smoke", {"stages": ["nli", "mbeir"], "embedder.attention": "causal"})
     assert a.hash(upto_stage="nli") != c.hash(upto_stage="nli")
@@ -104,14 +113,23 @@ def test_identity_is_what_changes_results_and_nothing_else():
     base = ab.run_config("0", "cpu", 0)
     h, hs = base.hash(), base.hash(upto_stage="mbeir")
     # settings that do not change a result leave every hash alone
-    for over in ({"threads": 7}, {"cache_dir": "/elsewhere"}, {"eval.batch_size": 3}, {"scale.chunk_size": 4},
-                 {"data_root": None, "backbone": None}):
+    for over in (
+        {"threads": 7},
+        {"cache_dir": "/elsewhere"},
+        {"eval.batch_size": 3},
+        {"scale.chunk_size": 4},
+        {"data_root": None, "backbone": None},
+    ):
         c = ab.run_config("0", "cpu", 0)
         apply_overrides(c, over)
         assert (c.hash(), c.hash(upto_stage="mbeir")) == (h, hs), over
     # settings that do change it
-    for over in ({"scale.mixed_precision": "bf16"}, {"seed": 1}, {"stage.mbeir.lr": 1e-3},
-                 {"embedder.max_text_tokens": 64}):
+    for over in (
+        {"scale.mixed_precision": "bf16"},
+        {"seed": 1},
+        {"stage.mbeir.lr": 1e-3},
+        {"embedder.max_text_tokens": 64},
+    ):
         c = ab.run_config("0", "cpu", 0)
         apply_overrides(c, over)
         assert c.hash() != h and c.hash(upto_stage="mbeir") != hs, over
@@ -119,14 +137,21 @@ def test_identity_is_what_changes_results_and_nothing_else():
     apply_overrides(c, {"eval.instruction_seed": 3})  # evaluation: the run, not its checkpoints
     assert c.hash() != h and c.hash(upto_stage="mbeir") == hs
     # the weights and the data bytes: another build is another run; the NLI stage reads only the NLI part
-    for field, a_val, b_val in (("backbone_digest", "0123456789abcdef", "fedcba9876543210"),
-                                ("data_digest", {"mbeir": "a", "nli": "n", "cc3m": "c"},
-                                 {"mbeir": "b", "nli": "n", "cc3m": "c"})):
+    for field, a_val, b_val in (
+        ("backbone_digest", "0123456789abcdef", "fedcba9876543210"),
+        (
+            "data_digest",
+            {"mbeir": "a", "nli": "n", "cc3m": "c"},
+            {"mbeir": "b", "nli": "n", "cc3m": "c"},
+        ),
+    ):
         a, b = (make_run_config("cpu", {"stages": ["nli", "cc3m", "mbeir"]}) for _ in range(2))
         setattr(a, field, a_val)
         setattr(b, field, b_val)
         assert a.hash() != b.hash() and a.hash(upto_stage="mbeir") != b.hash(upto_stage="mbeir")
-    assert a.hash(upto_stage="nli") == b.hash(upto_stage="nli")  # M-BEIR bytes changed, NLI's did not
+    assert a.hash(upto_stage="nli") == b.hash(
+        upto_stage="nli"
+    )  # M-BEIR bytes changed, NLI's did not
 
 
 def test_reranker_settings_key_the_reranker_and_the_teacher():
@@ -135,12 +160,18 @@ def test_reranker_settings_key_the_reranker_and_the_teacher():
         row = ab.row(rid)
         a, b = ab.run_config(row, "cpu", 0), ab.run_config(row, "cpu", 0)
         apply_overrides(b, {"reranker.lr": 1e-3})
-        assert a.hash(upto_stage="hard_negatives", reranker=True) != b.hash(upto_stage="hard_negatives", reranker=True)
+        assert a.hash(upto_stage="hard_negatives", reranker=True) != b.hash(
+            upto_stage="hard_negatives", reranker=True
+        )
         assert a.hash(reranker=row.reranker) != b.hash(reranker=row.reranker)
-        assert a.hash(upto_stage="hard_negatives") == b.hash(upto_stage="hard_negatives")  # the embedder stage
+        assert a.hash(upto_stage="hard_negatives") == b.hash(
+            upto_stage="hard_negatives"
+        )  # the embedder stage
     c, d = ab.run_config("distillation", "cpu", 0), ab.run_config("distillation", "cpu", 0)
     apply_overrides(d, {"reranker.lr": 1e-3})
-    assert c.hash(upto_stage="distill") != d.hash(upto_stage="distill")  # the teacher's scores come from it
+    assert c.hash(upto_stage="distill") != d.hash(
+        upto_stage="distill"
+    )  # the teacher's scores come from it
     e, f = ab.run_config("baseline", "cpu", 0), ab.run_config("baseline", "cpu", 0)
     apply_overrides(f, {"reranker.lr": 1e-3})
     assert e.hash() == f.hash()  # a row that uses no reranker
@@ -158,7 +189,9 @@ def test_unknown_preset_is_refused_with_the_choices():
     from umarvel_lib.notebook import results_dir
 
     for fn in (check_preset, lambda p: make_run_config(p), lambda p: results_dir(p)):
-        with pytest.raises(KeyError, match="unknown preset 'nonsense'; choose from cpu, gpu, paper, smoke"):
+        with pytest.raises(
+            KeyError, match="unknown preset 'nonsense'; choose from cpu, gpu, paper, smoke"
+        ):
             fn("nonsense")
 
 
@@ -167,12 +200,15 @@ def test_extra_rows_are_validated_and_marked_as_the_readers():
     from umarvel_lib.config import load_ablation
 
     ab = load_ablation("table4").with_extra_rows(
-        '{"my_tau": {"label": "tau 0.02", "overrides": {"embedder.temperature_init": 0.02, "stage.mbeir.lr": 2.0e-4}}}')
+        '{"my_tau": {"label": "tau 0.02", "overrides": {"embedder.temperature_init": 0.02, "stage.mbeir.lr": 2.0e-4}}}'
+    )
     mine = ab.rows[-1]
     assert (mine.id, mine.label, mine.own, mine.paper_key) == ("my_tau", "tau 0.02", True, None)
     assert not any(r.own for r in ab.rows[:-1]) and ab.baseline.id == "0"
     cfg = ab.run_config(mine, "smoke", 1)
-    assert cfg.embedder.temperature_init == 0.02 and cfg.stage["mbeir"].lr == 2.0e-4 and cfg.seed == 1
+    assert (
+        cfg.embedder.temperature_init == 0.02 and cfg.stage["mbeir"].lr == 2.0e-4 and cfg.seed == 1
+    )
     assert cfg.stages == ["mbeir"]  # the table's base still applies
     # YAML works too, nested keys as well; empty text adds nothing
     ab2 = load_ablation("table2").with_extra_rows("mine: {overrides: {embedder: {pooling: last}}}")
@@ -180,18 +216,27 @@ def test_extra_rows_are_validated_and_marked_as_the_readers():
     assert load_ablation("table2").with_extra_rows("  ").rows == load_ablation("table2").rows
 
 
-@pytest.mark.parametrize("text, needles", [
-    ('{"x": {"overrides": {"stage.mbeir.temprature": 0.02}}}', ["'stage.mbeir.temprature'", "stage.mbeir.lr"]),
-    ('{"x": {"overrides": {"stage.mbier.lr": 0.02}}}', ["'stage.mbier'", "stage.mbeir"]),
-    ('{"x": {"overrides": {"stage.mbeir.lr": "fast"}}}', ["'stage.mbeir.lr'", "float"]),
-    ('{"x": {"overrides": {"stage.mbeir.batch_size": 1.5}}}', ["'stage.mbeir.batch_size'", "int"]),
-    ('{"x": {"overrides": {"embedder.pooling": "max"}}}', ["'embedder.pooling'", "mean"]),
-    ('{"x": {"overrides": {"stages": ["mbeir", "nope"]}}}', ["'stages'", "hard_negatives"]),
-    ('{"x": {"lable": "typo"}}', ["'lable'", "label, overrides"]),
-    ('{"0": {"label": "clash"}}', ["row '0'", "already has"]),
-    ('[1, 2]', ["extra_rows must map"]),
-    ('{"x": {', ["not YAML/JSON"]),
-])
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        (
+            '{"x": {"overrides": {"stage.mbeir.temprature": 0.02}}}',
+            ["'stage.mbeir.temprature'", "stage.mbeir.lr"],
+        ),
+        ('{"x": {"overrides": {"stage.mbier.lr": 0.02}}}', ["'stage.mbier'", "stage.mbeir"]),
+        ('{"x": {"overrides": {"stage.mbeir.lr": "fast"}}}', ["'stage.mbeir.lr'", "float"]),
+        (
+            '{"x": {"overrides": {"stage.mbeir.batch_size": 1.5}}}',
+            ["'stage.mbeir.batch_size'", "int"],
+        ),
+        ('{"x": {"overrides": {"embedder.pooling": "max"}}}', ["'embedder.pooling'", "mean"]),
+        ('{"x": {"overrides": {"stages": ["mbeir", "nope"]}}}', ["'stages'", "hard_negatives"]),
+        ('{"x": {"lable": "typo"}}', ["'lable'", "label, overrides"]),
+        ('{"0": {"label": "clash"}}', ["row '0'", "already has"]),
+        ("[1, 2]", ["extra_rows must map"]),
+        ('{"x": {', ["not YAML/JSON"]),
+    ],
+)
 def test_bad_extra_rows_name_the_key(text, needles):
     from umarvel_lib.config import load_ablation
 
@@ -209,6 +254,10 @@ def test_stage_plan_follows_the_scaled_recipe():
     plan = stage_plan(cfg, {"mbeir": 4})
     assert [p["stage"] for p in plan] == ["nli", "cc3m", "mbeir", "hard_negatives", "distill"]
     mb = plan[2]
-    assert (mb["steps"], mb["global_batch"], mb["tau"]) == (4, cfg.scaled_stage("mbeir").batch_size, "learnable")
+    assert (mb["steps"], mb["global_batch"], mb["tau"]) == (
+        4,
+        cfg.scaled_stage("mbeir").batch_size,
+        "learnable",
+    )
     assert mb["lr"] == pytest.approx(4e-4 * 10) and plan[0]["tau"].startswith("fixed")
     assert plan[3]["loss"] == "InfoNCE, in_batch+hard" and plan[4]["loss"] == "distill: kl"

@@ -3,6 +3,7 @@
 Runs on tiny random-init Qwen2-VL and Qwen3-VL builds (``backbone.tiny_backbone``, built once per
 session into a shared cache under pytest's base temp dir).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,10 @@ def _img(seed: int, size=(56, 56)) -> Image.Image:
 
 def _items() -> list[Item]:
     return [
-        Item(txt="a small red circle in the top left corner", instruction="Retrieve an image that matches the caption"),
+        Item(
+            txt="a small red circle in the top left corner",
+            instruction="Retrieve an image that matches the caption",
+        ),
         Item(image=_img(1)),
         Item(txt="two blue squares", image=_img(2, (56, 112))),
         Item(txt="a long " + "very " * 30 + "green triangle"),
@@ -66,7 +70,12 @@ def test_leak_bidirectional_vs_causal(backbones, kind, impl):
     e = _emb(backbones, kind, attn_implementation=impl)
     torch.manual_seed(0)
     items = _items()
-    cases = {"none": ([items[0], items[0]], "right"), "none-image": ([items[2], items[2]], "right"), "right": (items[:3], "right"), "left": (items[:3], "left")}
+    cases = {
+        "none": ([items[0], items[0]], "right"),
+        "none-image": ([items[2], items[2]], "right"),
+        "right": (items[:3], "right"),
+        "left": (items[:3], "left"),
+    }
     other = e.tokenizer.convert_tokens_to_ids("x") if "x" in e.tokenizer.get_vocab() else 100
     for mode in ("bidirectional", "causal"):
         set_attention(e.model, mode)
@@ -95,7 +104,9 @@ def test_leak_bidirectional_vs_causal(backbones, kind, impl):
                     else:
                         assert d < 1e-6, (kind, impl, name, i, d)
                 if not name.startswith("none"):  # pad ids are masked keys: no influence anywhere
-                    b3 = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                    b3 = {
+                        k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()
+                    }
                     b3["input_ids"][b["attention_mask"] == 0] = other
                     m = b["attention_mask"].bool()
                     assert (run_core(e.model, b3)[m] - h[m]).abs().max().item() < 1e-6
@@ -144,12 +155,13 @@ def test_attention_mismatch_is_caught(backbones):
 
 def test_instruction_span_mask_by_hand():
     S, E = 7, 8
-    ids = torch.tensor([[1, S, 3, 4, E, 5, 6, 0],
-                        [1, 2, 3, 4, 5, 6, 0, 0],
-                        [S, 3, E, 4, S, 5, E, 2]])
-    want = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0],
-                         [0, 0, 0, 0, 0, 0, 0, 0],
-                         [1, 1, 1, 0, 1, 1, 1, 0]], dtype=torch.bool)
+    ids = torch.tensor(
+        [[1, S, 3, 4, E, 5, 6, 0], [1, 2, 3, 4, 5, 6, 0, 0], [S, 3, E, 4, S, 5, E, 2]]
+    )
+    want = torch.tensor(
+        [[0, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 1, 1, 1, 0]],
+        dtype=torch.bool,
+    )
     assert torch.equal(instruction_span_mask(ids, S, E), want)
 
 
@@ -159,7 +171,9 @@ def test_masked_mean_and_last_before_token_pure():
     np.testing.assert_allclose(masked_mean(h, m)[0].numpy(), ((h[0, 0] + h[0, 2]) / 2).numpy())
     np.testing.assert_allclose(masked_mean(h, m)[1].numpy(), h[1].mean(0).numpy())
     ids = torch.tensor([[5, 9, 7, 0], [5, 5, 5, 9]])
-    np.testing.assert_allclose(last_before_token(h, ids, 9).numpy(), torch.stack([h[0, 0], h[1, 2]]).numpy())
+    np.testing.assert_allclose(
+        last_before_token(h, ids, 9).numpy(), torch.stack([h[0, 0], h[1, 2]]).numpy()
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -210,7 +224,9 @@ def test_pooled_tokens_show_the_span_and_the_pool(backbones):
         assert [t["pooled"] for t in toks] == b["pool_mask"][0].tolist()
         span = [t["token"] for t in toks if t["instruction"]]
         assert span[0] == "<instruction_start>" and span[-1] == "<instruction_end>"
-        assert any(t["pooled"] for t in toks if t["instruction"]) is (not mask)  # masked: the span stays out
+        assert any(t["pooled"] for t in toks if t["instruction"]) is (
+            not mask
+        )  # masked: the span stays out
     last = _emb(backbones, "qwen2_vl", pooling="last").pooled_tokens(it)
     i = [t["pooled"] for t in last].index(True)
     assert sum(t["pooled"] for t in last) == 1 and last[i + 1]["token"] == "<emb>"
@@ -244,8 +260,12 @@ def test_mrope_positions_are_3d_for_images_and_differ_from_sequential(backbones,
     img = bm["input_ids"][0] == mr.model.config.image_token_id
     assert int(img.sum()) >= 2
     assert not torch.equal(pm[1, img], pm[2, img])  # height and width rows differ on image tokens
-    assert torch.equal(pm[0, ~img], pm[1, ~img]) and torch.equal(pm[1, ~img], pm[2, ~img])  # text: 1-D
-    assert torch.equal(ps[0], torch.arange(ps.shape[1]))  # sequential: plain 0..L-1 on every section
+    assert torch.equal(pm[0, ~img], pm[1, ~img]) and torch.equal(
+        pm[1, ~img], pm[2, ~img]
+    )  # text: 1-D
+    assert torch.equal(
+        ps[0], torch.arange(ps.shape[1])
+    )  # sequential: plain 0..L-1 on every section
     assert not torch.equal(pm, ps)
     with torch.no_grad():
         assert (mr.forward(bm) - sq.forward(bs)).abs().max().item() > 1e-5
@@ -260,7 +280,10 @@ def test_mrope_positions_are_3d_for_images_and_differ_from_sequential(backbones,
 def test_format_compression_generation_truncation(backbones):
     e = _emb(backbones, "qwen2_vl")
     r = e.render(_items()[0])
-    assert "<instruction_start>Retrieve an image that matches the caption<instruction_end> a small red circle in the top left corner." in r
+    assert (
+        "<instruction_start>Retrieve an image that matches the caption<instruction_end> a small red circle in the top left corner."
+        in r
+    )
     assert r.endswith("<|im_start|>assistant\n<emb>.<|im_end|>\n")
     assert r.index("<|im_start|>user") < r.index("<instruction_start>")
     ri = e.render(_items()[2])

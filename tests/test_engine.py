@@ -1,4 +1,5 @@
 """Engine: exact resume after a SIGKILL, NaN stop, finished-run skip, schedule, bf16 sanity."""
+
 import json
 import math
 import os
@@ -50,8 +51,18 @@ def _collate(items):
 
 
 def _cfg(**kw):
-    base = dict(lr=1e-2, max_steps=12, batch_size=8, warmup_ratio=0.1, save_every=5, keep_checkpoints=2,
-                eval_every=4, seed=0, progress=False, grad_cache_chunk=4)
+    base = dict(
+        lr=1e-2,
+        max_steps=12,
+        batch_size=8,
+        warmup_ratio=0.1,
+        save_every=5,
+        keep_checkpoints=2,
+        eval_every=4,
+        seed=0,
+        progress=False,
+        grad_cache_chunk=4,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -62,13 +73,22 @@ def make_step_fn(model, kill_at=None, nan_at=None):
             os.kill(os.getpid(), signal.SIGKILL)
         xq, xc = batch
         if ctx.cfg.grad_cache_chunk:
-            loss = grad_cache_step(model, (xq, xc), lambda q, c: info_nce(q, c, model.tau), ctx.cfg.grad_cache_chunk,
-                                   backward=ctx.backward, no_sync=ctx.no_sync)
+            loss = grad_cache_step(
+                model,
+                (xq, xc),
+                lambda q, c: info_nce(q, c, model.tau),
+                ctx.cfg.grad_cache_chunk,
+                backward=ctx.backward,
+                no_sync=ctx.no_sync,
+            )
         else:
             loss = info_nce(model(xq), model(xc), model.tau)
         if nan_at is not None and ctx.step == nan_at:
             loss = loss * float("nan")
-        return {"loss": loss, "tau": model.tau} if ctx.step % 2 else loss   # τ is auto-logged otherwise
+        return (
+            {"loss": loss, "tau": model.tau} if ctx.step % 2 else loss
+        )  # τ is auto-logged otherwise
+
     return step_fn
 
 
@@ -82,8 +102,15 @@ def _eval_fn(model, step):
 def run_training(run_dir, kill_at=None, nan_at=None, **cfg_kw):
     torch.manual_seed(0)
     model = Tiny()
-    res = train_loop(model, make_step_fn(model, kill_at, nan_at), _data(), _cfg(**cfg_kw), run_dir,
-                     collate_fn=_collate, eval_fn=_eval_fn)
+    res = train_loop(
+        model,
+        make_step_fn(model, kill_at, nan_at),
+        _data(),
+        _cfg(**cfg_kw),
+        run_dir,
+        collate_fn=_collate,
+        eval_fn=_eval_fn,
+    )
     return model, res
 
 
@@ -96,9 +123,11 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     ref_model, ref = run_training(tmp_path / "ref")
     assert ref.step == 12 and not ref.skipped
     # a separate process trains the same run and is SIGKILLed during step 8 (7 steps done, checkpoint at 5)
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r}); "
-            f"import torch; torch.set_num_threads(1); import test_engine as t; "
-            f"t.run_training({str(tmp_path / 'run')!r}, kill_at=7)")
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r}); "
+        f"import torch; torch.set_num_threads(1); import test_engine as t; "
+        f"t.run_training({str(tmp_path / 'run')!r}, kill_at=7)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert latest_checkpoint(tmp_path / "run").name == "step_00000005"
@@ -112,14 +141,20 @@ def test_sigkill_then_resume_gives_identical_weights(tmp_path):
     for k in want:
         assert torch.equal(want[k], got[k]), k
     # metric and eval lines: each step once, same values as the uninterrupted run
-    m_ref, m = _lines(tmp_path / "ref" / "metrics.jsonl"), _lines(tmp_path / "run" / "metrics.jsonl")
+    m_ref, m = (
+        _lines(tmp_path / "ref" / "metrics.jsonl"),
+        _lines(tmp_path / "run" / "metrics.jsonl"),
+    )
     assert [r["step"] for r in m] == list(range(1, 13))
     assert [r["loss"] for r in m] == [r["loss"] for r in m_ref]
     assert all("tau" in r and "grad_norm" in r and "lr" in r for r in m)
     e_ref, e = _lines(tmp_path / "ref" / "eval.jsonl"), _lines(tmp_path / "run" / "eval.jsonl")
     assert [r["step"] for r in e] == [4, 8, 12] and e == e_ref
     # keep_checkpoints=2
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000010", "step_00000012"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_00000010",
+        "step_00000012",
+    ]
 
 
 def test_eval_does_not_change_training(tmp_path):
@@ -138,7 +173,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path):
     assert not (tmp_path / "run" / "FINISHED.json").exists()
     # fixed, the run resumes from the good checkpoint and finishes
     _, res = run_training(tmp_path / "run", save_every=2, max_steps=6)
-    assert res.resumed_from == 2 and res.step == 6 and not (tmp_path / "run" / "FAILED.json").exists()
+    assert (
+        res.resumed_from == 2 and res.step == 6 and not (tmp_path / "run" / "FAILED.json").exists()
+    )
 
 
 def test_finished_run_is_skipped_and_conflicts_refused(tmp_path):
@@ -153,22 +190,40 @@ def test_finished_run_is_skipped_and_conflicts_refused(tmp_path):
         raise AssertionError("a finished run must not train again")
 
     # save/eval/log settings are not part of the identity
-    res2 = train_loop(fresh, boom, _data(), _cfg(max_steps=3, save_every=1, eval_every=0), tmp_path / "run",
-                      collate_fn=_collate)
+    res2 = train_loop(
+        fresh,
+        boom,
+        _data(),
+        _cfg(max_steps=3, save_every=1, eval_every=0),
+        tmp_path / "run",
+        collate_fn=_collate,
+    )
     assert res2.skipped and res2.step == 3
     for k, v in trainable_state_dict(model).items():
-        assert torch.equal(v, trainable_state_dict(fresh)[k])      # final weights loaded
+        assert torch.equal(v, trainable_state_dict(fresh)[k])  # final weights loaded
     with pytest.raises(RunConflictError):
-        train_loop(Tiny(), boom, _data(), _cfg(max_steps=3, lr=5e-3), tmp_path / "run", collate_fn=_collate)
+        train_loop(
+            Tiny(), boom, _data(), _cfg(max_steps=3, lr=5e-3), tmp_path / "run", collate_fn=_collate
+        )
 
 
 def test_schedule_epochs_budget_and_plain_backward(tmp_path):
-    _, res = run_training(tmp_path / "run", max_steps=None, epochs=2, save_every=0, eval_every=0, grad_cache_chunk=None,
-                          warmup_ratio=0.2)
-    assert res.step == 10                                          # 40 items / 8 = 5 batches × 2 epochs
+    _, res = run_training(
+        tmp_path / "run",
+        max_steps=None,
+        epochs=2,
+        save_every=0,
+        eval_every=0,
+        grad_cache_chunk=None,
+        warmup_ratio=0.2,
+    )
+    assert res.step == 10  # 40 items / 8 = 5 batches × 2 epochs
     lrs = [r["lr"] for r in _lines(tmp_path / "run" / "metrics.jsonl")]
     warm = 2
-    want = [1e-2 * (s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (10 - warm)))) for s in range(10)]
+    want = [
+        1e-2 * (s / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (10 - warm))))
+        for s in range(10)
+    ]
     assert lrs == pytest.approx(want)
     assert [r["epoch"] for r in _lines(tmp_path / "run" / "metrics.jsonl")] == [0] * 5 + [1] * 5
 
@@ -186,12 +241,14 @@ def test_detached_loss_without_backward_is_an_error(tmp_path):
 
 def test_bf16_autocast_loss_is_sane(tmp_path):
     _, r32 = run_training(tmp_path / "fp32", max_steps=8, save_every=0, eval_every=0)
-    _, r16 = run_training(tmp_path / "bf16", max_steps=8, save_every=0, eval_every=0, mixed_precision="bf16")
+    _, r16 = run_training(
+        tmp_path / "bf16", max_steps=8, save_every=0, eval_every=0, mixed_precision="bf16"
+    )
     l32, l16 = [h["loss"] for h in r32.history], [h["loss"] for h in r16.history]
     assert all(math.isfinite(x) for x in l16)
     # bf16 matmuls follow the fp32 trajectory closely (a broken autocast/loss would not)
     assert l16 == pytest.approx(l32, rel=5e-2)
-    assert l16 != l32                                              # autocast really was on
+    assert l16 != l32  # autocast really was on
 
 
 # ---- two CPU processes (gloo): the engine shards each global batch and averages gradients -----------
@@ -206,12 +263,20 @@ def run_gathered_training(run_dir, steps=6):
 
     def step_fn(batch, ctx):
         xq, xc = (x.double() for x in batch)
+
         def lf(q, c):
             return info_nce(gather_with_grad(q), gather_with_grad(c), model.tau)
+
         return grad_cache_step(model, (xq, xc), lf, 2, backward=ctx.backward)
 
-    res = train_loop(model, step_fn, _data(), _cfg(max_steps=steps, max_grad_norm=None, eval_every=0, save_every=3),
-                     run_dir, collate_fn=_collate)
+    res = train_loop(
+        model,
+        step_fn,
+        _data(),
+        _cfg(max_steps=steps, max_grad_norm=None, eval_every=0, save_every=3),
+        run_dir,
+        collate_fn=_collate,
+    )
     return model, res
 
 
@@ -222,28 +287,51 @@ def test_two_processes_train_like_one(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r}); "
-            f"import torch; torch.set_num_threads(1); import test_engine as t; "
-            f"m, r = t.run_gathered_training({str(tmp_path / 'ddp')!r}); "
-            f"import torch.distributed as d; rank = d.get_rank(); "
-            f"torch.save({{k: v for k, v in m.state_dict().items()}}, {str(tmp_path)!r} + f'/rank{{rank}}.pt'); "
-            f"d.destroy_process_group()")
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r}); "
+        f"import torch; torch.set_num_threads(1); import test_engine as t; "
+        f"m, r = t.run_gathered_training({str(tmp_path / 'ddp')!r}); "
+        f"import torch.distributed as d; rank = d.get_rank(); "
+        f"torch.save({{k: v for k, v in m.state_dict().items()}}, {str(tmp_path)!r} + f'/rank{{rank}}.pt'); "
+        f"d.destroy_process_group()"
+    )
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "OMP_NUM_THREADS": "1",
+            "ACCELERATE_USE_CPU": "true",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=180)
         assert p.returncode == 0, err[-3000:]
     ref, res = run_gathered_training(tmp_path / "single")
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k, v in ref.state_dict().items():
-        assert torch.equal(r0[k], r1[k]), k                    # the ranks stay in lockstep
-        assert torch.allclose(r0[k], v, rtol=0, atol=1e-7), (k, (r0[k] - v).abs().max())  # = one process
+        assert torch.equal(r0[k], r1[k]), k  # the ranks stay in lockstep
+        assert torch.allclose(r0[k], v, rtol=0, atol=1e-7), (
+            k,
+            (r0[k] - v).abs().max(),
+        )  # = one process
     assert not torch.equal(r0["l1.weight"], Tiny().double().l1.weight)  # it trained
-    m = _lines(tmp_path / "ddp" / "metrics.jsonl")   # one writer: the main process
+    m = _lines(tmp_path / "ddp" / "metrics.jsonl")  # one writer: the main process
     assert [r["step"] for r in m] == list(range(1, 7))
     single = _lines(tmp_path / "single" / "metrics.jsonl")
-    assert all(math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6) for a, b in zip(m, single))
+    assert all(
+        math.isclose(a["loss"], b["loss"], rel_tol=0, abs_tol=1e-6) for a, b in zip(m, single)
+    )

@@ -1,4 +1,5 @@
 """Embedding shard cache: resume after an interrupted encode, no stale reuse, atomic shards, bad encoder output."""
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,12 @@ class Counting:
 
 
 def _job(fp="ckpt-A", sha="pool-sha-1"):
-    return EncodeJob({"kind": "pool", "encoder": fp, "embedder_config": "cfg1", "source": sha, "n": N}, N,
-                     lambda lo, hi: list(range(lo, hi)), name="pool:test")
+    return EncodeJob(
+        {"kind": "pool", "encoder": fp, "embedder_config": "cfg1", "source": sha, "n": N},
+        N,
+        lambda lo, hi: list(range(lo, hi)),
+        name="pool:test",
+    )
 
 
 def test_resume_after_interrupted_encode(tmp_path):
@@ -101,7 +106,9 @@ def test_partial_or_wrong_shards_are_not_trusted(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     mine = tmp_prefix("shard_000003.npy")  # ".shard_000003.npy.tmp-<host>-<pid>-"
-    (s.path / (mine.replace(f"-{os.getpid()}-", f"-{dead.pid}-") + "abc")).write_bytes(b"half a shard")  # a killed write
+    (s.path / (mine.replace(f"-{os.getpid()}-", f"-{dead.pid}-") + "abc")).write_bytes(
+        b"half a shard"
+    )  # a killed write
     (s.path / (mine + "def")).write_bytes(b"a live writer's shard")  # this (live) process's: kept
     assert s.missing() == [1]
     assert cache.cleanup_tmp() == 1

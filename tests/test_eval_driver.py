@@ -1,4 +1,5 @@
 """The evaluation driver end to end on tiny hand-built M-BEIR trees, with a deterministic fake encoder."""
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,26 @@ def _content(modality, ds, color, shape, tag):
 
 def _write_jsonl(path: Path, recs):
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n" for r in recs))
+    path.write_text(
+        "".join(
+            json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n" for r in recs
+        )
+    )
 
 
-def make_mbeir(root, rows=ROWS, *, n_queries=10, n_cands=24, n_combos=8, seed=0, shared=0, no_positive=0,
-               global_file=False, global_extra=0) -> MBEIR:
+def make_mbeir(
+    root,
+    rows=ROWS,
+    *,
+    n_queries=10,
+    n_cands=24,
+    n_combos=8,
+    seed=0,
+    shared=0,
+    no_positive=0,
+    global_file=False,
+    global_extra=0,
+) -> MBEIR:
     """Write a small M-BEIR tree under ``root``; return its reader.
 
     Candidates are "a <color> <shape>" texts and/or ``<color>_<shape>_<n>.png`` images over
@@ -61,13 +77,24 @@ def make_mbeir(root, rows=ROWS, *, n_queries=10, n_cands=24, n_combos=8, seed=0,
     for r_i, (ds, task) in enumerate(rows):
         dsid = DATASET_IDS[ds]
         qm, cm = TASKS[task]
-        instr[(dsid, qm, cm)] = (ds, [f"find the {ds} {cm} for this {qm} variant {p}" for p in range(3)])
+        instr[(dsid, qm, cm)] = (
+            ds,
+            [f"find the {ds} {cm} for this {qm} variant {p}" for p in range(3)],
+        )
         cands = []
         for i in range(n_cands):
             color, shape = combos[rng.randrange(len(combos))]
             txt, img = _content(cm, ds, color, shape, f"c{task}_{i}")
-            cands.append({"did": f"{dsid}:{task * 1000 + i}", "txt": txt, "img_path": img, "modality": cm,
-                          "src_content": None, "_combo": (color, shape)})
+            cands.append(
+                {
+                    "did": f"{dsid}:{task * 1000 + i}",
+                    "txt": txt,
+                    "img_path": img,
+                    "modality": cm,
+                    "src_content": None,
+                    "_combo": (color, shape),
+                }
+            )
         if r_i == 1 and shared:
             cands = cands + [dict(c) for c in pools[0][:shared]]
         pools.append(cands)
@@ -76,10 +103,21 @@ def make_mbeir(root, rows=ROWS, *, n_queries=10, n_cands=24, n_combos=8, seed=0,
             pos = cands[rng.randrange(n_cands)]
             txt, img = _content(qm, ds, *pos["_combo"], f"q{task}_{j}")
             qid = f"{dsid}:{100000 + task * 1000 + j}"
-            queries.append({"qid": qid, "query_txt": txt, "query_img_path": img, "query_modality": qm,
-                            "query_src_content": None, "pos_cand_list": [pos["did"]], "neg_cand_list": [],
-                            "task_id": task})
-            qrels.append(f"{qid} 0 {pos['did']} {0 if (r_i == 0 and j < no_positive) else 1} {task}\n")
+            queries.append(
+                {
+                    "qid": qid,
+                    "query_txt": txt,
+                    "query_img_path": img,
+                    "query_modality": qm,
+                    "query_src_content": None,
+                    "pos_cand_list": [pos["did"]],
+                    "neg_cand_list": [],
+                    "task_id": task,
+                }
+            )
+            qrels.append(
+                f"{qid} 0 {pos['did']} {0 if (r_i == 0 and j < no_positive) else 1} {task}\n"
+            )
         name = f"mbeir_{ds.lower()}_task{task}"
         _write_jsonl(root / "query" / "test" / f"{name}_test.jsonl", queries)
         _write_jsonl(root / "cand_pool" / "local" / f"{name}_cand_pool.jsonl", cands)
@@ -90,8 +128,12 @@ def make_mbeir(root, rows=ROWS, *, n_queries=10, n_cands=24, n_combos=8, seed=0,
             if img:
                 (root / img).parent.mkdir(parents=True, exist_ok=True)
                 (root / img).write_bytes(b"\x89PNG")
-    lines = ["query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\n"]
-    lines += ["\t".join([qm, cm, ds, str(dsid), *p]) + "\n" for (dsid, qm, cm), (ds, p) in instr.items()]
+    lines = [
+        "query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\n"
+    ]
+    lines += [
+        "\t".join([qm, cm, ds, str(dsid), *p]) + "\n" for (dsid, qm, cm), (ds, p) in instr.items()
+    ]
     (root / "instructions").mkdir(parents=True, exist_ok=True)
     (root / "instructions" / "query_instructions.tsv").write_text("".join(lines))
     if global_file:
@@ -100,13 +142,29 @@ def make_mbeir(root, rows=ROWS, *, n_queries=10, n_cands=24, n_combos=8, seed=0,
             if c["did"] not in seen:
                 seen.add(c["did"])
                 union.append(c)
-        union = union[::-1] + [{"did": f"9:{90000 + i}", "txt": f"a {COLORS[i % 8]} {SHAPES[0]}", "img_path": None,
-                                "modality": "text", "src_content": None} for i in range(global_extra)]
+        union = union[::-1] + [
+            {
+                "did": f"9:{90000 + i}",
+                "txt": f"a {COLORS[i % 8]} {SHAPES[0]}",
+                "img_path": None,
+                "modality": "text",
+                "src_content": None,
+            }
+            for i in range(global_extra)
+        ]
         _write_jsonl(root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl", union)
     return MBEIR(root)
 
 
-RUNTIME = ("cache_dir", "shared_dir", "state", "reranker", "progress", "fusion_weights", "fusion_default")
+RUNTIME = (
+    "cache_dir",
+    "shared_dir",
+    "state",
+    "reranker",
+    "progress",
+    "fusion_weights",
+    "fusion_default",
+)
 
 
 def _ev(data, out, encoder=None, **kw):
@@ -127,22 +185,42 @@ def evaluated(tmp_path_factory):
 
 # ---- tests --------------------------------------------------------------------------------------------
 
+
 def test_run_directories_and_metrics(evaluated):
     data, d, res = evaluated
     for pool in ("local", "global"):
         rd = d / "out" / pool
-        assert sorted(p.name for p in rd.iterdir()) == ["config.json", "metrics.json", "qrels.txt", "queries.jsonl",
-                                                         "run.trec"]
+        assert sorted(p.name for p in rd.iterdir()) == [
+            "config.json",
+            "metrics.json",
+            "qrels.txt",
+            "queries.jsonl",
+            "run.trec",
+        ]
         m = json.loads((rd / "metrics.json").read_text())
         assert m == json.loads(json.dumps(res[pool])) and m["pool"] == pool
         assert set(m["rows"]) == {"mscoco_task0", "fashion200k_task0", "webqa_task1", "cirr_task7"}
         for name, row in m["rows"].items():
-            assert set(row) >= {"R@1", "R@5", "R@10", "R@50", "headline", "headline_metric", "n_queries", "ci95"}
+            assert set(row) >= {
+                "R@1",
+                "R@5",
+                "R@10",
+                "R@50",
+                "headline",
+                "headline_metric",
+                "n_queries",
+                "ci95",
+            }
             assert row["headline_metric"] == ("R@10" if name.startswith("fashion") else "R@5")
             assert 0 <= row["ci95"][0] <= row["headline"] <= row["ci95"][1] <= 100
-        assert m["rows"]["mscoco_task0"]["n_skipped_no_positive"] == 2 and m["rows"]["mscoco_task0"]["n_queries"] == 8
+        assert (
+            m["rows"]["mscoco_task0"]["n_skipped_no_positive"] == 2
+            and m["rows"]["mscoco_task0"]["n_queries"] == 8
+        )
         assert m["n_skipped_no_positive"] == 2
-        assert m["avg"]["headline"] == pytest.approx(np.mean([r["headline"] for r in m["rows"].values()]), abs=1e-3)
+        assert m["avg"]["headline"] == pytest.approx(
+            np.mean([r["headline"] for r in m["rows"].values()]), abs=1e-3
+        )
         # ranks 1..n per query, at most 50, scores non-increasing
         per_q = {}
         for line in (rd / "run.trec").read_text().splitlines():
@@ -171,16 +249,23 @@ def test_instructions_are_sampled_per_query_seeded_and_recorded(evaluated, tmp_p
     for r in recs:
         assert r["instruction"] and r["instruction_seed"] == row_seed(0, r["row"])
         assert r["instruction"].rstrip(".").lower() in {p.lower() for v in opts.values() for p in v}
-    assert len({r["instruction"] for r in recs if r["row"] == "mscoco_task0"}) > 1  # sampled per query
+    assert (
+        len({r["instruction"] for r in recs if r["row"] == "mscoco_task0"}) > 1
+    )  # sampled per query
     # same seed -> same instructions (this is what query_items draws)
     row = data.rows(only=["mscoco_task0"])[0]
-    _, again = query_items(data.queries(row), data, instructions=True, seed=row_seed(0, "mscoco_task0"))
+    _, again = query_items(
+        data.queries(row), data, instructions=True, seed=row_seed(0, "mscoco_task0")
+    )
     assert again == [r["instruction"] for r in recs if r["row"] == "mscoco_task0"]
     _ev(data, tmp_path / "s1", pools=("local",), instruction_seed=1)
     other = runs.read_queries(tmp_path / "s1" / "local" / "queries.jsonl")
     assert [r["instruction"] for r in other] != [r["instruction"] for r in recs]
     _ev(data, tmp_path / "noi", pools=("local",), rows=["webqa_task1"], instructions=False)
-    assert all(r["instruction"] is None for r in runs.read_queries(tmp_path / "noi" / "local" / "queries.jsonl"))
+    assert all(
+        r["instruction"] is None
+        for r in runs.read_queries(tmp_path / "noi" / "local" / "queries.jsonl")
+    )
 
 
 def _brute_force(data, pool_cands, enc=None):
@@ -191,7 +276,9 @@ def _brute_force(data, pool_cands, enc=None):
     for row in data.rows():
         qs = data.queries(row)
         qrels = data.qrels(row)
-        items, _ = query_items(qs, data, instructions=False, seed=0)  # the fake encoder ignores instructions
+        items, _ = query_items(
+            qs, data, instructions=False, seed=0
+        )  # the fake encoder ignores instructions
         top = dense_topk(enc.encode(items), cand, 50)
         for q, idx, sc in zip(qs, top.indices, top.scores):
             if qrels.get(q.qid):
@@ -223,24 +310,44 @@ def _assert_same_ranking(run_file, ref, tol=1e-5):
 
 def test_global_pool_equals_brute_force_dedup_and_concatenation(evaluated, tmp_path):
     data, d, _ = evaluated
-    _assert_same_ranking(d / "out" / "global" / "run.trec", _brute_force(data, data.global_pool(dedup=True)))
+    _assert_same_ranking(
+        d / "out" / "global" / "run.trec", _brute_force(data, data.global_pool(dedup=True))
+    )
     cfg = json.loads((d / "out" / "global" / "config.json").read_text())
     assert cfg["global_pool"]["n_candidates"] == 4 * 24  # 5 shared candidates counted once
 
     enc = HashingEncoder(32)
-    _ev(data, tmp_path / "nodedup", enc, pools=("global",), dedup_global=False, cache_dir=d / "cache", n_boot=50)
+    _ev(
+        data,
+        tmp_path / "nodedup",
+        enc,
+        pools=("global",),
+        dedup_global=False,
+        cache_dir=d / "cache",
+        n_boot=50,
+    )
     assert enc.items_encoded == 0  # every embedding came from the cache of the first run
-    _assert_same_ranking(tmp_path / "nodedup" / "global" / "run.trec", _brute_force(data, data.global_pool(dedup=False)))
+    _assert_same_ranking(
+        tmp_path / "nodedup" / "global" / "run.trec",
+        _brute_force(data, data.global_pool(dedup=False)),
+    )
     got = runs.ranked_dids(runs.read_run(tmp_path / "nodedup" / "global" / "run.trec"))
-    assert any(len(set(v)) < len(v) for v in got.values())  # duplicated dids fill two slots, as officially
+    assert any(
+        len(set(v)) < len(v) for v in got.values()
+    )  # duplicated dids fill two slots, as officially
 
 
 def test_global_pool_file_with_extra_candidates(tmp_path):
     data = make_mbeir(tmp_path / "data", rows=ROWS[:2], shared=3, global_file=True, global_extra=4)
     res = _ev(data, tmp_path / "out", pools=("global",))
     cfg = json.loads((tmp_path / "out" / "global" / "config.json").read_text())
-    assert cfg["global_pool"]["n_not_in_local_pools"] == 4 and cfg["global_pool"]["n_candidates"] == 2 * 24 + 4
-    _assert_same_ranking(tmp_path / "out" / "global" / "run.trec", _brute_force(data, data.global_pool(dedup=True)))
+    assert (
+        cfg["global_pool"]["n_not_in_local_pools"] == 4
+        and cfg["global_pool"]["n_candidates"] == 2 * 24 + 4
+    )
+    _assert_same_ranking(
+        tmp_path / "out" / "global" / "run.trec", _brute_force(data, data.global_pool(dedup=True))
+    )
     got = runs.ranked_dids(runs.read_run(tmp_path / "out" / "global" / "run.trec"))
     assert any(x.startswith("9:9") for v in got.values() for x in v)
     assert res["global"]["avg"]["n_rows"] == 2
@@ -262,7 +369,9 @@ def test_cache_reuse_and_changed_fingerprint(evaluated, tmp_path):
     assert enc.items_encoded == 0 and again["local"] == res["local"]
     enc2 = HashingEncoder(32, seed=5)  # a different "checkpoint"
     _ev(data, tmp_path / "new", enc2, pools=("local",), cache_dir=d / "cache")
-    assert enc2.items_encoded == 4 * 24 + 5 + 38  # all pools and all scored queries, nothing stale reused
+    assert (
+        enc2.items_encoded == 4 * 24 + 5 + 38
+    )  # all pools and all scored queries, nothing stale reused
 
 
 def test_bad_inputs(tmp_path):
@@ -288,7 +397,11 @@ def test_bad_inputs(tmp_path):
     class QueryDim(HashingEncoder):  # queries and candidates from "different models"
         def encode(self, items, batch_size=16):
             out = super().encode(items, batch_size)
-            return np.hstack([out, np.zeros((len(out), 1), np.float32)]) if items[0].instruction else out
+            return (
+                np.hstack([out, np.zeros((len(out), 1), np.float32)])
+                if items[0].instruction
+                else out
+            )
 
     with pytest.raises(SearchError, match="dimension mismatch"):
         _ev(data, tmp_path / "o5", QueryDim(16), n_boot=10)
@@ -331,26 +444,53 @@ def test_two_processes_give_identical_runs(evaluated, tmp_path):
         port = str(sock.getsockname()[1])
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
-               "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(REPO)}
-        procs.append(subprocess.Popen([sys.executable, str(script), str(data.root), str(tmp_path / "out"),
-                                       str(tmp_path / "cache")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(script),
+                    str(data.root),
+                    str(tmp_path / "out"),
+                    str(tmp_path / "cache"),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
-    assert outs[0] == outs[1] and outs[0]["out_dir"] == str(tmp_path / "out")  # results handed to every rank
+    assert outs[0] == outs[1] and outs[0]["out_dir"] == str(
+        tmp_path / "out"
+    )  # results handed to every rank
     assert not (tmp_path / "out_r1").exists() and not (tmp_path / "cache_r1").exists()
     for pool in ("local", "global"):
         for f in ("qrels.txt", "queries.jsonl"):
             assert (tmp_path / "out" / pool / f).read_bytes() == (d / "out" / pool / f).read_bytes()
         # identical in practice; compared up to last-bit score differences to stay robust across BLAS builds
-        _assert_same_ranking(tmp_path / "out" / pool / "run.trec", runs.read_run(d / "out" / pool / "run.trec"))
+        _assert_same_ranking(
+            tmp_path / "out" / pool / "run.trec", runs.read_run(d / "out" / pool / "run.trec")
+        )
         a = json.loads((tmp_path / "out" / pool / "metrics.json").read_text())
         assert a == json.loads((d / "out" / pool / "metrics.json").read_text())
-        assert json.loads((tmp_path / "out" / pool / "config.json").read_text())["num_processes"] == 2
+        assert (
+            json.loads((tmp_path / "out" / pool / "config.json").read_text())["num_processes"] == 2
+        )
 
 
 def test_all_16_rows_on_the_synthetic_mini_mbeir(smoke_data, tmp_path):
@@ -361,10 +501,14 @@ def test_all_16_rows_on_the_synthetic_mini_mbeir(smoke_data, tmp_path):
         m = res[pool]
         assert m["avg"]["is_full_16"] and m["avg"]["rows_missing"] == [] and len(m["rows"]) == 16
         assert m["paper_table"].startswith("iclr_table0")
-        assert runs.rescore(tmp_path / "out" / pool) == json.loads((tmp_path / "out" / pool / "metrics.json").read_text())
+        assert runs.rescore(tmp_path / "out" / pool) == json.loads(
+            (tmp_path / "out" / pool / "metrics.json").read_text()
+        )
 
 
-def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data, tmp_path, monkeypatch):
+def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(
+    smoke_data, tmp_path, monkeypatch
+):
     """``evaluate(reranker=...)`` (eval.rerank): one batched P(Yes) pass over the distinct (query, instruction,
     candidate) pairs of both pools' top-k; each query's head is re-sorted by (cos + w P(Yes)) / 2, the tail
     keeps the recall order, the recall run is kept as ``run_recall.trec`` and the metrics are rescored. The
@@ -378,7 +522,15 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data
     recall = {p: runs.read_run(tmp_path / "recall" / p / "run.trec") for p in ("local", "global")}
 
     def fake_p(q, c):  # deterministic, unrelated to the recall order
-        return int(hashlib.md5(f"{q.txt}|{q.instruction}|{c.txt}|{c.image_path}".encode()).hexdigest()[:6], 16) / 0xFFFFFF
+        return (
+            int(
+                hashlib.md5(f"{q.txt}|{q.instruction}|{c.txt}|{c.image_path}".encode()).hexdigest()[
+                    :6
+                ],
+                16,
+            )
+            / 0xFFFFFF
+        )
 
     calls = []
 
@@ -390,13 +542,23 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data
     cfg = make_run_config("smoke")
     k = cfg.eval.rerank_top_k
     stage = cfg.scaled_stage("distill")
-    res = _ev(data, tmp_path / "eval", n_boot=20, shard_size=16384, rerank_top_k=k, reranker=FakeReranker(),
-              fusion_weights=stage.teacher_weight_overrides, fusion_default=stage.teacher_weight,
-              shared_dir=tmp_path / "inputs")
+    res = _ev(
+        data,
+        tmp_path / "eval",
+        n_boot=20,
+        shard_size=16384,
+        rerank_top_k=k,
+        reranker=FakeReranker(),
+        fusion_weights=stage.teacher_weight_overrides,
+        fusion_default=stage.teacher_weight,
+        shared_dir=tmp_path / "inputs",
+    )
 
     n_local = sum(min(k, len(v)) for v in recall["local"].values())
     n_global = sum(min(k, len(v)) for v in recall["global"].values())
-    assert len(calls) == 1 and calls[0] < n_local + n_global  # the pools' heads overlap: shared pairs once
+    assert (
+        len(calls) == 1 and calls[0] < n_local + n_global
+    )  # the pools' heads overlap: shared pairs once
     qobj = {q.qid: q for r in data.rows() for q in data.queries(r)}
     cands = {c.did: c for c in data.global_pool(dedup=True)}
     for pool in ("local", "global"):
@@ -409,7 +571,10 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(smoke_data
             head, tail = full[:k], full[k:]
             qi = query_item(qobj[qid], data, instruction=queries[qid].get("instruction"))
             w = stage.teacher_weight_overrides.get(queries[qid]["row"], stage.teacher_weight)
-            fused = [(s + w * float(np.float32(fake_p(qi, candidate_item(cands[d], data))))) / 2 for d, s in head]
+            fused = [
+                (s + w * float(np.float32(fake_p(qi, candidate_item(cands[d], data))))) / 2
+                for d, s in head
+            ]
             want = [head[i][0] for i in sorted(range(len(head)), key=lambda i: (-fused[i], i))]
             assert [d for d, _ in new[qid]] == want + [d for d, _ in tail]
         assert json.loads((pdir / "metrics.json").read_text()) == runs.rescore(pdir) == res[pool]
@@ -430,14 +595,22 @@ def test_shared_inputs_are_one_copy_referenced_by_path_and_sha256(evaluated, tmp
         shutil.copytree(d / "out" / p, tmp_path / "a" / p)
         shutil.copytree(d / "out" / p, tmp_path / "b" / p)
     for run_dir in sorted(tmp_path.glob("[ab]/*")):
-        assert runs.share_inputs(run_dir, tmp_path / "inputs") == [runs.QRELS_FILE, runs.QUERIES_FILE]
+        assert runs.share_inputs(run_dir, tmp_path / "inputs") == [
+            runs.QRELS_FILE,
+            runs.QUERIES_FILE,
+        ]
         assert not (run_dir / runs.QUERIES_FILE).exists()
-    assert len(list((tmp_path / "inputs").iterdir())) == 2  # 4 run dirs, both pools: one qrels, one queries
+    assert (
+        len(list((tmp_path / "inputs").iterdir())) == 2
+    )  # 4 run dirs, both pools: one qrels, one queries
     for p in ("local", "global"):
         assert runs.rescore(tmp_path / "b" / p) == before[p]
-    assert {r: (q, h.tolist()) for r, (q, h) in _hits_from_run(tmp_path / "a" / "local").items()} == \
-        {r: (q, h.tolist()) for r, (q, h) in hits.items()}
-    ref = json.loads((tmp_path / "a" / "local" / runs.INPUTS_REF_FILE).read_text())[runs.QUERIES_FILE]
+    assert {
+        r: (q, h.tolist()) for r, (q, h) in _hits_from_run(tmp_path / "a" / "local").items()
+    } == {r: (q, h.tolist()) for r, (q, h) in hits.items()}
+    ref = json.loads((tmp_path / "a" / "local" / runs.INPUTS_REF_FILE).read_text())[
+        runs.QUERIES_FILE
+    ]
     target = (tmp_path / "a" / "local" / ref["path"]).resolve()
     target.write_text(target.read_text() + "\n")
     with pytest.raises(runs.RunFormatError, match=r"inputs.ref.json: .* has sha256"):

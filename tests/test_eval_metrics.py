@@ -1,5 +1,6 @@
 """M-BEIR metric semantics: success@k ("R@k"), headline k per row, unweighted Avg, skipped queries, CIs,
 TREC round trip (and agreement with ranx's hit_rate)."""
+
 from __future__ import annotations
 
 import json
@@ -44,19 +45,35 @@ def test_fashion_rows_use_r10_and_avg_is_unweighted():
     # positive at rank 7 in every row: R@5 misses, R@10 hits
     run = {f"{r}-{i}": _ranked(7) for r in ("f0", "f3", "fiq", "m") for i in range(3)}
     qrels = {q: {"p"} for q in run}
-    rows = {"fashion200k_task0": [f"f0-{i}" for i in range(3)], "fashion200k_task3": [f"f3-{i}" for i in range(3)],
-            "fashioniq_task7": [f"fiq-{i}" for i in range(3)], "mscoco_task0": ["m-0", "m-1", "m-2"]}
+    rows = {
+        "fashion200k_task0": [f"f0-{i}" for i in range(3)],
+        "fashion200k_task3": [f"f3-{i}" for i in range(3)],
+        "fashioniq_task7": [f"fiq-{i}" for i in range(3)],
+        "mscoco_task0": ["m-0", "m-1", "m-2"],
+    }
     m = score_rows(run, qrels, rows, n_boot=50)
     for r in ("fashion200k_task0", "fashion200k_task3", "fashioniq_task7"):
         assert m["rows"][r]["headline_metric"] == "R@10" and m["rows"][r]["headline"] == 100.0
-    assert m["rows"]["mscoco_task0"]["headline_metric"] == "R@5" and m["rows"]["mscoco_task0"]["headline"] == 0.0
+    assert (
+        m["rows"]["mscoco_task0"]["headline_metric"] == "R@5"
+        and m["rows"]["mscoco_task0"]["headline"] == 0.0
+    )
     assert m["avg"]["headline"] == 75.0
 
     # unweighted: a 1-query row at 100 and a 3-query row at 0 average to 50, not 25
     run = {"a": ["p"], "b1": ["x"], "b2": ["x"], "b3": ["x"]}
-    m = score_rows(run, {q: {"p"} for q in run}, {"cirr_task7": ["a"], "nights_task4": ["b1", "b2", "b3"]}, n_boot=50)
+    m = score_rows(
+        run,
+        {q: {"p"} for q in run},
+        {"cirr_task7": ["a"], "nights_task4": ["b1", "b2", "b3"]},
+        n_boot=50,
+    )
     assert m["avg"]["headline"] == 50.0
-    assert m["avg"]["n_rows"] == 2 and not m["avg"]["is_full_16"] and "mscoco_task0" in m["avg"]["rows_missing"]
+    assert (
+        m["avg"]["n_rows"] == 2
+        and not m["avg"]["is_full_16"]
+        and "mscoco_task0" in m["avg"]["rows_missing"]
+    )
 
 
 def test_queries_without_positives_are_skipped_and_counted():
@@ -96,7 +113,9 @@ def _random_run(rng, n_q=60, n_d=200, depth=50):
         dids = rng.choice(n_d, size=depth, replace=False)
         scores = np.sort(rng.random(depth))[::-1]  # distinct scores, best first
         run[q] = [(f"9:{100000 + d}", float(s)) for d, s in zip(dids, scores)]
-        qrels[q] = {f"9:{100000 + d}" for d in rng.choice(n_d, size=rng.integers(1, 4), replace=False)}
+        qrels[q] = {
+            f"9:{100000 + d}" for d in rng.choice(n_d, size=rng.integers(1, 4), replace=False)
+        }
     return run, qrels
 
 
@@ -114,7 +133,9 @@ def _write_dir(tmp_path, run, qrels, task=0, with_queries=True):
     runs.write_run(tmp_path / runs.RUN_FILE, runs.trec_lines(qids, ind, sc, dids, "t"))
     runs.write_qrels(tmp_path / runs.QRELS_FILE, qrels, {q: task for q in qrels})
     if with_queries:
-        runs.write_queries(tmp_path / runs.QUERIES_FILE, [{"qid": q, "row": "mscoco_task0"} for q in qids])
+        runs.write_queries(
+            tmp_path / runs.QUERIES_FILE, [{"qid": q, "row": "mscoco_task0"} for q in qids]
+        )
     return tmp_path
 
 
@@ -127,7 +148,12 @@ def test_trec_roundtrip_and_rescore_without_queries_file(tmp_path):
     lines = (d / runs.RUN_FILE).read_text().splitlines()
     assert lines[0].split()[1] == "Q0" and lines[0].split()[3] == "1" and len(lines) == 60 * 50
     m = runs.rescore(d, n_boot=50)  # rows from the qrels: dataset 9 + task 0
-    ref = score_rows({q: [x for x, _ in v] for q, v in run.items()}, qrels, {"mscoco_task0": list(run)}, n_boot=50)
+    ref = score_rows(
+        {q: [x for x, _ in v] for q, v in run.items()},
+        qrels,
+        {"mscoco_task0": list(run)},
+        n_boot=50,
+    )
     assert m["rows"] == ref["rows"]
 
 
@@ -136,8 +162,12 @@ def test_ranx_hit_rate_equals_our_success_at_k(tmp_path):
     rng = np.random.default_rng(7)
     run, qrels = _random_run(rng, n_q=80)
     d = _write_dir(tmp_path, run, qrels)
-    hits, scored, _ = hits_table(runs.ranked_dids(runs.read_run(d / runs.RUN_FILE)),
-                                 runs.read_qrels(d / runs.QRELS_FILE), list(run), ks=(1, 5, 10, 50))
+    hits, scored, _ = hits_table(
+        runs.ranked_dids(runs.read_run(d / runs.RUN_FILE)),
+        runs.read_qrels(d / runs.QRELS_FILE),
+        list(run),
+        ks=(1, 5, 10, 50),
+    )
     r_run = ranx.Run.from_file(str(d / runs.RUN_FILE), kind="trec")
     r_qrels = ranx.Qrels({q: {x: 1 for x in rel} for q, rel in qrels.items()})
     got = ranx.evaluate(r_qrels, r_run, [f"hit_rate@{k}" for k in (1, 5, 10, 50)])

@@ -1,5 +1,6 @@
 """Exact streaming search: equals a dense full-matrix top-k (ids and order, ties included), for any
 block size, query chunking, process split and backend."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -62,8 +63,10 @@ def test_dense_reference_is_score_desc_then_index_asc(tied):
 @pytest.mark.parametrize("block_size,query_chunk", [(97, 32), (600, 5), (5000, 32)])
 def test_streaming_equals_dense_with_ties(tied, block_size, query_chunk):
     q, c = tied
-    _same(search(q, ArraySource(c, part_size=700), K, block_size=block_size, query_chunk=query_chunk),
-          dense_topk(q, c, K))
+    _same(
+        search(q, ArraySource(c, part_size=700), K, block_size=block_size, query_chunk=query_chunk),
+        dense_topk(q, c, K),
+    )
 
 
 def test_streaming_equals_torch_topk_on_floats(floats):
@@ -101,8 +104,13 @@ def test_mapped_source_exclusions_and_permuted_indices(tied):
     drop = rng.choice(len(c), 200, replace=False)
     gmap[drop] = -1
     half = len(c) // 2
-    view = MappedSource([(ArraySource(c[:half], part_size=400), gmap[:half]),
-                         (ArraySource(c[half:], part_size=400), gmap[half:])], n=len(c))
+    view = MappedSource(
+        [
+            (ArraySource(c[:half], part_size=400), gmap[:half]),
+            (ArraySource(c[half:], part_size=400), gmap[half:]),
+        ],
+        n=len(c),
+    )
     pool = np.zeros_like(c)
     pool[perm] = c
     keep = np.ones(len(c), bool)
@@ -125,7 +133,9 @@ def test_shard_store_source_equals_array(tmp_path, floats):
             return "fixed"
 
     cache = EmbeddingCache(tmp_path, shard_size=900)
-    (store,) = cache.encode([EncodeJob({"kind": "pool"}, len(c), list(range(len(c))))], Fixed(), batch_size=8)
+    (store,) = cache.encode(
+        [EncodeJob({"kind": "pool"}, len(c), list(range(len(c))))], Fixed(), batch_size=8
+    )
     _same(search(q, store.verify(), K, block_size=250), search(q, c, K))
 
 

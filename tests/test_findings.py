@@ -1,4 +1,5 @@
 """Verdicts: paired bootstrap over seeds x queries on hand-made hit vectors."""
+
 import numpy as np
 
 from umarvel_lib.paper import Finding
@@ -14,7 +15,10 @@ F = Finding("TX", 1, "A > B", "A", "B")
 
 
 def test_clear_effect_is_held_and_reverse_is_contradicted():
-    hits = {"A": {s: _hits(0.6, seed=s) for s in range(3)}, "B": {s: _hits(0.4, seed=10 + s) for s in range(3)}}
+    hits = {
+        "A": {s: _hits(0.6, seed=s) for s in range(3)},
+        "B": {s: _hits(0.4, seed=10 + s) for s in range(3)},
+    }
     v = judge(F, hits, n_boot=300)
     assert v.verdict == HELD and 15 < v.diff < 25 and v.ci95[0] > 0
     v2 = judge(Finding("TY", 1, "B > A", "B", "A"), hits, n_boot=300)
@@ -39,9 +43,14 @@ def test_fewer_than_three_seeds_cannot_hold():
 
 
 def test_worst_row_and_divergence():
-    hits = {"0": {s: _hits(0.5, seed=s) for s in range(3)}, "2": {s: _hits(0.1, seed=20 + s) for s in range(3)},
-            "4": {s: _hits(0.55, seed=40 + s) for s in range(3)}}
-    assert judge(Finding("W", 1, "2 worst", "2", "*", kind="worst"), hits, n_boot=200).verdict == HELD
+    hits = {
+        "0": {s: _hits(0.5, seed=s) for s in range(3)},
+        "2": {s: _hits(0.1, seed=20 + s) for s in range(3)},
+        "4": {s: _hits(0.55, seed=40 + s) for s in range(3)},
+    }
+    assert (
+        judge(Finding("W", 1, "2 worst", "2", "*", kind="worst"), hits, n_boot=200).verdict == HELD
+    )
     fails = Finding("F", 5, "0 fails", "baseline", "0", kind="fails")
     assert judge(fails, {}, diverged={"0"}).verdict == HELD
 
@@ -49,7 +58,10 @@ def test_worst_row_and_divergence():
 def test_paired_difference_point_estimate_is_avg_difference():
     a, b = [_hits(0.7)], [_hits(0.2, seed=3)]
     d, ci, se = paired_difference(a, b, n_boot=200)
-    expect = 100 * (np.mean([h.mean() for _, h in a[0].values()]) - np.mean([h.mean() for _, h in b[0].values()]))
+    expect = 100 * (
+        np.mean([h.mean() for _, h in a[0].values()])
+        - np.mean([h.mean() for _, h in b[0].values()])
+    )
     assert abs(d - expect) < 1e-9 and ci[0] <= d <= ci[1]
     assert decide((0.5, 1.5)) == HELD and decide((-1.5, -0.5)) == CONTRA
 
@@ -61,13 +73,24 @@ def test_batch_trains_the_findings_rows_first():
     from umarvel_lib.paper import finding_rows
     from umarvel_lib.runner import _job_order
 
-    assert finding_rows(4) == {"0", "4", "7"} and finding_rows(6) == {"baseline", "distillation", "reranker"}
+    assert finding_rows(4) == {"0", "4", "7"} and finding_rows(6) == {
+        "baseline",
+        "distillation",
+        "reranker",
+    }
     assert finding_rows(1) == {"0", "1", "2", "3", "4"}  # T1b: the worst of every paper row
-    jobs = [(t, r, s) for t in (1, 4, 5) for r in load_ablation(f"table{t}").rows for s in (0, 1, 2)]
+    jobs = [
+        (t, r, s) for t in (1, 4, 5) for r in load_ablation(f"table{t}").rows for s in (0, 1, 2)
+    ]
     order = [(t, str(r.id), s) for t, r, s in sorted(jobs, key=lambda j: _job_order(*j))]
     first_rest = next(i for i, j in enumerate(order) if j[:2] == (4, "1"))
     first_diag = next(i for i, j in enumerate(order) if j[1] in ("ft0", "ft2", "rel"))
-    assert {j[:2] for j in order[:first_rest]} == ({(1, r) for r in "01234"} | {(4, r) for r in "047"}
-                                                  | {(5, r) for r in ("baseline", "0", "1", "2")})
-    assert first_rest < first_diag and all(j[1] in ("ft0", "ft2", "rel") for j in order[first_diag:])
+    assert {j[:2] for j in order[:first_rest]} == (
+        {(1, r) for r in "01234"}
+        | {(4, r) for r in "047"}
+        | {(5, r) for r in ("baseline", "0", "1", "2")}
+    )
+    assert first_rest < first_diag and all(
+        j[1] in ("ft0", "ft2", "rel") for j in order[first_diag:]
+    )
     assert order[:3] == [(1, "0", 0), (1, "0", 1), (1, "0", 2)]

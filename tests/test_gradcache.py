@@ -1,4 +1,5 @@
 """GradCache gives the gradients of plain full-batch training (model parameters and τ)."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -36,6 +37,7 @@ def _loss_fn(model, K=0, symmetric=False):
     def fn(q, c, h=None):
         hn = h.view(q.shape[0], K, -1) if h is not None else None
         return info_nce(q, c, model.tau, hard_negatives=hn, symmetric=symmetric)
+
     return fn
 
 
@@ -61,8 +63,10 @@ def _cached(model, inputs, chunk, loss_fn, seed, **kw):
 
 
 # chunk >= batch: every stream is one chunk and grad_cache_step takes its plain single-forward path
-@pytest.mark.parametrize("K,symmetric,chunk", [(0, False, 3), (0, True, 2), (2, False, 4), (3, False, 1),
-                                               (0, True, 7), (2, False, 64)])
+@pytest.mark.parametrize(
+    "K,symmetric,chunk",
+    [(0, False, 3), (0, True, 2), (2, False, 4), (3, False, 1), (0, True, 7), (2, False, 64)],
+)
 def test_gradcache_equals_full_batch_with_dropout(K, symmetric, chunk):
     model, xq, xc, xh = _setup(p=0.3, K=K)
     inputs = (xq, xc) if not K else (xq, xc, xh)
@@ -73,7 +77,7 @@ def test_gradcache_equals_full_batch_with_dropout(K, symmetric, chunk):
     assert g_ref.keys() == g_gc.keys()
     for n in g_ref:
         assert torch.allclose(g_ref[n], g_gc[n], atol=1e-5, rtol=0), n
-        assert torch.allclose(g_ref[n], g_gc[n], atol=1e-10), n   # float64: essentially exact
+        assert torch.allclose(g_ref[n], g_gc[n], atol=1e-10), n  # float64: essentially exact
     assert g_gc["tau"].abs() > 0
     # the RNG is left where plain training leaves it (resume/determinism downstream)
     assert torch.equal(rng_ref, rng_gc)
@@ -107,7 +111,7 @@ def test_gradcache_accumulates_and_takes_list_and_dict_inputs():
     gc = GradCache([model, model], lf, chunk_size=4)
     model.zero_grad()
     torch.manual_seed(3)
-    gc(list(xq), {"x": xc})          # a list of items and a dict of tensors
+    gc(list(xq), {"x": xc})  # a list of items and a dict of tensors
     for n in g_ref:
         assert torch.allclose(g_ref[n], model.get_parameter(n).grad, atol=1e-10), n
     # gradients accumulate (caller zeroes them), as with loss.backward()

@@ -5,6 +5,7 @@ imports inside one layer must not form a cycle, and ``report`` (which reads run 
 reaches model or training code, not even through a function-level (lazy) import. Lazy imports count
 as imports; the only exceptions are listed in ``ALLOWED`` with their reason.
 """
+
 from __future__ import annotations
 
 import ast
@@ -67,11 +68,18 @@ def _imports(mods: dict[str, Path]) -> dict[str, set[tuple[str, int]]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = _resolve(f"umarvel_lib.{mod}" if mod else "umarvel_lib", is_pkg, node) if node.level \
+                base = (
+                    _resolve(f"umarvel_lib.{mod}" if mod else "umarvel_lib", is_pkg, node)
+                    if node.level
                     else (node.module or "")
+                )
                 # `from . import x` / `from .pkg import mod`: the imported module when it is one
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}".removeprefix("umarvel_lib.") in mods
-                           else base for a in node.names]
+                targets = [
+                    f"{base}.{a.name}"
+                    if f"{base}.{a.name}".removeprefix("umarvel_lib.") in mods
+                    else base
+                    for a in node.names
+                ]
             for t in targets:
                 if t == "umarvel_lib" or not t.startswith("umarvel_lib."):
                     continue
@@ -98,7 +106,9 @@ def test_every_module_has_a_layer_and_no_import_points_up():
             continue
         for dep, line in sorted(deps):
             if dep and _layer(dep) > _layer(mod) and (mod, dep) not in ALLOWED:
-                bad.append(f"{mods[mod].relative_to(PKG.parent)}:{line}: {mod} imports {dep} (a higher layer)")
+                bad.append(
+                    f"{mods[mod].relative_to(PKG.parent)}:{line}: {mod} imports {dep} (a higher layer)"
+                )
     assert not bad, "upward imports:\n" + "\n".join(bad)
 
 
@@ -112,7 +122,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in sorted(graph.get(m, ())):
             if state.get(d) == 1:
-                cycles.append(" -> ".join(stack[stack.index(d):] + [d]))
+                cycles.append(" -> ".join(stack[stack.index(d) :] + [d]))
             elif d not in state:
                 visit(d, stack + [d])
         state[m] = 2
@@ -134,7 +144,9 @@ def test_report_reaches_no_model_or_training_code():
                 if d not in seen:
                     seen.add(d)
                     todo.append(d)
-        reached = sorted(d for d in seen if any(d == f or d.startswith(f + ".") for f in REPORT_FORBIDDEN))
+        reached = sorted(
+            d for d in seen if any(d == f or d.startswith(f + ".") for f in REPORT_FORBIDDEN)
+        )
         assert not reached, f"umarvel_lib.{start} reaches {reached}"
 
 
@@ -143,10 +155,18 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     pkg = tmp_path / "umarvel_lib"
     (pkg / "report").mkdir(parents=True)
     (pkg / "models").mkdir()
-    for f in ("__init__.py", "report/__init__.py", "models/__init__.py", "models/embedder.py", "io.py"):
+    for f in (
+        "__init__.py",
+        "report/__init__.py",
+        "models/__init__.py",
+        "models/embedder.py",
+        "io.py",
+    ):
         (pkg / f).write_text("")
     (pkg / "report" / "tables.py").write_text("def f():\n    from ..models.embedder import X\n")
-    (pkg / "models" / "lora.py").write_text("from umarvel_lib.io import y\nfrom . import embedder\n")
+    (pkg / "models" / "lora.py").write_text(
+        "from umarvel_lib.io import y\nfrom . import embedder\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "PKG", pkg)
     edges = _imports(_modules())
     assert ("models.embedder", 2) in edges["report.tables"]
@@ -158,10 +178,14 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
 def test_report_imports_without_torch():
     """``umarvel_lib.report`` (every module of it) loads in a fresh interpreter without torch."""
     mods = [m for m in _modules() if m == "report" or m.startswith("report.")]
-    code = ("import sys\n" + "".join(f"import umarvel_lib.{m}\n" for m in mods)
-            + "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'transformers',"
-              " 'umarvel_lib.models', 'umarvel_lib.train')))\nprint(','.join(bad))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=PKG.parent)
+    code = (
+        "import sys\n"
+        + "".join(f"import umarvel_lib.{m}\n" for m in mods)
+        + "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'transformers',"
+        " 'umarvel_lib.models', 'umarvel_lib.train')))\nprint(','.join(bad))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PKG.parent
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"importing report loaded: {out.stdout.strip()}"

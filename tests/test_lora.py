@@ -1,4 +1,5 @@
 """LoRA: targets (language model only, both architectures), merge == unmerged, peft round trip."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 def _items():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
-    return [Item(txt="a red circle", instruction="Find the image"), Item(image=img), Item(txt="blue", image=img)]
+    return [
+        Item(txt="a red circle", instruction="Find the image"),
+        Item(image=img),
+        Item(txt="blue", image=img),
+    ]
 
 
 def _randomise_lora_b(model):
@@ -43,7 +48,9 @@ def test_targets_are_language_model_linears_only(backbones, kind):
     assert all(".language_model.layers." in n for n in names)
     assert not any("visual" in n or "merger" in n or "lm_head" in n or "embed" in n for n in names)
     # a substring rule ("model" in the name) would also catch the vision tower: ours does not
-    vision_linears = [n for n, m in e.model.named_modules() if isinstance(m, torch.nn.Linear) and "visual" in n]
+    vision_linears = [
+        n for n, m in e.model.named_modules() if isinstance(m, torch.nn.Linear) and "visual" in n
+    ]
     assert vision_linears and not set(vision_linears) & set(names)
 
     e.apply_lora(r=4, alpha=8, dropout=0.0)

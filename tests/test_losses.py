@@ -1,4 +1,5 @@
 """InfoNCE / distillation math on tiny embeddings (see umarvel_lib/train/losses.py)."""
+
 import math
 
 import pytest
@@ -41,7 +42,9 @@ def test_info_nce_matches_mnrl_math():
     scale = 1 / tau
     cos = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).T
     mnrl = F.cross_entropy(cos * scale, torch.arange(6))
-    ours = info_nce(F.normalize(q, dim=-1), F.normalize(c, dim=-1), torch.tensor(tau, dtype=torch.float64))
+    ours = info_nce(
+        F.normalize(q, dim=-1), F.normalize(c, dim=-1), torch.tensor(tau, dtype=torch.float64)
+    )
     assert torch.allclose(ours, mnrl, atol=1e-12)
 
 
@@ -51,7 +54,9 @@ def test_symmetric_is_sum_of_both_directions():
     both = info_nce(q, c, tau, symmetric=True)
     assert torch.allclose(both, info_nce(q, c, tau) + info_nce(c, q, tau), atol=1e-12)
     lab = torch.arange(4)
-    assert torch.allclose(both, F.cross_entropy(q @ c.T / tau, lab) + F.cross_entropy(c @ q.T / tau, lab), atol=1e-12)
+    assert torch.allclose(
+        both, F.cross_entropy(q @ c.T / tau, lab) + F.cross_entropy(c @ q.T / tau, lab), atol=1e-12
+    )
 
 
 def test_hard_negative_logits_shape_and_content():
@@ -95,10 +100,12 @@ def test_tau_is_raw_and_gets_gradient():
     # d/dτ of CE(s/τ) = (1/τ²) Σ_i (s_ii - Σ_j p_ij s_ij) / B
     s = q @ c.T
     p = torch.softmax(s / 0.05, dim=1)
-    want = (s.diag() - (p * s).sum(1)).mean() / 0.05 ** 2
+    want = (s.diag() - (p * s).sum(1)).mean() / 0.05**2
     assert torch.allclose(tau.grad, want)
     # no clamp: a tiny τ is used as is
-    assert torch.allclose(info_nce_logits(q, c, torch.tensor(1e-4, dtype=torch.float64))[0], s / 1e-4)
+    assert torch.allclose(
+        info_nce_logits(q, c, torch.tensor(1e-4, dtype=torch.float64))[0], s / 1e-4
+    )
 
 
 def test_module_wrappers_and_gather_identity():
@@ -121,11 +128,15 @@ def test_distill_kl_zero_when_equal_positive_otherwise():
     loss = distill_kl(cos, other, tau)
     assert float(loss.detach()) > 0
     # equals torch's kl_div(batchmean) and τ only gets gradient through the student
-    want = F.kl_div(F.log_softmax(cos / 0.05, -1), F.softmax(other / 0.05, -1), reduction="batchmean")
+    want = F.kl_div(
+        F.log_softmax(cos / 0.05, -1), F.softmax(other / 0.05, -1), reduction="batchmean"
+    )
     assert torch.allclose(loss, want)
     loss.backward()
     t2 = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-    F.kl_div(F.log_softmax(cos / t2, -1), F.softmax(other / 0.05, -1), reduction="batchmean").backward()
+    F.kl_div(
+        F.log_softmax(cos / t2, -1), F.softmax(other / 0.05, -1), reduction="batchmean"
+    ).backward()
     assert torch.allclose(tau.grad, t2.grad)
 
 
@@ -146,22 +157,30 @@ def test_fused_teacher_and_task_weights():
     assert torch.allclose(fused_teacher(cos, p, 1.0), (cos + p) / 2)
     w = fusion_weights(["mscoco_task0", "webqa_task1"])
     assert w.tolist() == [0.5, 1.0]
-    assert torch.allclose(fused_teacher(cos, p, w), torch.tensor([[0.5 + 0.45, 0.2 + 0.05], [0.4 + 0.8, 0.1 + 0.3]]) / 2)
-    assert fusion_weights(["mscoco_task3", "syn_mscoco_task3"]).tolist() == pytest.approx([0.1, 0.1])
+    assert torch.allclose(
+        fused_teacher(cos, p, w),
+        torch.tensor([[0.5 + 0.45, 0.2 + 0.05], [0.4 + 0.8, 0.1 + 0.3]]) / 2,
+    )
+    assert fusion_weights(["mscoco_task3", "syn_mscoco_task3"]).tolist() == pytest.approx(
+        [0.1, 0.1]
+    )
     assert DEFAULT_FUSION_WEIGHTS["mscoco_task0"] == 0.5
 
 
 # ------------------------------------------------------------------------------------------
 # two CPU ranks (gloo): gathered loss and gradients equal the single-process full batch
 # ------------------------------------------------------------------------------------------
-_SHARDS = [(0, 3), (3, 8)]   # uneven on purpose (exercises the padding path)
+_SHARDS = [(0, 3), (3, 8)]  # uneven on purpose (exercises the padding path)
 _K = 2
 
 
 def _dist_data():
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64),
-            torch.randn(8, _K, 6, generator=g, dtype=torch.float64))
+    return (
+        torch.randn(8, 6, generator=g, dtype=torch.float64),
+        torch.randn(8, 6, generator=g, dtype=torch.float64),
+        torch.randn(8, _K, 6, generator=g, dtype=torch.float64),
+    )
 
 
 def _dist_model():
@@ -177,11 +196,14 @@ def _dist_run(lin, tau, xq, xc, xh, mode):
 
     def enc(x):
         return F.normalize(lin(x), dim=-1)
+
     loss_mod = InfoNCELoss(symmetric=(mode == "symmetric"))
     if mode == "gradcache":
         B = xq.shape[0]
+
         def fn(q, c, h):
             return loss_mod(q, c, tau, hard_negatives=h.view(B, _K, -1))
+
         return grad_cache_step(enc, (xq, xc, xh.reshape(-1, 6)), fn, chunk_size=2)
     loss = loss_mod(enc(xq), enc(xc), tau, hard_negatives=enc(xh) if mode == "hn" else None)
     loss.backward()
@@ -208,7 +230,7 @@ def _gather_worker(rank, world, port, out_dir):
             loss = _dist_run(lin, tau, xq[a:b], xc[a:b], xh[a:b], mode)
             grads = [p.grad.clone() for p in lin.parameters()]
             for gr in grads:
-                dist.all_reduce(gr)        # sum over ranks
+                dist.all_reduce(gr)  # sum over ranks
             taus = [torch.zeros_like(tau.grad) for _ in range(world)]
             dist.all_gather(taus, tau.grad.clone())
             res[mode] = {"loss": loss, "grads": grads, "tau_grads": taus}
@@ -231,13 +253,13 @@ def test_gather_two_ranks_equals_full_batch(tmp_path):
     xq, xc, xh = _dist_data()
     for mode in _MODES:
         lin, tau = _dist_model()
-        if mode == "gradcache":   # reference for gradcache is plain hn training on the full batch
+        if mode == "gradcache":  # reference for gradcache is plain hn training on the full batch
             loss = _dist_run(lin, tau, xq, xc, xh, "hn")
         else:
             loss = _dist_run(lin, tau, xq, xc, xh, mode)
         r = res[mode]
         assert torch.allclose(r["loss"], loss, atol=1e-10), mode
         for got, want in zip(r["grads"], [p.grad for p in lin.parameters()]):
-            assert torch.allclose(got, want, atol=1e-10), mode       # Σ_ranks grad == full-batch grad
+            assert torch.allclose(got, want, atol=1e-10), mode  # Σ_ranks grad == full-batch grad
         for tg in r["tau_grads"]:
-            assert torch.allclose(tg, tau.grad, atol=1e-10), mode    # τ: full gradient on every rank
+            assert torch.allclose(tg, tau.grad, atol=1e-10), mode  # τ: full gradient on every rank

@@ -1,4 +1,5 @@
 """The M-BEIR reader on the literal record shapes of the real benchmark, and every bad-input case."""
+
 import json
 import random
 
@@ -19,19 +20,46 @@ from umarvel_lib.data.mbeir import (
 )
 
 # Literal records from the real M-BEIR (docs/mbeir.md, copied in castorini/UniRAG:README.md)
-REAL_QUERY = {"qid": "9:6", "query_txt": None,
-              "query_img_path": "mbeir_images/mscoco_images/val2014/COCO_val2014_000000391895.jpg",
-              "query_modality": "image", "query_src_content": None,
-              "pos_cand_list": ["9:2", "9:3", "9:4", "9:5", "9:6"], "neg_cand_list": [], "task_id": 3}
+REAL_QUERY = {
+    "qid": "9:6",
+    "query_txt": None,
+    "query_img_path": "mbeir_images/mscoco_images/val2014/COCO_val2014_000000391895.jpg",
+    "query_modality": "image",
+    "query_src_content": None,
+    "pos_cand_list": ["9:2", "9:3", "9:4", "9:5", "9:6"],
+    "neg_cand_list": [],
+    "task_id": 3,
+}
 REAL_CANDS = [
-    {"txt": None, "img_path": "mbeir_images/mscoco_images/val2014/COCO_val2014_000000391895.jpg", "modality": "image",
-     "did": "9:1", "src_content": None},
-    {"txt": "A man riding on the back of a motorcycle down a road.", "img_path": None, "modality": "text",
-     "did": "9:14174", "src_content": None},
-] + [{"txt": f"caption {i}", "img_path": None, "modality": "text", "did": f"9:{i}", "src_content": None} for i in range(2, 7)]
-REAL_INSTR = ("query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\tprompt_4\n"
-              "image\ttext\tMSCOCO\t9\tFind a caption for the image.\tDescribe this picture.\t"
-              "Retrieve the sentence.\tWhich caption fits?\n")
+    {
+        "txt": None,
+        "img_path": "mbeir_images/mscoco_images/val2014/COCO_val2014_000000391895.jpg",
+        "modality": "image",
+        "did": "9:1",
+        "src_content": None,
+    },
+    {
+        "txt": "A man riding on the back of a motorcycle down a road.",
+        "img_path": None,
+        "modality": "text",
+        "did": "9:14174",
+        "src_content": None,
+    },
+] + [
+    {
+        "txt": f"caption {i}",
+        "img_path": None,
+        "modality": "text",
+        "did": f"9:{i}",
+        "src_content": None,
+    }
+    for i in range(2, 7)
+]
+REAL_INSTR = (
+    "query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\tprompt_4\n"
+    "image\ttext\tMSCOCO\t9\tFind a caption for the image.\tDescribe this picture.\t"
+    "Retrieve the sentence.\tWhich caption fits?\n"
+)
 
 
 def _jsonl(path, records):
@@ -50,7 +78,9 @@ def real_slice(tmp_path):
     _jsonl(tmp_path / "cand_pool/local/mbeir_mscoco_task3_test_cand_pool.jsonl", REAL_CANDS)
     q = tmp_path / "qrels/test/mbeir_mscoco_task3_test_qrels.txt"
     q.parent.mkdir(parents=True)
-    q.write_text("".join(f"9:6 0 {d} 1 3\n" for d in REAL_QUERY["pos_cand_list"]) + "9:6 0 9:1 0 3\n")
+    q.write_text(
+        "".join(f"9:6 0 {d} 1 3\n" for d in REAL_QUERY["pos_cand_list"]) + "9:6 0 9:1 0 3\n"
+    )
     (tmp_path / "instructions").mkdir()
     (tmp_path / "instructions/query_instructions.tsv").write_text(REAL_INSTR)
     return tmp_path
@@ -61,12 +91,18 @@ def test_reads_real_layout(real_slice):
     rows = data.rows()
     assert [r.name for r in rows] == ["mscoco_task3"]
     row = rows[0]
-    assert row.pool_file.name == "mbeir_mscoco_task3_test_cand_pool.jsonl"  # MSCOCO's test-specific pool
+    assert (
+        row.pool_file.name == "mbeir_mscoco_task3_test_cand_pool.jsonl"
+    )  # MSCOCO's test-specific pool
     (q,) = data.queries(row)
     assert q.qid == "9:6" and q.modality == "image" and q.task_id == 3 and q.pos[0] == "9:2"
     assert len(data.local_pool(row)) == len(REAL_CANDS)
-    assert data.qrels(row) == {"9:6": {"9:2", "9:3", "9:4", "9:5", "9:6"}}  # relevance 0 line dropped
-    assert data.sample_instruction(q, "text", random.Random(0)) in {format_string(p) for p in data.instruction_options(q, "text")}
+    assert data.qrels(row) == {
+        "9:6": {"9:2", "9:3", "9:4", "9:5", "9:6"}
+    }  # relevance 0 line dropped
+    assert data.sample_instruction(q, "text", random.Random(0)) in {
+        format_string(p) for p in data.instruction_options(q, "text")
+    }
     assert row.headline_k == 5
 
 
@@ -93,8 +129,13 @@ def test_malformed_json_names_file_and_line(tmp_path):
 def test_missing_field(tmp_path):
     rec = dict(REAL_QUERY)
     del rec["task_id"]
-    _expect(r"q.jsonl:1: missing field\(s\) task_id", read_queries, _jsonl(tmp_path / "q.jsonl", [rec]), tmp_path,
-            check_images=False)
+    _expect(
+        r"q.jsonl:1: missing field\(s\) task_id",
+        read_queries,
+        _jsonl(tmp_path / "q.jsonl", [rec]),
+        tmp_path,
+        check_images=False,
+    )
 
 
 def test_unknown_modality(tmp_path):
@@ -103,13 +144,24 @@ def test_unknown_modality(tmp_path):
 
 
 def test_missing_image_file(tmp_path):
-    _expect("image file .* not found", read_pool, _jsonl(tmp_path / "p.jsonl", [REAL_CANDS[0]]), tmp_path)
+    _expect(
+        "image file .* not found",
+        read_pool,
+        _jsonl(tmp_path / "p.jsonl", [REAL_CANDS[0]]),
+        tmp_path,
+    )
 
 
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc/passwd", "mbeir_images/../../x.png"])
 def test_image_path_escaping_root_is_refused(tmp_path, bad):
     rec = dict(REAL_CANDS[0], img_path=bad)
-    _expect("refused|escapes", read_pool, _jsonl(tmp_path / "p.jsonl", [rec]), tmp_path, check_images=False)
+    _expect(
+        "refused|escapes",
+        read_pool,
+        _jsonl(tmp_path / "p.jsonl", [rec]),
+        tmp_path,
+        check_images=False,
+    )
 
 
 def test_qrels_unknown_query_or_candidate(tmp_path):
@@ -132,10 +184,19 @@ def test_qrels_positive_outside_the_pool_is_counted(real_slice):
 
 
 def test_duplicate_ids(tmp_path):
-    _expect("duplicate did '9:14174' .first at line 1", read_pool,
-            _jsonl(tmp_path / "p.jsonl", [REAL_CANDS[1], REAL_CANDS[1]]), tmp_path)
-    _expect("duplicate qid", read_queries, _jsonl(tmp_path / "q.jsonl", [REAL_QUERY, REAL_QUERY]), tmp_path,
-            check_images=False)
+    _expect(
+        "duplicate did '9:14174' .first at line 1",
+        read_pool,
+        _jsonl(tmp_path / "p.jsonl", [REAL_CANDS[1], REAL_CANDS[1]]),
+        tmp_path,
+    )
+    _expect(
+        "duplicate qid",
+        read_queries,
+        _jsonl(tmp_path / "q.jsonl", [REAL_QUERY, REAL_QUERY]),
+        tmp_path,
+        check_images=False,
+    )
 
 
 def test_empty_pool(tmp_path):
@@ -145,14 +206,33 @@ def test_empty_pool(tmp_path):
 
 
 def test_bad_ids_and_task(tmp_path):
-    _expect("qid 'abc'", read_queries, _jsonl(tmp_path / "q.jsonl", [dict(REAL_QUERY, qid="abc")]), tmp_path,
-            check_images=False)
-    _expect("unknown task_id 11", read_queries, _jsonl(tmp_path / "q.jsonl", [dict(REAL_QUERY, task_id=11)]), tmp_path,
-            check_images=False)
-    _expect("list of did strings", read_queries,
-            _jsonl(tmp_path / "q.jsonl", [dict(REAL_QUERY, pos_cand_list=[{"did": "9:2"}])]), tmp_path,
-            check_images=False)
-    _expect("no text", read_pool, _jsonl(tmp_path / "p.jsonl", [dict(REAL_CANDS[1], txt=None)]), tmp_path)
+    _expect(
+        "qid 'abc'",
+        read_queries,
+        _jsonl(tmp_path / "q.jsonl", [dict(REAL_QUERY, qid="abc")]),
+        tmp_path,
+        check_images=False,
+    )
+    _expect(
+        "unknown task_id 11",
+        read_queries,
+        _jsonl(tmp_path / "q.jsonl", [dict(REAL_QUERY, task_id=11)]),
+        tmp_path,
+        check_images=False,
+    )
+    _expect(
+        "list of did strings",
+        read_queries,
+        _jsonl(tmp_path / "q.jsonl", [dict(REAL_QUERY, pos_cand_list=[{"did": "9:2"}])]),
+        tmp_path,
+        check_images=False,
+    )
+    _expect(
+        "no text",
+        read_pool,
+        _jsonl(tmp_path / "p.jsonl", [dict(REAL_CANDS[1], txt=None)]),
+        tmp_path,
+    )
 
 
 def test_instructions_tsv_errors(tmp_path):

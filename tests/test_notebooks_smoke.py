@@ -4,6 +4,7 @@ This is the end-to-end check of the whole kit (data -> micro backbone -> stages 
 report) on the smoke preset with one seed and every row (``all_rows``: `make reproduce PRESET=smoke`
 runs only each table's first finding pair). The batch runner is the same one `make reproduce` uses.
 """
+
 import json
 from pathlib import Path
 
@@ -21,9 +22,15 @@ EXTRA_ROWS = '{"my_tau": {"label": "tau 0.02 from the start", "overrides": {"emb
 def smoke_results(tmp_path_factory, monkeypatch_module):
     work = tmp_path_factory.mktemp("repro")
     monkeypatch_module.chdir(work)  # data/, cache/ and results/ of the run live here
-    status = reproduce("smoke", seeds="0", results=str(work / "results" / "smoke"),
-                       notebook_dir=ROOT / "notebooks", timeout=900, all_rows=True,
-                       notebook_params={"04_batch_lr_temperature": {"extra_rows": EXTRA_ROWS}})
+    status = reproduce(
+        "smoke",
+        seeds="0",
+        results=str(work / "results" / "smoke"),
+        notebook_dir=ROOT / "notebooks",
+        timeout=900,
+        all_rows=True,
+        notebook_params={"04_batch_lr_temperature": {"extra_rows": EXTRA_ROWS}},
+    )
     return work / "results" / "smoke", status
 
 
@@ -43,7 +50,12 @@ def test_every_notebook_executed(smoke_results):
         nb = json.loads((res / "notebooks" / f"{name}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
         # the executed copies keep their figures (PNG at moderate size), and no cell failed
-        pngs = [o["data"]["image/png"] for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        pngs = [
+            o["data"]["image/png"]
+            for c in nb["cells"]
+            for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})
+        ]
         assert pngs, name
         assert all(len(p) < 400_000 for p in pngs), name
 
@@ -54,15 +66,24 @@ def test_extra_row_appears_in_its_table_and_figure(smoke_results):
 
     res, _ = smoke_results
     mine = pd.read_csv(res / "table4_yours.csv").set_index("id").loc["my_tau"]
-    assert "(yours)" in mine["row"] and mine["ours_local"] == mine["ours_local"] and pd.isna(mine["paper_local"])
-    assert "my_tau" not in set(pd.read_csv(res / "table4.csv")["id"])  # the paper-only table stays as it was
+    assert (
+        "(yours)" in mine["row"]
+        and mine["ours_local"] == mine["ours_local"]
+        and pd.isna(mine["paper_local"])
+    )
+    assert "my_tau" not in set(
+        pd.read_csv(res / "table4.csv")["id"]
+    )  # the paper-only table stays as it was
     side = json.loads((res / "runs" / "table4" / "my_tau" / "seed0" / "row.json").read_text())
     assert side["status"] == "ok" and side["config"]["embedder"]["temperature_init"] == 0.02
     ab = load_ablation("table4").with_extra_rows(EXTRA_ROWS)
     diff = figures.differences(res, ab, n_boot=20)
     assert diff.set_index("id").loc["my_tau", "n_seeds"] == 1
     fig = figures.plot_differences(diff, "t", "0")
-    assert any("my_tau" in t.get_text() and "(yours)" in t.get_text() for t in fig.axes[0].get_yticklabels())
+    assert any(
+        "my_tau" in t.get_text() and "(yours)" in t.get_text()
+        for t in fig.axes[0].get_yticklabels()
+    )
     nb = (res / "notebooks" / "04_batch_lr_temperature.ipynb").read_text()
     assert "tau 0.02 from the start (yours)" in nb  # in the executed notebook's table
     assert (res / "table4_yours.png").stat().st_size > 1000
@@ -76,9 +97,19 @@ def test_bad_extra_rows_fail_the_notebook_naming_the_key(smoke_results, tmp_path
     res, _ = smoke_results
     bad = '{"mine": {"overrides": {"stage.mbeir.temprature": 0.02}}}'
     with pytest.raises(pm.PapermillExecutionError) as e:
-        pm.execute_notebook(str(ROOT / "notebooks" / "03_progressive_transition.ipynb"), str(tmp_path / "bad.ipynb"),
-                            parameters={"preset": "smoke", "results_dir": str(res), "extra_rows": bad, "train": False},
-                            kernel_name=kernel_name(), progress_bar=False, cwd=str(Path.cwd()))
+        pm.execute_notebook(
+            str(ROOT / "notebooks" / "03_progressive_transition.ipynb"),
+            str(tmp_path / "bad.ipynb"),
+            parameters={
+                "preset": "smoke",
+                "results_dir": str(res),
+                "extra_rows": bad,
+                "train": False,
+            },
+            kernel_name=kernel_name(),
+            progress_bar=False,
+            cwd=str(Path.cwd()),
+        )
     assert "stage.mbeir.temprature" in str(e.value) and "stage.mbeir.lr" in str(e.value)
 
 
@@ -91,14 +122,22 @@ def test_saved_figures_have_no_overlapping_tick_labels(smoke_results):
     res, _ = smoke_results
     abls = [load_ablation(f"table{t}") for t in range(1, 8)]
     for ab in abls:
-        assert (res / f"table{ab.table}.png").is_file() and (res / f"table{ab.table}_curves.png").is_file()
-        fig = figures.plot_differences(figures.differences(res, ab, n_boot=20), f"Table {ab.table}: {ab.title} (smoke)",
-                                       f"{ab.baseline.id}: {ab.baseline.label}")
+        assert (res / f"table{ab.table}.png").is_file() and (
+            res / f"table{ab.table}_curves.png"
+        ).is_file()
+        fig = figures.plot_differences(
+            figures.differences(res, ab, n_boot=20),
+            f"Table {ab.table}: {ab.title} (smoke)",
+            f"{ab.baseline.id}: {ab.baseline.label}",
+        )
         assert figures.overlapping_tick_labels(fig) == [], ab.table
         assert figures.overlapping_tick_labels(figures.plot_curves(res, ab.table)) == [], ab.table
     vall = pd.concat([verdicts(res, ab, n_boot=20) for ab in abls if ab.findings])
     ff = figures.findings_frame(vall, {ab.table: table_vs_paper(res, ab) for ab in abls})
-    assert figures.overlapping_tick_labels(figures.plot_findings(ff, "The paper's findings (smoke)")) == []
+    assert (
+        figures.overlapping_tick_labels(figures.plot_findings(ff, "The paper's findings (smoke)"))
+        == []
+    )
     assert (res / "findings.png").stat().st_size > 1000
     report = (res / "REPORT.md").read_text()
     assert report.index("](findings.png)") < report.index("## Summary")
@@ -124,7 +163,11 @@ def test_report_traces_back_to_run_directories(smoke_results):
         assert f"| {name} | {st['status']} | {st['wall_s']} | {st['finished_at']} |" in report, name
     df = pd.read_csv(res / "table1.csv")
     for _, r in df.iterrows():
-        m = json.loads((res / "runs" / "table1" / str(r["id"]) / "seed0" / "eval" / "local" / "metrics.json").read_text())
+        m = json.loads(
+            (
+                res / "runs" / "table1" / str(r["id"]) / "seed0" / "eval" / "local" / "metrics.json"
+            ).read_text()
+        )
         assert abs(m["avg"]["headline"] - r["ours_local"]) < 0.01
 
 
@@ -143,9 +186,11 @@ def test_rerun_skips_finished_rows(smoke_results):
 
     cfg = json.loads(side.read_text())["config"]
     root = Path(json.loads(side.read_text())["data_root"])
-    assert cfg["data_digest"] == {"mbeir": DigestCache().tree_digest(root, exclude=("nli", "cc3m")),
-                                  "nli": DigestCache().tree_digest(root / "nli"),
-                                  "cc3m": DigestCache().tree_digest(root / "cc3m")}
+    assert cfg["data_digest"] == {
+        "mbeir": DigestCache().tree_digest(root, exclude=("nli", "cc3m")),
+        "nli": DigestCache().tree_digest(root / "nli"),
+        "cc3m": DigestCache().tree_digest(root / "cc3m"),
+    }
 
 
 @pytest.mark.slow  # two `umarvel run` worker processes, twice
@@ -156,7 +201,10 @@ def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
     from umarvel_lib.runner import run_jobs
 
     res, _ = smoke_results
-    sides = {r.id: res / "runs" / "table2" / str(r.id) / "seed0" / "row.json" for r in load_ablation("table2").rows}
+    sides = {
+        r.id: res / "runs" / "table2" / str(r.id) / "seed0" / "row.json"
+        for r in load_ablation("table2").rows
+    }
     before = {k: p.stat().st_mtime_ns for k, p in sides.items()}
     recs = run_jobs([2], preset="smoke", seeds="0", results=res, jobs=2)
     assert sorted(r["row"] for r in recs) == sorted(sides) and all(r["rc"] == 0 for r in recs), recs
@@ -165,9 +213,18 @@ def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
     assert {k: p.stat().st_mtime_ns for k, p in sides.items()} == before
     # again: every row is skipped, its log (of the run that trained it) is kept, the batch is recorded
     again = run_jobs([2], preset="smoke", seeds="0", results=res, jobs=2)
-    assert all(r["skipped"] for r in again) and {r["row"]: Path(r["log"]).read_text() for r in again} == logs
+    assert (
+        all(r["skipped"] for r in again)
+        and {r["row"]: Path(r["log"]).read_text() for r in again} == logs
+    )
     last = json.loads((res / "run_batches.json").read_text())[-1]
-    assert (last["runs"], last["skipped"], last["trained"], last["failed"], last["workers"]) == (len(sides), len(sides), 0, 0, 2)
+    assert (last["runs"], last["skipped"], last["trained"], last["failed"], last["workers"]) == (
+        len(sides),
+        len(sides),
+        0,
+        0,
+        2,
+    )
     assert not list((res / "logs").glob(".*.running"))
 
 
@@ -181,11 +238,15 @@ def test_diagnostic_checks_are_computed_and_reported(smoke_results):
     for t in ("table1", "table5"):
         ab = load_ablation(t)
         df = checks(res, ab, n_boot=50)
-        assert len(df) == len(ab.checks) and (df.n_seeds == 1).all() and df["diff"].notna().all(), df
+        assert len(df) == len(ab.checks) and (df.n_seeds == 1).all() and df["diff"].notna().all(), (
+            df
+        )
     report = (res / "REPORT.md").read_text()
     assert report.count("Diagnostic check") == 2
     findings = pd.read_csv(res / "table1_findings.csv")
-    assert not findings["note"].fillna("").str.contains("ft").any()  # diagnostic rows are in no finding
+    assert (
+        not findings["note"].fillna("").str.contains("ft").any()
+    )  # diagnostic rows are in no finding
 
 
 def test_smoke_reproduce_runs_one_seed_and_each_tables_first_finding_pair():

@@ -1,4 +1,5 @@
 """Packaging, notebooks and CI plumbing."""
+
 import json
 from pathlib import Path
 
@@ -19,8 +20,18 @@ def test_environment_yml_matches_pyproject():
 
 
 def test_layout_and_ci():
-    for p in ("umarvel_lib", "notebooks", "ablations", "results", "tests", "environment.yml", "README.md",
-              "pyproject.toml", "Makefile", ".ci/run"):
+    for p in (
+        "umarvel_lib",
+        "notebooks",
+        "ablations",
+        "results",
+        "tests",
+        "environment.yml",
+        "README.md",
+        "pyproject.toml",
+        "Makefile",
+        ".ci/run",
+    ):
         assert (ROOT / p).exists(), p
     assert "make test-all" in (ROOT / ".ci/run").read_text()
     make = (ROOT / "Makefile").read_text()
@@ -37,7 +48,9 @@ def test_notebooks_have_parameters_and_no_outputs():
         code = [c for c in d["cells"] if c["cell_type"] == "code"]
         tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, f"{nb.name}: exactly one cell tagged parameters"
-        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), f"{nb.name} has outputs"
+        assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), (
+            f"{nb.name} has outputs"
+        )
         assert "preset" in "".join(tagged[0]["source"])
 
 
@@ -61,18 +74,18 @@ def test_checkpoint_digest_follows_the_weights(tmp_path):
     (d / "config.json").write_text("{}")
     a = checkpoint_digest(d)
     (d / "config.json").write_text('{"x": 1}')
-    assert checkpoint_digest(d) == a                 # weights only
+    assert checkpoint_digest(d) == a  # weights only
     save_file({"w": torch.ones(3)}, str(d / "model.safetensors"))
     assert checkpoint_digest(d) != a
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError):
-        checkpoint_digest(tmp_path / "empty")         # no weight files
+        checkpoint_digest(tmp_path / "empty")  # no weight files
 
 
 def test_data_digest_names_the_synthetic_build(tmp_path):
     from umarvel_lib.data.synthetic import build_digest as data_digest
 
-    assert data_digest(tmp_path) is None              # a real M-BEIR root: its path is hashed instead
+    assert data_digest(tmp_path) is None  # a real M-BEIR root: its path is hashed instead
     meta = tmp_path / "synthetic_meta"
     meta.mkdir()
     (meta / "recipe.json").write_text('{"hash": "abc"}')

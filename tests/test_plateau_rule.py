@@ -1,4 +1,5 @@
 """The plateau rule on hand-made dev curves."""
+
 from umarvel_lib.eval.plateau import plateau
 
 

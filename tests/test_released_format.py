@@ -5,6 +5,7 @@ The paper-scale path end to end on CPU: ``check-data``, ``--estimate``, a ``pape
 checkpoint, and the README's "Paper scale" commands run as written; plus the data faults that must
 stop a run before training, with the file (and line) named.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,12 @@ def released(tmp_path_factory):
     info = rf.write_all(base)
     models = base / "models"
     info["qwen2"] = rf.write_checkpoint(models / "Qwen2-VL-7B-Instruct", "qwen2_vl")
-    info["umarvel2"] = rf.write_checkpoint(models / "U-MARVEL-Qwen2VL-7B-Instruct", "qwen2_vl", umarvel=True)
-    info["umarvel3"] = rf.write_checkpoint(models / "U-MARVEL-Qwen3VL-4B-Instruct", "qwen3_vl", umarvel=True)
+    info["umarvel2"] = rf.write_checkpoint(
+        models / "U-MARVEL-Qwen2VL-7B-Instruct", "qwen2_vl", umarvel=True
+    )
+    info["umarvel3"] = rf.write_checkpoint(
+        models / "U-MARVEL-Qwen3VL-4B-Instruct", "qwen3_vl", umarvel=True
+    )
     info["qwen3"] = rf.write_checkpoint(models / "Qwen3-VL-4B-Instruct", "qwen3_vl")
     info["base"] = base
     return info
@@ -43,11 +48,22 @@ def released(tmp_path_factory):
 def test_check_data_reads_the_release_as_it_ships(released, capsys):
     root = released["root"]
     assert (root / "mbeir_images").is_symlink()  # images on another disk, linked into the root
-    rc = main(["check-data", "--data-root", str(root), "--nli-path", str(released["nli"]),
-               "--cc3m-root", str(released["cc3m"])])
+    rc = main(
+        [
+            "check-data",
+            "--data-root",
+            str(root),
+            "--nli-path",
+            str(released["nli"]),
+            "--cc3m-root",
+            str(released["cc3m"]),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
-    rep = check_data(root, nli_path=released["nli"], cc3m_root=released["cc3m"], stages=("nli", "cc3m", "mbeir"))
+    rep = check_data(
+        root, nli_path=released["nli"], cc3m_root=released["cc3m"], stages=("nli", "cc3m", "mbeir")
+    )
     by_name = {Path(f.file).name: f for f in rep.files}
     train = by_name["mbeir_union_up_train.jsonl"]
     assert train.repeats == released["repeats"] > 0 and train.records == released["train_records"]
@@ -55,7 +71,10 @@ def test_check_data_reads_the_release_as_it_ships(released, capsys):
         assert by_name[f"mbeir_{row}_test_qrels.txt"].outside_pool == n
     assert sum(f.outside_pool for f in rep.files) == 4
     # MSCOCO's test pools are the ..._test_cand_pool files, not the larger train pools of the same name
-    assert "mbeir_mscoco_task0_test_cand_pool.jsonl" in by_name and "mbeir_mscoco_task0_cand_pool.jsonl" not in by_name
+    assert (
+        "mbeir_mscoco_task0_test_cand_pool.jsonl" in by_name
+        and "mbeir_mscoco_task0_cand_pool.jsonl" not in by_name
+    )
     assert by_name["chat.json"].images == 12 and by_name["nli_for_simcse.csv"].records == 24
     assert re.search(r"mbeir_union_up_train\.jsonl\s+38\s+6\s", out)
     assert "4 qrels positives outside their local pool, 0 error(s)" in out
@@ -71,7 +90,13 @@ def _rewrite(path: Path, fn) -> None:
 
 
 def _errors(info, **kw) -> str:
-    rep = check_data(info["root"], nli_path=info["nli"], cc3m_root=info["cc3m"], stages=("nli", "cc3m", "mbeir"), **kw)
+    rep = check_data(
+        info["root"],
+        nli_path=info["nli"],
+        cc3m_root=info["cc3m"],
+        stages=("nli", "cc3m", "mbeir"),
+        **kw,
+    )
     assert not rep.ok
     return "\n".join(rep.errors)
 
@@ -88,10 +113,15 @@ def test_data_faults_are_named_before_training(tmp_path, capsys):
         rec = json.loads(lines[1])
         rec["img_path"] = "mbeir_images/../../../etc/passwd"
         return [lines[0], json.dumps(rec)] + lines[2:]
+
     _rewrite(pool, escape)
     # non-UTF-8 bytes on line 2
     raw = queries.read_bytes().split(b"\n")
-    raw[1] = raw[1].replace(b"Find", b"F\xffnd", 1) if b"Find" in raw[1] else raw[1][:-2] + b"\xff" + raw[1][-2:]
+    raw[1] = (
+        raw[1].replace(b"Find", b"F\xffnd", 1)
+        if b"Find" in raw[1]
+        else raw[1][:-2] + b"\xff" + raw[1][-2:]
+    )
     queries.write_bytes(b"\n".join(raw))
     # a wrong task id on line 3
     _rewrite(qfile, lambda ls: ls[:2] + [ls[2].replace('"task_id": 7', '"task_id": 2')])
@@ -142,7 +172,12 @@ def test_released_checkpoints_load_without_readding_tokens(released):
 
     from umarvel_lib.models.backbone import load_backbone
 
-    for key, n_rows in (("umarvel2", 152064), ("umarvel3", 151936), ("qwen2", 152064), ("qwen3", 151936)):
+    for key, n_rows in (
+        ("umarvel2", 152064),
+        ("umarvel3", 151936),
+        ("qwen2", 152064),
+        ("qwen3", 151936),
+    ):
         path = released[key]
         saved = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model, proc = load_backbone(path)
@@ -150,12 +185,17 @@ def test_released_checkpoints_load_without_readding_tokens(released):
         assert ("RetFinetune" in arch) == key.startswith("umarvel")
         tok = proc.tokenizer
         ids = [tok.convert_tokens_to_ids(t) for t in rf.UMARVEL]
-        first = 151657 if "2" in key else 151669  # right after Qwen2-VL's / Qwen3-VL's special tokens
+        first = (
+            151657 if "2" in key else 151669
+        )  # right after Qwen2-VL's / Qwen3-VL's special tokens
         assert ids == [first, first + 1, first + 2]
         if key.startswith("umarvel"):
             assert len(tok) == len(saved)  # not re-added
         assert model.get_input_embeddings().weight.shape[0] == n_rows  # never resized
-        assert (model.config.emb_token_id, model.config.instruction_end_token_id) == (first, first + 2)
+        assert (model.config.emb_token_id, model.config.instruction_end_token_id) == (
+            first,
+            first + 2,
+        )
         assert tok.convert_tokens_to_ids("<|image_pad|>") == 151655 == model.config.image_token_id
 
 
@@ -171,7 +211,7 @@ def test_images_never_exceed_the_visual_token_budget(released, kind, budget):
     kinds = {p.suffix for p in images}
     assert {".jpg", ".png", ".gif"} <= kinds
     for i in range(0, len(images), 16):
-        batch = emb.collate([Item(image_path=str(p)) for p in images[i:i + 16]])
+        batch = emb.collate([Item(image_path=str(p)) for p in images[i : i + 16]])
         tokens = batch["image_grid_thw"].prod(-1) // 4
         assert int(tokens.max()) <= budget and int(tokens.min()) >= 4
         assert int((batch["input_ids"] == 151655).sum()) == int(tokens.sum())
@@ -198,7 +238,9 @@ def test_training_truncates_texts_evaluation_does_not(released):
         n_eval = len(emb.collate([long])["input_ids"][0])
     with emb.eval_text_budget():
         n_text = len(emb.tokenizer(emb.user_text(long), add_special_tokens=False)["input_ids"])
-    assert n_text > 700 and abs((n_eval - n_train) - (n_text - 480)) <= 2  # training keeps 480 text tokens
+    assert (
+        n_text > 700 and abs((n_eval - n_train) - (n_text - 480)) <= 2
+    )  # training keeps 480 text tokens
     both = Embedder.from_pretrained(released["umarvel2"], EmbedderConfig(eval_max_text_tokens=480))
     with both.eval_text_budget():
         assert len(both.collate([long])["input_ids"][0]) == n_train
@@ -206,7 +248,9 @@ def test_training_truncates_texts_evaluation_does_not(released):
 
 def _readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    block = text.split("<!-- paper-scale-commands -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    block = (
+        text.split("<!-- paper-scale-commands -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    )
     cmds, cur = [], ""
     for line in block.splitlines():
         line = line.split("  #", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
@@ -223,29 +267,54 @@ def _readme_commands() -> list[str]:
 def test_readme_paper_scale_commands_run_as_written(released, tmp_path):
     """README "Paper scale": check-data, --estimate, a paper-preset training (NLI -> CC3M -> M-BEIR on the
     tiny data: a step or two per stage) and evaluate of a released checkpoint, as written."""
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "M": str(released["root"]), "NLI": str(released["nli"]), "CC3M": str(released["cc3m"]),
-           "QWEN": str(released["qwen2"]), "UMARVEL": str(released["umarvel2"]),
-           "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "M": str(released["root"]),
+        "NLI": str(released["nli"]),
+        "CC3M": str(released["cc3m"]),
+        "QWEN": str(released["qwen2"]),
+        "UMARVEL": str(released["umarvel2"]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        ),
+    }
     cmds = _readme_commands()
-    assert [c.split()[:2] for c in cmds] == [["umarvel", "check-data"], ["umarvel", "run"], ["umarvel", "run"],
-                                             ["umarvel", "evaluate"]]
+    assert [c.split()[:2] for c in cmds] == [
+        ["umarvel", "check-data"],
+        ["umarvel", "run"],
+        ["umarvel", "run"],
+        ["umarvel", "evaluate"],
+    ]
     outs = []
     for c in cmds:
-        p = subprocess.run(["bash", "-c", c], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            ["bash", "-c", c], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert p.returncode == 0, f"{c}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
         outs.append(p.stdout)
     assert "0 error(s)" in outs[0] and "H100-hours" in outs[1]
     assert "table 3 row 2 seed 0: ok" in outs[2]
     side = json.loads((tmp_path / "results/paper/runs/table3/2/seed0/row.json").read_text())
-    assert side["config"]["stages"] == ["nli", "cc3m", "mbeir"] and side["image_pixels"]["max_pixels"] == 300 * 28 * 28
+    assert (
+        side["config"]["stages"] == ["nli", "cc3m", "mbeir"]
+        and side["image_pixels"]["max_pixels"] == 300 * 28 * 28
+    )
     assert side["config"]["nli_path"] == str(released["nli"])
-    local = json.loads((tmp_path / "results/paper/runs/table3/2/seed0/eval/local/metrics.json").read_text())
+    local = json.loads(
+        (tmp_path / "results/paper/runs/table3/2/seed0/eval/local/metrics.json").read_text()
+    )
     assert local["positives_outside_pool"] == released["outside"]
     assert "local: Avg" in outs[3] and "global: Avg" in outs[3]
-    assert (tmp_path / "results/paper/checkpoints/U-MARVEL-Qwen2VL-7B-Instruct/checkpoint.json").is_file()
-    stages = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "stages").iterdir() if p.is_dir()
-                    and not p.name.startswith("."))
+    assert (
+        tmp_path / "results/paper/checkpoints/U-MARVEL-Qwen2VL-7B-Instruct/checkpoint.json"
+    ).is_file()
+    stages = sorted(
+        p.name.split("-")[0]
+        for p in (tmp_path / "cache" / "stages").iterdir()
+        if p.is_dir() and not p.name.startswith(".")
+    )
     assert stages == ["cc3m", "mbeir", "nli"]  # trained: the evaluate line trained nothing
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
 
@@ -253,13 +322,31 @@ def test_readme_paper_scale_commands_run_as_written(released, tmp_path):
 def test_missing_corpus_names_the_file_and_the_flag(released, tmp_path, monkeypatch):
     """NLI and CC3M are separate downloads: without --nli-path a stage that needs it stops at once."""
     monkeypatch.chdir(tmp_path)
-    args = ["run", "--table", "table3", "--row", "2", "--preset", "paper", "--backbone", str(released["qwen2"]),
-            "--data-root", str(released["root"]), "--estimate"]
-    with pytest.raises(FileNotFoundError, match=r"stage 'nli' needs SimCSE's nli_for_simcse.csv: .*M-BEIR/nli/"
-                                                r"nli_for_simcse.csv not found \(default\); pass --nli-path"):
+    args = [
+        "run",
+        "--table",
+        "table3",
+        "--row",
+        "2",
+        "--preset",
+        "paper",
+        "--backbone",
+        str(released["qwen2"]),
+        "--data-root",
+        str(released["root"]),
+        "--estimate",
+    ]
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"stage 'nli' needs SimCSE's nli_for_simcse.csv: .*M-BEIR/nli/"
+        r"nli_for_simcse.csv not found \(default\); pass --nli-path",
+    ):
         main(args)
-    with pytest.raises(FileNotFoundError, match=r"stage 'cc3m' needs .*nope/chat.json not found "
-                                                r"\(--cc3m-root .*nope\); pass --cc3m-root"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"stage 'cc3m' needs .*nope/chat.json not found "
+        r"\(--cc3m-root .*nope\); pass --cc3m-root",
+    ):
         main(args + ["--nli-path", str(released["nli"]), "--cc3m-root", str(tmp_path / "nope")])
 
 
@@ -268,11 +355,22 @@ def test_notebook_07_with_a_checkpoint_trains_nothing(released, tmp_path):
     import papermill as pm
 
     res = tmp_path / "results"
-    pm.execute_notebook(str(REPO / "notebooks" / "07_main_results.ipynb"), str(tmp_path / "07.ipynb"),
-                        parameters={"preset": "smoke", "checkpoint": str(released["umarvel2"]),
-                                    "data_root": str(released["root"]), "results_dir": str(res)},
-                        kernel_name="umarvel-kit", cwd=str(tmp_path), progress_bar=False)
-    assert not (res / "runs").exists() and not (tmp_path / "cache" / "stages").exists()  # nothing trained
+    pm.execute_notebook(
+        str(REPO / "notebooks" / "07_main_results.ipynb"),
+        str(tmp_path / "07.ipynb"),
+        parameters={
+            "preset": "smoke",
+            "checkpoint": str(released["umarvel2"]),
+            "data_root": str(released["root"]),
+            "results_dir": str(res),
+        },
+        kernel_name="umarvel-kit",
+        cwd=str(tmp_path),
+        progress_bar=False,
+    )
+    assert (
+        not (res / "runs").exists() and not (tmp_path / "cache" / "stages").exists()
+    )  # nothing trained
     metrics = json.loads((res / "checkpoints" / "released" / "local" / "metrics.json").read_text())
     assert metrics["avg"]["n_rows"] == 16
 
@@ -287,7 +385,10 @@ def test_fsdp_config_wraps_classes_the_released_model_has(released):
 
     conf = yaml.safe_load((REPO / "umarvel_lib/configs/accelerate_fsdp_8gpu.yaml").read_text())
     names = conf["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")
-    for key, want in (("qwen2", names), ("qwen3", ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"])):
+    for key, want in (
+        ("qwen2", names),
+        ("qwen3", ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"]),
+    ):
         model, _ = load_backbone(released[key])
         have = {type(m).__name__ for m in model.modules()}
         assert set(want) <= have, (key, set(want) - have)

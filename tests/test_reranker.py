@@ -1,4 +1,5 @@
 """Pointwise Yes/No reranker: causal, P(Yes) in [0, 1], loss on the answer token only."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,11 @@ def _pairs():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
     q1 = Item(txt="a red circle", instruction="Retrieve the matching image")
-    return [(q1, Item(image=img)), (Item(image=img), Item(txt="a blue square, Yes")), (q1, Item(txt="x", image=img))]
+    return [
+        (q1, Item(image=img)),
+        (Item(image=img), Item(txt="a blue square, Yes")),
+        (q1, Item(txt="x", image=img)),
+    ]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -70,7 +75,7 @@ def test_loss_ignores_everything_but_the_answer(backbones):
     with torch.no_grad():
         l0 = r.loss(b).item()
         pos = int((b["labels"] != -100).int().argmax(1))
-        b["input_ids"][0, pos + 1:] = 100
+        b["input_ids"][0, pos + 1 :] = 100
         assert r.loss(b).item() == pytest.approx(l0, abs=1e-6)
         # the answer label matters
         b2 = r.collate(_pairs()[:1], labels=[False])

@@ -3,6 +3,7 @@
 The mechanism is tested with test-size builds in a temporary ``backbones/``; the real shipped micro
 backbone (if present in this checkout) is checked against its recorded digest.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ TEST_CFG = bb.BackboneConfig(kind="qwen2_vl", size="test")
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    return bb.build_backbone(TEST_CFG, tmp_path_factory.mktemp("cache") / "backbones", progress=False)
+    return bb.build_backbone(
+        TEST_CFG, tmp_path_factory.mktemp("cache") / "backbones", progress=False
+    )
 
 
 @pytest.fixture()
@@ -48,7 +51,10 @@ def test_ship_then_runs_load_the_shipped_build(build, root, tmp_path, monkeypatc
     out = shipped.ship(build)
     assert out == root / "qwen2_vl-test"
     meta = json.loads((out / shipped.SHIPPED_FILE).read_text())
-    assert meta["digest"] == checkpoint_digest(build) == checkpoint_digest(out) and meta["name"] == build.name
+    assert (
+        meta["digest"] == checkpoint_digest(build) == checkpoint_digest(out)
+        and meta["name"] == build.name
+    )
     assert (out / "tokenizer.json").read_bytes() == (build / "tokenizer.json").read_bytes()
     assert shipped.shipped_backbone(TEST_CFG) == out
     model, proc = bb.load_backbone(out)
@@ -76,7 +82,15 @@ def test_ship_refuses_an_incomplete_build(tmp_path, root):
 
 def test_cli_rebuild_says_whether_bitwise_identical(build, root, tmp_path, capsys):
     shipped.ship(build)
-    argv = ["backbone", "--size", "test", "--cache-dir", str(tmp_path / "c"), "--shipped-root", str(root)]
+    argv = [
+        "backbone",
+        "--size",
+        "test",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--shipped-root",
+        str(root),
+    ]
     assert cli_main(argv + ["--rebuild"]) == 0
     out = capsys.readouterr().out
     assert "bitwise identical to the shipped backbone" in out and checkpoint_digest(build) in out

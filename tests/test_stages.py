@@ -1,4 +1,5 @@
 """Progressive stages: chained from merged checkpoints, cached by prefix hash, deterministic."""
+
 import json
 
 import numpy as np
@@ -18,27 +19,39 @@ def setup(smoke_data, backbones):
 
 
 def _cfg(data, tmp, **over):
-    return make_run_config("smoke", {"data_root": str(data), "cache_dir": str(tmp), "scale.max_steps": 2, **over})
+    return make_run_config(
+        "smoke", {"data_root": str(data), "cache_dir": str(tmp), "scale.max_steps": 2, **over}
+    )
 
 
 def _emb(path, cfg):
     e = Embedder.from_pretrained(path, cfg.embedder)
-    return e.encode([Item(txt="a red circle in the center"), Item(txt="two objects")], progress=False)
+    return e.encode(
+        [Item(txt="a red circle in the center"), Item(txt="two objects")], progress=False
+    )
 
 
 def test_chain_starts_each_stage_from_the_previous_one(setup, tmp_path):
     data, base = setup
     cfg = _cfg(data, tmp_path, stages=["nli", "mbeir"])
     final = run_stages(cfg, base, tmp_path / "stages")
-    nli = json.loads((tmp_path / "stages" / f"nli-{cfg.hash(upto_stage='nli')}" / "stage.json").read_text())
+    nli = json.loads(
+        (tmp_path / "stages" / f"nli-{cfg.hash(upto_stage='nli')}" / "stage.json").read_text()
+    )
     mb = json.loads((final.parent / "stage.json").read_text())
     assert nli["init"] == str(base)
     assert mb["init"] == str(tmp_path / "stages" / f"nli-{cfg.hash(upto_stage='nli')}" / "model")
     # a row sharing the prefix reuses the NLI checkpoint (nothing retrained)
-    mtime = (tmp_path / "stages" / f"nli-{cfg.hash(upto_stage='nli')}" / "model" / "embedder.json").stat().st_mtime_ns
+    mtime = (
+        (tmp_path / "stages" / f"nli-{cfg.hash(upto_stage='nli')}" / "model" / "embedder.json")
+        .stat()
+        .st_mtime_ns
+    )
     cfg2 = _cfg(data, tmp_path, stages=["nli", "mbeir"], **{"stage.mbeir.lr": 1e-3})
     run_stages(cfg2, base, tmp_path / "stages")
-    assert (tmp_path / "stages" / f"nli-{cfg.hash(upto_stage='nli')}" / "model" / "embedder.json").stat().st_mtime_ns == mtime
+    assert (
+        tmp_path / "stages" / f"nli-{cfg.hash(upto_stage='nli')}" / "model" / "embedder.json"
+    ).stat().st_mtime_ns == mtime
     assert cfg2.hash(upto_stage="mbeir") != cfg.hash(upto_stage="mbeir")
 
 
@@ -58,8 +71,13 @@ def test_hard_negative_variants_mine_with_one_encoding(setup, tmp_path):
     data, base = setup
     stages = tmp_path / "stages"
     lists = []
-    for over in ({"stage.hard_negatives.filter_max_score": None},
-                 {"stage.hard_negatives.filter_max_score": None, "stage.hard_negatives.filter_relative_margin": 0.0}):
+    for over in (
+        {"stage.hard_negatives.filter_max_score": None},
+        {
+            "stage.hard_negatives.filter_max_score": None,
+            "stage.hard_negatives.filter_relative_margin": 0.0,
+        },
+    ):
         cfg = _cfg(data, tmp_path, stages=["mbeir", "hard_negatives"], **over)
         final = run_stages(cfg, base, stages)
         lists.append((final.parent / "hard_negatives.jsonl").read_text())
@@ -91,5 +109,7 @@ def test_progress_false_reaches_the_training_bars(setup, tmp_path, monkeypatch, 
         cfg = _cfg(data, tmp_path / str(progress), stages=["nli"], **{"scale.max_steps": 1})
         run_stages(cfg, base, tmp_path / str(progress) / "stages", progress=progress)
         err = capsys.readouterr().err
-        assert ("train: " in err) is progress, err[-500:]  # the trainer's bar is named after its run dir
+        assert ("train: " in err) is progress, err[
+            -500:
+        ]  # the trainer's bar is named after its run dir
     assert seen == [False, True]

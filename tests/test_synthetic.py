@@ -1,4 +1,5 @@
 """The synthetic mini-M-BEIR: real layout, 16 rows, deterministic, idempotent, atomic."""
+
 import hashlib
 import json
 import os
@@ -47,8 +48,11 @@ def test_sixteen_rows_through_the_real_reader(smoke_data):
 def test_instructions_name_the_target_modality(smoke_data):
     data = MBEIR(smoke_data)
     assert len(data.instructions) == 16
-    words = {"image": ("image", "photo", "picture"), "text": ("caption", "text", "passage", "description", "sentence"),
-             "image,text": ("image",)}
+    words = {
+        "image": ("image", "photo", "picture"),
+        "text": ("caption", "text", "passage", "description", "sentence"),
+        "image,text": ("image",),
+    }
     for (did, _qm, cm), prompts in data.instructions.items():
         assert len(prompts) == 4
         assert all(any(w in p.lower() for w in words[cm]) for p in prompts), (did, cm, prompts)
@@ -64,7 +68,12 @@ def test_near_misses_in_both_directions(smoke_data):
 
 
 def test_planted_false_negatives_are_documented_and_unlabelled(smoke_data):
-    log = [json.loads(x) for x in (smoke_data / "synthetic_meta/planted_false_negatives.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(x)
+        for x in (smoke_data / "synthetic_meta/planted_false_negatives.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     assert log, "no planted false negatives at the smoke preset"
     data = MBEIR(smoke_data)
     for rec in log:
@@ -84,11 +93,16 @@ def test_stage_corpora(smoke_data):
 
 def test_same_seed_same_bytes_across_processes(tmp_path):
     """Two processes with different hash seeds write byte-identical datasets; a second call is a no-op."""
-    code = ("import sys; from umarvel_lib.data.synthetic import *; "
-            "generate(sys.argv[1], SyntheticConfig(**SYNTHETIC_PRESETS['smoke']))")
+    code = (
+        "import sys; from umarvel_lib.data.synthetic import *; "
+        "generate(sys.argv[1], SyntheticConfig(**SYNTHETIC_PRESETS['smoke']))"
+    )
     for i, hs in enumerate(("1", "2")):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"d{i}")], check=True,
-                       env={**os.environ, "PYTHONHASHSEED": hs})
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / f"d{i}")],
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": hs},
+        )
     assert _tree_digest(tmp_path / "d0") == _tree_digest(tmp_path / "d1")
     marker = tmp_path / "d0/synthetic_meta/recipe.json"
     mtime = marker.stat().st_mtime_ns
@@ -107,7 +121,9 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path / "data", SMOKE)
     assert not (tmp_path / "data").exists()
-    assert [p.name for p in tmp_path.iterdir()] == [".data.lock"]  # only the (empty) generation lock
+    assert [p.name for p in tmp_path.iterdir()] == [
+        ".data.lock"
+    ]  # only the (empty) generation lock
 
 
 def test_rows_of_a_dataset_share_one_item_set(smoke_data):
@@ -141,14 +157,17 @@ def test_rows_of_a_dataset_share_one_item_set(smoke_data):
         q6, p6, _ = row(f"{ds}_task6")
         q8, p8, _ = row(f"{ds}_task8")
         assert [q.img_path for q in q6] == [q.img_path for q in q8]
-        assert ({c.txt for c in p6 if c.did not in fn[f"{ds}_task6"]}
-                == {c.txt for c in p8 if c.did not in fn[f"{ds}_task8"]})
+        assert {c.txt for c in p6 if c.did not in fn[f"{ds}_task6"]} == {
+            c.txt for c in p8 if c.did not in fn[f"{ds}_task8"]
+        }
         assert {c.modality for c in p8} == {"image,text"}
     # the other rows are drawn on their own: no query photo of WebQA-2 is an EDIS candidate, etc.
-    meta = [json.loads(x) for x in (smoke_data / "synthetic_meta/rows.jsonl").read_text().splitlines()]
+    meta = [
+        json.loads(x) for x in (smoke_data / "synthetic_meta/rows.jsonl").read_text().splitlines()
+    ]
     assert {m["row"] for m in meta if m["twin_group"]} == {
-        f"{d}_task{t}" for d in ("visualnews", "mscoco", "fashion200k") for t in (0, 3)} | {
-        f"{d}_task{t}" for d in ("oven", "infoseek") for t in (6, 8)}
+        f"{d}_task{t}" for d in ("visualnews", "mscoco", "fashion200k") for t in (0, 3)
+    } | {f"{d}_task{t}" for d in ("oven", "infoseek") for t in (6, 8)}
 
 
 def test_test_dev_and_train_items_are_disjoint(smoke_data):

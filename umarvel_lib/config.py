@@ -9,6 +9,7 @@ evaluated (:class:`EvalConfig`).
 (batch, steps, LR multipliers for the micro model) and then the overrides of an ablation row, e.g.
 ``{"embedder.attention": "causal", "stage.mbeir.lr": 1e-4, "stages": ["mbeir"]}``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,13 +44,23 @@ class EmbedderConfig:
 
     attention: str = "bidirectional"  # causal | bidirectional
     pooling: str = "mean"  # mean | last (hidden state just before <emb>)
-    compression_prompt: bool = False  # paper's best row: off; released stages 1-3 and M-BEIR eval: on
+    compression_prompt: bool = (
+        False  # paper's best row: off; released stages 1-3 and M-BEIR eval: on
+    )
     instructions: bool = True  # queries get "<instruction_start>{instr}<instruction_end> {txt}"
     instruction_mask: bool = True  # exclude the instruction span (markers included) from the mean
-    positions: str = "mrope"  # mrope (Qwen-VL 3-D rope index) | sequential (released code's 1-D positions)
-    generation_prompt: bool = False  # the released eval's extra "<|im_start|>assistant\n" (explicit switch)
-    max_text_tokens: int | None = 480  # training (forward with grad): the released collators truncate at 480
-    eval_max_text_tokens: int | None = None  # encode() (evaluation, mining, teacher): None = no truncation, as released
+    positions: str = (
+        "mrope"  # mrope (Qwen-VL 3-D rope index) | sequential (released code's 1-D positions)
+    )
+    generation_prompt: bool = (
+        False  # the released eval's extra "<|im_start|>assistant\n" (explicit switch)
+    )
+    max_text_tokens: int | None = (
+        480  # training (forward with grad): the released collators truncate at 480
+    )
+    eval_max_text_tokens: int | None = (
+        None  # encode() (evaluation, mining, teacher): None = no truncation, as released
+    )
     # image budget (the processor resizes into [min_pixels, max_pixels]); None: the paper's value for the
     # checkpoint's kind (backbone.PAPER_PIXELS: Qwen2-VL 4*28*28 .. 300*28*28, Qwen3-VL max 224*224)
     min_pixels: int | None = None
@@ -67,7 +78,10 @@ class EmbedderConfig:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
         if self.positions not in POSITION_MODES:
             raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
-        if self.attn_implementation is not None and self.attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        if (
+            self.attn_implementation is not None
+            and self.attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS
+        ):
             raise UnsupportedAttentionError(
                 f"attn_implementation {self.attn_implementation!r} is not supported; use one of "
                 f"{SUPPORTED_ATTN_IMPLEMENTATIONS} (flash-attention is causal-only and is refused)"
@@ -116,7 +130,9 @@ class StageConfig:
     sample_fraction: float = 0.1  # per-task sample of training queries
     teacher_top_k: int = 50
     teacher_weight: float = 1.0
-    teacher_weight_overrides: dict = field(default_factory=lambda: {"mscoco_task0": 0.5, "mscoco_task3": 0.1})
+    teacher_weight_overrides: dict = field(
+        default_factory=lambda: {"mscoco_task0": 0.5, "mscoco_task3": 0.1}
+    )
     distill_mode: str = "kl"  # kl | continue_hard (the same sample trained with hard negatives)
     mixed_precision: str = "no"  # no | bf16 (autocast); set by the preset's scale.mixed_precision
 
@@ -124,13 +140,29 @@ class StageConfig:
 # The paper's recipe (docs/recipe.md "Stages", Qwen2-VL-7B, 64 devices). Batches are global.
 PAPER_STAGES: dict[str, StageConfig] = {
     "nli": StageConfig("nli", lora_r=64, lora_alpha=128, lr=2e-4, epochs=2, batch_size=72 * 64),
-    "cc3m": StageConfig("cc3m", lora_r=128, lora_alpha=256, lr=1e-4, epochs=1, batch_size=60 * 64, symmetric=True),
+    "cc3m": StageConfig(
+        "cc3m", lora_r=128, lora_alpha=256, lr=1e-4, epochs=1, batch_size=60 * 64, symmetric=True
+    ),
     "mbeir": StageConfig("mbeir", lr=4e-4, epochs=1, batch_size=60 * 64, train_temperature=True),
-    "hard_negatives": StageConfig("hard_negatives", lr=1.5e-5, epochs=1, batch_size=17 * 64, train_temperature=True,
-                                  negatives="in_batch+hard", num_hard=5, filter_max_score=0.7,
-                                  compression_prompt=False),
-    "distill": StageConfig("distill", lr=1e-5, epochs=1, batch_size=2 * 64, train_temperature=True,
-                           compression_prompt=False),
+    "hard_negatives": StageConfig(
+        "hard_negatives",
+        lr=1.5e-5,
+        epochs=1,
+        batch_size=17 * 64,
+        train_temperature=True,
+        negatives="in_batch+hard",
+        num_hard=5,
+        filter_max_score=0.7,
+        compression_prompt=False,
+    ),
+    "distill": StageConfig(
+        "distill",
+        lr=1e-5,
+        epochs=1,
+        batch_size=2 * 64,
+        train_temperature=True,
+        compression_prompt=False,
+    ),
 }
 
 
@@ -151,12 +183,16 @@ class EvalConfig:
 
     pools: tuple[str, ...] = ("local", "global")
     rows: tuple[str, ...] | None = None  # None: all 16
-    instructions: bool | None = None  # None: the encoder's own setting (Embedder.cfg.instructions), else True
+    instructions: bool | None = (
+        None  # None: the encoder's own setting (Embedder.cfg.instructions), else True
+    )
     instruction_seed: int = 0
     batch_size: int = 64
     eval_every: int | None = None  # steps between dev-curve evaluations (None: no dev curve)
     curve_rows: tuple[str, ...] | None = None  # rows evaluated for the dev curve (None: all)
-    dev_queries: int | None = None  # dev curve: the first N queries of each row's dev (val) split (None: all)
+    dev_queries: int | None = (
+        None  # dev curve: the first N queries of each row's dev (val) split (None: all)
+    )
     dedup_global: bool = True  # global pool deduplicated by did (False: the official concatenation)
     rerank_top_k: int = 50  # U-MARVEL+ / reranker row: candidates re-scored per query
     backend: str = "torch"  # exact search: torch | faiss
@@ -196,8 +232,12 @@ class RunConfig:
     data_root: str | None = None  # None: data/mini-mbeir-<data_preset>
     data_preset: str = "cpu"
     # the stage-1/2 corpora, separate downloads (data paths, not result identity: left out of hash())
-    nli_path: str | None = None  # SimCSE nli_for_simcse.csv; None: <data root>/nli/nli_for_simcse.csv
-    cc3m_root: str | None = None  # folder of LLaVA CC3M-595K chat.json + images; None: <data root>/cc3m
+    nli_path: str | None = (
+        None  # SimCSE nli_for_simcse.csv; None: <data root>/nli/nli_for_simcse.csv
+    )
+    cc3m_root: str | None = (
+        None  # folder of LLaVA CC3M-595K chat.json + images; None: <data root>/cc3m
+    )
     embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
     stages: list[str] = field(default_factory=lambda: ["nli", "cc3m", "mbeir"])
     stage: dict[str, StageConfig] = field(default_factory=lambda: copy.deepcopy(PAPER_STAGES))
@@ -216,10 +256,18 @@ class RunConfig:
         return SyntheticConfig(**{**SYNTHETIC_PRESETS[self.data_preset], "seed": 0})
 
     def resolved_data_root(self) -> Path:
-        return Path(self.data_root) if self.data_root else Path("data") / f"mini-mbeir-{self.data_preset}"
+        return (
+            Path(self.data_root)
+            if self.data_root
+            else Path("data") / f"mini-mbeir-{self.data_preset}"
+        )
 
     def resolved_nli_path(self) -> Path:
-        return Path(self.nli_path) if self.nli_path else self.resolved_data_root() / "nli" / "nli_for_simcse.csv"
+        return (
+            Path(self.nli_path)
+            if self.nli_path
+            else self.resolved_data_root() / "nli" / "nli_for_simcse.csv"
+        )
 
     def resolved_cc3m_root(self) -> Path:
         return Path(self.cc3m_root) if self.cc3m_root else self.resolved_data_root() / "cc3m"
@@ -230,16 +278,27 @@ class RunConfig:
         A missing one is a :class:`FileNotFoundError` naming the file and the flag that sets it."""
         out = {}
         for stage, flag, path, what in (
-                ("nli", "--nli-path", self.resolved_nli_path(), "SimCSE's nli_for_simcse.csv"),
-                ("cc3m", "--cc3m-root", self.resolved_cc3m_root(), "a folder with LLaVA CC3M-595K chat.json + images")):
+            ("nli", "--nli-path", self.resolved_nli_path(), "SimCSE's nli_for_simcse.csv"),
+            (
+                "cc3m",
+                "--cc3m-root",
+                self.resolved_cc3m_root(),
+                "a folder with LLaVA CC3M-595K chat.json + images",
+            ),
+        ):
             if stage not in self.stages:
                 continue
             probe = path if stage == "nli" else path / "chat.json"
             if not probe.is_file():
-                set_by = f"{flag} {path}" if (self.nli_path if stage == "nli" else self.cc3m_root) else "default"
+                set_by = (
+                    f"{flag} {path}"
+                    if (self.nli_path if stage == "nli" else self.cc3m_root)
+                    else "default"
+                )
                 raise FileNotFoundError(
                     f"stage {stage!r} needs {what}: {probe} not found ({set_by}); pass {flag} "
-                    f"(papermill: -p {flag[2:].replace('-', '_')} ...; config: {flag[2:].replace('-', '_')})")
+                    f"(papermill: -p {flag[2:].replace('-', '_')} ...; config: {flag[2:].replace('-', '_')})"
+                )
             out[stage] = path
         return out
 
@@ -262,9 +321,14 @@ class RunConfig:
     def reranker_recipe(self) -> dict:
         """The reranker's training recipe after the preset's scaling (what ``train_reranker`` runs)."""
         rc, sc = self.reranker, self.scale
-        return {"lora_r": sc.lora_r or rc.lora_r, "lora_alpha": sc.lora_alpha or rc.lora_alpha,
-                "lr": rc.lr * sc.lr_multiplier, "epochs": None if rc.max_steps else rc.epochs,
-                "max_steps": rc.max_steps, "batch_size": rc.batch_size}
+        return {
+            "lora_r": sc.lora_r or rc.lora_r,
+            "lora_alpha": sc.lora_alpha or rc.lora_alpha,
+            "lr": rc.lr * sc.lr_multiplier,
+            "epochs": None if rc.max_steps else rc.epochs,
+            "max_steps": rc.max_steps,
+            "batch_size": rc.batch_size,
+        }
 
     def identity(self, *, upto_stage: str | None = None, reranker: bool = False) -> dict:
         """What determines a result (see :data:`NOT_IDENTITY`): the weights (``backbone_digest``), the data
@@ -273,28 +337,48 @@ class RunConfig:
         determines the checkpoint after that stage. ``reranker``: the run uses the reranker (a
         ``reranker: true`` row), so its recipe and the fusion weights are part of it; a distillation
         stage with the KL teacher includes the reranker recipe by itself."""
-        names = list(self.stages if upto_stage is None else self.stages[: self.stages.index(upto_stage) + 1])
+        names = list(
+            self.stages if upto_stage is None else self.stages[: self.stages.index(upto_stage) + 1]
+        )
         d = identity(self)
         d["stage"] = {k: identity(self.scaled_stage(k)) for k in names}
         d["stages"] = names
-        d["backbone_digest"] = self.backbone_digest or {  # not yet measured: name the backbone instead
-            "path": self.backbone, "kind": self.backbone_kind, "size": self.backbone_size}
+        d["backbone_digest"] = (
+            self.backbone_digest
+            or {  # not yet measured: name the backbone instead
+                "path": self.backbone,
+                "kind": self.backbone_kind,
+                "size": self.backbone_size,
+            }
+        )
         parts = data_parts(names, evaluate=upto_stage is None)
-        d["data_digest"] = ({k: self.data_digest.get(k) for k in parts} if isinstance(self.data_digest, dict)
-                            else self.data_digest or {"root": str(self.resolved_data_root()), "parts": parts})
+        d["data_digest"] = (
+            {k: self.data_digest.get(k) for k in parts}
+            if isinstance(self.data_digest, dict)
+            else self.data_digest or {"root": str(self.resolved_data_root()), "parts": parts}
+        )
         uses_teacher = "distill" in names and self.scaled_stage("distill").distill_mode == "kl"
         if uses_teacher or reranker:
             d["reranker"] = self.reranker_recipe()
         else:
             d.pop("reranker")
-        if reranker and upto_stage is None:  # the reranked evaluation (eval.rerank) fuses with the distillation stage's weights
+        if (
+            reranker and upto_stage is None
+        ):  # the reranked evaluation (eval.rerank) fuses with the distillation stage's weights
             st = self.scaled_stage("distill")
-            d["fusion"] = {"teacher_weight": st.teacher_weight, "overrides": st.teacher_weight_overrides}
+            d["fusion"] = {
+                "teacher_weight": st.teacher_weight,
+                "overrides": st.teacher_weight_overrides,
+            }
         if upto_stage is not None:
             d.pop("eval")
-            if any(self.scaled_stage(k).budget == "plateau" for k in names):  # the dev curve decides the weights
-                d["dev"] = {k: identity(getattr(self.eval, k))
-                            for k in ("eval_every", "curve_rows", "dev_queries", "instruction_seed")}
+            if any(
+                self.scaled_stage(k).budget == "plateau" for k in names
+            ):  # the dev curve decides the weights
+                d["dev"] = {
+                    k: identity(getattr(self.eval, k))
+                    for k in ("eval_every", "curve_rows", "dev_queries", "instruction_seed")
+                }
         return d
 
     def hash(self, *, upto_stage: str | None = None, reranker: bool = False) -> str:
@@ -333,41 +417,113 @@ NOT_IDENTITY: dict[str, dict[str, str]] = {
     },
     "StageConfig": {
         "chunk_size": "GradCache chunk: memory only; the gradients equal the full batch's up to float rounding "
-                      "(1e-10 in float64, tests/test_gradcache.py)",
+        "(1e-10 in float64, tests/test_gradcache.py)",
     },
     "RerankerStageConfig": {
         "top_k": "not read: the reranker's negatives come from the mined hard-negative file",
     },
     "EvalConfig": {
         "batch_size": "encoding batch size: speed and memory only (each item's embedding is its own, up to "
-                      "float rounding of batched kernels)",
+        "float rounding of batched kernels)",
         "backend": "exact inner-product search either way, same tie-break (tests/test_eval_search.py checks "
-                   "faiss against torch): speed only, up to float rounding",
+        "faiss against torch): speed only, up to float rounding",
         "shard_size": "embedding-cache layout on disk, not the embeddings it holds",
         "block_size": "candidates per search block: memory only (the streaming top-k is exact)",
         "query_chunk": "queries per search chunk: memory only (the streaming top-k is exact)",
         "run_tag": "a label in run.trec's tag column; no ranking or metric reads it",
     },
-    "ScaleConfig": {f: "applied by scaled_stage() and reranker_recipe(), whose results are hashed"
-                    for f in ("batch_divisor", "min_batch", "lr_multiplier", "max_steps", "chunk_size", "lora_r",
-                              "lora_alpha", "epochs", "mixed_precision")},
+    "ScaleConfig": {
+        f: "applied by scaled_stage() and reranker_recipe(), whose results are hashed"
+        for f in (
+            "batch_divisor",
+            "min_batch",
+            "lr_multiplier",
+            "max_steps",
+            "chunk_size",
+            "lora_r",
+            "lora_alpha",
+            "epochs",
+            "mixed_precision",
+        )
+    },
     "EmbedderConfig": {},
 }
 IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
-    "RunConfig": ("seed", "embedder", "stages", "stage", "reranker", "eval", "backbone_digest", "data_digest"),
-    "StageConfig": ("name", "lora_r", "lora_alpha", "lora_dropout", "full_finetune", "lr", "epochs", "max_steps",
-                    "batch_size", "warmup_ratio", "symmetric", "train_temperature", "compression_prompt", "negatives",
-                    "num_hard", "mine_top_m", "mine_pool", "filter_max_score", "filter_relative_margin",
-                    "sample_fraction", "teacher_top_k", "teacher_weight", "teacher_weight_overrides", "distill_mode",
-                    "mixed_precision", "budget", "min_steps"),
+    "RunConfig": (
+        "seed",
+        "embedder",
+        "stages",
+        "stage",
+        "reranker",
+        "eval",
+        "backbone_digest",
+        "data_digest",
+    ),
+    "StageConfig": (
+        "name",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "full_finetune",
+        "lr",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "warmup_ratio",
+        "symmetric",
+        "train_temperature",
+        "compression_prompt",
+        "negatives",
+        "num_hard",
+        "mine_top_m",
+        "mine_pool",
+        "filter_max_score",
+        "filter_relative_margin",
+        "sample_fraction",
+        "teacher_top_k",
+        "teacher_weight",
+        "teacher_weight_overrides",
+        "distill_mode",
+        "mixed_precision",
+        "budget",
+        "min_steps",
+    ),
     "RerankerStageConfig": ("lora_r", "lora_alpha", "lr", "epochs", "max_steps", "batch_size"),
-    "EvalConfig": ("pools", "rows", "instruction_seed", "eval_every", "curve_rows", "dedup_global", "rerank_top_k",
-                   "dev_queries", "instructions", "depth", "ks", "n_boot", "boot_seed", "cache_dtype"),
+    "EvalConfig": (
+        "pools",
+        "rows",
+        "instruction_seed",
+        "eval_every",
+        "curve_rows",
+        "dedup_global",
+        "rerank_top_k",
+        "dev_queries",
+        "instructions",
+        "depth",
+        "ks",
+        "n_boot",
+        "boot_seed",
+        "cache_dtype",
+    ),
     "ScaleConfig": (),
-    "EmbedderConfig": ("attention", "pooling", "compression_prompt", "instructions", "instruction_mask", "positions",
-                       "generation_prompt", "max_text_tokens", "temperature_init", "train_temperature",
-                       "temperature_min", "attn_implementation", "autocast_bf16", "min_pixels", "max_pixels",
-                       "eval_max_text_tokens"),
+    "EmbedderConfig": (
+        "attention",
+        "pooling",
+        "compression_prompt",
+        "instructions",
+        "instruction_mask",
+        "positions",
+        "generation_prompt",
+        "max_text_tokens",
+        "temperature_init",
+        "train_temperature",
+        "temperature_min",
+        "attn_implementation",
+        "autocast_bf16",
+        "min_pixels",
+        "max_pixels",
+        "eval_max_text_tokens",
+    ),
 }
 
 
@@ -388,7 +544,8 @@ def identity(obj):
             elif f.name not in drop:
                 raise UnclassifiedFieldError(
                     f"{cls}.{f.name} is not classified: add it to IDENTITY_FIELDS (it changes results) or to "
-                    f"NOT_IDENTITY with the reason (it does not), in umarvel_lib/config.py")
+                    f"NOT_IDENTITY with the reason (it does not), in umarvel_lib/config.py"
+                )
         return out
     if isinstance(obj, dict):
         return {str(k): identity(v) for k, v in obj.items()}
@@ -399,23 +556,56 @@ def identity(obj):
 
 # Scale presets: what `--preset` means. Each is a dict of dotted overrides on RunConfig.
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {"data_preset": "smoke", "backbone_size": "test", "scale.max_steps": 3, "scale.batch_divisor": 480,
-              "scale.chunk_size": 8, "scale.epochs": 1.0, "eval.batch_size": 32, "reranker.max_steps": 3,
-              "reranker.batch_size": 4, "eval.rerank_top_k": 5, "stage.distill.teacher_top_k": 8, "threads": 1},
+    "smoke": {
+        "data_preset": "smoke",
+        "backbone_size": "test",
+        "scale.max_steps": 3,
+        "scale.batch_divisor": 480,
+        "scale.chunk_size": 8,
+        "scale.epochs": 1.0,
+        "eval.batch_size": 32,
+        "reranker.max_steps": 3,
+        "reranker.batch_size": 4,
+        "eval.rerank_top_k": 5,
+        "stage.distill.teacher_top_k": 8,
+        "threads": 1,
+    },
     # cpu (the embedded default), sized for every table x 3 seeds in about 2 hours on 2 cores (measured
     # times: README, "cpu preset"). Batches = paper / 30 (480 -> 16, 3840 -> 128), LR x 10 for the micro
     # model's small LoRA, half an epoch of every stage, so rows that differ in batch size see the same
     # examples (as the paper's 1 epoch) with proportionally fewer steps (30 steps of 16 for the 480-batch
     # rows on the cpu mini-M-BEIR). The reranker re-sorts the recall top 10 (enough for R@5; the R@10 rows
     # are unchanged by it), the distillation teacher scores the top 20.
-    "cpu": {"data_preset": "cpu", "backbone_size": "micro", "scale.batch_divisor": 30, "scale.lr_multiplier": 10.0,
-            "scale.epochs": 0.5, "scale.chunk_size": 32, "threads": 2, "reranker.max_steps": 100,
-            "eval.rerank_top_k": 10, "stage.distill.teacher_top_k": 20,
-            "eval.eval_every": 20},  # dev curve every 20 steps on the 30 dev queries per row
-    "gpu": {"data_preset": "gpu", "backbone_size": "micro", "scale.batch_divisor": 15, "scale.chunk_size": 64,
-            "scale.max_steps": 2000, "eval.eval_every": 100},
-    "paper": {"data_preset": "cpu", "scale.batch_divisor": 1, "scale.lr_multiplier": 1.0, "scale.lora_r": None,
-              "scale.lora_alpha": None, "scale.chunk_size": 16, "scale.min_batch": 1},
+    "cpu": {
+        "data_preset": "cpu",
+        "backbone_size": "micro",
+        "scale.batch_divisor": 30,
+        "scale.lr_multiplier": 10.0,
+        "scale.epochs": 0.5,
+        "scale.chunk_size": 32,
+        "threads": 2,
+        "reranker.max_steps": 100,
+        "eval.rerank_top_k": 10,
+        "stage.distill.teacher_top_k": 20,
+        "eval.eval_every": 20,
+    },  # dev curve every 20 steps on the 30 dev queries per row
+    "gpu": {
+        "data_preset": "gpu",
+        "backbone_size": "micro",
+        "scale.batch_divisor": 15,
+        "scale.chunk_size": 64,
+        "scale.max_steps": 2000,
+        "eval.eval_every": 100,
+    },
+    "paper": {
+        "data_preset": "cpu",
+        "scale.batch_divisor": 1,
+        "scale.lr_multiplier": 1.0,
+        "scale.lora_r": None,
+        "scale.lora_alpha": None,
+        "scale.chunk_size": 16,
+        "scale.min_batch": 1,
+    },
 }
 
 
@@ -430,7 +620,9 @@ def _set(obj, dotted: str, value):
         obj[last] = value
         return
     if not hasattr(obj, last):
-        raise KeyError(f"unknown config key {dotted!r} ({type(obj).__name__} has no field {last!r})")
+        raise KeyError(
+            f"unknown config key {dotted!r} ({type(obj).__name__} has no field {last!r})"
+        )
     cur = getattr(obj, last)
     if dataclasses.is_dataclass(cur) and isinstance(value, dict):
         for k, v in value.items():
@@ -458,7 +650,9 @@ class UnknownPresetError(KeyError):
 def check_preset(preset: str) -> str:
     """``preset`` if it is one of :data:`PRESETS`, else :class:`UnknownPresetError` naming the choices."""
     if preset not in PRESETS:
-        raise UnknownPresetError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
+        raise UnknownPresetError(
+            f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}"
+        )
     return preset
 
 
@@ -482,8 +676,12 @@ class AblationRow:
     overrides: dict
     paper_key: str | int | None = None
     reranker: bool = False  # evaluate the fused reranker teacher instead of the embedder (Table 6)
-    explain: bool = False  # a diagnostic row (no paper value), e.g. Table 1's full-fine-tuning check of T1b
-    own: bool = False  # a reader's own row (notebook parameter ``extra_rows``), shown beside the paper's
+    explain: bool = (
+        False  # a diagnostic row (no paper value), e.g. Table 1's full-fine-tuning check of T1b
+    )
+    own: bool = (
+        False  # a reader's own row (notebook parameter ``extra_rows``), shown beside the paper's
+    )
 
 
 @dataclass
@@ -540,13 +738,31 @@ def load_ablation(path_or_name) -> Ablation:
     for k in ("table", "title", "rows"):
         if k not in d:
             raise ValueError(f"{p}: missing key {k!r}")
-    rows = [AblationRow(id=str(r["id"]), label=r.get("label", str(r["id"])), overrides=r.get("overrides") or {},
-                        paper_key=r.get("paper", r["id"]), reranker=bool(r.get("reranker", False)),
-                        explain=bool(r.get("explain", False))) for r in d["rows"]]
-    return Ablation(name=p.stem, table=int(d["table"]), title=d["title"], base=d.get("base") or {}, rows=rows,
-                    findings=list(d.get("findings") or []), pools=tuple(d.get("pools", ("local", "global"))),
-                    checks={str(k): (str(v[0]), str(v[1])) for k, v in (d.get("checks") or {}).get("pairs", {}).items()},
-                    checks_title=(d.get("checks") or {}).get("title", ""))
+    rows = [
+        AblationRow(
+            id=str(r["id"]),
+            label=r.get("label", str(r["id"])),
+            overrides=r.get("overrides") or {},
+            paper_key=r.get("paper", r["id"]),
+            reranker=bool(r.get("reranker", False)),
+            explain=bool(r.get("explain", False)),
+        )
+        for r in d["rows"]
+    ]
+    return Ablation(
+        name=p.stem,
+        table=int(d["table"]),
+        title=d["title"],
+        base=d.get("base") or {},
+        rows=rows,
+        findings=list(d.get("findings") or []),
+        pools=tuple(d.get("pools", ("local", "global"))),
+        checks={
+            str(k): (str(v[0]), str(v[1]))
+            for k, v in (d.get("checks") or {}).get("pairs", {}).items()
+        },
+        checks_title=(d.get("checks") or {}).get("title", ""),
+    )
 
 
 def stage_plan(cfg: RunConfig, steps: dict[str, int] | None = None) -> list[dict]:
@@ -556,17 +772,37 @@ def stage_plan(cfg: RunConfig, steps: dict[str, int] | None = None) -> list[dict
     out = []
     for name in cfg.stages:
         s = cfg.scaled_stage(name)
-        out.append({"stage": name, "steps": (steps or {}).get(name, s.max_steps), "global_batch": s.batch_size,
-                    "lr": s.lr, "epochs": s.epochs if s.max_steps is None else None,
-                    "tau": "learnable" if s.train_temperature else f"fixed {cfg.embedder.temperature_init:g}",
-                    "lora_r": None if s.full_finetune else s.lora_r,
-                    "loss": f"distill: {s.distill_mode}" if name == "distill" else f"InfoNCE, {s.negatives}"})
+        out.append(
+            {
+                "stage": name,
+                "steps": (steps or {}).get(name, s.max_steps),
+                "global_batch": s.batch_size,
+                "lr": s.lr,
+                "epochs": s.epochs if s.max_steps is None else None,
+                "tau": "learnable"
+                if s.train_temperature
+                else f"fixed {cfg.embedder.temperature_init:g}",
+                "lora_r": None if s.full_finetune else s.lora_r,
+                "loss": f"distill: {s.distill_mode}"
+                if name == "distill"
+                else f"InfoNCE, {s.negatives}",
+            }
+        )
     return out
 
 
 # ---- a reader's own rows (notebook parameter ``extra_rows``) ----------------------------------------
-_TYPE_NAMES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
-               "dict": (dict,), "list": (list,), "tuple": (list, tuple), "Any": (object,)}
+_TYPE_NAMES = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "dict": (dict,),
+    "list": (list,),
+    "tuple": (list, tuple),
+    "Any": (object,),
+}
 
 
 def _allowed_types(obj, name: str) -> tuple[str, ...]:
@@ -582,43 +818,59 @@ def _check_key(obj, dotted: str, value, path: str = "") -> None:
     full = f"{path}{head}"
     if isinstance(obj, dict):  # the stage recipes, keyed by stage name
         if head not in obj:
-            raise ValueError(f"unknown key {full!r}; valid: {', '.join(path + k for k in sorted(obj))}")
+            raise ValueError(
+                f"unknown key {full!r}; valid: {', '.join(path + k for k in sorted(obj))}"
+            )
         cur = obj[head]
     else:
         names = [f.name for f in dataclasses.fields(obj)]
         if head not in names:
-            raise ValueError(f"unknown key {full!r} ({type(obj).__name__} has no field {head!r}); "
-                             f"valid: {', '.join(path + n for n in names)}")
+            raise ValueError(
+                f"unknown key {full!r} ({type(obj).__name__} has no field {head!r}); "
+                f"valid: {', '.join(path + n for n in names)}"
+            )
         cur = getattr(obj, head)
-    nested = dataclasses.is_dataclass(cur) or (isinstance(cur, dict) and dataclasses.is_dataclass(obj) and head == "stage")
+    nested = dataclasses.is_dataclass(cur) or (
+        isinstance(cur, dict) and dataclasses.is_dataclass(obj) and head == "stage"
+    )
     if rest:
         if not nested:
             raise ValueError(f"key {full!r} has no sub-keys (it takes a {type(cur).__name__})")
         return _check_key(cur, rest, value, full + ".")
     if nested:
         if not isinstance(value, dict):
-            raise ValueError(f"key {full!r} is a group; set one of its fields, e.g. "
-                             f"{full}.{next(iter(cur)) if isinstance(cur, dict) else dataclasses.fields(cur)[0].name}")
+            raise ValueError(
+                f"key {full!r} is a group; set one of its fields, e.g. "
+                f"{full}.{next(iter(cur)) if isinstance(cur, dict) else dataclasses.fields(cur)[0].name}"
+            )
         for k, v in value.items():
             _check_key(cur, str(k), v, full + ".")
         return
     allowed = _allowed_types(obj, head)
     types = tuple(t for a in allowed for t in _TYPE_NAMES.get(a, (object,)))
     if (isinstance(value, bool) and "bool" not in allowed) or not isinstance(value, types):
-        raise ValueError(f"key {full!r} takes {' or '.join(allowed)}, not {type(value).__name__} ({value!r})")
+        raise ValueError(
+            f"key {full!r} takes {' or '.join(allowed)}, not {type(value).__name__} ({value!r})"
+        )
     if full == "stages":
         bad = [s for s in value if s not in STAGE_ORDER]
         if bad:
-            raise ValueError(f"key 'stages': unknown stage(s) {bad}; valid: {', '.join(STAGE_ORDER)}")
+            raise ValueError(
+                f"key 'stages': unknown stage(s) {bad}; valid: {', '.join(STAGE_ORDER)}"
+            )
 
 
-def validate_overrides(overrides: dict, *, preset: str = "smoke", base: dict | None = None) -> RunConfig:
+def validate_overrides(
+    overrides: dict, *, preset: str = "smoke", base: dict | None = None
+) -> RunConfig:
     """Check dotted overrides against the config schema (the dataclasses above), then apply them with
     :func:`apply_overrides` on top of ``base``: unknown keys and wrong types raise ``ValueError`` naming
     the key and the valid choices; values the dataclasses themselves refuse (e.g. an unknown pooling
     mode) too. Returns the resulting config."""
     if not isinstance(overrides, dict):
-        raise ValueError(f"overrides must be a mapping of config keys to values, not {type(overrides).__name__}")
+        raise ValueError(
+            f"overrides must be a mapping of config keys to values, not {type(overrides).__name__}"
+        )
     cfg = make_run_config(preset, base)
     for k, v in overrides.items():
         _check_key(cfg, str(k), v)
@@ -651,8 +903,10 @@ def parse_extra_rows(text, ablation: Ablation | None = None) -> list[AblationRow
     else:
         d = text
     if not isinstance(d, dict):
-        raise ValueError("extra_rows must map row ids to {label, overrides}, e.g. "
-                         "'{\"my_tau\": {\"label\": \"tau 0.02\", \"overrides\": {\"embedder.temperature_init\": 0.02}}}'")
+        raise ValueError(
+            "extra_rows must map row ids to {label, overrides}, e.g. "
+            '\'{"my_tau": {"label": "tau 0.02", "overrides": {"embedder.temperature_init": 0.02}}}\''
+        )
     taken = {r.id for r in ablation.rows} if ablation is not None else set()
     out = []
     for rid, spec in d.items():
@@ -666,7 +920,9 @@ def parse_extra_rows(text, ablation: Ablation | None = None) -> list[AblationRow
             raise ValueError(f"{where}: expected a mapping with keys {', '.join(EXTRA_ROW_KEYS)}")
         unknown = [k for k in spec if k not in EXTRA_ROW_KEYS]
         if unknown:
-            raise ValueError(f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(EXTRA_ROW_KEYS)}")
+            raise ValueError(
+                f"{where}: unknown key {unknown[0]!r}; valid: {', '.join(EXTRA_ROW_KEYS)}"
+            )
         label = spec.get("label", rid)
         if not isinstance(label, str):
             raise ValueError(f"{where}: key 'label' takes str, not {type(label).__name__}")

@@ -13,6 +13,7 @@ Every result lives in a run directory ``<results>/runs/table<N>/<row>/seed<k>/``
 A row whose ``row.json`` exists with the same config hash is skipped (rerunning a notebook is
 cheap); stages shared by rows are trained once (checkpoints under ``<cache>/stages``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,13 +48,18 @@ def ensure_data(cfg: RunConfig) -> Path:
 
         generate(root, cfg.synthetic())
     elif not root.is_dir():
-        raise FileNotFoundError(f"data root {root} does not exist (pass the path of a local M-BEIR copy)")
+        raise FileNotFoundError(
+            f"data root {root} does not exist (pass the path of a local M-BEIR copy)"
+        )
     return root
 
 
 # the parts of a data root that the NLI and CC3M stages read; everything else is M-BEIR (queries, pools,
 # qrels, instructions, images). Keys of RunConfig.data_digest (see config.data_parts).
-DATA_PARTS = {"nli": "nli", "cc3m": "cc3m"}  # the synthetic build's default places, inside the data root
+DATA_PARTS = {
+    "nli": "nli",
+    "cc3m": "cc3m",
+}  # the synthetic build's default places, inside the data root
 
 
 def data_digest(cfg: RunConfig, root: Path) -> dict:
@@ -96,7 +102,9 @@ def backbone_path(cfg: RunConfig, *, progress: bool = True) -> Path:
     from .models.shipped import shipped_backbone
 
     bcfg = BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size)
-    return shipped_backbone(bcfg) or build_backbone(bcfg, Path(cfg.cache_dir) / "backbones", progress=progress)
+    return shipped_backbone(bcfg) or build_backbone(
+        bcfg, Path(cfg.cache_dir) / "backbones", progress=progress
+    )
 
 
 def curve_eval(cfg: RunConfig, root: Path):
@@ -110,16 +118,22 @@ def curve_eval(cfg: RunConfig, root: Path):
 
     dev = MBEIR(root, check_images=False, split="val", max_queries=cfg.eval.dev_queries)
     if not dev.rows():
-        raise FileNotFoundError(f"{root}: no dev split (query/val/*.jsonl) for the dev curve; rebuild the synthetic "
-                                f"data with n_dev > 0, or set eval.eval_every to null")
+        raise FileNotFoundError(
+            f"{root}: no dev split (query/val/*.jsonl) for the dev curve; rebuild the synthetic "
+            f"data with n_dev > 0, or set eval.eval_every to null"
+        )
     dev_cfg = dataclasses.replace(cfg.eval, pools=("local",), rows=cfg.eval.curve_rows, n_boot=1000)
 
     def fn(model, step):
         with tempfile.TemporaryDirectory(prefix="umarvel-dev-") as tmp:
             res = evaluate(model, dev, tmp, dev_cfg)
         avg = res["local"]["avg"]
-        return {"dev_avg": avg["headline"], "dev_ci_lo": avg["ci95"][0], "dev_ci_hi": avg["ci95"][1],
-                "dev_queries": res["local"]["n_queries"]}
+        return {
+            "dev_avg": avg["headline"],
+            "dev_ci_lo": avg["ci95"][0],
+            "dev_ci_hi": avg["ci95"][1],
+            "dev_queries": res["local"]["n_queries"],
+        }
 
     return fn
 
@@ -136,9 +150,19 @@ def run_dir_for(results: Path, table: int, row_id, seed: int) -> Path:
 FAILED_FILE = "FAILED.json"
 
 
-def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: int, results: str | Path,
-            backbone: str | None = None, data_root: str | None = None, progress: bool = True,
-            nli_path: str | None = None, cc3m_root: str | None = None) -> dict:
+def run_row(
+    ablation: Ablation,
+    row: AblationRow | str,
+    *,
+    preset: str,
+    seed: int,
+    results: str | Path,
+    backbone: str | None = None,
+    data_root: str | None = None,
+    progress: bool = True,
+    nli_path: str | None = None,
+    cc3m_root: str | None = None,
+) -> dict:
     """Train and evaluate one (row, seed); returns the sidecar. Skips when done with the same config.
 
     Before anything trains, every file the run reads is validated (:func:`~umarvel_lib.data.check.validate_run`).
@@ -155,20 +179,49 @@ def run_row(ablation: Ablation, row: AblationRow | str, *, preset: str, seed: in
         # one process per (row, seed) at a time (two notebooks, `reproduce --jobs` beside a notebook): the
         # second waits, then finds the run finished and skips it
         with file_lock(rdir.parent / f".{rdir.name}.lock"):
-            side = _run_row(ablation, row, preset=preset, seed=seed, results=results, backbone=backbone,
-                            data_root=data_root, progress=progress, nli_path=nli_path, cc3m_root=cc3m_root)
+            side = _run_row(
+                ablation,
+                row,
+                preset=preset,
+                seed=seed,
+                results=results,
+                backbone=backbone,
+                data_root=data_root,
+                progress=progress,
+                nli_path=nli_path,
+                cc3m_root=cc3m_root,
+            )
     except Exception as e:
-        atomic_write_json(fail, {"table": ablation.table, "row": row.id, "seed": seed, "preset": preset,
-                                 "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
-                                 "failed_at": time.strftime("%Y-%m-%d %H:%M:%S")})
+        atomic_write_json(
+            fail,
+            {
+                "table": ablation.table,
+                "row": row.id,
+                "seed": seed,
+                "preset": preset,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+                "failed_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
         raise
     fail.unlink(missing_ok=True)
     return side
 
 
-def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, results: str | Path,
-             backbone: str | None, data_root: str | None, progress: bool, nli_path: str | None,
-             cc3m_root: str | None) -> dict:
+def _run_row(
+    ablation: Ablation,
+    row: AblationRow,
+    *,
+    preset: str,
+    seed: int,
+    results: str | Path,
+    backbone: str | None,
+    data_root: str | None,
+    progress: bool,
+    nli_path: str | None,
+    cc3m_root: str | None,
+) -> dict:
     import torch
 
     from .eval.evaluate import evaluate
@@ -176,19 +229,36 @@ def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, re
     from .train.engine import NonFiniteLossError
     from .train.stages import run_stages
 
-    cfg = ablation.run_config(row, preset, seed, backbone=backbone, data_root=data_root, nli_path=nli_path,
-                              cc3m_root=cc3m_root)
+    cfg = ablation.run_config(
+        row,
+        preset,
+        seed,
+        backbone=backbone,
+        data_root=data_root,
+        nli_path=nli_path,
+        cc3m_root=cc3m_root,
+    )
     base = backbone_path(cfg, progress=progress)
-    cfg.backbone_digest = checkpoint_digest(base)  # a different build of the backbone is a different run
+    cfg.backbone_digest = checkpoint_digest(
+        base
+    )  # a different build of the backbone is a different run
     root = ensure_data(cfg)
-    cfg.data_digest = data_digest(cfg, root)  # so are other data bytes (a fixed qrels file, a replaced image)
+    cfg.data_digest = data_digest(
+        cfg, root
+    )  # so are other data bytes (a fixed qrels file, a replaced image)
     h = cfg.hash(reranker=row.reranker)
     rdir = run_dir_for(results, ablation.table, row.id, seed)
     side = rdir / "row.json"
     old = read_sidecar(side)
     if old is not None:
-        if old.get("hash") == h and old.get("status") in ("ok", "diverged") and _metrics_readable(rdir, old):
-            log.info("table %s row %s seed %s: done (hash %s), skipped", ablation.table, row.id, seed, h)
+        if (
+            old.get("hash") == h
+            and old.get("status") in ("ok", "diverged")
+            and _metrics_readable(rdir, old)
+        ):
+            log.info(
+                "table %s row %s seed %s: done (hash %s), skipped", ablation.table, row.id, seed, h
+            )
             return old
     validate_run(cfg)  # a data error now, not after hours of training
     threads = int(os.environ.get("UMARVEL_THREADS", cfg.threads or 0))  # env wins: shared machines
@@ -196,13 +266,29 @@ def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, re
         torch.set_num_threads(threads)
     t0 = time.time()
     data = MBEIR(root, check_images=False)
-    sidecar = {"table": ablation.table, "ablation": ablation.name, "row": row.id, "label": row.label, "seed": seed,
-               "preset": preset, "hash": h, "config": dataclasses.asdict(cfg), "backbone": str(base),
-               "data_root": str(root), **provenance(), "reranker": row.reranker}
+    sidecar = {
+        "table": ablation.table,
+        "ablation": ablation.name,
+        "row": row.id,
+        "label": row.label,
+        "seed": seed,
+        "preset": preset,
+        "hash": h,
+        "config": dataclasses.asdict(cfg),
+        "backbone": str(base),
+        "data_root": str(root),
+        **provenance(),
+        "reranker": row.reranker,
+    }
     stage_root = Path(cfg.cache_dir) / "stages"
     try:
-        ckpt = run_stages(cfg, base, stage_root, progress=progress,
-                          eval_fn=curve_eval(cfg, root) if cfg.eval.eval_every else None)
+        ckpt = run_stages(
+            cfg,
+            base,
+            stage_root,
+            progress=progress,
+            eval_fn=curve_eval(cfg, root) if cfg.eval.eval_every else None,
+        )
     except NonFiniteLossError as e:
         sidecar.update(status="diverged", error=str(e), wall_s=round(time.time() - t0, 1))
         atomic_write_json(side, sidecar)
@@ -213,25 +299,50 @@ def _run_row(ablation: Ablation, row: AblationRow, *, preset: str, seed: int, re
 
         rr_dir = train_reranker(cfg, ckpt, stage_root, backbone=base, progress=progress)
     emb = Embedder.from_pretrained(ckpt, cfg.embedder)
-    distill = cfg.scaled_stage("distill")  # the reranked row fuses with the distillation teacher's weights
-    evaluate(emb, data, rdir / "eval", cfg.eval, cache_dir=Path(cfg.cache_dir) / "embeddings",
-             shared_dir=Path(results) / EVAL_INPUTS_DIR, reranker=rr_dir,
-             fusion_weights=distill.teacher_weight_overrides, fusion_default=distill.teacher_weight, progress=progress)
+    distill = cfg.scaled_stage(
+        "distill"
+    )  # the reranked row fuses with the distillation teacher's weights
+    evaluate(
+        emb,
+        data,
+        rdir / "eval",
+        cfg.eval,
+        cache_dir=Path(cfg.cache_dir) / "embeddings",
+        shared_dir=Path(results) / EVAL_INPUTS_DIR,
+        reranker=rr_dir,
+        fusion_weights=distill.teacher_weight_overrides,
+        fusion_default=distill.teacher_weight,
+        progress=progress,
+    )
     from .eval.plateau import DEV_CURVE_COLUMNS, DEV_CURVE_FILE
 
     plan, dev = stage_records(cfg, stage_root)
     if dev:
         atomic_write_text(rdir / DEV_CURVE_FILE, _csv(dev, DEV_CURVE_COLUMNS))
-    sidecar.update(status="ok", checkpoint=str(ckpt), tau=emb.temperature.value, wall_s=round(time.time() - t0, 1),
-                   image_pixels=_pixels(emb), curves=collect_curves(cfg, stage_root), stage_plan=plan)
+    sidecar.update(
+        status="ok",
+        checkpoint=str(ckpt),
+        tau=emb.temperature.value,
+        wall_s=round(time.time() - t0, 1),
+        image_pixels=_pixels(emb),
+        curves=collect_curves(cfg, stage_root),
+        stage_plan=plan,
+    )
     atomic_write_json(side, sidecar)
     return sidecar
 
 
-def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, preset: str = "smoke",
-                        data_root: str | None = None, rows: list[str] | None = None,
-                        pools: tuple[str, ...] = ("local", "global"), embedder_overrides: dict | None = None,
-                        shared_dir: str | Path | None = None) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    preset: str = "smoke",
+    data_root: str | None = None,
+    rows: list[str] | None = None,
+    pools: tuple[str, ...] = ("local", "global"),
+    embedder_overrides: dict | None = None,
+    shared_dir: str | Path | None = None,
+) -> dict:
     """Evaluate a local checkpoint as it is (a released U-MARVEL model, or one this kit trained): no
     stage runs, nothing is trained. The data is validated first (no training stages: only the test
     rows, pools, qrels and instructions). A checkpoint saved by this kit keeps its own embedder
@@ -243,8 +354,15 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, preset: 
     from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig, resolve_local_checkpoint
 
     ckpt = resolve_local_checkpoint(checkpoint)
-    cfg = make_run_config(preset, {"data_root": data_root, "stages": [], "eval.pools": list(pools),
-                                   "eval.rows": tuple(rows) if rows else None})
+    cfg = make_run_config(
+        preset,
+        {
+            "data_root": data_root,
+            "stages": [],
+            "eval.pools": list(pools),
+            "eval.rows": tuple(rows) if rows else None,
+        },
+    )
     if (ckpt / EMBEDDER_JSON).is_file():
         cfg.embedder = EmbedderConfig.from_dict(read_json(ckpt / EMBEDDER_JSON)["config"])
     apply_overrides(cfg.embedder, embedder_overrides)
@@ -254,12 +372,26 @@ def evaluate_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, preset: 
     out_dir = Path(out_dir)
     # cfg.eval: the preset's evaluation settings (dedup_global, ks, ...) with these pools and rows; the
     # instructions are the embedder's own (cfg.eval.instructions None)
-    res = evaluate(emb, MBEIR(root, check_images=False), out_dir, cfg.eval, cache_dir=Path(cfg.cache_dir) / "embeddings",
-                   shared_dir=shared_dir)
-    atomic_write_json(out_dir / "checkpoint.json", {"checkpoint": str(ckpt), "preset": preset, "data_root": str(root),
-                                                   "embedder": dataclasses.asdict(cfg.embedder),
-                                                   "image_pixels": _pixels(emb), "git": git_commit(),
-                                                   "versions": versions()})
+    res = evaluate(
+        emb,
+        MBEIR(root, check_images=False),
+        out_dir,
+        cfg.eval,
+        cache_dir=Path(cfg.cache_dir) / "embeddings",
+        shared_dir=shared_dir,
+    )
+    atomic_write_json(
+        out_dir / "checkpoint.json",
+        {
+            "checkpoint": str(ckpt),
+            "preset": preset,
+            "data_root": str(root),
+            "embedder": dataclasses.asdict(cfg.embedder),
+            "image_pixels": _pixels(emb),
+            "git": git_commit(),
+            "versions": versions(),
+        },
+    )
     return res
 
 
@@ -295,7 +427,9 @@ def stage_records(cfg: RunConfig, stage_root: Path) -> tuple[list[dict], list[di
         if "plan" in rec:
             plan.append(rec["plan"])
             batch = rec["plan"]["batch"]
-            dev += [{"stage": name, "examples_seen": c["step"] * batch, **c} for c in dev_curve(sdir)]
+            dev += [
+                {"stage": name, "examples_seen": c["step"] * batch, **c} for c in dev_curve(sdir)
+            ]
     return plan, dev
 
 
@@ -318,13 +452,24 @@ def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
             f = sdir / fname
             if f.is_file():
                 for rec in read_jsonl(f):
-                    out.append({"stage": name, "kind": kind, **{k: v for k, v in rec.items()
-                                                                     if isinstance(v, (int, float, str))}})
+                    out.append(
+                        {
+                            "stage": name,
+                            "kind": kind,
+                            **{k: v for k, v in rec.items() if isinstance(v, (int, float, str))},
+                        }
+                    )
     return out
 
 
-def estimate_cost(cfg: RunConfig, *, n_params: float | None = None, sample: int = 200,
-                  gpu_flops: float = 989e12, mfu: float = 0.35) -> pandas.DataFrame:  # noqa: F821
+def estimate_cost(
+    cfg: RunConfig,
+    *,
+    n_params: float | None = None,
+    sample: int = 200,
+    gpu_flops: float = 989e12,
+    mfu: float = 0.35,
+) -> pandas.DataFrame:  # noqa: F821
     """Tokens per stage and a GPU-hour estimate, printed before a ``paper``-preset run starts.
 
     Tokens are measured on a sample of each stage's examples with the run's own tokenizer (images
@@ -339,12 +484,17 @@ def estimate_cost(cfg: RunConfig, *, n_params: float | None = None, sample: int 
     from .train.stages import cc3m_pairs, mbeir_pairs, nli_pairs
 
     root = ensure_data(cfg)
-    validate_run(cfg, open_images=False)  # records, ids and corpora; images are opened by the run itself
+    validate_run(
+        cfg, open_images=False
+    )  # records, ids and corpora; images are opened by the run itself
     data = MBEIR(root, check_images=False)
     emb = Embedder.from_pretrained(backbone_path(cfg), cfg.embedder)
     n_params = n_params or sum(p.numel() for p in emb.model.parameters())
-    loaders = {"nli": lambda: nli_pairs(cfg.corpus_paths()["nli"]), "cc3m": lambda: cc3m_pairs(cfg.corpus_paths()["cc3m"]),
-               "mbeir": lambda: mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=0)}
+    loaders = {
+        "nli": lambda: nli_pairs(cfg.corpus_paths()["nli"]),
+        "cc3m": lambda: cc3m_pairs(cfg.corpus_paths()["cc3m"]),
+        "mbeir": lambda: mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=0),
+    }
     recs = []
     for name in cfg.stages:
         st = cfg.scaled_stage(name)
@@ -353,16 +503,31 @@ def estimate_cost(cfg: RunConfig, *, n_params: float | None = None, sample: int 
             pairs = pairs[: max(1, int(len(pairs) * st.sample_fraction))]
         rng = _random.Random(0)
         smp = rng.sample(pairs, min(sample, len(pairs)))
-        per_example = float(emb.lengths([p.query for p in smp]).mean() + emb.lengths([p.positive for p in smp]).mean())
+        per_example = float(
+            emb.lengths([p.query for p in smp]).mean()
+            + emb.lengths([p.positive for p in smp]).mean()
+        )
         if name == "hard_negatives":
             per_example *= 1 + st.num_hard / 2  # K negatives ~ candidate length
         if name == "distill":
-            per_example = float(emb.lengths([p.query for p in smp]).mean()
-                                + st.teacher_top_k * emb.lengths([p.positive for p in smp]).mean())
-        epochs = st.epochs if not st.max_steps else st.max_steps * st.batch_size / max(1, len(pairs))
+            per_example = float(
+                emb.lengths([p.query for p in smp]).mean()
+                + st.teacher_top_k * emb.lengths([p.positive for p in smp]).mean()
+            )
+        epochs = (
+            st.epochs if not st.max_steps else st.max_steps * st.batch_size / max(1, len(pairs))
+        )
         tokens = per_example * len(pairs) * epochs
         flops = 6 * n_params * tokens * 2
-        recs.append({"stage": name, "examples": len(pairs), "epochs": round(epochs, 3), "global_batch": st.batch_size,
-                     "tokens_per_example": round(per_example, 1), "tokens": int(tokens),
-                     "gpu_hours": round(flops / (gpu_flops * mfu) / 3600, 2)})
+        recs.append(
+            {
+                "stage": name,
+                "examples": len(pairs),
+                "epochs": round(epochs, 3),
+                "global_batch": st.batch_size,
+                "tokens_per_example": round(per_example, 1),
+                "tokens": int(tokens),
+                "gpu_hours": round(flops / (gpu_flops * mfu) / 3600, 2),
+            }
+        )
     return pd.DataFrame.from_records(recs)

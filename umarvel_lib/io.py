@@ -3,6 +3,7 @@
 Nothing partial is ever left behind: files are written to a temporary sibling and renamed,
 directories are built under a temporary sibling and renamed into place as a whole.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,10 +35,14 @@ def safe_join(root: str | os.PathLike, rel: str, *, where: str = "") -> Path:
     if rel is None or rel == "":
         raise UnsafePathError(f"{where}: empty path")
     if os.path.isabs(rel) or rel.startswith(("/", "\\")):
-        raise UnsafePathError(f"{where}: absolute path {rel!r} is refused; paths must be relative to {root_p}")
+        raise UnsafePathError(
+            f"{where}: absolute path {rel!r} is refused; paths must be relative to {root_p}"
+        )
     norm = os.path.normpath(rel.replace("\\", "/"))
     if norm == ".." or norm.startswith("../"):
-        raise UnsafePathError(f"{where}: path {rel!r} escapes the data root {root_p} with '..'; refused")
+        raise UnsafePathError(
+            f"{where}: path {rel!r} escapes the data root {root_p} with '..'; refused"
+        )
     return root_p / norm
 
 
@@ -55,8 +60,10 @@ def read_json(path: str | os.PathLike):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DamagedFileError(f"{path}:{e.lineno}: damaged JSON ({e.msg}, column {e.colno}); "
-                               "delete it to rebuild what it records") from None
+        raise DamagedFileError(
+            f"{path}:{e.lineno}: damaged JSON ({e.msg}, column {e.colno}); "
+            "delete it to rebuild what it records"
+        ) from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list:
@@ -71,7 +78,9 @@ def read_jsonl(path: str | os.PathLike) -> list:
                     try:
                         out.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise DamagedFileError(f"{path}:{n}: damaged JSON line ({e.msg}, column {e.colno})") from None
+                        raise DamagedFileError(
+                            f"{path}:{n}: damaged JSON line ({e.msg}, column {e.colno})"
+                        ) from None
         except UnicodeDecodeError as e:
             raise DamagedFileError(f"{path}: not UTF-8 text ({e.reason})") from None
     return out
@@ -208,17 +217,27 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
             try:
                 os.replace(tmp, path)  # replaces nothing or an empty directory
                 break
-            except OSError as e:  # a complete directory is there (an earlier run, or a concurrent writer)
+            except (
+                OSError
+            ) as e:  # a complete directory is there (an earlier run, or a concurrent writer)
                 if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
                 if not overwrite:
                     raise FileExistsError(path) from None
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{_HOST}-{os.getpid()}-", dir=path.parent))
-                with contextlib.suppress(FileNotFoundError):  # another writer may have moved it first
+                old = Path(
+                    tempfile.mkdtemp(
+                        prefix=f".{path.name}.old-{_HOST}-{os.getpid()}-", dir=path.parent
+                    )
+                )
+                with contextlib.suppress(
+                    FileNotFoundError
+                ):  # another writer may have moved it first
                     os.replace(path, old / "d")
                 shutil.rmtree(old, ignore_errors=True)
         else:
-            raise OSError(f"{path}: could not rename the finished directory into place (concurrent writers)")
+            raise OSError(
+                f"{path}: could not rename the finished directory into place (concurrent writers)"
+            )
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -254,11 +273,15 @@ class DigestCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 self._db = sqlite3.connect(self.path, timeout=120)
-                self._db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
-                                 "mtime_ns INTEGER, sha256 TEXT)")
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, "
+                    "mtime_ns INTEGER, sha256 TEXT)"
+                )
                 self._db.commit()
             except sqlite3.DatabaseError as e:
-                raise DamagedFileError(f"{self.path}: damaged digest cache ({e}); delete it (it is rebuilt)") from None
+                raise DamagedFileError(
+                    f"{self.path}: damaged digest cache ({e}); delete it (it is rebuilt)"
+                ) from None
         return self._db
 
     def __call__(self, f: str | os.PathLike) -> str:
@@ -269,7 +292,9 @@ class DigestCache:
             return self._memo[key]
         db = self._conn()
         if db is not None:
-            row = db.execute("SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=?", key).fetchone()
+            row = db.execute(
+                "SELECT sha256 FROM digests WHERE path=? AND size=? AND mtime_ns=?", key
+            ).fetchone()
             if row:
                 self._memo[key] = row[0]
                 return row[0]
@@ -302,7 +327,9 @@ class DigestCache:
         for d, dirs, names in os.walk(root, followlinks=True):  # image folders are often links
             top = Path(d) == root
             dirs[:] = [x for x in dirs if not x.startswith(".") and not (top and x in exclude)]
-            files += [Path(d) / n for n in names if not n.startswith(".") and not (top and n in exclude)]
+            files += [
+                Path(d) / n for n in names if not n.startswith(".") and not (top and n in exclude)
+            ]
         return self.files_digest(files, root=root)
 
 
@@ -343,11 +370,15 @@ def check_safetensors(path: str | os.PathLike) -> None:
             if size < 8 or n <= 0 or 8 + n > size:
                 raise ValueError(f"header of {n} bytes in a file of {size}")
             header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
+        )
         if 8 + n + end != size:
             raise ValueError(f"{size} bytes, its header needs {8 + n + end}")
     except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise DamagedFileError(f"{path}: damaged safetensors file ({e}); was it cut short?") from None
+        raise DamagedFileError(
+            f"{path}: damaged safetensors file ({e}); was it cut short?"
+        ) from None
 
 
 def checkpoint_digest(path: str | os.PathLike, *, full_limit: int = 1 << 28) -> str:
@@ -357,7 +388,9 @@ def checkpoint_digest(path: str | os.PathLike, *, full_limit: int = 1 << 28) -> 
     backbone that came out different (pre-training is not bitwise repeatable across machines) must
     not reuse runs of the old one."""
     h = hashlib.sha256()
-    files = sorted(p for p in Path(path).rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file())
+    files = sorted(
+        p for p in Path(path).rglob("*") if p.suffix in (".safetensors", ".bin") and p.is_file()
+    )
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors or *.bin weight files")
     for f in files:

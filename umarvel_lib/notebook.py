@@ -3,6 +3,7 @@
 Notebooks stay thin (a parameters cell, these calls, display). Parameters arrive from papermill as
 simple scalars: ``seeds="0,1,2"``, ``rows=""`` (all) or ``"0,4"``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,9 +33,19 @@ def results_dir(preset: str, results: str | None = None) -> Path:
     return Path(results) if results else Path("results") / preset
 
 
-def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", results: str | None = None,
-              backbone: str | None = None, data_root: str | None = None, train: bool = True,
-              nli_path: str | None = None, cc3m_root: str | None = None) -> pd.DataFrame:
+def run_table(
+    ablation: str | Ablation,
+    *,
+    preset: str,
+    seeds="0,1,2",
+    rows="",
+    results: str | None = None,
+    backbone: str | None = None,
+    data_root: str | None = None,
+    train: bool = True,
+    nli_path: str | None = None,
+    cc3m_root: str | None = None,
+) -> pd.DataFrame:
     """Train + evaluate every (row, seed) not yet done; one failed row does not stop the others.
     With ``train=False`` nothing is trained: the finished runs are only collected."""
     from tqdm.auto import tqdm
@@ -45,18 +56,41 @@ def run_table(ablation: str | Ablation, *, preset: str, seeds="0,1,2", rows="", 
     res = results_dir(preset, results)
     want = parse_list(rows)
     # the reader's own rows (extra_rows) always run, whatever ``rows`` selects of the paper's
-    todo = [(r, int(s)) for r in ab.rows if not want or r.id in want or r.own for s in parse_list(seeds)] if train else []
+    todo = (
+        [
+            (r, int(s))
+            for r in ab.rows
+            if not want or r.id in want or r.own
+            for s in parse_list(seeds)
+        ]
+        if train
+        else []
+    )
     failures = []
     for r, s in tqdm(todo, desc=f"table {ab.table}", mininterval=10):
         try:
-            run_row(ab, r, preset=preset, seed=s, results=res, backbone=backbone, data_root=data_root, progress=False,
-                    nli_path=nli_path, cc3m_root=cc3m_root)
+            run_row(
+                ab,
+                r,
+                preset=preset,
+                seed=s,
+                results=res,
+                backbone=backbone,
+                data_root=data_root,
+                progress=False,
+                nli_path=nli_path,
+                cc3m_root=cc3m_root,
+            )
         except Exception as e:  # noqa: BLE001  (recorded in the run's FAILED.json; the other rows go on)
             failures.append(f"row {r.id} seed {s}: {type(e).__name__}: {e}")
             print(f"row {r.id} seed {s} FAILED: {type(e).__name__}: {e}")
-    if failures:  # the notebook (and papermill, and `umarvel reproduce`) fails once every row was tried
-        raise RowsFailedError(f"table {ab.table}: {len(failures)} of {len(todo)} runs failed (each run directory's "
-                              "FAILED.json has the traceback):\n" + "\n".join(failures))
+    if (
+        failures
+    ):  # the notebook (and papermill, and `umarvel reproduce`) fails once every row was tried
+        raise RowsFailedError(
+            f"table {ab.table}: {len(failures)} of {len(todo)} runs failed (each run directory's "
+            "FAILED.json has the traceback):\n" + "\n".join(failures)
+        )
     return tables.runs_frame(res, ab.table)
 
 
@@ -76,14 +110,18 @@ def table(ablation: str, extra_rows=None) -> Ablation:
     return load_ablation(ablation).with_extra_rows(extra_rows)
 
 
-def wrong_modality(ablation: str | Ablation, *, preset: str, results: str | None = None, k: int = 5) -> pd.DataFrame:
+def wrong_modality(
+    ablation: str | Ablation, *, preset: str, results: str | None = None, k: int = 5
+) -> pd.DataFrame:
     """The wrong-modality rate of each row's global top-k (with / without instructions); see
     :func:`tables.wrong_modality`."""
     ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
     return tables.wrong_modality(results_dir(preset, results), ab.table, k=k)
 
 
-def table_outputs(ablation: str | Ablation, *, preset: str, results: str | None = None, n_boot: int = 1000) -> dict:
+def table_outputs(
+    ablation: str | Ablation, *, preset: str, results: str | None = None, n_boot: int = 1000
+) -> dict:
     """Write ``table<N>.csv``, ``table<N>_findings.csv``, ``table<N>.png`` (each row's difference from the
     baseline row, paper and ours side by side) and ``table<N>_curves.png``; return frames and figures.
 
@@ -103,15 +141,24 @@ def table_outputs(ablation: str | Ablation, *, preset: str, results: str | None 
         df = tables.table_vs_paper(res, a)
         diff = figures.differences(res, a, n_boot=n_boot)
         atomic_write_text(res / f"{stem}.csv", df.to_csv(index=False))
-        fig = figures.plot_differences(diff, f"Table {a.table}: {a.title} ({preset})",
-                                       f"{a.baseline.id}: {a.baseline.label}", _tmp_png(res / f"{stem}.png"))
+        fig = figures.plot_differences(
+            diff,
+            f"Table {a.table}: {a.title} ({preset})",
+            f"{a.baseline.id}: {a.baseline.label}",
+            _tmp_png(res / f"{stem}.png"),
+        )
         _commit_png(res / f"{stem}.png")
         out.update(table=df, differences=diff, figure=fig)
     curves = figures.plot_curves(res, ab.table, _tmp_png(res / f"table{ab.table}_curves.png"))
     _commit_png(res / f"table{ab.table}_curves.png")
     per_task = tables.per_task_frame(res, ab.table, ab.pools[0])
-    return {**out, "findings": vdf, "per_task": per_task, "curves": curves,
-            "provenance": tables.provenance_note(ab.table)}
+    return {
+        **out,
+        "findings": vdf,
+        "per_task": per_task,
+        "curves": curves,
+        "provenance": tables.provenance_note(ab.table),
+    }
 
 
 def recipe(ablation: str | Ablation, *, preset: str, results: str | None = None) -> dict:
@@ -121,8 +168,11 @@ def recipe(ablation: str | Ablation, *, preset: str, results: str | None = None)
 
     ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
     res = results_dir(preset, results)
-    return {"rows": rc.recipe_frame(ab), "stage_plan": rc.stage_plans(res, ab, preset),
-            "mining": rc.mining_reports(res, ab.table)}
+    return {
+        "rows": rc.recipe_frame(ab),
+        "stage_plan": rc.stage_plans(res, ab, preset),
+        "mining": rc.mining_reports(res, ab.table),
+    }
 
 
 def show(fig):
@@ -168,8 +218,15 @@ def load_embedder(checkpoint: str | None = None, *, preset: str = "smoke", **emb
     return Embedder.from_pretrained(backbone_path(cfg), cfg.embedder)
 
 
-def quickstart(checkpoint: str | None = None, *, preset: str = "smoke", data_root: str | None = None,
-               row: str = "mscoco_task3", n_candidates: int = 5, seed: int = 0) -> dict:
+def quickstart(
+    checkpoint: str | None = None,
+    *,
+    preset: str = "smoke",
+    data_root: str | None = None,
+    row: str = "mscoco_task3",
+    n_candidates: int = 5,
+    seed: int = 0,
+) -> dict:
     """The model card's demo on real files: one query with its instruction, retrieved from the row's
     local pool.
 
@@ -203,17 +260,35 @@ def quickstart(checkpoint: str | None = None, *, preset: str = "smoke", data_roo
     dids = [c.did for c in pool]
     first_pos = next((i + 1 for i, j in enumerate(order) if dids[j] in q.pos), None)
     top = order[:n_candidates]
-    sim = pd.DataFrame({"rank": np.arange(1, len(top) + 1), "did": [dids[j] for j in top],
-                        "text": [cands[j].txt for j in top], "cosine": cos[top].round(4),
-                        "logit (cos/tau)": (cos[top] / emb.temperature.value).round(2),
-                        "positive": [dids[j] in q.pos for j in top]})
+    sim = pd.DataFrame(
+        {
+            "rank": np.arange(1, len(top) + 1),
+            "did": [dids[j] for j in top],
+            "text": [cands[j].txt for j in top],
+            "cosine": cos[top].round(4),
+            "logit (cos/tau)": (cos[top] / emb.temperature.value).round(2),
+            "positive": [dids[j] in q.pos for j in top],
+        }
+    )
     cands = [cands[j] for j in top]
     fig = _ranked_figure(qi, ins, cands, sim, plt, np)
     tokens = pd.DataFrame(emb.pooled_tokens(qi))
-    return {"query": qi, "instruction": ins, "candidates": cands, "similarity": sim, "figure": fig,
-            "embedding_dim": emb.dim, "tau": emb.temperature.value, "prompt": emb.render(qi), "tokens": tokens,
-            "tokens_html": tokens_html(tokens), "instruction_mask": emb.cfg.instruction_mask,
-            "pooling": emb.cfg.pooling, "first_positive_rank": first_pos, "pool_size": len(pool)}
+    return {
+        "query": qi,
+        "instruction": ins,
+        "candidates": cands,
+        "similarity": sim,
+        "figure": fig,
+        "embedding_dim": emb.dim,
+        "tau": emb.temperature.value,
+        "prompt": emb.render(qi),
+        "tokens": tokens,
+        "tokens_html": tokens_html(tokens),
+        "instruction_mask": emb.cfg.instruction_mask,
+        "pooling": emb.cfg.pooling,
+        "first_positive_rank": first_pos,
+        "pool_size": len(pool),
+    }
 
 
 def _ranked_figure(qi, ins, cands, sim, plt, np):
@@ -227,9 +302,20 @@ def _ranked_figure(qi, ins, cands, sim, plt, np):
         if c.has_image:
             ax.imshow(np.asarray(c.load_image()))
         else:
-            ax.text(0.5, 0.5, textwrap.fill(c.txt or "", 24), ha="center", va="center", fontsize=7, wrap=True)
-        ax.set_title(f"#{rank}  cos {r.cosine:.3f}"
-                     + ("  (positive)" if r.positive else ""), fontsize=7, color="green" if r.positive else "black")
+            ax.text(
+                0.5,
+                0.5,
+                textwrap.fill(c.txt or "", 24),
+                ha="center",
+                va="center",
+                fontsize=7,
+                wrap=True,
+            )
+        ax.set_title(
+            f"#{rank}  cos {r.cosine:.3f}" + ("  (positive)" if r.positive else ""),
+            fontsize=7,
+            color="green" if r.positive else "black",
+        )
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -257,13 +343,26 @@ def tokens_html(tokens: pd.DataFrame, *, collapse: int = 4) -> str:
             style += ["color:#b2182b"] + ([] if r["pooled"] else ["text-decoration:line-through"])
         out.append(f'<span style="{";".join(style)}">{text}</span>')
         i = j + 1
-    legend = ('<p style="font-size:90%">green: enters the pooled embedding; red: the instruction span '
-              '(struck through when masked out of the pool)</p>')
-    return legend + '<div style="font-family:monospace;font-size:85%;line-height:1.9">' + "".join(out) + "</div>"
+    legend = (
+        '<p style="font-size:90%">green: enters the pooled embedding; red: the instruction span '
+        "(struck through when masked out of the pool)</p>"
+    )
+    return (
+        legend
+        + '<div style="font-family:monospace;font-size:85%;line-height:1.9">'
+        + "".join(out)
+        + "</div>"
+    )
 
 
-def evaluate_checkpoint(checkpoint: str, *, preset: str = "smoke", data_root: str | None = None,
-                        results: str | None = None, label: str = "released") -> pd.DataFrame:
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    preset: str = "smoke",
+    data_root: str | None = None,
+    results: str | None = None,
+    label: str = "released",
+) -> pd.DataFrame:
     """Evaluate a local checkpoint as-is (e.g. a released U-MARVEL model) on local and global pools;
     trains nothing (:func:`~umarvel_lib.experiment.evaluate_checkpoint`)."""
     from .eval.runs import metrics_frame
@@ -271,7 +370,13 @@ def evaluate_checkpoint(checkpoint: str, *, preset: str = "smoke", data_root: st
     from .experiment import evaluate_checkpoint as _evaluate
 
     out = results_dir(preset, results) / "checkpoints" / label
-    _evaluate(checkpoint, out, preset=preset, data_root=data_root, shared_dir=out.parent.parent / EVAL_INPUTS_DIR)
+    _evaluate(
+        checkpoint,
+        out,
+        preset=preset,
+        data_root=data_root,
+        shared_dir=out.parent.parent / EVAL_INPUTS_DIR,
+    )
     return metrics_frame(out)
 
 

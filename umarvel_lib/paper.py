@@ -5,6 +5,7 @@ Tables 1-6 and 15 come from secondary summaries of the paper and are **provision
 repository. This module is the only place the paper's numbers enter the kit: they appear in reports
 as the *paper* column, never as results.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ def load_table(table: int) -> pd.DataFrame:
 
 def provenance(table: int) -> str:
     if table in PROVISIONAL:
-        return (f"Table {table}: PROVISIONAL (secondary summary of the paper, not checked against the PDF; "
-                f"{TABLE_FILES[table]})")
+        return (
+            f"Table {table}: PROVISIONAL (secondary summary of the paper, not checked against the PDF; "
+            f"{TABLE_FILES[table]})"
+        )
     return f"Table {table}: from the table image in the official repository ({TABLE_FILES[table]})"
 
 
@@ -68,7 +71,13 @@ def paper_row(table: int, key: str | int) -> dict[str, float | str | None]:
     local = r.get("Local Avg.")
     glob = r.get("Global Avg.", "")
     label = " / ".join(str(v) for k, v in r.items() if k not in ("ID", "Local Avg.", "Global Avg."))
-    return {"local": _num(local), "global": _num(glob), "local_raw": local, "global_raw": glob, "label": label}
+    return {
+        "local": _num(local),
+        "global": _num(glob),
+        "local_raw": local,
+        "global_raw": glob,
+        "label": label,
+    }
 
 
 @dataclass(frozen=True)
@@ -78,30 +87,66 @@ class Finding:
     id: str
     table: int
     text: str
-    better: str       # row id in our ablation YAML
+    better: str  # row id in our ablation YAML
     worse: str
     pool: str = "local"
     kind: str = "greater"  # "greater" | "worst" (better is the worst row: `worse` lists are ignored) | "fails"
-    sub_1pt: bool = False  # the paper's effect is well under 1 point: expected within noise at micro scale
+    sub_1pt: bool = (
+        False  # the paper's effect is well under 1 point: expected within noise at micro scale
+    )
 
 
 FINDINGS: tuple[Finding, ...] = (
-    Finding("T1a", 1, "bidirectional+mean+no prompt > causal+last+prompt (57.2 vs 56.6)", "4", "0", sub_1pt=True),
-    Finding("T1b", 1, "causal+mean+prompt is the worst row of Table 1 (33.7)", "2", "*", kind="worst"),
+    Finding(
+        "T1a",
+        1,
+        "bidirectional+mean+no prompt > causal+last+prompt (57.2 vs 56.6)",
+        "4",
+        "0",
+        sub_1pt=True,
+    ),
+    Finding(
+        "T1b", 1, "causal+mean+prompt is the worst row of Table 1 (33.7)", "2", "*", kind="worst"
+    ),
     Finding("T1c", 1, "with bidirectional+mean, no prompt > prompt (57.2 vs 51.7)", "4", "3"),
     Finding("T1d", 1, "bidirectional+last < causal+last (55.5 vs 56.6)", "0", "1"),
-    Finding("T2a", 2, "no instructions < instructions, larger drop on the global pool (55.3/43.4 vs 57.2/55.2)", "1", "2",
-            pool="global"),
+    Finding(
+        "T2a",
+        2,
+        "no instructions < instructions, larger drop on the global pool (55.3/43.4 vs 57.2/55.2)",
+        "1",
+        "2",
+        pool="global",
+    ),
     Finding("T2b", 2, "instruction masking >= no masking (57.3 vs 57.2)", "0", "1", sub_1pt=True),
     Finding("T3a", 3, "+text-only stage > M-BEIR only (57.3 vs 56.6)", "1", "0", sub_1pt=True),
     Finding("T3b", 3, "+text-image stage > +text-only (57.7 vs 57.3)", "2", "1", sub_1pt=True),
-    Finding("T4a", 4, "batch 3840 / LR 4e-4 > batch 480 / LR 1e-4, tau fixed (58.9 vs 57.2)", "4", "0"),
-    Finding("T4b", 4, "learnable tau > fixed tau at the same batch and LR (60.1 vs 58.9)", "7", "4"),
-    Finding("T5a", 5, "hard negatives only fails (far below the baseline)", "baseline", "0", kind="fails"),
+    Finding(
+        "T4a", 4, "batch 3840 / LR 4e-4 > batch 480 / LR 1e-4, tau fixed (58.9 vs 57.2)", "4", "0"
+    ),
+    Finding(
+        "T4b", 4, "learnable tau > fixed tau at the same batch and LR (60.1 vs 58.9)", "7", "4"
+    ),
+    Finding(
+        "T5a",
+        5,
+        "hard negatives only fails (far below the baseline)",
+        "baseline",
+        "0",
+        kind="fails",
+    ),
     Finding("T5b", 5, "in-batch + unfiltered top-k < baseline (57.4 vs 60.6)", "baseline", "1"),
     Finding("T5c", 5, "in-batch + filtered top-k > baseline (61.7 vs 60.6)", "2", "baseline"),
-    Finding("T6a", 6, "distillation > hard-negative baseline (63.2 vs 61.7)", "distillation", "baseline"),
-    Finding("T6b", 6, "the reranker teacher > the distilled student (64.5 vs 63.2)", "reranker", "distillation"),
+    Finding(
+        "T6a", 6, "distillation > hard-negative baseline (63.2 vs 61.7)", "distillation", "baseline"
+    ),
+    Finding(
+        "T6b",
+        6,
+        "the reranker teacher > the distilled student (64.5 vs 63.2)",
+        "reranker",
+        "distillation",
+    ),
 )
 FINDINGS_BY_ID = {f.id: f for f in FINDINGS}
 

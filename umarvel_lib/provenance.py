@@ -3,6 +3,7 @@
 One helper for every sidecar (``row.json`` of a run, ``config.json`` of an evaluation), so both
 record the same package set. Torch-free: the CUDA device is read only when torch is already loaded.
 """
+
 from __future__ import annotations
 
 import importlib.metadata as md
@@ -13,16 +14,32 @@ import sys
 from pathlib import Path
 
 #: Distributions whose versions are recorded (None when not installed).
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "pandas", "faiss-cpu", "faiss-gpu")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "numpy",
+    "pandas",
+    "faiss-cpu",
+    "faiss-gpu",
+)
 
 
 def git_commit() -> str | None:
     """``HEAD`` of the kit's checkout, with ``+dirty`` when tracked files are modified; None outside git."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=here)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=here,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode:
@@ -32,8 +49,12 @@ def git_commit() -> str | None:
 
 def versions() -> dict:
     """Python, platform, CPU count, CUDA device (if torch is loaded) and the :data:`PACKAGES` versions."""
-    out = {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
-           "cpu_count": os.cpu_count()}
+    out = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+    }
     for p in PACKAGES:
         try:
             out[p] = md.version(p)
@@ -41,7 +62,11 @@ def versions() -> dict:
             out[p] = None
     torch = sys.modules.get("torch")
     try:
-        out["cuda"] = torch.cuda.get_device_name(0) if torch is not None and torch.cuda.is_available() else None
+        out["cuda"] = (
+            torch.cuda.get_device_name(0)
+            if torch is not None and torch.cuda.is_available()
+            else None
+        )
     except Exception:  # noqa: BLE001  (a broken driver must not sink a sidecar)
         out["cuda"] = None
     return out

@@ -10,6 +10,7 @@ two threads), ordered so that concurrent workers rarely need the same cached sta
 makes the second one wait and reuse it). The notebooks then find every row done and only collect,
 compare and plot.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,9 +27,15 @@ from .io import DamagedFileError, atomic_write_json, read_json, remove_stale_tmp
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 # (notebook, paper table it reproduces or None)
 NOTEBOOKS = (
-    ("00_quickstart", None), ("01_embedding_extraction", 1), ("02_instruction_masking", 2),
-    ("03_progressive_transition", 3), ("04_batch_lr_temperature", 4), ("05_hard_negatives", 5),
-    ("06_distillation", 6), ("07_main_results", 7), ("08_report", None),
+    ("00_quickstart", None),
+    ("01_embedding_extraction", 1),
+    ("02_instruction_masking", 2),
+    ("03_progressive_transition", 3),
+    ("04_batch_lr_temperature", 4),
+    ("05_hard_negatives", 5),
+    ("06_distillation", 6),
+    ("07_main_results", 7),
+    ("08_report", None),
 )
 KERNEL = "umarvel-kit"
 
@@ -86,10 +93,19 @@ def _finding_rows(table: int) -> frozenset[str]:
     return frozenset(finding_rows(table))
 
 
-def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs: int,
-             backbone: str | None = None, data_root: str | None = None,
-             rows: dict[int, list[str]] | None = None, nli_path: str | None = None,
-             cc3m_root: str | None = None) -> list[dict]:
+def run_jobs(
+    tables: list[int],
+    *,
+    preset: str,
+    seeds: str,
+    results: Path,
+    jobs: int,
+    backbone: str | None = None,
+    data_root: str | None = None,
+    rows: dict[int, list[str]] | None = None,
+    nli_path: str | None = None,
+    cc3m_root: str | None = None,
+) -> list[dict]:
     """Train + evaluate every (table, row, seed) in ``jobs`` single-thread worker processes
     (``rows``: per table, the row ids to run; a table not in it, or with ``[]``, runs every row).
 
@@ -105,8 +121,14 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
 
     seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
     want = rows or {}
-    jobs_ = [(t, r, s) for t in tables if t is not None for r in load_ablation(f"table{t}").rows
-             if not want.get(t) or r.id in want[t] for s in seed_list]
+    jobs_ = [
+        (t, r, s)
+        for t in tables
+        if t is not None
+        for r in load_ablation(f"table{t}").rows
+        if not want.get(t) or r.id in want[t]
+        for s in seed_list
+    ]
     todo = [(t, r.id, s) for t, r, s in sorted(jobs_, key=lambda j: _job_order(*j))]
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -114,8 +136,22 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
 
     def one(job):
         t, rid, s = job
-        cmd = [sys.executable, "-m", "umarvel_lib.cli", "run", "--table", f"table{t}", "--row", str(rid),
-               "--seed", str(s), "--preset", preset, "--results", str(results)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "umarvel_lib.cli",
+            "run",
+            "--table",
+            f"table{t}",
+            "--row",
+            str(rid),
+            "--seed",
+            str(s),
+            "--preset",
+            preset,
+            "--results",
+            str(results),
+        ]
         cmd += ["--backbone", backbone] if backbone else []
         cmd += ["--data-root", data_root] if data_root else []
         cmd += ["--nli-path", nli_path] if nli_path else []
@@ -126,28 +162,49 @@ def run_jobs(tables: list[int], *, preset: str, seeds: str, results: Path, jobs:
         tmp_log = log_file.with_name(tmp_prefix(log_file.name) + "running")  # this process's
         with open(tmp_log, "w") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
-        skipped = rc == 0 and before is not None and side.is_file() and side.stat().st_mtime_ns == before
+        skipped = (
+            rc == 0 and before is not None and side.is_file() and side.stat().st_mtime_ns == before
+        )
         if skipped and log_file.is_file():
             tmp_log.unlink()  # keep the log of the run that trained it
         else:
             tmp_log.replace(log_file)
-        return {"table": t, "row": rid, "seed": s, "rc": rc, "skipped": skipped,
-                "wall_s": round(time.time() - t0, 1), "log": str(log_file)}
+        return {
+            "table": t,
+            "row": rid,
+            "seed": s,
+            "rc": rc,
+            "skipped": skipped,
+            "wall_s": round(time.time() - t0, 1),
+            "log": str(log_file),
+        }
 
     done, t_start = [], time.time()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
-            tqdm(total=len(todo), desc=f"runs ({jobs} workers)", unit="run") as bar:
+    with (
+        ThreadPoolExecutor(max_workers=max(1, jobs)) as pool,
+        tqdm(total=len(todo), desc=f"runs ({jobs} workers)", unit="run") as bar,
+    ):
         for fut in as_completed([pool.submit(one, j) for j in todo]):
             rec = fut.result()
             done.append(rec)
             bar.update(1)
             if rec["rc"] != 0:
-                print(f"table {rec['table']} row {rec['row']} seed {rec['seed']} FAILED (rc {rec['rc']}); log: {rec['log']}")
-    _record_batch(results, {"started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
-                            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "workers": max(1, jobs),
-                            "runs": len(done), "trained": sum(r["rc"] == 0 and not r["skipped"] for r in done),
-                            "skipped": sum(r["skipped"] for r in done), "failed": sum(r["rc"] != 0 for r in done),
-                            "wall_s": round(time.time() - t_start, 1)})
+                print(
+                    f"table {rec['table']} row {rec['row']} seed {rec['seed']} FAILED (rc {rec['rc']}); log: {rec['log']}"
+                )
+    _record_batch(
+        results,
+        {
+            "started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
+            "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "workers": max(1, jobs),
+            "runs": len(done),
+            "trained": sum(r["rc"] == 0 and not r["skipped"] for r in done),
+            "skipped": sum(r["skipped"] for r in done),
+            "failed": sum(r["rc"] != 0 for r in done),
+            "wall_s": round(time.time() - t_start, 1),
+        },
+    )
     return done
 
 
@@ -171,19 +228,40 @@ def notebook_error(e: BaseException) -> dict:
     ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
     if ename:
         tb = getattr(e, "traceback", None) or []
-        return {"error": f"{ename}: {evalue}", "ename": ename, "evalue": evalue,
-                "cell": getattr(e, "exec_count", None), "traceback": _ANSI.sub("", "\n".join(tb))}
+        return {
+            "error": f"{ename}: {evalue}",
+            "ename": ename,
+            "evalue": evalue,
+            "cell": getattr(e, "exec_count", None),
+            "traceback": _ANSI.sub("", "\n".join(tb)),
+        }
     import traceback
 
-    return {"error": f"{type(e).__name__}: {e}", "ename": type(e).__name__, "evalue": str(e),
-            "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__))}
+    return {
+        "error": f"{type(e).__name__}: {e}",
+        "ename": type(e).__name__,
+        "evalue": str(e),
+        "traceback": "".join(traceback.format_exception(type(e), e, e.__traceback__)),
+    }
 
 
-def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, results: str | None = None,
-              backbone: str | None = None, data_root: str | None = None, timeout: int | None = None,
-              notebook_dir: Path = NOTEBOOK_DIR, jobs: int = 1, train: bool = True, all_rows: bool = False,
-              notebook_params: dict[str, dict] | None = None, nli_path: str | None = None,
-              cc3m_root: str | None = None) -> dict:
+def reproduce(
+    preset: str = "cpu",
+    *,
+    tables=None,
+    seeds: str | None = None,
+    results: str | None = None,
+    backbone: str | None = None,
+    data_root: str | None = None,
+    timeout: int | None = None,
+    notebook_dir: Path = NOTEBOOK_DIR,
+    jobs: int = 1,
+    train: bool = True,
+    all_rows: bool = False,
+    notebook_params: dict[str, dict] | None = None,
+    nli_path: str | None = None,
+    cc3m_root: str | None = None,
+) -> dict:
     """Every notebook of ``tables`` through papermill (``jobs`` > 1: the runs trained by workers first).
 
     Without ``seeds`` and ``all_rows`` a quick preset (:data:`QUICK_PRESETS`, smoke) runs its own seed
@@ -200,14 +278,25 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
     rows = {t: default_rows(preset, t) for _, t in select(tables) if t is not None} if quick else {}
     if jobs > 1 and train:
         t0 = time.time()
-        recs = run_jobs([t for _, t in select(tables)], preset=preset, seeds=seeds or DEFAULT_SEEDS, results=res,
-                        jobs=jobs, backbone=backbone, data_root=data_root, rows=rows, nli_path=nli_path,
-                        cc3m_root=cc3m_root)
+        recs = run_jobs(
+            [t for _, t in select(tables)],
+            preset=preset,
+            seeds=seeds or DEFAULT_SEEDS,
+            results=res,
+            jobs=jobs,
+            backbone=backbone,
+            data_root=data_root,
+            rows=rows,
+            nli_path=nli_path,
+            cc3m_root=cc3m_root,
+        )
         failed = [r for r in recs if r["rc"] != 0]
         skipped = sum(r["skipped"] for r in recs)
-        print(f"{len(recs) - len(failed)}/{len(recs)} runs ok ({len(recs) - len(failed) - skipped} trained, {skipped} "
-              f"skipped as finished) with {jobs} workers in {time.time() - t0:.0f} s"
-              + (f"; {len(failed)} failed (the notebooks retry and record them)" if failed else ""))
+        print(
+            f"{len(recs) - len(failed)}/{len(recs)} runs ok ({len(recs) - len(failed) - skipped} trained, {skipped} "
+            f"skipped as finished) with {jobs} workers in {time.time() - t0:.0f} s"
+            + (f"; {len(failed)} failed (the notebooks retry and record them)" if failed else "")
+        )
     out_dir = res / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out_dir)  # executed copies of a killed batch
@@ -237,30 +326,48 @@ def reproduce(preset: str = "cpu", *, tables=None, seeds: str | None = None, res
         bar.set_postfix_str(name)
         src = notebook_dir / f"{name}.ipynb"
         dst = out_dir / f"{name}.ipynb"
-        tmp = out_dir / (tmp_prefix(name) + "running.ipynb")  # this process's (two batches may share results)
+        tmp = out_dir / (
+            tmp_prefix(name) + "running.ipynb"
+        )  # this process's (two batches may share results)
         t0 = time.time()
         try:
             nb_params = {**params, "rows": ",".join(rows[table])} if rows.get(table) else params
             nb_params = {**nb_params, **(notebook_params or {}).get(name, {})}
-            pm.execute_notebook(str(src), str(tmp), parameters=nb_params, kernel_name=kname, progress_bar=False,
-                                execution_timeout=timeout, cwd=str(Path.cwd()))
+            pm.execute_notebook(
+                str(src),
+                str(tmp),
+                parameters=nb_params,
+                kernel_name=kname,
+                progress_bar=False,
+                execution_timeout=timeout,
+                cwd=str(Path.cwd()),
+            )
             tmp.replace(dst)
             status[name] = {"status": "ok", "wall_s": round(time.time() - t0, 1)}
         except Exception as e:  # noqa: BLE001  (one failed notebook does not sink the batch)
             if tmp.is_file():
                 tmp.replace(out_dir / f"{name}.FAILED.ipynb")
-            status[name] = {"status": "failed", "wall_s": round(time.time() - t0, 1), **notebook_error(e),
-                            "notebook": str(out_dir / f"{name}.FAILED.ipynb")}
+            status[name] = {
+                "status": "failed",
+                "wall_s": round(time.time() - t0, 1),
+                **notebook_error(e),
+                "notebook": str(out_dir / f"{name}.FAILED.ipynb"),
+            }
             print(f"notebook {name} FAILED: {status[name]['error']}; continuing")
         status[name]["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
         atomic_write_json(status_file, status)
-    if status.get("08_report", {}).get("status") == "ok" and any(n == "08_report" for n, _ in chosen):
+    if status.get("08_report", {}).get("status") == "ok" and any(
+        n == "08_report" for n, _ in chosen
+    ):
         # 08_report wrote REPORT.md while it ran, so the report's wall-time table still shows its previous
         # run: rewrite it now that every notebook of this batch has its final status
         from .report.report import write_report
 
         write_report(res, preset)
     failed = [n for n, _ in chosen if status.get(n, {}).get("status") != "ok"]
-    print(f"reproduce {preset}: {len(chosen) - len(failed)}/{len(chosen)} notebooks ok"
-          + (f"; FAILED: {', '.join(failed)}" if failed else "") + f"; report: {res / 'REPORT.md'}")
+    print(
+        f"reproduce {preset}: {len(chosen) - len(failed)}/{len(chosen)} notebooks ok"
+        + (f"; FAILED: {', '.join(failed)}" if failed else "")
+        + f"; report: {res / 'REPORT.md'}"
+    )
     return status

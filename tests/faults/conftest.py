@@ -1,5 +1,6 @@
 """Fault injection (issue 16): each class of fault, with a clear message naming the file, a non-zero exit
 where work failed, nothing finished lost, and a rerun identical to an undisturbed run."""
+
 import subprocess
 import sys
 

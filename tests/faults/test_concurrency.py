@@ -1,5 +1,6 @@
 """Several processes on one data root / one embedding cache at once finish with identical results; the
 embedding cache is keyed by the image bytes; a cut shard is re-encoded."""
+
 import subprocess
 import sys
 import textwrap
@@ -10,8 +11,15 @@ from umarvel_lib.io import DigestCache
 
 
 def _run_all(scripts, timeout=300):
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(s)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for s in scripts]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(s)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for s in scripts
+    ]
     outs = [p.communicate(timeout=timeout)[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o
@@ -45,8 +53,12 @@ EVAL = """
 @pytest.mark.slow  # three evaluations at once (about a minute on 2 cores)
 def test_concurrent_evaluations_share_one_embedding_cache(smoke_data, tmp_path):
     cache = tmp_path / "cache"
-    outs = _run_all([EVAL.format(root=str(smoke_data), out=str(tmp_path / f"out{i}"), cache=str(cache))
-                     for i in range(3)])
+    outs = _run_all(
+        [
+            EVAL.format(root=str(smoke_data), out=str(tmp_path / f"out{i}"), cache=str(cache))
+            for i in range(3)
+        ]
+    )
     avgs = {o.split("AVG", 1)[1].strip() for o in outs}
     assert len(avgs) == 1
     runs = {(tmp_path / f"out{i}" / "global" / "run.trec").read_text() for i in range(3)}
@@ -54,7 +66,9 @@ def test_concurrent_evaluations_share_one_embedding_cache(smoke_data, tmp_path):
     assert not list(cache.glob("*/.*tmp-*"))
 
 
-def test_embedding_cache_is_keyed_by_image_bytes_and_survives_a_cut_shard(smoke_data, tmp_path, caplog):
+def test_embedding_cache_is_keyed_by_image_bytes_and_survives_a_cut_shard(
+    smoke_data, tmp_path, caplog
+):
     import shutil
 
     import numpy as np
@@ -75,8 +89,13 @@ def test_embedding_cache_is_keyed_by_image_bytes_and_survives_a_cut_shard(smoke_
 
     def ev(out):
         Counting.n = 0
-        m = evaluate(Counting(), MBEIR(root, check_images=False), tmp_path / out, EvalConfig(pools=("local",), n_boot=50),
-                     cache_dir=tmp_path / "cache")
+        m = evaluate(
+            Counting(),
+            MBEIR(root, check_images=False),
+            tmp_path / out,
+            EvalConfig(pools=("local",), n_boot=50),
+            cache_dir=tmp_path / "cache",
+        )
         return m["local"]["avg"]["headline"], Counting.n
 
     first, n_first = ev("a")
@@ -103,19 +122,46 @@ def test_concurrent_runs_of_one_row_finish_with_one_result(tmp_path, backbones):
     import os
 
     def cmd(results):
-        return [sys.executable, "-m", "umarvel_lib.cli", "run", "--table", "table2", "--row", "0", "--seed", "0",
-                "--preset", "smoke", "--results", str(results), "--backbone", str(backbones["qwen2_vl"])]
+        return [
+            sys.executable,
+            "-m",
+            "umarvel_lib.cli",
+            "run",
+            "--table",
+            "table2",
+            "--row",
+            "0",
+            "--seed",
+            "0",
+            "--preset",
+            "smoke",
+            "--results",
+            str(results),
+            "--backbone",
+            str(backbones["qwen2_vl"]),
+        ]
 
     env = {**os.environ, "UMARVEL_THREADS": "1"}
-    procs = [subprocess.Popen(cmd(tmp_path / "results"), cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            cmd(tmp_path / "results"),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=1200)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     alone = tmp_path / "alone"
     alone.mkdir()
     subprocess.run(cmd(alone / "results"), cwd=alone, env=env, check=True, capture_output=True)
-    m = [json.loads((r / "runs/table2/0/seed0/eval/local/metrics.json").read_text())["avg"]
-         for r in (tmp_path / "results", alone / "results")]
+    m = [
+        json.loads((r / "runs/table2/0/seed0/eval/local/metrics.json").read_text())["avg"]
+        for r in (tmp_path / "results", alone / "results")
+    ]
     assert m[0] == m[1]
     leftovers = [p for p in tmp_path.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
     assert not leftovers, leftovers

@@ -1,4 +1,5 @@
 """Temporaries, modes and damaged files (no model: fast)."""
+
 import os
 import subprocess
 import sys
@@ -24,9 +25,9 @@ def _foreign(name, pid):
 def test_atomic_dir_removes_only_temporaries_of_dead_owners(tmp_path, dead_pid):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        other = tmp_path / _foreign("out", live.pid)   # a concurrent writer's half-built directory
-        stale = tmp_path / _foreign("out", dead_pid)   # a killed writer's
-        legacy = tmp_path / ".out.tmp-abc123"           # no owner in the name: never provably stale
+        other = tmp_path / _foreign("out", live.pid)  # a concurrent writer's half-built directory
+        stale = tmp_path / _foreign("out", dead_pid)  # a killed writer's
+        legacy = tmp_path / ".out.tmp-abc123"  # no owner in the name: never provably stale
         for d in (other, stale, legacy):
             d.mkdir()
             (d / "f").write_text("partial")
@@ -99,15 +100,24 @@ def test_damaged_checkpoint_resumes_from_the_one_before_with_identical_weights(t
             ctx.backward(loss)
             return loss.detach()
 
-        cfg = TrainConfig(lr=0.1, max_steps=max_steps, batch_size=4, seed=0, save_every=2, keep_checkpoints=5,
-                          progress=False)
+        cfg = TrainConfig(
+            lr=0.1,
+            max_steps=max_steps,
+            batch_size=4,
+            seed=0,
+            save_every=2,
+            keep_checkpoints=5,
+            progress=False,
+        )
         Trainer(model, step, data, cfg, run_dir, collate_fn=list, resume=resume).fit()
         return model.weight.detach().clone()
 
     clean = run(tmp_path / "clean", 8)
     part = tmp_path / "part"
     run(part, 8)
-    (part / "FINISHED.json").write_text('{"config_hash": ')  # a damaged marker: not finished after all
+    (part / "FINISHED.json").write_text(
+        '{"config_hash": '
+    )  # a damaged marker: not finished after all
     last = complete_checkpoints(part)[-1]
     opt = last / "optimizer.pt"
     opt.write_bytes(opt.read_bytes()[:50])

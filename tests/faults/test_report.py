@@ -1,4 +1,5 @@
 """A damaged sidecar or metrics file: the report skips and lists it, the run counts as not finished."""
+
 import shutil
 from pathlib import Path
 
@@ -16,16 +17,25 @@ def _cut(f: Path):
 def test_report_skips_and_lists_damaged_runs(tmp_path, caplog):
     res = tmp_path / "results"
     for rid in ("0", "1", "2"):
-        shutil.copytree(str(RUN).format(rid), res / "runs" / "table1" / rid / "seed0",
-                        ignore=shutil.ignore_patterns("*.trec"))
+        shutil.copytree(
+            str(RUN).format(rid),
+            res / "runs" / "table1" / rid / "seed0",
+            ignore=shutil.ignore_patterns("*.trec"),
+        )
     side = res / "runs/table1/1/seed0/row.json"
     metrics = res / "runs/table1/2/seed0/eval/local/metrics.json"
     _cut(side)
     _cut(metrics)
     report = write_report(res, "cpu", n_boot=50).read_text()
-    fail = report[report.index("## Failures"):report.index("## Summary")]
-    assert "table 1 row `1` seed 0 has a damaged file" in fail and "runs/table1/1/seed0/row.json" in fail
-    assert "table 1 row `2` seed 0 has a damaged file" in fail and "runs/table1/2/seed0/eval/local/metrics.json" in fail
+    fail = report[report.index("## Failures") : report.index("## Summary")]
+    assert (
+        "table 1 row `1` seed 0 has a damaged file" in fail
+        and "runs/table1/1/seed0/row.json" in fail
+    )
+    assert (
+        "table 1 row `2` seed 0 has a damaged file" in fail
+        and "runs/table1/2/seed0/eval/local/metrics.json" in fail
+    )
     assert "damaged JSON" in fail
     # the intact run is reported as usual
     ours = [line for line in report.splitlines() if line.startswith("| 0 | ")]

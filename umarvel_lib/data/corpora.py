@@ -11,6 +11,7 @@
 Every problem is a :class:`~umarvel_lib.data.mbeir.MBEIRFormatError` naming the file (and line or
 record); image paths go through :func:`~umarvel_lib.io.safe_join` (``../`` and absolute paths refused).
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,13 +29,17 @@ CC3M_FILE = "chat.json"
 def read_nli(path) -> list[tuple[str, str, str]]:
     """``(sent0, sent1, hard_neg)`` triplets of a SimCSE NLI CSV file, every row checked."""
     path = Path(path)
-    lines = [line for _, line in text_lines(path)]  # UTF-8 checked line by line (file:line on error)
+    lines = [
+        line for _, line in text_lines(path)
+    ]  # UTF-8 checked line by line (file:line on error)
     out = []
     rows = csv.reader(lines)
     try:
         header = next(rows)
     except StopIteration:
-        raise MBEIRFormatError(path, None, "empty file (expected a header sent0,sent1,hard_neg)") from None
+        raise MBEIRFormatError(
+            path, None, "empty file (expected a header sent0,sent1,hard_neg)"
+        ) from None
     if [h.strip() for h in header[:3]] != NLI_HEADER:
         raise MBEIRFormatError(path, 1, f"expected header sent0,sent1,hard_neg, got {header}")
     for r in rows:
@@ -42,7 +47,9 @@ def read_nli(path) -> list[tuple[str, str, str]]:
         if not r:
             continue
         if len(r) < 3:
-            raise MBEIRFormatError(path, n, f"expected 3 columns sent0,sent1,hard_neg, got {len(r)}")
+            raise MBEIRFormatError(
+                path, n, f"expected 3 columns sent0,sent1,hard_neg, got {len(r)}"
+            )
         if not r[0].strip() or not r[1].strip():
             raise MBEIRFormatError(path, n, "empty sent0 or sent1")
         out.append((r[0], r[1], r[2]))
@@ -66,7 +73,9 @@ def read_cc3m(root, *, check_images: bool = True) -> list[tuple[str, str]]:
     try:
         data = json.loads("".join(line for _, line in text_lines(path)))
     except json.JSONDecodeError as e:
-        raise MBEIRFormatError(path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})") from None
+        raise MBEIRFormatError(
+            path, e.lineno, f"malformed JSON ({e.msg} at column {e.colno})"
+        ) from None
     if not isinstance(data, list) or not data:
         raise MBEIRFormatError(path, None, "expected a non-empty JSON list of conversations")
     img_dir = cc3m_image_dir(root)
@@ -74,8 +83,14 @@ def read_cc3m(root, *, check_images: bool = True) -> list[tuple[str, str]]:
     for i, d in enumerate(data):
         where = f"record {i} (id {d.get('id')!r})" if isinstance(d, dict) else f"record {i}"
         conv = d.get("conversations") if isinstance(d, dict) else None
-        if not isinstance(d, dict) or not isinstance(d.get("image"), str) or not isinstance(conv, list):
-            raise MBEIRFormatError(path, None, f"{where}: expected an object with 'image' and 'conversations'")
+        if (
+            not isinstance(d, dict)
+            or not isinstance(d.get("image"), str)
+            or not isinstance(conv, list)
+        ):
+            raise MBEIRFormatError(
+                path, None, f"{where}: expected an object with 'image' and 'conversations'"
+            )
         caps = [c.get("value") for c in conv if isinstance(c, dict) and c.get("from") == "gpt"]
         if not caps or not isinstance(caps[0], str) or not caps[0].strip():
             raise MBEIRFormatError(path, None, f"{where}: no caption (a 'gpt' turn with a value)")
@@ -84,7 +99,9 @@ def read_cc3m(root, *, check_images: bool = True) -> list[tuple[str, str]]:
         except UnsafePathError as e:
             raise MBEIRFormatError(path, None, f"{where}: {str(e).split(': ', 1)[1]}") from None
         if check_images and not img.is_file():
-            raise MBEIRFormatError(path, None, f"{where}: image file {d['image']!r} not found under {img_dir}")
+            raise MBEIRFormatError(
+                path, None, f"{where}: image file {d['image']!r} not found under {img_dir}"
+            )
         out.append((caps[0].strip(), str(img)))
     return out
 

@@ -3,6 +3,7 @@
 M-BEIR queries and candidates, NLI sentences and CC3M captions/images all become Items, so the
 embedder never needs to know which corpus a sample came from.
 """
+
 from __future__ import annotations
 
 import random
@@ -44,7 +45,9 @@ def query_item(q: Query, data: MBEIR, *, instruction: str | None = None) -> Item
     return Item(txt=txt, image_path=img, instruction=instruction)
 
 
-def query_items(queries: list[Query], data: MBEIR, *, instructions: bool, seed: int) -> tuple[list[Item], list[str | None]]:
+def query_items(
+    queries: list[Query], data: MBEIR, *, instructions: bool, seed: int
+) -> tuple[list[Item], list[str | None]]:
     """Items for queries with an instruction sampled per query from ``seed`` (recorded by the caller).
 
     The instruction is looked up by the task's candidate modality, as UniIR does.

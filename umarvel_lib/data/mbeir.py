@@ -12,6 +12,7 @@ Layout under a data root (docs/mbeir.md)::
 The same reader serves the real benchmark and the synthetic mini-M-BEIR. Every problem is a
 :class:`MBEIRFormatError` naming the file and line; nothing is skipped silently.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,23 +26,50 @@ from ..io import UnsafePathError, safe_join
 
 # UniIR:src/data/preprocessing/utils.py DATASET_IDS
 DATASET_IDS: dict[str, int] = {
-    "VisualNews": 0, "Fashion200K": 1, "WebQA": 2, "EDIS": 3, "NIGHTS": 4,
-    "OVEN": 5, "INFOSEEK": 6, "FashionIQ": 7, "CIRR": 8, "MSCOCO": 9,
+    "VisualNews": 0,
+    "Fashion200K": 1,
+    "WebQA": 2,
+    "EDIS": 3,
+    "NIGHTS": 4,
+    "OVEN": 5,
+    "INFOSEEK": 6,
+    "FashionIQ": 7,
+    "CIRR": 8,
+    "MSCOCO": 9,
 }
 DATASET_NAMES: dict[int, str] = {v: k for k, v in DATASET_IDS.items()}
 # MBEIR_TASK: task id -> (query modality, candidate modality)
 TASKS: dict[int, tuple[str, str]] = {
-    0: ("text", "image"), 1: ("text", "text"), 2: ("text", "image,text"),
-    3: ("image", "text"), 4: ("image", "image"), 5: ("image", "image,text"),
-    6: ("image,text", "text"), 7: ("image,text", "image"), 8: ("image,text", "image,text"),
+    0: ("text", "image"),
+    1: ("text", "text"),
+    2: ("text", "image,text"),
+    3: ("image", "text"),
+    4: ("image", "image"),
+    5: ("image", "image,text"),
+    6: ("image,text", "text"),
+    7: ("image,text", "image"),
+    8: ("image,text", "image,text"),
 }
 MODALITIES = ("text", "image", "image,text")
 
 # The 16 evaluation rows of M-BEIR, in the column order of the paper's Tables 7/8.
 EVAL_ROWS: tuple[tuple[str, int], ...] = (
-    ("VisualNews", 0), ("MSCOCO", 0), ("Fashion200K", 0), ("WebQA", 1), ("EDIS", 2), ("WebQA", 2),
-    ("VisualNews", 3), ("MSCOCO", 3), ("Fashion200K", 3), ("NIGHTS", 4), ("OVEN", 6), ("INFOSEEK", 6),
-    ("FashionIQ", 7), ("CIRR", 7), ("OVEN", 8), ("INFOSEEK", 8),
+    ("VisualNews", 0),
+    ("MSCOCO", 0),
+    ("Fashion200K", 0),
+    ("WebQA", 1),
+    ("EDIS", 2),
+    ("WebQA", 2),
+    ("VisualNews", 3),
+    ("MSCOCO", 3),
+    ("Fashion200K", 3),
+    ("NIGHTS", 4),
+    ("OVEN", 6),
+    ("INFOSEEK", 6),
+    ("FashionIQ", 7),
+    ("CIRR", 7),
+    ("OVEN", 8),
+    ("INFOSEEK", 8),
 )
 
 
@@ -105,8 +133,16 @@ class Candidate:
         return int(self.did.split(":")[0])
 
 
-QUERY_FIELDS = ("qid", "query_txt", "query_img_path", "query_modality", "query_src_content",
-                "pos_cand_list", "neg_cand_list", "task_id")
+QUERY_FIELDS = (
+    "qid",
+    "query_txt",
+    "query_img_path",
+    "query_modality",
+    "query_src_content",
+    "pos_cand_list",
+    "neg_cand_list",
+    "task_id",
+)
 CAND_FIELDS = ("did", "txt", "img_path", "modality", "src_content")
 
 
@@ -120,8 +156,11 @@ def text_lines(path: Path) -> Iterable[tuple[int, str]]:
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise MBEIRFormatError(path, n, f"not UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
-                                                f"{e.start + 1})") from None
+                raise MBEIRFormatError(
+                    path,
+                    n,
+                    f"not UTF-8 (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})",
+                ) from None
 
 
 def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
@@ -131,7 +170,9 @@ def _iter_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MBEIRFormatError(path, n, f"malformed JSON ({e.msg} at column {e.colno})") from None
+            raise MBEIRFormatError(
+                path, n, f"malformed JSON ({e.msg} at column {e.colno})"
+            ) from None
         if not isinstance(rec, dict):
             raise MBEIRFormatError(path, n, f"expected a JSON object, got {type(rec).__name__}")
         yield n, rec
@@ -150,7 +191,9 @@ def _check_id(path, n, value, name):
 
 def _check_content(path, n, root, modality, txt, img, check_images, kind):
     if modality not in MODALITIES:
-        raise MBEIRFormatError(path, n, f"unknown modality {modality!r} (expected one of {MODALITIES})")
+        raise MBEIRFormatError(
+            path, n, f"unknown modality {modality!r} (expected one of {MODALITIES})"
+        )
     if "text" in modality.split(",") and not (isinstance(txt, str) and txt.strip()):
         raise MBEIRFormatError(path, n, f"{kind} modality {modality!r} but no text")
     if "image" in modality.split(","):
@@ -170,8 +213,15 @@ def _check_content(path, n, root, modality, txt, img, check_images, kind):
             raise MBEIRFormatError(path, n, str(e).split(": ", 1)[1]) from None
 
 
-def read_queries(path, root, *, check_images: bool = True, allow_repeats: bool = False,
-                 dataset: str | None = None, task_id: int | None = None) -> list[Query]:
+def read_queries(
+    path,
+    root,
+    *,
+    check_images: bool = True,
+    allow_repeats: bool = False,
+    dataset: str | None = None,
+    task_id: int | None = None,
+) -> list[Query]:
     """Read a query JSONL file; validates every record.
 
     ``allow_repeats``: UniIR's up-sampled training file (``mbeir_union_up_train.jsonl``) copies whole
@@ -184,22 +234,53 @@ def read_queries(path, root, *, check_images: bool = True, allow_repeats: bool =
         _check_fields(path, n, r, QUERY_FIELDS)
         _check_id(path, n, r["qid"], "qid")
         if r["qid"] in seen and not allow_repeats:
-            raise MBEIRFormatError(path, n, f"duplicate qid {r['qid']!r} (first at line {seen[r['qid']]})")
+            raise MBEIRFormatError(
+                path, n, f"duplicate qid {r['qid']!r} (first at line {seen[r['qid']]})"
+            )
         seen.setdefault(r["qid"], n)
-        if not isinstance(r["task_id"], int) or isinstance(r["task_id"], bool) or r["task_id"] not in TASKS:
+        if (
+            not isinstance(r["task_id"], int)
+            or isinstance(r["task_id"], bool)
+            or r["task_id"] not in TASKS
+        ):
             raise MBEIRFormatError(path, n, f"unknown task_id {r['task_id']!r} (expected 0..8)")
         if task_id is not None and r["task_id"] != task_id:
-            raise MBEIRFormatError(path, n, f"task_id {r['task_id']} in a task{task_id} file (qid {r['qid']})")
+            raise MBEIRFormatError(
+                path, n, f"task_id {r['task_id']} in a task{task_id} file (qid {r['qid']})"
+            )
         if dataset is not None and int(r["qid"].split(":")[0]) != DATASET_IDS[dataset]:
-            raise MBEIRFormatError(path, n, f"qid {r['qid']!r} has dataset id {r['qid'].split(':')[0]}, but the "
-                                            f"file is {dataset} (dataset id {DATASET_IDS[dataset]})")
+            raise MBEIRFormatError(
+                path,
+                n,
+                f"qid {r['qid']!r} has dataset id {r['qid'].split(':')[0]}, but the "
+                f"file is {dataset} (dataset id {DATASET_IDS[dataset]})",
+            )
         for key in ("pos_cand_list", "neg_cand_list"):
             lst = r[key]
             if not isinstance(lst, list) or not all(isinstance(d, str) for d in lst):
                 raise MBEIRFormatError(path, n, f"{key} must be a list of did strings")
-        _check_content(path, n, root, r["query_modality"], r["query_txt"], r["query_img_path"], check_images, "query")
-        out.append(Query(r["qid"], r["query_txt"], r["query_img_path"], r["query_modality"], r["task_id"],
-                         tuple(r["pos_cand_list"]), tuple(r["neg_cand_list"]), r["query_src_content"]))
+        _check_content(
+            path,
+            n,
+            root,
+            r["query_modality"],
+            r["query_txt"],
+            r["query_img_path"],
+            check_images,
+            "query",
+        )
+        out.append(
+            Query(
+                r["qid"],
+                r["query_txt"],
+                r["query_img_path"],
+                r["query_modality"],
+                r["task_id"],
+                tuple(r["pos_cand_list"]),
+                tuple(r["neg_cand_list"]),
+                r["query_src_content"],
+            )
+        )
     return out
 
 
@@ -208,16 +289,22 @@ def count_repeats(queries: list[Query]) -> int:
     return len(queries) - len({q.qid for q in queries})
 
 
-def read_pool(path, root, *, check_images: bool = True, allow_empty: bool = False) -> list[Candidate]:
+def read_pool(
+    path, root, *, check_images: bool = True, allow_empty: bool = False
+) -> list[Candidate]:
     """Read a candidate-pool JSONL file; duplicate dids and empty pools are errors."""
     path, out, seen = Path(path), [], {}
     for n, r in _iter_jsonl(path):
         _check_fields(path, n, r, CAND_FIELDS)
         _check_id(path, n, r["did"], "did")
         if r["did"] in seen:
-            raise MBEIRFormatError(path, n, f"duplicate did {r['did']!r} (first at line {seen[r['did']]})")
+            raise MBEIRFormatError(
+                path, n, f"duplicate did {r['did']!r} (first at line {seen[r['did']]})"
+            )
         seen[r["did"]] = n
-        _check_content(path, n, root, r["modality"], r["txt"], r["img_path"], check_images, "candidate")
+        _check_content(
+            path, n, root, r["modality"], r["txt"], r["img_path"], check_images, "candidate"
+        )
         out.append(Candidate(r["did"], r["txt"], r["img_path"], r["modality"], r["src_content"]))
     if not out and not allow_empty:
         raise MBEIRFormatError(path, None, "empty candidate pool")
@@ -236,7 +323,9 @@ def read_qrels(path, *, known_qids=None, known_dids=None) -> dict[str, set[str]]
             continue
         parts = line.split()
         if len(parts) not in (4, 5):
-            raise MBEIRFormatError(path, n, f"expected 'qid 0 did rel [task_id]', got {line.strip()!r}")
+            raise MBEIRFormatError(
+                path, n, f"expected 'qid 0 did rel [task_id]', got {line.strip()!r}"
+            )
         qid, _, did, rel = parts[:4]
         try:
             rel_v = int(rel)
@@ -245,7 +334,9 @@ def read_qrels(path, *, known_qids=None, known_dids=None) -> dict[str, set[str]]
         if known_qids is not None and qid not in known_qids:
             raise MBEIRFormatError(path, n, f"qrels names unknown query {qid!r}")
         if known_dids is not None and did not in known_dids:
-            raise MBEIRFormatError(path, n, f"qrels names candidate {did!r}, which is not in the pool")
+            raise MBEIRFormatError(
+                path, n, f"qrels names candidate {did!r}, which is not in the pool"
+            )
         if rel_v > 0:
             qrels.setdefault(qid, set()).add(did)
     return qrels
@@ -264,7 +355,9 @@ def read_instructions(path) -> dict[tuple[int, str, str], list[str]]:
             continue
         parts = line.split("\t")
         if len(parts) < 5:
-            raise MBEIRFormatError(path, n, f"expected at least 5 tab-separated columns, got {len(parts)}")
+            raise MBEIRFormatError(
+                path, n, f"expected at least 5 tab-separated columns, got {len(parts)}"
+            )
         qm, cm, _name, did = parts[:4]
         if qm not in MODALITIES or cm not in MODALITIES:
             raise MBEIRFormatError(path, n, f"unknown modality in {qm!r} / {cm!r}")
@@ -322,7 +415,8 @@ class MBEIR:
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"M-BEIR data root {self.root} does not exist. Run `umarvel prepare` for the synthetic "
-                f"mini-M-BEIR, or pass the path of a local copy of TIGER-Lab/M-BEIR (no download is attempted).")
+                f"mini-M-BEIR, or pass the path of a local copy of TIGER-Lab/M-BEIR (no download is attempted)."
+            )
 
     # ---- files -------------------------------------------------------------------------------
     def query_file(self, dataset: str, task_id: int, split: str | None = None) -> Path:
@@ -331,15 +425,19 @@ class MBEIR:
 
     def pool_file(self, dataset: str, task_id: int) -> Path:
         local = self.root / "cand_pool" / "local"
-        for name in (f"mbeir_{dataset.lower()}_task{task_id}_{self.split}_cand_pool.jsonl",
-                     f"mbeir_{dataset.lower()}_task{task_id}_cand_pool.jsonl"):
+        for name in (
+            f"mbeir_{dataset.lower()}_task{task_id}_{self.split}_cand_pool.jsonl",
+            f"mbeir_{dataset.lower()}_task{task_id}_cand_pool.jsonl",
+        ):
             if (local / name).is_file():
                 return local / name
         return local / f"mbeir_{dataset.lower()}_task{task_id}_cand_pool.jsonl"
 
     def qrels_file(self, dataset: str, task_id: int, split: str | None = None) -> Path:
         split = split or self.split
-        return self.root / "qrels" / split / f"mbeir_{dataset.lower()}_task{task_id}_{split}_qrels.txt"
+        return (
+            self.root / "qrels" / split / f"mbeir_{dataset.lower()}_task{task_id}_{split}_qrels.txt"
+        )
 
     def rows(self, only: Iterable[str] | None = None) -> list[Row]:
         """The evaluation rows present under the root (all 16 for a complete copy)."""
@@ -353,13 +451,18 @@ class MBEIR:
                 out.append(r)
         if want is not None and len(out) != len(want):
             missing = want - {r.name for r in out}
-            raise FileNotFoundError(f"rows {sorted(missing)} not found under {self.root / 'query' / self.split}")
+            raise FileNotFoundError(
+                f"rows {sorted(missing)} not found under {self.root / 'query' / self.split}"
+            )
         return out
 
     def missing_rows(self) -> list[Row]:
         """Evaluation rows whose query file is absent (a complete copy has none)."""
-        return [Row(d, t, self.query_file(d, t), self.pool_file(d, t), self.qrels_file(d, t))
-                for d, t in EVAL_ROWS if not self.query_file(d, t).is_file()]
+        return [
+            Row(d, t, self.query_file(d, t), self.pool_file(d, t), self.qrels_file(d, t))
+            for d, t in EVAL_ROWS
+            if not self.query_file(d, t).is_file()
+        ]
 
     # ---- readers (cached) --------------------------------------------------------------------
     def _cached(self, key, fn):
@@ -372,12 +475,22 @@ class MBEIR:
         return qs[: self.max_queries] if self.max_queries is not None else qs
 
     def _all_queries(self, row: Row) -> list[Query]:
-        return self._cached(("q", row.query_file), lambda: read_queries(
-            row.query_file, self.root, check_images=self.check_images, dataset=row.dataset, task_id=row.task_id))
+        return self._cached(
+            ("q", row.query_file),
+            lambda: read_queries(
+                row.query_file,
+                self.root,
+                check_images=self.check_images,
+                dataset=row.dataset,
+                task_id=row.task_id,
+            ),
+        )
 
     def local_pool(self, row: Row) -> list[Candidate]:
-        return self._cached(("p", row.pool_file), lambda: read_pool(row.pool_file, self.root,
-                                                                      check_images=self.check_images))
+        return self._cached(
+            ("p", row.pool_file),
+            lambda: read_pool(row.pool_file, self.root, check_images=self.check_images),
+        )
 
     def qrels(self, row: Row) -> dict[str, set[str]]:
         """Qrels of a row, checked against its queries.
@@ -386,10 +499,12 @@ class MBEIR:
         the other dataset (UniIR). Recall counts a hit when any qrels positive is retrieved, so an
         absent one simply cannot be hit; :meth:`positives_outside_pool` counts them.
         """
+
         def load():
             qrels = read_qrels(row.qrels_file, known_qids={q.qid for q in self._all_queries(row)})
             keep = {q.qid for q in self.queries(row)}
             return {q: d for q, d in qrels.items() if q in keep}
+
         return self._cached(("r", row.qrels_file), load)
 
     def positives_outside_pool(self, row: Row, dids: set[str] | None = None) -> int:
@@ -399,7 +514,12 @@ class MBEIR:
         return sum(len(pos - dids) for pos in self.qrels(row).values())
 
     def global_pool_file(self, split: str | None = None) -> Path:
-        return self.root / "cand_pool" / "global" / f"mbeir_union_{split or self.split}_cand_pool.jsonl"
+        return (
+            self.root
+            / "cand_pool"
+            / "global"
+            / f"mbeir_union_{split or self.split}_cand_pool.jsonl"
+        )
 
     def global_pool(self, *, dedup: bool = True) -> list[Candidate]:
         """Union of the local test pools.
@@ -409,8 +529,12 @@ class MBEIR:
         the official global eval does (it concatenates local pool embeddings).
         """
         if dedup and self.global_pool_file().is_file():
-            return self._cached(("g",), lambda: read_pool(self.global_pool_file(), self.root,
-                                                           check_images=self.check_images))
+            return self._cached(
+                ("g",),
+                lambda: read_pool(
+                    self.global_pool_file(), self.root, check_images=self.check_images
+                ),
+            )
         out, seen = [], set()
         for r in self.rows():
             for c in self.local_pool(r):
@@ -422,12 +546,16 @@ class MBEIR:
 
     def union_train(self) -> list[Query]:
         f = self.root / "query" / "union_train" / "mbeir_union_up_train.jsonl"
-        return self._cached(("ut",), lambda: read_queries(f, self.root, check_images=self.check_images,
-                                                           allow_repeats=True))
+        return self._cached(
+            ("ut",),
+            lambda: read_queries(f, self.root, check_images=self.check_images, allow_repeats=True),
+        )
 
     def train_pool(self) -> list[Candidate]:
         f = self.global_pool_file("train")
-        return self._cached(("tp",), lambda: read_pool(f, self.root, check_images=self.check_images))
+        return self._cached(
+            ("tp",), lambda: read_pool(f, self.root, check_images=self.check_images)
+        )
 
     @cached_property
     def instructions(self) -> dict[tuple[int, str, str], list[str]]:
@@ -436,8 +564,10 @@ class MBEIR:
     def instruction_options(self, query: Query, cand_modality: str) -> list[str]:
         key = (query.dataset_id, query.modality, cand_modality)
         if key not in self.instructions:
-            raise KeyError(f"no instructions for dataset {query.dataset_id}, {query.modality} -> {cand_modality} "
-                           f"in {self.root / 'instructions' / 'query_instructions.tsv'}")
+            raise KeyError(
+                f"no instructions for dataset {query.dataset_id}, {query.modality} -> {cand_modality} "
+                f"in {self.root / 'instructions' / 'query_instructions.tsv'}"
+            )
         return self.instructions[key]
 
     def sample_instruction(self, query: Query, cand_modality: str, rng: random.Random) -> str:

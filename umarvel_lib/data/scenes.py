@@ -9,6 +9,7 @@ near-miss used for hard candidates and for "change X to Y" composed queries.
 Only lists and tuples are iterated (never sets or dict-of-set views), so everything built from
 this module is byte-identical across processes regardless of ``PYTHONHASHSEED``.
 """
+
 from __future__ import annotations
 
 import random
@@ -22,28 +23,48 @@ SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
 TEXTURES = ("solid", "striped", "dotted")
 ATTRIBUTES = ("shape", "color", "size", "position", "texture")
-VALUES = {"shape": SHAPES, "color": COLORS, "size": SIZES, "position": POSITIONS, "texture": TEXTURES}
+VALUES = {
+    "shape": SHAPES,
+    "color": COLORS,
+    "size": SIZES,
+    "position": POSITIONS,
+    "texture": TEXTURES,
+}
 
 RGB = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 215, 40),
-    "purple": (150, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "cyan": (40, 210, 220),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "cyan": (40, 210, 220),
 }
 BACKGROUNDS = {"gray": (90, 90, 90), "dark": (30, 30, 40), "brown": (110, 80, 60)}
 
 # paraphrases (first entry is the canonical word)
 SHAPE_WORDS = {
-    "circle": ("circle", "disc", "round shape"), "square": ("square", "box", "four-sided block"),
-    "triangle": ("triangle", "three-sided shape", "wedge"), "star": ("star", "five-point star", "starburst"),
-    "cross": ("cross", "plus sign", "plus shape"), "diamond": ("diamond", "rhombus", "tilted square"),
+    "circle": ("circle", "disc", "round shape"),
+    "square": ("square", "box", "four-sided block"),
+    "triangle": ("triangle", "three-sided shape", "wedge"),
+    "star": ("star", "five-point star", "starburst"),
+    "cross": ("cross", "plus sign", "plus shape"),
+    "diamond": ("diamond", "rhombus", "tilted square"),
 }
 POS_WORDS = {
-    "top left": ("top left", "upper left", "upper-left corner"), "top right": ("top right", "upper right", "upper-right corner"),
+    "top left": ("top left", "upper left", "upper-left corner"),
+    "top right": ("top right", "upper right", "upper-right corner"),
     "bottom left": ("bottom left", "lower left", "lower-left corner"),
-    "bottom right": ("bottom right", "lower right", "lower-right corner"), "center": ("center", "middle", "centre"),
+    "bottom right": ("bottom right", "lower right", "lower-right corner"),
+    "center": ("center", "middle", "centre"),
 }
 SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big", "huge")}
-TEXTURE_WORDS = {"solid": ("solid", "plain", "filled"), "striped": ("striped", "lined", "banded"),
-                 "dotted": ("dotted", "spotted", "speckled")}
+TEXTURE_WORDS = {
+    "solid": ("solid", "plain", "filled"),
+    "striped": ("striped", "lined", "banded"),
+    "dotted": ("dotted", "spotted", "speckled"),
+}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 
 
@@ -67,21 +88,38 @@ class Scene:
     @property
     def key(self) -> str:
         """Canonical identity string (two scenes with the same key render the same picture)."""
-        objs = sorted(f"{o.color}-{o.texture}-{o.size}-{o.shape}@{o.position}" for o in self.objects)
+        objs = sorted(
+            f"{o.color}-{o.texture}-{o.size}-{o.shape}@{o.position}" for o in self.objects
+        )
         return f"{self.background}|" + ";".join(objs)
 
 
-def sample_scene(rng: random.Random, n_objects: int | None = None, *, textures: bool = True,
-                 background: str | None = None) -> Scene:
+def sample_scene(
+    rng: random.Random,
+    n_objects: int | None = None,
+    *,
+    textures: bool = True,
+    background: str | None = None,
+) -> Scene:
     """Random scene with 1-3 objects in distinct positions."""
     n = n_objects if n_objects is not None else rng.choice((1, 2, 2, 3))
     positions = rng.sample(POSITIONS, n)
-    objs = tuple(Obj(rng.choice(SHAPES), rng.choice(COLORS), rng.choice(SIZES), p,
-                     rng.choice(TEXTURES) if textures else "solid") for p in positions)
+    objs = tuple(
+        Obj(
+            rng.choice(SHAPES),
+            rng.choice(COLORS),
+            rng.choice(SIZES),
+            p,
+            rng.choice(TEXTURES) if textures else "solid",
+        )
+        for p in positions
+    )
     return Scene(objs, background or rng.choice(tuple(BACKGROUNDS)))
 
 
-def perturb(scene: Scene, rng: random.Random, attr: str | None = None, index: int | None = None) -> tuple[Scene, dict]:
+def perturb(
+    scene: Scene, rng: random.Random, attr: str | None = None, index: int | None = None
+) -> tuple[Scene, dict]:
     """Change exactly one attribute of one object. Returns the new scene and what changed."""
     i = rng.randrange(len(scene.objects)) if index is None else index
     o = scene.objects[i]
@@ -96,12 +134,22 @@ def perturb(scene: Scene, rng: random.Random, attr: str | None = None, index: in
     new_val = rng.choice(choices)
     objs = list(scene.objects)
     objs[i] = replace(o, **{attr: new_val})
-    return Scene(tuple(objs), scene.background), {"index": i, "attr": attr, "old": o.get(attr), "new": new_val}
+    return Scene(tuple(objs), scene.background), {
+        "index": i,
+        "attr": attr,
+        "old": o.get(attr),
+        "new": new_val,
+    }
 
 
 # ---- rendering ---------------------------------------------------------------------------------
-_CENTERS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
-            "bottom right": (0.73, 0.73), "center": (0.5, 0.5)}
+_CENTERS = {
+    "top left": (0.27, 0.27),
+    "top right": (0.73, 0.27),
+    "bottom left": (0.27, 0.73),
+    "bottom right": (0.73, 0.73),
+    "center": (0.5, 0.5),
+}
 
 
 def _polygon(shape, cx, cy, r):
@@ -122,9 +170,20 @@ def _polygon(shape, cx, cy, r):
         return pts
     if shape == "cross":
         w = r * 0.38
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-                (cx - r, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
+        ]
     raise ValueError(shape)
 
 
@@ -170,7 +229,9 @@ def _w(rng, table, key):
     return rng.choice(table[key]) if rng is not None else table[key][0]
 
 
-def describe_object(o: Obj, rng: random.Random | None = None, *, texture: bool = True, size: bool = True) -> str:
+def describe_object(
+    o: Obj, rng: random.Random | None = None, *, texture: bool = True, size: bool = True
+) -> str:
     parts = []
     if size:
         parts.append(_w(rng, SIZE_WORDS, o.size))
@@ -190,7 +251,9 @@ _TEMPLATES = (
 _JOINERS = ("; ", ", and ", ". also ", " while ")
 
 
-def caption(scene: Scene, rng: random.Random | None = None, *, with_background: bool | None = None) -> str:
+def caption(
+    scene: Scene, rng: random.Random | None = None, *, with_background: bool | None = None
+) -> str:
     """A caption naming every object's attributes and position. ``rng=None`` gives the canonical one."""
     objs = list(scene.objects)
     if rng is not None:

@@ -49,6 +49,7 @@ curves and the plateau rule; and the two earlier-stage corpora in the formats th
 Deterministic: same config and seed give the same bytes (no set/dict-of-set iteration, PNGs from
 pixel-identical images). Written atomically: the root appears only once complete.
 """
+
 from __future__ import annotations
 
 import csv
@@ -79,12 +80,14 @@ from .scenes import (
 class SyntheticConfig:
     """Sizes of the synthetic mini-M-BEIR (see :data:`SYNTHETIC_PRESETS`)."""
 
-    n_test: int = 300            # test queries per row
-    n_train: int = 1200          # train queries per row (union_train = 16 x n_train)
-    n_dev: int = 0               # dev (val split) queries per row, for learning curves (0: no dev split)
-    near_misses: int = 3         # near-miss candidates per query (one attribute off)
-    distractors: int = 100       # random extra candidates per row pool
-    false_negative_rate: float = 0.1  # fraction of queries with a planted unlabelled duplicate of the positive
+    n_test: int = 300  # test queries per row
+    n_train: int = 1200  # train queries per row (union_train = 16 x n_train)
+    n_dev: int = 0  # dev (val split) queries per row, for learning curves (0: no dev split)
+    near_misses: int = 3  # near-miss candidates per query (one attribute off)
+    distractors: int = 100  # random extra candidates per row pool
+    false_negative_rate: float = (
+        0.1  # fraction of queries with a planted unlabelled duplicate of the positive
+    )
     image_size: int = 112
     n_nli: int = 4000
     n_cc3m: int = 4000
@@ -92,7 +95,16 @@ class SyntheticConfig:
 
 
 SYNTHETIC_PRESETS = {
-    "smoke": dict(n_test=16, n_train=24, n_dev=4, near_misses=2, distractors=6, n_nli=64, n_cc3m=64, image_size=56),
+    "smoke": dict(
+        n_test=16,
+        n_train=24,
+        n_dev=4,
+        near_misses=2,
+        distractors=6,
+        n_nli=64,
+        n_cc3m=64,
+        image_size=56,
+    ),
     # cpu: sized for every table x 3 seeds in about 2 hours on 2 cores: 50 test queries per row (800 in
     # all, 3,300 candidates in the global test pool; evaluation is about half of a row's time) and 60
     # train queries per row (960; the cpu preset trains on half of them, and mining encodes the train
@@ -100,42 +112,114 @@ SYNTHETIC_PRESETS = {
     # (row, seed) with the mining at 4 min per seed; the dataclass defaults took 11-13 min per (row, seed).
     # n_dev: 30 dev queries per row (480) give the dev Avg a 95% CI half-width of about 4-5 points.
     "cpu": dict(n_test=50, n_train=60, n_dev=30, distractors=30, n_nli=800, n_cc3m=800),
-    "gpu": dict(n_test=1000, n_train=5000, n_dev=200, near_misses=4, distractors=500, n_nli=20000, n_cc3m=20000),
+    "gpu": dict(
+        n_test=1000,
+        n_train=5000,
+        n_dev=200,
+        near_misses=4,
+        distractors=500,
+        n_nli=20000,
+        n_cc3m=20000,
+    ),
 }
 
 INSTRUCTIONS = {
-    ("VisualNews", 0): ["Identify the news photo that matches this report.", "Retrieve the news image described by the caption.",
-                        "Find the image that illustrates this news story.", "Show me the photograph for this news caption."],
-    ("MSCOCO", 0): ["Find an everyday image matching the caption.", "Retrieve the image described by this sentence.",
-                    "Show me a picture of this description.", "Identify the image this caption describes."],
-    ("Fashion200K", 0): ["Find the product image matching this item description.", "Retrieve the picture of this fashion item.",
-                         "Show me the product photo for this description.", "Identify the item image described here."],
-    ("WebQA", 1): ["Retrieve a passage that answers this question.", "Find the text passage relevant to the question.",
-                   "Show me a text document that answers this query.", "Identify the passage that matches this question."],
-    ("EDIS", 2): ["Find the news image with headline that matches this event.", "Retrieve the image and headline for this story.",
-                  "Show me the news image item for this headline.", "Identify the news image-text pair matching the event."],
-    ("WebQA", 2): ["Find an image with caption that answers the question.", "Retrieve the captioned image relevant to this question.",
-                   "Show me the image and text that answer this.", "Identify the image-text document answering the question."],
-    ("VisualNews", 3): ["Find the news caption for this photo.", "Retrieve the caption describing this news image.",
-                        "Find the news text matching this image.", "Identify the news report caption of this photograph."],
-    ("MSCOCO", 3): ["Find a caption describing this everyday image.", "Retrieve the sentence that describes the picture.",
-                    "Show me the text caption of this image.", "Identify the caption for this image."],
-    ("Fashion200K", 3): ["Find the product description for this item image.", "Retrieve the text describing this fashion item.",
-                         "Show me the description of the product in the photo.", "Identify the item description matching the image."],
-    ("NIGHTS", 4): ["Find an image that looks the same as this one.", "Retrieve a visually identical picture.",
-                    "Show me another photo of the same scene.", "Identify the image most similar to this one."],
-    ("OVEN", 6): ["Answer the question about the image with an entity description.", "Retrieve the text about the entity asked about.",
-                  "Find the entity description that answers the visual question.", "Identify the text naming the entity in question."],
-    ("INFOSEEK", 6): ["Find the text that answers this question about the image.", "Retrieve the passage answering the visual query.",
-                      "Show me the entity text that answers the question.", "Identify the text passage for this image question."],
-    ("FashionIQ", 7): ["Find the product image with the requested change.", "Retrieve the edited item image matching the feedback.",
-                       "Show me the item image after this modification.", "Identify the product picture with this change applied."],
-    ("CIRR", 7): ["Find the image after the described modification.", "Retrieve the picture that applies this change.",
-                  "Show me the scene image with the requested edit.", "Identify the image edited as described."],
-    ("OVEN", 8): ["Find the entity image and description that answer the question.", "Retrieve the image-text entity entry asked about.",
-                  "Show me the entity image and text answering this visual question.", "Identify the entity page with image and text."],
-    ("INFOSEEK", 8): ["Find the image-text entry that answers the question.", "Retrieve the entity image answering this query.",
-                      "Show me an image with text answering the visual question.", "Identify the entity image and text for this question."],
+    ("VisualNews", 0): [
+        "Identify the news photo that matches this report.",
+        "Retrieve the news image described by the caption.",
+        "Find the image that illustrates this news story.",
+        "Show me the photograph for this news caption.",
+    ],
+    ("MSCOCO", 0): [
+        "Find an everyday image matching the caption.",
+        "Retrieve the image described by this sentence.",
+        "Show me a picture of this description.",
+        "Identify the image this caption describes.",
+    ],
+    ("Fashion200K", 0): [
+        "Find the product image matching this item description.",
+        "Retrieve the picture of this fashion item.",
+        "Show me the product photo for this description.",
+        "Identify the item image described here.",
+    ],
+    ("WebQA", 1): [
+        "Retrieve a passage that answers this question.",
+        "Find the text passage relevant to the question.",
+        "Show me a text document that answers this query.",
+        "Identify the passage that matches this question.",
+    ],
+    ("EDIS", 2): [
+        "Find the news image with headline that matches this event.",
+        "Retrieve the image and headline for this story.",
+        "Show me the news image item for this headline.",
+        "Identify the news image-text pair matching the event.",
+    ],
+    ("WebQA", 2): [
+        "Find an image with caption that answers the question.",
+        "Retrieve the captioned image relevant to this question.",
+        "Show me the image and text that answer this.",
+        "Identify the image-text document answering the question.",
+    ],
+    ("VisualNews", 3): [
+        "Find the news caption for this photo.",
+        "Retrieve the caption describing this news image.",
+        "Find the news text matching this image.",
+        "Identify the news report caption of this photograph.",
+    ],
+    ("MSCOCO", 3): [
+        "Find a caption describing this everyday image.",
+        "Retrieve the sentence that describes the picture.",
+        "Show me the text caption of this image.",
+        "Identify the caption for this image.",
+    ],
+    ("Fashion200K", 3): [
+        "Find the product description for this item image.",
+        "Retrieve the text describing this fashion item.",
+        "Show me the description of the product in the photo.",
+        "Identify the item description matching the image.",
+    ],
+    ("NIGHTS", 4): [
+        "Find an image that looks the same as this one.",
+        "Retrieve a visually identical picture.",
+        "Show me another photo of the same scene.",
+        "Identify the image most similar to this one.",
+    ],
+    ("OVEN", 6): [
+        "Answer the question about the image with an entity description.",
+        "Retrieve the text about the entity asked about.",
+        "Find the entity description that answers the visual question.",
+        "Identify the text naming the entity in question.",
+    ],
+    ("INFOSEEK", 6): [
+        "Find the text that answers this question about the image.",
+        "Retrieve the passage answering the visual query.",
+        "Show me the entity text that answers the question.",
+        "Identify the text passage for this image question.",
+    ],
+    ("FashionIQ", 7): [
+        "Find the product image with the requested change.",
+        "Retrieve the edited item image matching the feedback.",
+        "Show me the item image after this modification.",
+        "Identify the product picture with this change applied.",
+    ],
+    ("CIRR", 7): [
+        "Find the image after the described modification.",
+        "Retrieve the picture that applies this change.",
+        "Show me the scene image with the requested edit.",
+        "Identify the image edited as described.",
+    ],
+    ("OVEN", 8): [
+        "Find the entity image and description that answer the question.",
+        "Retrieve the image-text entity entry asked about.",
+        "Show me the entity image and text answering this visual question.",
+        "Identify the entity page with image and text.",
+    ],
+    ("INFOSEEK", 8): [
+        "Find the image-text entry that answers the question.",
+        "Retrieve the entity image answering this query.",
+        "Show me an image with text answering the visual question.",
+        "Identify the entity image and text for this question.",
+    ],
 }
 
 
@@ -168,10 +252,20 @@ class Example:
 
 
 # ---- row makers: (rng, cfg) -> Example ----------------------------------------------------------
-_NEWS_LEAD = ("Archive photo:", "Breaking news:", "Photographers captured this scene:", "From the picture desk:",
-              "Reporters documented the moment:")
-_NEWS_TAIL = (", officials said.", " according to witnesses.", " in a photo released on monday.", ", as seen downtown.",
-              " during the afternoon briefing.")
+_NEWS_LEAD = (
+    "Archive photo:",
+    "Breaking news:",
+    "Photographers captured this scene:",
+    "From the picture desk:",
+    "Reporters documented the moment:",
+)
+_NEWS_TAIL = (
+    ", officials said.",
+    " according to witnesses.",
+    " in a photo released on monday.",
+    ", as seen downtown.",
+    " during the afternoon briefing.",
+)
 
 
 def _near(scene, rng, n, attrs=None):
@@ -196,7 +290,9 @@ def _fashion_scene(rng):
 
 def _fashion_text(scene, rng):
     o = scene.objects[0]
-    return rng.choice(("{d} item", "product: {d}", "{d}, studio shot", "a {d} piece")).format(d=describe_object(o, rng))
+    return rng.choice(("{d} item", "product: {d}", "{d}, studio shot", "a {d} piece")).format(
+        d=describe_object(o, rng)
+    )
 
 
 def _img(scene, rng):
@@ -216,22 +312,33 @@ class CaptionedItem:
 def draw_captioned(scene_fn, text_fn, near_attrs=None):
     def draw(rng, cfg):
         s = scene_fn(rng)
-        near = tuple(CaptionedItem(x, rng.randrange(1 << 30), text_fn(x, rng))
-                     for x in _near(s, rng, cfg.near_misses, near_attrs))
+        near = tuple(
+            CaptionedItem(x, rng.randrange(1 << 30), text_fn(x, rng))
+            for x in _near(s, rng, cfg.near_misses, near_attrs)
+        )
         return CaptionedItem(s, rng.randrange(1 << 30), text_fn(s, rng), near)
+
     return draw
 
 
 def view_t2i(it: CaptionedItem, rng, cfg):
     """Task 0: the caption -> the photo (the near misses' photos; false negative: another photo of the scene)."""
-    return Example(Content(txt=it.text), _photo(it), [_photo(n) for n in it.near], _img(it.scene, rng))
+    return Example(
+        Content(txt=it.text), _photo(it), [_photo(n) for n in it.near], _img(it.scene, rng)
+    )
 
 
 def view_i2t(text_fn):
     """Task 3: the photo -> the caption (the near misses' captions; false negative: a paraphrase)."""
+
     def view(it: CaptionedItem, rng, cfg):
-        return Example(_photo(it), Content(txt=it.text), [Content(txt=n.text) for n in it.near],
-                       Content(txt=text_fn(it.scene, rng)))
+        return Example(
+            _photo(it),
+            Content(txt=it.text),
+            [Content(txt=n.text) for n in it.near],
+            Content(txt=text_fn(it.scene, rng)),
+        )
+
     return view
 
 
@@ -240,27 +347,40 @@ def _photo(it: CaptionedItem) -> Content:
 
 
 def _webqa_q(s, rng):
-    return rng.choice(("which scene has {c}?", "where can i find {c}?", "looking for a scene where {c}")).format(c=caption(s, rng, with_background=False))
+    return rng.choice(
+        ("which scene has {c}?", "where can i find {c}?", "looking for a scene where {c}")
+    ).format(c=caption(s, rng, with_background=False))
 
 
 def _passage(s, rng):
-    return rng.choice(("This scene contains: {c}.", "Passage: {c}.", "Scene description. {c}.")).format(c=caption(s, rng))
+    return rng.choice(
+        ("This scene contains: {c}.", "Passage: {c}.", "Scene description. {c}.")
+    ).format(c=caption(s, rng))
 
 
 def make_t2t(rng, cfg):
     s = sample_scene(rng)
-    return Example(Content(txt=_webqa_q(s, rng)), Content(txt=_passage(s, rng)),
-                   [Content(txt=_passage(x, rng)) for x in _near(s, rng, cfg.near_misses)], Content(txt=_passage(s, rng)))
+    return Example(
+        Content(txt=_webqa_q(s, rng)),
+        Content(txt=_passage(s, rng)),
+        [Content(txt=_passage(x, rng)) for x in _near(s, rng, cfg.near_misses)],
+        Content(txt=_passage(s, rng)),
+    )
 
 
 def make_t2it(query_fn, partial_fn):
     """text -> image+text, where the candidate text names only part of the scene (the image holds the rest)."""
+
     def make(rng, cfg):
         s = sample_scene(rng, rng.choice((2, 3)))
         near = _near(s, rng, cfg.near_misses)
-        return Example(Content(txt=query_fn(s, rng)), Content(txt=partial_fn(s, rng), scene=s, jitter=rng.randrange(1 << 30)),
-                       [Content(txt=partial_fn(x, rng), scene=x, jitter=rng.randrange(1 << 30)) for x in near],
-                       Content(txt=partial_fn(s, rng), scene=s, jitter=rng.randrange(1 << 30)))
+        return Example(
+            Content(txt=query_fn(s, rng)),
+            Content(txt=partial_fn(s, rng), scene=s, jitter=rng.randrange(1 << 30)),
+            [Content(txt=partial_fn(x, rng), scene=x, jitter=rng.randrange(1 << 30)) for x in near],
+            Content(txt=partial_fn(s, rng), scene=s, jitter=rng.randrange(1 << 30)),
+        )
+
     return make
 
 
@@ -270,7 +390,12 @@ def _headline(s, rng):
 
 def make_i2i(rng, cfg):
     s = sample_scene(rng)
-    return Example(_img(s, rng), _img(s, rng), [_img(x, rng) for x in _near(s, rng, cfg.near_misses)], _img(s, rng))
+    return Example(
+        _img(s, rng),
+        _img(s, rng),
+        [_img(x, rng) for x in _near(s, rng, cfg.near_misses)],
+        _img(s, rng),
+    )
 
 
 def _entity(o: Obj) -> Obj:
@@ -279,7 +404,9 @@ def _entity(o: Obj) -> Obj:
 
 def _entity_text(e: Obj, rng: random.Random | None = None) -> str:
     d = describe_object(e, None, size=False)
-    return f"{d}: a {SHAPE_WORDS[e.shape][0]} entity, coloured {e.color}, with a {e.texture} surface."
+    return (
+        f"{d}: a {SHAPE_WORDS[e.shape][0]} entity, coloured {e.color}, with a {e.texture} surface."
+    )
 
 
 @dataclass(frozen=True)
@@ -288,8 +415,8 @@ class EntityItem:
 
     scene: Scene
     jitter: int
-    index: int                      # the asked object
-    near: tuple[Obj, ...]           # entities one attribute off
+    index: int  # the asked object
+    near: tuple[Obj, ...]  # entities one attribute off
 
     @property
     def entity(self) -> Obj:
@@ -298,54 +425,96 @@ class EntityItem:
 
 def draw_entity(ask: str):
     """An OVEN ('position') or INFOSEEK ('color') item; the colour must identify the asked object."""
+
     def draw(rng, cfg):
         s = sample_scene(rng, rng.choice((2, 3)))
         if ask == "color" and len({o.color for o in s.objects}) < len(s.objects):
-            s = Scene(tuple(Obj(o.shape, c, o.size, o.position, o.texture)
-                            for o, c in zip(s.objects, rng.sample(COLORS, len(s.objects)))), s.background)
+            s = Scene(
+                tuple(
+                    Obj(o.shape, c, o.size, o.position, o.texture)
+                    for o, c in zip(s.objects, rng.sample(COLORS, len(s.objects)))
+                ),
+                s.background,
+            )
         i = rng.randrange(len(s.objects))
         e = _entity(s.objects[i])
-        near = tuple(perturb(Scene((e,)), rng, attr=attr)[0].objects[0]
-                     for attr in rng.sample(("shape", "color", "texture"), min(cfg.near_misses, 3)))
+        near = tuple(
+            perturb(Scene((e,)), rng, attr=attr)[0].objects[0]
+            for attr in rng.sample(("shape", "color", "texture"), min(cfg.near_misses, 3))
+        )
         return EntityItem(s, rng.randrange(1 << 30), i, near)
+
     return draw
 
 
 def view_entity(ask: str, with_image: bool):
     """image + question -> the entity's text (task 6) or its image + text (task 8)."""
+
     def cand(e, txt=None):
-        return Content(txt=txt or _entity_text(e), scene=Scene((e,), "gray") if with_image else None)
+        return Content(
+            txt=txt or _entity_text(e), scene=Scene((e,), "gray") if with_image else None
+        )
 
     def view(it: EntityItem, rng, cfg):
         o = it.scene.objects[it.index]
         if ask == "position":
-            q = rng.choice(("what is the object at the {p}?", "name the thing in the {p}.", "which entity is shown in the {p}?")
-                           ).format(p=rng.choice(POS_WORDS[o.position]))
+            q = rng.choice(
+                (
+                    "what is the object at the {p}?",
+                    "name the thing in the {p}.",
+                    "which entity is shown in the {p}?",
+                )
+            ).format(p=rng.choice(POS_WORDS[o.position]))
         else:
-            q = rng.choice(("the {c} object: what is it?", "what entity is the {c} one?", "identify the {c} thing.")).format(c=o.color)
+            q = rng.choice(
+                (
+                    "the {c} object: what is it?",
+                    "what entity is the {c} one?",
+                    "identify the {c} thing.",
+                )
+            ).format(c=o.color)
         e = it.entity
-        return Example(Content(txt=q, scene=it.scene, jitter=it.jitter), cand(e), [cand(n) for n in it.near],
-                       cand(e, _entity_text(e).replace("entity", "thing", 1)))
+        return Example(
+            Content(txt=q, scene=it.scene, jitter=it.jitter),
+            cand(e),
+            [cand(n) for n in it.near],
+            cand(e, _entity_text(e).replace("entity", "thing", 1)),
+        )
+
     return view
 
 
-_CHANGE = {"color": "change the colour to {v}", "texture": "make it {v}", "size": "make it {v}", "shape": "turn it into a {v}"}
+_CHANGE = {
+    "color": "change the colour to {v}",
+    "texture": "make it {v}",
+    "size": "make it {v}",
+    "shape": "turn it into a {v}",
+}
 
 
 def make_composed(multi: bool):
     """reference image + modification text -> edited image (FashionIQ: one object; CIRR: scenes)."""
+
     def make(rng, cfg):
         s = sample_scene(rng, rng.choice((2, 3))) if multi else _fashion_scene(rng)
         if multi:
             i = rng.randrange(len(s.objects))
             t, ch = perturb(s, rng, attr="shape", index=i)
-            text = f"replace the {s.objects[i].color} {SHAPE_WORDS[ch['old']][0]} with a {ch['new']}"
+            text = (
+                f"replace the {s.objects[i].color} {SHAPE_WORDS[ch['old']][0]} with a {ch['new']}"
+            )
         else:
             t, ch = perturb(s, rng, attr=rng.choice(("color", "texture", "size", "shape")))
             text = _CHANGE[ch["attr"]].format(v=ch["new"])
         near = [_img(s, rng)]  # the unchanged reference is the nastiest near miss
         near += [_img(x, rng) for x in _near(t, rng, max(0, cfg.near_misses - 1))]
-        return Example(Content(txt=text, scene=s, jitter=rng.randrange(1 << 30)), _img(t, rng), near, _img(t, rng))
+        return Example(
+            Content(txt=text, scene=s, jitter=rng.randrange(1 << 30)),
+            _img(t, rng),
+            near,
+            _img(t, rng),
+        )
+
     return make
 
 
@@ -357,16 +526,26 @@ def _coco_text(s, rng):
 TWINS = {
     "VisualNews": (draw_captioned(sample_scene, _news), {0: view_t2i, 3: view_i2t(_news)}),
     "MSCOCO": (draw_captioned(sample_scene, _coco_text), {0: view_t2i, 3: view_i2t(_coco_text)}),
-    "Fashion200K": (draw_captioned(_fashion_scene, _fashion_text, ("texture", "size", "color")),
-                    {0: view_t2i, 3: view_i2t(_fashion_text)}),
-    "OVEN": (draw_entity("position"), {6: view_entity("position", False), 8: view_entity("position", True)}),
-    "INFOSEEK": (draw_entity("color"), {6: view_entity("color", False), 8: view_entity("color", True)}),
+    "Fashion200K": (
+        draw_captioned(_fashion_scene, _fashion_text, ("texture", "size", "color")),
+        {0: view_t2i, 3: view_i2t(_fashion_text)},
+    ),
+    "OVEN": (
+        draw_entity("position"),
+        {6: view_entity("position", False), 8: view_entity("position", True)},
+    ),
+    "INFOSEEK": (
+        draw_entity("color"),
+        {6: view_entity("color", False), 8: view_entity("color", True)},
+    ),
 }
 # Rows drawn on their own: (rng, cfg) -> Example.
 SINGLE_ROWS = {
     ("WebQA", 1): make_t2t,
     ("EDIS", 2): make_t2it(_news, _headline),
-    ("WebQA", 2): make_t2it(_webqa_q, lambda s, rng: f"photo of a {describe_object(s.objects[0], rng)}"),
+    ("WebQA", 2): make_t2it(
+        _webqa_q, lambda s, rng: f"photo of a {describe_object(s.objects[0], rng)}"
+    ),
     ("NIGHTS", 4): make_i2i,
     ("FashionIQ", 7): make_composed(False),
     ("CIRR", 7): make_composed(True),
@@ -384,7 +563,9 @@ def _groups() -> list[tuple[str, tuple[int, ...], object, dict]]:
                 out.append((dataset, tuple(views), draw, views))
                 seen.add(dataset)
         else:
-            out.append((dataset, (task,), SINGLE_ROWS[(dataset, task)], {task: lambda ex, rng, cfg: ex}))
+            out.append(
+                (dataset, (task,), SINGLE_ROWS[(dataset, task)], {task: lambda ex, rng, cfg: ex})
+            )
     return out
 
 
@@ -393,7 +574,9 @@ assert sorted((d, t) for d, ts, _, _ in _groups() for t in ts) == sorted(EVAL_RO
 
 # ---- writer --------------------------------------------------------------------------------------
 def _row_seed(seed: int, dataset: str, task, split: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}/{dataset}/{task}/{split}".encode()).digest()[:8], "big")
+    return int.from_bytes(
+        hashlib.sha256(f"{seed}/{dataset}/{task}/{split}".encode()).digest()[:8], "big"
+    )
 
 
 class _Writer:
@@ -413,7 +596,9 @@ class _Writer:
             p = self.root / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             buf = io.BytesIO()
-            render(scene, self.cfg.image_size, jitter_seed=jitter).save(buf, format="PNG", optimize=False)
+            render(scene, self.cfg.image_size, jitter_seed=jitter).save(
+                buf, format="PNG", optimize=False
+            )
             p.write_bytes(buf.getvalue())
             self.images[k] = rel
         return self.images[k]
@@ -423,17 +608,30 @@ class _Writer:
             return pool[c.key]["did"]
         did = f"{DATASET_IDS[dataset]}:{self.next_did[dataset]}"
         self.next_did[dataset] += 1
-        pool[c.key] = {"txt": c.txt, "img_path": self.image(dataset, c.scene, c.jitter) if c.scene is not None else None,
-                       "modality": c.modality, "did": did, "src_content": None}
+        pool[c.key] = {
+            "txt": c.txt,
+            "img_path": self.image(dataset, c.scene, c.jitter) if c.scene is not None else None,
+            "modality": c.modality,
+            "did": did,
+            "src_content": None,
+        }
         return did
 
     def query(self, dataset: str, task: int, c: Content, pos: list[str]) -> dict:
         qid = f"{DATASET_IDS[dataset]}:{self.next_qid[dataset]}"
         self.next_qid[dataset] += 1
-        return {"qid": qid, "query_txt": c.txt,
-                "query_img_path": self.image(dataset, c.scene, c.jitter) if c.scene is not None else None,
-                "query_modality": c.modality, "query_src_content": None, "pos_cand_list": pos, "neg_cand_list": [],
-                "task_id": task}
+        return {
+            "qid": qid,
+            "query_txt": c.txt,
+            "query_img_path": self.image(dataset, c.scene, c.jitter)
+            if c.scene is not None
+            else None,
+            "query_modality": c.modality,
+            "query_src_content": None,
+            "pos_cand_list": pos,
+            "neg_cand_list": [],
+            "task_id": task,
+        }
 
 
 def _item_keys(it) -> list[str]:
@@ -448,14 +646,20 @@ def _item_keys(it) -> list[str]:
     return [it.query.txt or ""]
 
 
-def _draw_items(draw, rng: random.Random, cfg: SyntheticConfig, n: int, held_out: set[str], what: str) -> list:
+def _draw_items(
+    draw, rng: random.Random, cfg: SyntheticConfig, n: int, held_out: set[str], what: str
+) -> list:
     out, tries = [], 0
     while len(out) < n:
         tries += 1
         if tries > 20 * n + 100:
-            raise RuntimeError(f"{what}: cannot draw {n} items disjoint from the test and dev items")
+            raise RuntimeError(
+                f"{what}: cannot draw {n} items disjoint from the test and dev items"
+            )
         it = draw(rng, cfg)
-        if not any(k in held_out for k in _item_keys(it)):  # no test or dev scene leaks into a later split
+        if not any(
+            k in held_out for k in _item_keys(it)
+        ):  # no test or dev scene leaks into a later split
             out.append(it)
     return out
 
@@ -475,8 +679,16 @@ def _qrels(path: Path, queries: list[dict]) -> None:
                 f.write(f"{q['qid']} 0 {d} 1 {q['task_id']}\n")
 
 
-def _write_split(w: _Writer, split: str, dataset: str, task: int, examples: list[Example], rng: random.Random,
-                 pool: dict[str, dict], fn_log: list) -> list[dict]:
+def _write_split(
+    w: _Writer,
+    split: str,
+    dataset: str,
+    task: int,
+    examples: list[Example],
+    rng: random.Random,
+    pool: dict[str, dict],
+    fn_log: list,
+) -> list[dict]:
     queries = []
     for ex in examples:
         pos = w.candidate(dataset, ex.positive, pool)
@@ -486,8 +698,15 @@ def _write_split(w: _Writer, split: str, dataset: str, task: int, examples: list
         if ex.false_negative is not None and rng.random() < w.cfg.false_negative_rate:
             if ex.false_negative.key not in pool:
                 fn = w.candidate(dataset, ex.false_negative, pool)
-                fn_log.append({"split": split, "row": row_name(dataset, task), "qid": q["qid"], "positive": pos,
-                               "false_negative": fn})
+                fn_log.append(
+                    {
+                        "split": split,
+                        "row": row_name(dataset, task),
+                        "qid": q["qid"],
+                        "positive": pos,
+                        "false_negative": fn,
+                    }
+                )
         queries.append(q)
     return queries
 
@@ -532,7 +751,9 @@ def generate(root, cfg: SyntheticConfig | None = None, *, force: bool = False) -
         with atomic_dir(root) as tmp:
             _build(tmp, cfg)
             (tmp / RECIPE_FILE).parent.mkdir(exist_ok=True)
-            (tmp / RECIPE_FILE).write_text(json.dumps({**recipe, "hash": h}, indent=2, sort_keys=True) + "\n")
+            (tmp / RECIPE_FILE).write_text(
+                json.dumps({**recipe, "hash": h}, indent=2, sort_keys=True) + "\n"
+            )
     return root
 
 
@@ -554,7 +775,11 @@ def _build(root: Path, cfg: SyntheticConfig) -> None:
             what = f"{dataset} tasks {'/'.join(map(str, tasks))} ({split})"
             items = _draw_items(draw, rng, cfg, n, held_out, what)
             # random distractors: more items of the dataset, in the test and dev pools only (dev: pro rata)
-            n_extra = {"test": cfg.distractors, "val": round(cfg.distractors * n / max(1, cfg.n_test)), "train": 0}[split]
+            n_extra = {
+                "test": cfg.distractors,
+                "val": round(cfg.distractors * n / max(1, cfg.n_test)),
+                "train": 0,
+            }[split]
             extra = [draw(rng, cfg) for _ in range(n_extra)]
             held_out.update(k for it in items for k in _item_keys(it))
             for task in tasks:
@@ -572,7 +797,11 @@ def _build(root: Path, cfg: SyntheticConfig) -> None:
         for split, (queries, pool) in written[name].items():
             _jsonl(root / "query" / split / f"mbeir_{name}_{split}.jsonl", queries)
             _qrels(root / "qrels" / split / f"mbeir_{name}_{split}_qrels.txt", queries)
-            pool_name = f"mbeir_{name}_cand_pool.jsonl" if split == "test" else f"mbeir_{name}_{split}_cand_pool.jsonl"
+            pool_name = (
+                f"mbeir_{name}_cand_pool.jsonl"
+                if split == "test"
+                else f"mbeir_{name}_{split}_cand_pool.jsonl"
+            )
             _jsonl(root / "cand_pool" / "local" / pool_name, pool)
         tq, tpool = written[name]["test"]
         trq, trpool = written[name]["train"]
@@ -580,13 +809,26 @@ def _build(root: Path, cfg: SyntheticConfig) -> None:
         union_train += trq
         test_pools += tpool
         train_pool_all += trpool
-        stats.append({"row": name, "task_id": task, "query_modality": TASKS[task][0], "cand_modality": TASKS[task][1],
-                      "twin_group": dataset if dataset in TWINS else None,
-                      "n_test_queries": len(tq), "n_test_pool": len(tpool), "n_dev_queries": len(dq),
-                      "n_dev_pool": len(dpool), "n_train_queries": len(trq), "n_train_pool": len(trpool)})
+        stats.append(
+            {
+                "row": name,
+                "task_id": task,
+                "query_modality": TASKS[task][0],
+                "cand_modality": TASKS[task][1],
+                "twin_group": dataset if dataset in TWINS else None,
+                "n_test_queries": len(tq),
+                "n_test_pool": len(tpool),
+                "n_dev_queries": len(dq),
+                "n_dev_pool": len(dpool),
+                "n_train_queries": len(trq),
+                "n_train_pool": len(trpool),
+            }
+        )
     _jsonl(root / "query" / "union_train" / "mbeir_union_up_train.jsonl", union_train)
     _jsonl(root / "cand_pool" / "global" / "mbeir_union_test_cand_pool.jsonl", _dedup(test_pools))
-    _jsonl(root / "cand_pool" / "global" / "mbeir_union_train_cand_pool.jsonl", _dedup(train_pool_all))
+    _jsonl(
+        root / "cand_pool" / "global" / "mbeir_union_train_cand_pool.jsonl", _dedup(train_pool_all)
+    )
     _write_instructions(root)
     _write_nli(root, cfg)
     _write_cc3m(root, cfg)
@@ -605,7 +847,9 @@ def _dedup(records: list[dict]) -> list[dict]:
 
 
 def _write_instructions(root: Path) -> None:
-    lines = ["query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\tprompt_4"]
+    lines = [
+        "query_modality\tcand_modality\tdataset_name\tdataset_id\tprompt_1\tprompt_2\tprompt_3\tprompt_4"
+    ]
     for (dataset, task), prompts in INSTRUCTIONS.items():
         qm, cm = TASKS[task]
         lines.append("\t".join([qm, cm, dataset, str(DATASET_IDS[dataset]), *prompts]))
@@ -639,7 +883,17 @@ def _write_cc3m(root: Path, cfg: SyntheticConfig) -> None:
         buf = io.BytesIO()
         render(s, cfg.image_size, jitter_seed=rng.randrange(1 << 30)).save(buf, format="PNG")
         p.write_bytes(buf.getvalue())
-        out.append({"id": f"GCC_train_{i:09d}", "image": name,
-                    "conversations": [{"from": "human", "value": "Render a clear and concise summary of the photo.\n<image>"},
-                                      {"from": "gpt", "value": caption(s, rng)}]})
+        out.append(
+            {
+                "id": f"GCC_train_{i:09d}",
+                "image": name,
+                "conversations": [
+                    {
+                        "from": "human",
+                        "value": "Render a clear and concise summary of the photo.\n<image>",
+                    },
+                    {"from": "gpt", "value": caption(s, rng)},
+                ],
+            }
+        )
     (root / "cc3m" / "chat.json").write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")

@@ -21,6 +21,7 @@ holds the embeddings of items ``[i*shard_size, (i+1)*shard_size)``.
   Blocks are read with plain file reads into fresh arrays (not ``mmap``: touched mmap pages count
   towards RSS until the kernel reclaims them), so memory stays at one block whatever the pool size.
 """
+
 from __future__ import annotations
 
 import io
@@ -61,15 +62,19 @@ def check_embeddings(emb, n: int, where: str, *, dim: int | None = None) -> np.n
     if emb.ndim != 2 or emb.shape[0] != n:
         raise CacheError(f"{where}: encoder returned shape {emb.shape}, expected ({n}, dim)")
     if dim is not None and emb.shape[1] != dim:
-        raise CacheError(f"{where}: encoder returned dim {emb.shape[1]}, but earlier shards have dim {dim}")
+        raise CacheError(
+            f"{where}: encoder returned dim {emb.shape[1]}, but earlier shards have dim {dim}"
+        )
     emb = emb.astype(np.float32, copy=False)
     if not np.isfinite(emb).all():
         raise CacheError(f"{where}: encoder returned NaN or inf")
     norms = np.linalg.norm(emb, axis=1)
     bad = np.abs(norms - 1) > NORM_TOL
     if bad.any():
-        raise CacheError(f"{where}: encoder must return L2-normalised rows; {int(bad.sum())} of {n} rows have "
-                         f"norm outside 1±{NORM_TOL} (e.g. {float(norms[bad][0]):.4f})")
+        raise CacheError(
+            f"{where}: encoder must return L2-normalised rows; {int(bad.sum())} of {n} rows have "
+            f"norm outside 1±{NORM_TOL} (e.g. {float(norms[bad][0]):.4f})"
+        )
     return emb
 
 
@@ -123,7 +128,9 @@ class ShardStore:
             if size != want:
                 raise ValueError(f"{size} bytes, its header needs {want}")
         except (ValueError, OSError, CacheError) as e:
-            log.warning("%s: damaged embedding shard (%s); discarding it, it is encoded again", p, e)
+            log.warning(
+                "%s: damaged embedding shard (%s); discarding it, it is encoded again", p, e
+            )
             p.unlink(missing_ok=True)
             return None
         return shape
@@ -135,7 +142,12 @@ class ShardStore:
             return False
         lo, hi = self.shard_range(i)
         if len(shape) != 2 or shape[0] != hi - lo:
-            log.warning("%s has shape %s, expected (%d, dim); discarding it", self.shard_path(i), shape, hi - lo)
+            log.warning(
+                "%s has shape %s, expected (%d, dim); discarding it",
+                self.shard_path(i),
+                shape,
+                hi - lo,
+            )
             self.shard_path(i).unlink(missing_ok=True)
             return False
         return True
@@ -154,7 +166,9 @@ class ShardStore:
             if not dims:
                 raise CacheError(f"{self.path}: no shard written yet; dimension unknown")
             if len(dims) > 1:
-                raise CacheError(f"{self.path}: shards have different embedding dims {sorted(dims)}")
+                raise CacheError(
+                    f"{self.path}: shards have different embedding dims {sorted(dims)}"
+                )
             self._dim = dims.pop()
         return self._dim
 
@@ -162,8 +176,10 @@ class ShardStore:
         """Raise unless every shard is present, with consistent dims."""
         miss = self.missing()
         if miss:
-            raise CacheError(f"{self.path}: incomplete, {len(miss)} of {self.num_parts} shards missing "
-                             f"(first {miss[:5]}); was the encode interrupted?")
+            raise CacheError(
+                f"{self.path}: incomplete, {len(miss)} of {self.num_parts} shards missing "
+                f"(first {miss[:5]}); was the encode interrupted?"
+            )
         _ = self.dim
         return self
 
@@ -172,7 +188,9 @@ class ShardStore:
         if emb.shape[0] != hi - lo:
             raise CacheError(f"{self.path}: shard {i} needs {hi - lo} rows, got {emb.shape[0]}")
         buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(emb.astype(self.meta.get("dtype", "float32"), copy=False)))
+        np.save(
+            buf, np.ascontiguousarray(emb.astype(self.meta.get("dtype", "float32"), copy=False))
+        )
         atomic_write_bytes(self.shard_path(i), buf.getvalue())
 
     # -- reading -------------------------------------------------------------------------------
@@ -184,9 +202,13 @@ class ShardStore:
                 shape, dtype, offset = _npy_header(f)
                 stop = shape[0] if stop is None else min(stop, shape[0])
                 f.seek(offset + start * shape[1] * dtype.itemsize)
-                a = np.fromfile(f, dtype=dtype, count=(stop - start) * shape[1]).reshape(stop - start, shape[1])
+                a = np.fromfile(f, dtype=dtype, count=(stop - start) * shape[1]).reshape(
+                    stop - start, shape[1]
+                )
         except (ValueError, OSError) as e:
-            raise CacheError(f"{p}: damaged embedding shard ({e}); delete it and rerun to encode it again") from None
+            raise CacheError(
+                f"{p}: damaged embedding shard ({e}); delete it and rerun to encode it again"
+            ) from None
         return a.astype(np.float32, copy=False)
 
     def blocks(self, parts: Sequence[int] | None = None, block_size: int = 16384):
@@ -241,24 +263,42 @@ class EmbeddingCache:
         """Create (or reopen) the entry of ``job``; a ``meta.json`` that disagrees is an error."""
         path = self.path_for(job.key)
         fk = self.full_key(job.key)
-        meta = {"key": fk, "n": job.n, "shard_size": self.shard_size, "dtype": self.dtype, "name": job.name}
+        meta = {
+            "key": fk,
+            "n": job.n,
+            "shard_size": self.shard_size,
+            "dtype": self.dtype,
+            "name": job.name,
+        }
         mf = path / META
         old = None
         if mf.is_file():
             try:
                 old = read_json(mf)
-            except DamagedFileError as e:  # its content is fully determined by the key: write it again
+            except (
+                DamagedFileError
+            ) as e:  # its content is fully determined by the key: write it again
                 log.warning("%s; rewriting it", e)
         if old is not None:
             if old.get("key") != json.loads(json.dumps(fk)) or old.get("n") != job.n:
-                raise CacheError(f"{path}: cache entry holds a different key or size than requested "
-                                 f"(hash collision or hand-edited cache); delete it")
+                raise CacheError(
+                    f"{path}: cache entry holds a different key or size than requested "
+                    f"(hash collision or hand-edited cache); delete it"
+                )
         else:
             atomic_write_json(mf, meta)  # identical content from every process: the rename is safe
         return ShardStore(path)
 
-    def encode(self, jobs: Sequence[EncodeJob], encoder, *, batch_size: int, rank: int = 0,
-               world_size: int = 1, progress: bool = False) -> list[ShardStore]:
+    def encode(
+        self,
+        jobs: Sequence[EncodeJob],
+        encoder,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        progress: bool = False,
+    ) -> list[ShardStore]:
         """Encode the missing shards of ``jobs`` that belong to ``rank``; return the stores.
 
         Call it on every process, then synchronise (barrier) and :meth:`ShardStore.verify`.
@@ -268,17 +308,29 @@ class EmbeddingCache:
         mine = work[rank::world_size]
         todo = [(s, j, i) for s, j, i in mine if not s.has_shard(i)]
         if todo:
-            log.info("encoding %d of %d shards (rank %d/%d; %d already cached)", len(todo), len(work), rank,
-                     world_size, len(mine) - len(todo))
+            log.info(
+                "encoding %d of %d shards (rank %d/%d; %d already cached)",
+                len(todo),
+                len(work),
+                rank,
+                world_size,
+                len(mine) - len(todo),
+            )
         t0, done_items = time.perf_counter(), 0
         dims: dict[Path, int] = {}
         for s, j, i in todo:
             lo, hi = s.shard_range(i)
             items = j.get(lo, hi)
             if len(items) != hi - lo:
-                raise CacheError(f"{j.name or s.path}: expected {hi - lo} items for shard {i}, got {len(items)}")
-            emb = check_embeddings(encoder.encode(items, batch_size), hi - lo,
-                                   f"{j.name or s.path} shard {i}", dim=dims.get(s.path))
+                raise CacheError(
+                    f"{j.name or s.path}: expected {hi - lo} items for shard {i}, got {len(items)}"
+                )
+            emb = check_embeddings(
+                encoder.encode(items, batch_size),
+                hi - lo,
+                f"{j.name or s.path} shard {i}",
+                dim=dims.get(s.path),
+            )
             dims[s.path] = emb.shape[1]
             s.write_shard(i, emb)
             done_items += hi - lo
@@ -295,5 +347,7 @@ class EmbeddingCache:
         if self.root.is_dir():
             for entry in self.root.iterdir():
                 if entry.is_dir():
-                    n += remove_stale_tmp(entry, ".shard_*.tmp-*") + remove_stale_tmp(entry, f".{META}.tmp-*")
+                    n += remove_stale_tmp(entry, ".shard_*.tmp-*") + remove_stale_tmp(
+                        entry, f".{META}.tmp-*"
+                    )
         return n

@@ -26,6 +26,7 @@ Size: over 400 lines because the driver's steps (queries, pools, encode jobs, di
 gather, run-dir writing) share private state types (``_RowQueries``, ``_Pool``) used nowhere else;
 the reusable parts already live in :mod:`.cache`, :mod:`.search`, :mod:`.runs` and :mod:`.rerank`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,6 +75,7 @@ class EvaluationError(ValueError):
 
 # ---- a deterministic stand-in encoder -------------------------------------------------------------
 
+
 class HashingEncoder:
     """Bag-of-words hashing encoder for tests and smoke runs (not a model).
 
@@ -113,11 +115,15 @@ class HashingEncoder:
         self.items_encoded += len(items)
         out = np.zeros((len(items), self.dim), np.float32)
         for n, it in enumerate(items):
-            words = self._words(it.txt) + (self._words(Path(it.image_path).stem) if it.image_path else [])
+            words = self._words(it.txt) + (
+                self._words(Path(it.image_path).stem) if it.image_path else []
+            )
             v = sum((self._word(w) for w in words), np.zeros(self.dim, np.float32))
             if self.instruction_weight and it.instruction:
-                v = v + self.instruction_weight * sum((self._word(w) for w in self._words(it.instruction)),
-                                                      np.zeros(self.dim, np.float32))
+                v = v + self.instruction_weight * sum(
+                    (self._word(w) for w in self._words(it.instruction)),
+                    np.zeros(self.dim, np.float32),
+                )
             if not np.any(v):
                 v = self._word("<empty>")
             out[n] = v / np.linalg.norm(v)
@@ -125,6 +131,7 @@ class HashingEncoder:
 
 
 # ---- process group ---------------------------------------------------------------------------------
+
 
 class _SingleProcess:
     process_index, num_processes, is_main_process, device = 0, 1, True, "cpu"
@@ -145,11 +152,15 @@ def _state(state=None):
     import torch
 
     # Without a GPU, PartialState only joins a CPU process group (gloo) when told cpu=True.
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    cpu = (
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        or not torch.cuda.is_available()
+    )
     return PartialState(cpu=cpu)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
+
 
 def _encoder_identity(encoder) -> dict:
     fp = encoder.fingerprint()
@@ -161,11 +172,15 @@ def _encoder_identity(encoder) -> dict:
 
 def row_seed(instruction_seed: int, row: str) -> int:
     """The instruction-sampling seed of one row, derived from the run's seed and the row name."""
-    return int.from_bytes(hashlib.sha256(f"{instruction_seed}/{row}".encode()).digest()[:4], "little")
+    return int.from_bytes(
+        hashlib.sha256(f"{instruction_seed}/{row}".encode()).digest()[:4], "little"
+    )
 
 
 def _digest(records) -> str:
-    return hashlib.sha256(json.dumps(records, separators=(",", ":"), default=str).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps(records, separators=(",", ":"), default=str).encode()
+    ).hexdigest()
 
 
 @dataclass
@@ -186,10 +201,14 @@ def _run_keys(per_row: dict[str, list[str]]) -> dict[tuple[str, str], str]:
     for qids in per_row.values():
         for q in set(qids):
             seen[q] = seen.get(q, 0) + 1
-    return {(r, q): (q if seen[q] == 1 else f"{q}@{r}") for r, qids in per_row.items() for q in qids}
+    return {
+        (r, q): (q if seen[q] == 1 else f"{q}@{r}") for r, qids in per_row.items() for q in qids
+    }
 
 
-def _collect_queries(data: MBEIR, rows: list[Row], instructions: bool, instruction_seed: int) -> list[_RowQueries]:
+def _collect_queries(
+    data: MBEIR, rows: list[Row], instructions: bool, instruction_seed: int
+) -> list[_RowQueries]:
     raw = {r.name: data.queries(r) for r in rows}
     keys = _run_keys({n: [q.qid for q in qs] for n, qs in raw.items()})
     out = []
@@ -200,12 +219,23 @@ def _collect_queries(data: MBEIR, rows: list[Row], instructions: bool, instructi
         items, instr = query_items(qs, data, instructions=instructions, seed=seed)
         scored = [bool(qrels.get(q.qid)) for q in qs]
         if not any(scored):
-            raise EvaluationError(f"row {r.name}: none of its {len(qs)} queries has a positive in "
-                                  f"{r.qrels_file}; nothing to evaluate")
+            raise EvaluationError(
+                f"row {r.name}: none of its {len(qs)} queries has a positive in "
+                f"{r.qrels_file}; nothing to evaluate"
+            )
         rk = [keys[(r.name, q.qid)] for q in qs]
-        out.append(_RowQueries(
-            r, rk, [q.qid for q in qs], instr, scored, [it for it, s in zip(items, scored) if s],
-            {k: set(qrels[q.qid]) for k, q, s in zip(rk, qs, scored) if s}, seed))
+        out.append(
+            _RowQueries(
+                r,
+                rk,
+                [q.qid for q in qs],
+                instr,
+                scored,
+                [it for it, s in zip(items, scored) if s],
+                {k: set(qrels[q.qid]) for k, q, s in zip(rk, qs, scored) if s},
+                seed,
+            )
+        )
     return out
 
 
@@ -227,8 +257,14 @@ def _positives_outside(rq: _RowQueries, dids: set[str], pool: str, where: str) -
     it can only lower recall. Counted in ``metrics.json`` and logged."""
     n = sum(len(pos - dids) for pos in rq.qrels.values())
     if n:
-        log.warning("%s pool: %d qrels positive(s) of %s (%s) are not in %s and cannot be retrieved",
-                    pool, n, rq.row.name, rq.row.qrels_file, where)
+        log.warning(
+            "%s pool: %d qrels positive(s) of %s (%s) are not in %s and cannot be retrieved",
+            pool,
+            n,
+            rq.row.name,
+            rq.row.qrels_file,
+            where,
+        )
     return n
 
 
@@ -249,9 +285,21 @@ def _shared_paths(state, out_dir, cache_dir) -> tuple[Path, Path | None]:
 
 # ---- the driver -------------------------------------------------------------------------------------
 
-def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, cache_dir=None, shared_dir=None,
-             reranker=None, fusion_weights: Mapping[str, float] | None = None, fusion_default: float = 1.0,
-             progress: bool = False, state=None) -> dict:
+
+def evaluate(
+    encoder,
+    data: MBEIR,
+    out_dir,
+    cfg: EvalConfig | None = None,
+    *,
+    cache_dir=None,
+    shared_dir=None,
+    reranker=None,
+    fusion_weights: Mapping[str, float] | None = None,
+    fusion_default: float = 1.0,
+    progress: bool = False,
+    state=None,
+) -> dict:
     """Evaluate ``encoder`` on M-BEIR as ``cfg`` says; write ``<out_dir>/{local,global}/``, return their metrics.
 
     ``cfg`` (:class:`~umarvel_lib.config.EvalConfig`, defaults when omitted): pools, rows (names like
@@ -275,9 +323,15 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
     """
     t_start = time.perf_counter()
     cfg = cfg if cfg is not None else EvalConfig()
-    cfg = dataclasses.replace(cfg, pools=tuple(cfg.pools), ks=tuple(sorted(set(int(k) for k in cfg.ks))))
+    cfg = dataclasses.replace(
+        cfg, pools=tuple(cfg.pools), ks=tuple(sorted(set(int(k) for k in cfg.ks)))
+    )
     ecfg = getattr(encoder, "cfg", None)
-    instructions = cfg.instructions if cfg.instructions is not None else bool(getattr(ecfg, "instructions", True))
+    instructions = (
+        cfg.instructions
+        if cfg.instructions is not None
+        else bool(getattr(ecfg, "instructions", True))
+    )
     pools, rows, depth = cfg.pools, cfg.rows, cfg.depth
     bad = [p for p in pools if p not in POOLS]
     if bad or not pools:
@@ -289,14 +343,18 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
     out_dir, cache_dir = _shared_paths(state, out_dir, cache_dir)
     ident = _encoder_identity(encoder)
     # the embeddings depend on the image bytes too, not only on the records naming them
-    digests = DigestCache(Path(cache_dir) / "file_digests.sqlite" if cache_dir is not None else None)
+    digests = DigestCache(
+        Path(cache_dir) / "file_digests.sqlite" if cache_dir is not None else None
+    )
 
     # ---- what to encode ----------------------------------------------------------------------
     eval_rows = data.rows(only=rows)
     if not eval_rows:
         raise EvaluationError(f"no evaluation rows found under {data.root / 'query' / data.split}")
     rqs = _collect_queries(data, eval_rows, instructions, cfg.instruction_seed)
-    pool_rows = data.rows() if "global" in pools else list(eval_rows)  # data.rows() includes eval_rows
+    pool_rows = (
+        data.rows() if "global" in pools else list(eval_rows)
+    )  # data.rows() includes eval_rows
     local_lists = {r.name: data.local_pool(r) for r in pool_rows}
 
     jobs: list[EncodeJob] = []
@@ -304,19 +362,48 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
     pool_files = {}
     for r in pool_rows:
         sha = file_sha256(r.pool_file)
-        pool_files[r.name] = {"file": str(r.pool_file), "sha256": sha, "n": len(local_lists[r.name])}
+        pool_files[r.name] = {
+            "file": str(r.pool_file),
+            "sha256": sha,
+            "n": len(local_lists[r.name]),
+        }
         cands = local_lists[r.name]
         store_of_row[r.name] = len(jobs)
-        jobs.append(EncodeJob({"kind": "pool", **ident, "source": f"file:sha256:{sha}", "n": len(cands),
-                               "images": _images_digest(digests, [candidate_item(c, data) for c in cands])},
-                              len(cands), _cand_fetcher(cands, data), name=f"pool:{r.name}"))
+        jobs.append(
+            EncodeJob(
+                {
+                    "kind": "pool",
+                    **ident,
+                    "source": f"file:sha256:{sha}",
+                    "n": len(cands),
+                    "images": _images_digest(digests, [candidate_item(c, data) for c in cands]),
+                },
+                len(cands),
+                _cand_fetcher(cands, data),
+                name=f"pool:{r.name}",
+            )
+        )
     qjob_of_row: dict[str, int] = {}
     for rq in rqs:
-        recs = [[k, rq.mbeir_qids[i], rq.instructions[i]] for i, k in enumerate(rq.qids) if rq.scored[i]]
+        recs = [
+            [k, rq.mbeir_qids[i], rq.instructions[i]] for i, k in enumerate(rq.qids) if rq.scored[i]
+        ]
         qsrc = [file_sha256(rq.row.query_file), recs]
         qjob_of_row[rq.row.name] = len(jobs)
-        jobs.append(EncodeJob({"kind": "queries", **ident, "source": f"queries:sha256:{_digest(qsrc)}",
-                               "n": len(rq.items), "images": _images_digest(digests, rq.items)}, len(rq.items), rq.items, name=f"queries:{rq.row.name}"))
+        jobs.append(
+            EncodeJob(
+                {
+                    "kind": "queries",
+                    **ident,
+                    "source": f"queries:sha256:{_digest(qsrc)}",
+                    "n": len(rq.items),
+                    "images": _images_digest(digests, rq.items),
+                },
+                len(rq.items),
+                rq.items,
+                name=f"queries:{rq.row.name}",
+            )
+        )
 
     # ---- pools --------------------------------------------------------------------------------
     pool_defs: dict[str, list[tuple[list[_RowQueries], _Pool]]] = {}
@@ -325,20 +412,34 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
         pool_defs["local"] = []
         for rq in rqs:
             dids = [c.did for c in local_lists[rq.row.name]]
-            outside.setdefault("local", {})[rq.row.name] = _positives_outside(rq, set(dids), "local",
-                                                                              rq.row.pool_file)
-            pool_defs["local"].append(([rq], _Pool(rq.row.name, dids,
-                                                   [(store_of_row[rq.row.name], np.arange(len(dids)))])))
+            outside.setdefault("local", {})[rq.row.name] = _positives_outside(
+                rq, set(dids), "local", rq.row.pool_file
+            )
+            pool_defs["local"].append(
+                (
+                    [rq],
+                    _Pool(rq.row.name, dids, [(store_of_row[rq.row.name], np.arange(len(dids)))]),
+                )
+            )
     global_info = {}
     if "global" in pools:
-        gpool, extra_job, global_info = _global_pool(data, pool_rows, local_lists, store_of_row, cfg.dedup_global, ident,
-                                                     extra_store_id=len(jobs), digests=digests)
+        gpool, extra_job, global_info = _global_pool(
+            data,
+            pool_rows,
+            local_lists,
+            store_of_row,
+            cfg.dedup_global,
+            ident,
+            extra_store_id=len(jobs),
+            digests=digests,
+        )
         if extra_job is not None:
             jobs.append(extra_job)
         gdids = set(gpool.dids)
         for rq in rqs:
-            outside.setdefault("global", {})[rq.row.name] = _positives_outside(rq, gdids, "global",
-                                                                               global_info["source"])
+            outside.setdefault("global", {})[rq.row.name] = _positives_outside(
+                rq, gdids, "global", global_info["source"]
+            )
         pool_defs["global"] = [(rqs, gpool)]
 
     # ---- encode (every process, its share of shards) -----------------------------------------
@@ -349,14 +450,18 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
         cache.cleanup_tmp()
     _barrier(state)
     t0 = time.perf_counter()
-    stores = cache.encode(jobs, encoder, batch_size=cfg.batch_size, rank=rank, world_size=world, progress=progress)
+    stores = cache.encode(
+        jobs, encoder, batch_size=cfg.batch_size, rank=rank, world_size=world, progress=progress
+    )
     _barrier(state)
     for s in stores:
         s.verify()
     dims = {s.dim for s in stores if s.n}
     if len(dims) > 1:
-        raise SearchError(f"embedding dimension mismatch across cache entries: {sorted(dims)} "
-                          f"(queries and candidates must come from the same encoder)")
+        raise SearchError(
+            f"embedding dimension mismatch across cache entries: {sorted(dims)} "
+            f"(queries and candidates must come from the same encoder)"
+        )
     t_encode = time.perf_counter() - t0
 
     # ---- search + write -----------------------------------------------------------------------
@@ -368,18 +473,46 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
         for t_i, (rq_list, pool) in enumerate(tasks):
             q = np.concatenate([stores[qjob_of_row[rq.row.name]].load() for rq in rq_list])
             src = pool.source(stores)
-            part = search(q, src, depth, backend=cfg.backend, parts=split_parts(src.num_parts, rank, world),
-                          block_size=cfg.block_size, query_chunk=cfg.query_chunk,
-                          device=getattr(state, "device", None) if cfg.backend == "torch" else None)
+            part = search(
+                q,
+                src,
+                depth,
+                backend=cfg.backend,
+                parts=split_parts(src.num_parts, rank, world),
+                block_size=cfg.block_size,
+                query_chunk=cfg.query_chunk,
+                device=getattr(state, "device", None) if cfg.backend == "torch" else None,
+            )
             topks.append(_gather(part, state, scratch / f"{pool_name}_{t_i}", depth))
         t_search = time.perf_counter() - t0
         if main:
-            record = _config(pool_name, cfg, instructions, data, encoder, ident, eval_rows, rqs,
-                             cache_root if not tmp_cache else None, world, pool_files, global_info,
-                             {"encode_s": round(t_encode, 3), "search_s": round(t_search, 3)},
-                             sum(len(p.dids) for _, p in tasks) if pool_name == "global" else None)
-            results[pool_name] = _write_run_dir(out_dir / pool_name, pool_name, tasks, topks, record, cfg, data.split,
-                                                shared_dir, outside[pool_name])
+            record = _config(
+                pool_name,
+                cfg,
+                instructions,
+                data,
+                encoder,
+                ident,
+                eval_rows,
+                rqs,
+                cache_root if not tmp_cache else None,
+                world,
+                pool_files,
+                global_info,
+                {"encode_s": round(t_encode, 3), "search_s": round(t_search, 3)},
+                sum(len(p.dids) for _, p in tasks) if pool_name == "global" else None,
+            )
+            results[pool_name] = _write_run_dir(
+                out_dir / pool_name,
+                pool_name,
+                tasks,
+                topks,
+                record,
+                cfg,
+                data.split,
+                shared_dir,
+                outside[pool_name],
+            )
     _barrier(state)  # every process is done with the scratch parts and the cache
     if main:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -388,9 +521,20 @@ def evaluate(encoder, data: MBEIR, out_dir, cfg: EvalConfig | None = None, *, ca
         if reranker is not None:
             from .rerank import rerank_pools
 
-            results.update(rerank_pools(out_dir, reranker, data, top_k=cfg.rerank_top_k, weights=fusion_weights,
-                                        default_weight=fusion_default, progress=progress))
-    if world > 1:  # hand the metrics over in memory: out_dir may be the main process's temporary dir
+            results.update(
+                rerank_pools(
+                    out_dir,
+                    reranker,
+                    data,
+                    top_k=cfg.rerank_top_k,
+                    weights=fusion_weights,
+                    default_weight=fusion_default,
+                    progress=progress,
+                )
+            )
+    if (
+        world > 1
+    ):  # hand the metrics over in memory: out_dir may be the main process's temporary dir
         from accelerate.utils import broadcast_object_list
 
         box = [results if main else None]
@@ -410,14 +554,29 @@ def _images_digest(digests: DigestCache, items) -> str | None:
     return digests.files_digest(files) if files else None
 
 
-def _global_pool(data: MBEIR, pool_rows: list[Row], local_lists, store_of_row, dedup: bool, ident, *,
-                 extra_store_id: int, digests: DigestCache):
+def _global_pool(
+    data: MBEIR,
+    pool_rows: list[Row],
+    local_lists,
+    store_of_row,
+    dedup: bool,
+    ident,
+    *,
+    extra_store_id: int,
+    digests: DigestCache,
+):
     """The global pool as a view over the local pools' stores (+ an extra job for leftovers)."""
     gl = data.global_pool(dedup=dedup)
     if not gl:
-        raise EvaluationError(f"global pool is empty (no local pools under {data.root / 'cand_pool' / 'local'})")
-    source = (str(data.global_pool_file()) if dedup and data.global_pool_file().is_file()
-              else f"concatenation of {len(pool_rows)} local pools" + (", deduplicated by did" if dedup else ""))
+        raise EvaluationError(
+            f"global pool is empty (no local pools under {data.root / 'cand_pool' / 'local'})"
+        )
+    source = (
+        str(data.global_pool_file())
+        if dedup and data.global_pool_file().is_file()
+        else f"concatenation of {len(pool_rows)} local pools"
+        + (", deduplicated by did" if dedup else "")
+    )
     dids = [c.did for c in gl]
     members: list[tuple[int, np.ndarray]] = []
     extra_job = None
@@ -426,14 +585,21 @@ def _global_pool(data: MBEIR, pool_rows: list[Row], local_lists, store_of_row, d
         off = 0
         for r in data.rows():
             cands = local_lists[r.name]
-            if [c.did for c in cands] != dids[off:off + len(cands)]:
-                raise EvaluationError("global pool (dedup=False) is not the concatenation of the local pools")
+            if [c.did for c in cands] != dids[off : off + len(cands)]:
+                raise EvaluationError(
+                    "global pool (dedup=False) is not the concatenation of the local pools"
+                )
             members.append((store_of_row[r.name], np.arange(off, off + len(cands))))
             off += len(cands)
         if off != len(dids):
-            raise EvaluationError("global pool (dedup=False) is not the concatenation of the local pools")
-        return _Pool("global", dids, members), None, {"source": source, "dedup": False, "n": len(dids),
-                                                       "n_unique_dids": len(set(dids))}
+            raise EvaluationError(
+                "global pool (dedup=False) is not the concatenation of the local pools"
+            )
+        return (
+            _Pool("global", dids, members),
+            None,
+            {"source": source, "dedup": False, "n": len(dids), "n_unique_dids": len(set(dids))},
+        )
     gpos = {}
     for i, d in enumerate(dids):
         if d in gpos:
@@ -453,10 +619,24 @@ def _global_pool(data: MBEIR, pool_rows: list[Row], local_lists, store_of_row, d
     if left.size:
         extra = [gl[j] for j in left]
         recs = [[c.did, c.txt, c.img_path, c.modality] for c in extra]
-        extra_job = EncodeJob({"kind": "pool", **ident, "source": f"global-extra:sha256:{_digest(recs)}",
-                               "n": len(extra), "images": _images_digest(digests, [candidate_item(c, data) for c in extra])}, len(extra), _cand_fetcher(extra, data), name="pool:global-extra")
+        extra_job = EncodeJob(
+            {
+                "kind": "pool",
+                **ident,
+                "source": f"global-extra:sha256:{_digest(recs)}",
+                "n": len(extra),
+                "images": _images_digest(digests, [candidate_item(c, data) for c in extra]),
+            },
+            len(extra),
+            _cand_fetcher(extra, data),
+            name="pool:global-extra",
+        )
         members.append((extra_store_id, left.astype(np.int64)))
-    return _Pool("global", dids, members), extra_job, {"source": source, "dedup": True, "n": len(dids), "n_not_in_local_pools": int(left.size)}
+    return (
+        _Pool("global", dids, members),
+        extra_job,
+        {"source": source, "dedup": True, "n": len(dids), "n_not_in_local_pools": int(left.size)},
+    )
 
 
 def _gather(part: TopK, state, scratch: Path, k: int) -> TopK | None:
@@ -471,8 +651,17 @@ def _gather(part: TopK, state, scratch: Path, k: int) -> TopK | None:
     return merge_topk([TopK.load(scratch / f"rank{r}.npz") for r in range(state.num_processes)], k)
 
 
-def _write_run_dir(path: Path, pool_name, tasks, topks, record: dict, cfg: EvalConfig, split: str,
-                   shared_dir, outside: dict[str, int]) -> dict:
+def _write_run_dir(
+    path: Path,
+    pool_name,
+    tasks,
+    topks,
+    record: dict,
+    cfg: EvalConfig,
+    split: str,
+    shared_dir,
+    outside: dict[str, int],
+) -> dict:
     qrels_all: dict[str, set[str]] = {}
     task_of: dict[str, int] = {}
     row_qids: dict[str, list[str]] = {}
@@ -481,21 +670,38 @@ def _write_run_dir(path: Path, pool_name, tasks, topks, record: dict, cfg: EvalC
     line_gens = []
     for (rq_list, pool), tk in zip(tasks, topks):
         keys = [k for rq in rq_list for k, s in zip(rq.qids, rq.scored) if s]
-        line_gens.append(runs.trec_lines(keys, tk.indices, tk.scores, pool.dids, cfg.run_tag, cfg.depth))
+        line_gens.append(
+            runs.trec_lines(keys, tk.indices, tk.scores, pool.dids, cfg.run_tag, cfg.depth)
+        )
         for key, row_idx in zip(keys, tk.indices):
             run[key] = [pool.dids[i] for i in row_idx if i >= 0]
     for rq in (rq for rq_list, _ in tasks for rq in rq_list):
         row_qids[rq.row.name] = list(rq.qids)
         for key, mq, ins, s in zip(rq.qids, rq.mbeir_qids, rq.instructions, rq.scored):
-            qrecs.append({"qid": key, "mbeir_qid": mq, "row": rq.row.name, "task_id": rq.row.task_id,
-                          "instruction": ins, "instruction_seed": rq.seed, "scored": s})
+            qrecs.append(
+                {
+                    "qid": key,
+                    "mbeir_qid": mq,
+                    "row": rq.row.name,
+                    "task_id": rq.row.task_id,
+                    "instruction": ins,
+                    "instruction_seed": rq.seed,
+                    "scored": s,
+                }
+            )
             if s:
                 qrels_all[key] = rq.qrels[key]
                 task_of[key] = rq.row.task_id
     metrics = score_rows(run, qrels_all, row_qids, ks=cfg.ks, n_boot=cfg.n_boot, seed=cfg.boot_seed)
-    metrics.update(pool=pool_name, paper_table=PAPER_TABLE[pool_name], split=split,
-                   instruction_seed=cfg.instruction_seed)
-    if any(outside.values()):  # only where it happens: metrics.json of complete pools stays as it was
+    metrics.update(
+        pool=pool_name,
+        paper_table=PAPER_TABLE[pool_name],
+        split=split,
+        instruction_seed=cfg.instruction_seed,
+    )
+    if any(
+        outside.values()
+    ):  # only where it happens: metrics.json of complete pools stays as it was
         metrics["positives_outside_pool"] = {r: n for r, n in outside.items() if n}
     with atomic_dir(path) as tmp:
         runs.write_run(tmp / runs.RUN_FILE, itertools.chain.from_iterable(line_gens))
@@ -508,21 +714,48 @@ def _write_run_dir(path: Path, pool_name, tasks, topks, record: dict, cfg: EvalC
     return metrics
 
 
-def _config(pool_name, cfg: EvalConfig, instructions: bool, data, encoder, ident, eval_rows, rqs, cache_dir, world,
-            pool_files, global_info, timing, n_global) -> dict:
+def _config(
+    pool_name,
+    cfg: EvalConfig,
+    instructions: bool,
+    data,
+    encoder,
+    ident,
+    eval_rows,
+    rqs,
+    cache_dir,
+    world,
+    pool_files,
+    global_info,
+    timing,
+    n_global,
+) -> dict:
     """``config.json`` of one pool directory: the evaluation settings and where every input came from."""
     rec = {
-        "pool": pool_name, "pools_evaluated": list(cfg.pools), "paper_table": PAPER_TABLE[pool_name],
+        "pool": pool_name,
+        "pools_evaluated": list(cfg.pools),
+        "paper_table": PAPER_TABLE[pool_name],
         "metric": METRIC_NAME,
-        "data_root": str(data.root), "split": data.split,
-        "rows": [r.name for r in eval_rows], "all_16_rows": [r.name for r in eval_rows] == list(ROW_NAMES),
-        **ident, "encoder_class": type(encoder).__qualname__,
-        "instructions": instructions, "instruction_seed": cfg.instruction_seed,
+        "data_root": str(data.root),
+        "split": data.split,
+        "rows": [r.name for r in eval_rows],
+        "all_16_rows": [r.name for r in eval_rows] == list(ROW_NAMES),
+        **ident,
+        "encoder_class": type(encoder).__qualname__,
+        "instructions": instructions,
+        "instruction_seed": cfg.instruction_seed,
         "row_instruction_seeds": {rq.row.name: rq.seed for rq in rqs},
-        "batch_size": cfg.batch_size, "backend": cfg.backend, "depth": cfg.depth, "ks": list(cfg.ks),
-        "tie_break": TIE_BREAK, "bootstrap": {"n": cfg.n_boot, "seed": cfg.boot_seed},
-        "cache_dir": str(cache_dir) if cache_dir else None, "shard_size": cfg.shard_size,
-        "cache_dtype": cfg.cache_dtype, "num_processes": world, "timing": timing,
+        "batch_size": cfg.batch_size,
+        "backend": cfg.backend,
+        "depth": cfg.depth,
+        "ks": list(cfg.ks),
+        "tie_break": TIE_BREAK,
+        "bootstrap": {"n": cfg.n_boot, "seed": cfg.boot_seed},
+        "cache_dir": str(cache_dir) if cache_dir else None,
+        "shard_size": cfg.shard_size,
+        "cache_dtype": cfg.cache_dtype,
+        "num_processes": world,
+        "timing": timing,
         "versions": {**versions(), "git_commit": git_commit()},
         "query_files": {rq.row.name: str(rq.row.query_file) for rq in rqs},
         "qrels_files": {rq.row.name: str(rq.row.qrels_file) for rq in rqs},
@@ -530,9 +763,21 @@ def _config(pool_name, cfg: EvalConfig, instructions: bool, data, encoder, ident
     if pool_name == "local":
         rec["pool_files"] = {r.name: pool_files[r.name] for r in eval_rows}
     else:
-        rec["global_pool"] = {**global_info, "dedup": cfg.dedup_global, "n_candidates": n_global,
-                              "local_pool_files": pool_files}
+        rec["global_pool"] = {
+            **global_info,
+            "dedup": cfg.dedup_global,
+            "n_candidates": n_global,
+            "local_pool_files": pool_files,
+        }
     return rec
 
 
-__all__ = ["Encoder", "HashingEncoder", "EvaluationError", "evaluate", "row_seed", "POOLS", "PAPER_TABLE"]
+__all__ = [
+    "Encoder",
+    "HashingEncoder",
+    "EvaluationError",
+    "evaluate",
+    "row_seed",
+    "POOLS",
+    "PAPER_TABLE",
+]

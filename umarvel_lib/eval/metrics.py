@@ -21,6 +21,7 @@ Conventions (docs/mbeir.md "Evaluation protocol"):
   distribution, no ``n_boot x n`` index matrix). The Avg CI resamples every row independently
   (stratified bootstrap) and averages the rows' replicate means.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,7 +46,9 @@ def success_at_k(ranked: Sequence[str], relevant: set[str] | frozenset[str], k: 
     it and count it, see the module doc).
     """
     if not relevant:
-        raise ValueError("success_at_k: query has no relevant candidates; skip it and count it instead")
+        raise ValueError(
+            "success_at_k: query has no relevant candidates; skip it and count it instead"
+        )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return 1.0 if any(d in relevant for d in ranked[:k]) else 0.0
@@ -59,8 +62,12 @@ def first_hit_rank(ranked: Sequence[str], relevant: set[str]) -> int | None:
     return None
 
 
-def hits_table(run: Mapping[str, Sequence[str]], qrels: Mapping[str, set[str]], qids: Iterable[str],
-               ks: Sequence[int] = DEFAULT_KS) -> tuple[np.ndarray, list[str], list[str]]:
+def hits_table(
+    run: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, set[str]],
+    qids: Iterable[str],
+    ks: Sequence[int] = DEFAULT_KS,
+) -> tuple[np.ndarray, list[str], list[str]]:
     """Per-query success for ``qids``: returns (hits (n_scored, len(ks)) of 0/1, scored qids, skipped qids).
 
     ``run[qid]`` is the ranked list of dids (best first); a qid absent from ``run`` retrieved
@@ -92,9 +99,15 @@ def _ci(reps: np.ndarray) -> list[list[float]]:
     return [[round(100 * float(a), 4), round(100 * float(b), 4)] for a, b in zip(lo, hi)]
 
 
-def score_rows(run: Mapping[str, Sequence[str]], qrels: Mapping[str, set[str]],
-               row_qids: Mapping[str, Sequence[str]], *, ks: Sequence[int] = DEFAULT_KS,
-               n_boot: int = 1000, seed: int = 0) -> dict:
+def score_rows(
+    run: Mapping[str, Sequence[str]],
+    qrels: Mapping[str, set[str]],
+    row_qids: Mapping[str, Sequence[str]],
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Score every row and their Avg.
 
     ``row_qids``: {row name (e.g. ``mscoco_task0``): the row's qids (all of them, including those
@@ -115,33 +128,52 @@ def score_rows(run: Mapping[str, Sequence[str]], qrels: Mapping[str, set[str]],
         hk = headline_k(name)
         hcol = ks.index(hk)
         if not scored:
-            raise ValueError(f"row {name}: no query has a positive in the qrels ({len(skipped)} queries); "
-                             f"nothing to score")
+            raise ValueError(
+                f"row {name}: no query has a positive in the qrels ({len(skipped)} queries); "
+                f"nothing to score"
+            )
         means = hits.mean(0)
         reps = _boot_means(hits, n_boot, rng)
         cis = _ci(reps)
         entry = {label(k): round(100 * float(m), 4) for k, m in zip(ks, means)}
-        entry.update(headline=entry[label(hk)], headline_metric=label(hk), n_queries=len(scored),
-                     n_skipped_no_positive=len(skipped), ci95=cis[hcol],
-                     ci95_by_metric={label(k): c for k, c in zip(ks, cis)})
+        entry.update(
+            headline=entry[label(hk)],
+            headline_metric=label(hk),
+            n_queries=len(scored),
+            n_skipped_no_positive=len(skipped),
+            ci95=cis[hcol],
+            ci95_by_metric={label(k): c for k, c in zip(ks, cis)},
+        )
         rows[name] = entry
         reps_headline.append(reps[:, hcol])
     if not rows:
         raise ValueError("no rows to score")
     avg_reps = np.mean(np.stack(reps_headline, 1), 1)
     lo, hi = np.percentile(avg_reps, [2.5, 97.5])
-    avg = {"headline": round(float(np.mean([r["headline"] for r in rows.values()])), 4),
-           "headline_metric": "mean of rows' headline (R@5; R@10 for Fashion200K, FashionIQ)",
-           "ci95": [round(100 * float(lo), 4), round(100 * float(hi), 4)],
-           "n_rows": len(rows),
-           "rows_missing": [r for r in ROW_NAMES if r not in rows],
-           "is_full_16": all(r in rows for r in ROW_NAMES)}
+    avg = {
+        "headline": round(float(np.mean([r["headline"] for r in rows.values()])), 4),
+        "headline_metric": "mean of rows' headline (R@5; R@10 for Fashion200K, FashionIQ)",
+        "ci95": [round(100 * float(lo), 4), round(100 * float(hi), 4)],
+        "n_rows": len(rows),
+        "rows_missing": [r for r in ROW_NAMES if r not in rows],
+        "is_full_16": all(r in rows for r in ROW_NAMES),
+    }
     for k in ks:
         avg[label(k)] = round(float(np.mean([r[label(k)] for r in rows.values()])), 4)
-    return {"metric": METRIC_NAME, "rows": rows, "avg": avg, "n_queries": n_q,
-            "n_skipped_no_positive": n_skip, "ks": ks,
-            "bootstrap": {"n": n_boot, "seed": seed, "ci": "percentile 95%",
-                          "method": "per-query resampling (exact Binomial form); Avg: stratified by row"}}
+    return {
+        "metric": METRIC_NAME,
+        "rows": rows,
+        "avg": avg,
+        "n_queries": n_q,
+        "n_skipped_no_positive": n_skip,
+        "ks": ks,
+        "bootstrap": {
+            "n": n_boot,
+            "seed": seed,
+            "ci": "percentile 95%",
+            "method": "per-query resampling (exact Binomial form); Avg: stratified by row",
+        },
+    }
 
 
 def _ordered(names: Iterable[str]) -> list[str]:
@@ -151,5 +183,12 @@ def _ordered(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
 
-__all__ = ["DEFAULT_KS", "METRIC_NAME", "label", "success_at_k", "first_hit_rank", "hits_table",
-           "score_rows"]
+__all__ = [
+    "DEFAULT_KS",
+    "METRIC_NAME",
+    "label",
+    "success_at_k",
+    "first_hit_rank",
+    "hits_table",
+    "score_rows",
+]

@@ -19,15 +19,26 @@ laid out over the cap, so an early stop ends at a higher LR than a run planned t
 the plateau budget to *find* a stage's steps, then fix them (``max_steps``) in the preset and check
 the fixed runs against the rule (``tests/test_plateau.py`` does so for every committed cpu run).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-DEV_CURVE_FILE = "dev_curve.csv"  # in the run directory, written by experiment.run_row, read by report.curves
-DEV_CURVE_COLUMNS = ["stage", "step", "examples_seen", "dev_avg", "dev_ci_lo", "dev_ci_hi", "dev_queries"]
+DEV_CURVE_FILE = (
+    "dev_curve.csv"  # in the run directory, written by experiment.run_row, read by report.curves
+)
+DEV_CURVE_COLUMNS = [
+    "stage",
+    "step",
+    "examples_seen",
+    "dev_avg",
+    "dev_ci_lo",
+    "dev_ci_hi",
+    "dev_queries",
+]
 MIN_STEPS = 100  # optimizer steps per stage for the rows that a finding compares
-WINDOW = 0.25    # the last quarter
+WINDOW = 0.25  # the last quarter
 
 
 @dataclass(frozen=True)
@@ -35,16 +46,21 @@ class PlateauCheck:
     ok: bool
     reason: str
     last_step: int | None
-    window_start: int | None      # step of the reference evaluation
-    movement: float | None        # max - min of the dev Avg over the window (points)
-    half_width: float | None      # half the final evaluation's 95% CI (points)
+    window_start: int | None  # step of the reference evaluation
+    movement: float | None  # max - min of the dev Avg over the window (points)
+    half_width: float | None  # half the final evaluation's 95% CI (points)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def plateau(steps: Sequence[int], avgs: Sequence[float], cis: Sequence[Sequence[float]], *,
-            min_steps: int = 0) -> PlateauCheck:
+def plateau(
+    steps: Sequence[int],
+    avgs: Sequence[float],
+    cis: Sequence[Sequence[float]],
+    *,
+    min_steps: int = 0,
+) -> PlateauCheck:
     """Apply the rule to one stage's dev curve: evaluation steps, dev Avgs and their 95% CIs (lo, hi)."""
     pts = sorted(zip((int(s) for s in steps), (float(a) for a in avgs), (tuple(c) for c in cis)))
     if not pts:
@@ -54,22 +70,49 @@ def plateau(steps: Sequence[int], avgs: Sequence[float], cis: Sequence[Sequence[
     half = (float(hi) - float(lo)) / 2
     before = [p for p in pts if p[0] <= (1 - WINDOW) * last]
     if not before:
-        return PlateauCheck(False, f"no evaluation at or before step {(1 - WINDOW) * last:g}", last, None, None, half)
+        return PlateauCheck(
+            False,
+            f"no evaluation at or before step {(1 - WINDOW) * last:g}",
+            last,
+            None,
+            None,
+            half,
+        )
     ref = before[-1][0]
     window = [a for s, a, _ in pts if s >= ref]
     if len(window) < 2:
-        return PlateauCheck(False, "fewer than two evaluations in the last quarter", last, ref, None, half)
+        return PlateauCheck(
+            False, "fewer than two evaluations in the last quarter", last, ref, None, half
+        )
     move = max(window) - min(window)
     if last < min_steps:
         return PlateauCheck(False, f"{last} steps < the minimum {min_steps}", last, ref, move, half)
     if move >= half:
-        return PlateauCheck(False, f"the last quarter (steps {ref}-{last}) moved the dev Avg by {move:.2f} >= "
-                                   f"the CI half-width {half:.2f}", last, ref, move, half)
-    return PlateauCheck(True, f"the last quarter (steps {ref}-{last}) moved the dev Avg by {move:.2f} < "
-                              f"the CI half-width {half:.2f}", last, ref, move, half)
+        return PlateauCheck(
+            False,
+            f"the last quarter (steps {ref}-{last}) moved the dev Avg by {move:.2f} >= "
+            f"the CI half-width {half:.2f}",
+            last,
+            ref,
+            move,
+            half,
+        )
+    return PlateauCheck(
+        True,
+        f"the last quarter (steps {ref}-{last}) moved the dev Avg by {move:.2f} < "
+        f"the CI half-width {half:.2f}",
+        last,
+        ref,
+        move,
+        half,
+    )
 
 
 def plateau_of_curve(curve: Sequence[dict], *, min_steps: int = 0) -> PlateauCheck:
     """:func:`plateau` on dev-curve records ``{"step", "dev_avg", "dev_ci_lo", "dev_ci_hi"}`` (one stage)."""
-    return plateau([c["step"] for c in curve], [c["dev_avg"] for c in curve],
-                   [(c["dev_ci_lo"], c["dev_ci_hi"]) for c in curve], min_steps=min_steps)
+    return plateau(
+        [c["step"] for c in curve],
+        [c["dev_avg"] for c in curve],
+        [(c["dev_ci_lo"], c["dev_ci_hi"]) for c in curve],
+        min_steps=min_steps,
+    )

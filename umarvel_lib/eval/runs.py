@@ -17,6 +17,7 @@ The rank column is authoritative: re-scoring (:func:`rescore`) orders each query
 rank, never by score, so float ties and score formatting cannot change a number. Scores are
 written with 9 significant digits (float32 round-trips).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,12 @@ from ..io import (
 from .metrics import DEFAULT_KS, score_rows
 
 RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
-    "run.trec", "qrels.txt", "queries.jsonl", "metrics.json", "config.json")
+    "run.trec",
+    "qrels.txt",
+    "queries.jsonl",
+    "metrics.json",
+    "config.json",
+)
 #: Files that are the same for every run on one data build: a run directory may hold, instead of
 #: them, ``inputs.ref.json`` = {file name: {"path": relative path of a shared copy, "sha256": digest}}.
 SHAREABLE = (QRELS_FILE, QUERIES_FILE)
@@ -51,6 +57,7 @@ class RunFormatError(ValueError):
 
 
 # ---- shared inputs: one copy of queries/qrels per data build, referenced by path + sha256 ---------
+
 
 def input_file(run_dir, name: str) -> Path:
     """``<run_dir>/<name>``, or the shared copy that ``inputs.ref.json`` names for it (sha256 checked).
@@ -67,7 +74,9 @@ def input_file(run_dir, name: str) -> Path:
         ref = read_json(ref_file)[name]
         target, sha = (run_dir / ref["path"]).resolve(), ref["sha256"]
     except (ValueError, KeyError, TypeError) as e:
-        raise RunFormatError(f"{ref_file}: no reference {{'path', 'sha256'}} for {name} ({e!r})") from None
+        raise RunFormatError(
+            f"{ref_file}: no reference {{'path', 'sha256'}} for {name} ({e!r})"
+        ) from None
     if not target.is_file():
         raise RunFormatError(f"{ref_file}: the shared {name} {target} does not exist")
     got = file_sha256(target)
@@ -113,6 +122,7 @@ def share_inputs(run_dir, shared_dir, *, final_dir=None) -> list[str]:
 
 # ---- TREC run -------------------------------------------------------------------------------------
 
+
 def _check_tag(tag: str) -> str:
     if any(c.isspace() for c in tag) or not tag:
         raise ValueError(f"run tag {tag!r} must be a non-empty word without spaces")
@@ -126,8 +136,14 @@ def ranked_lines(qid: str, ranked: Iterable[tuple[str, float]], tag: str) -> Ite
         yield f"{qid} Q0 {did} {rank} {float(score):.9g} {tag}\n"
 
 
-def trec_lines(qids: Sequence[str], indices: np.ndarray, scores: np.ndarray, dids: Sequence[str],
-               tag: str, depth: int | None = None) -> Iterable[str]:
+def trec_lines(
+    qids: Sequence[str],
+    indices: np.ndarray,
+    scores: np.ndarray,
+    dids: Sequence[str],
+    tag: str,
+    depth: int | None = None,
+) -> Iterable[str]:
     """TREC lines for a top-k result: ``qid Q0 did rank score tag``. Empty slots (index -1) are dropped."""
     _check_tag(tag)
     depth = depth or indices.shape[1]
@@ -151,11 +167,15 @@ def read_run(path) -> dict[str, list[tuple[str, float]]]:
                 continue
             p = line.split()
             if len(p) != 6:
-                raise RunFormatError(f"{path}:{n}: expected 'qid Q0 did rank score tag', got {line.strip()!r}")
+                raise RunFormatError(
+                    f"{path}:{n}: expected 'qid Q0 did rank score tag', got {line.strip()!r}"
+                )
             try:
                 tmp.setdefault(p[0], []).append((int(p[3]), p[2], float(p[4])))
             except ValueError:
-                raise RunFormatError(f"{path}:{n}: rank/score not numeric in {line.strip()!r}") from None
+                raise RunFormatError(
+                    f"{path}:{n}: rank/score not numeric in {line.strip()!r}"
+                ) from None
     out = {}
     for qid, lst in tmp.items():
         lst.sort(key=lambda t: t[0])
@@ -171,6 +191,7 @@ def ranked_dids(run: Mapping[str, list[tuple[str, float]]]) -> dict[str, list[st
 
 
 # ---- qrels / queries ------------------------------------------------------------------------------
+
 
 def write_qrels(path, qrels: Mapping[str, set[str]], task_of: Mapping[str, int]) -> Path:
     """M-BEIR qrels (``qid 0 did 1 task_id``), positives only, qids in the given mapping's order."""
@@ -197,15 +218,19 @@ def _qrels_task_ids(path) -> dict[str, int]:
             if not p:
                 continue
             if len(p) != 5:
-                raise RunFormatError(f"{path}:{n}: qrels line has no task_id column; cannot infer the row")
+                raise RunFormatError(
+                    f"{path}:{n}: qrels line has no task_id column; cannot infer the row"
+                )
             out.setdefault(p[0], int(p[4]))
     return out
 
 
 # ---- scoring and tables ---------------------------------------------------------------------------
 
-def rescore(run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = None,
-            seed: int | None = None) -> dict:
+
+def rescore(
+    run_dir, *, ks: Sequence[int] | None = None, n_boot: int | None = None, seed: int | None = None
+) -> dict:
     """Recompute ``metrics.json`` from ``run.trec`` + ``qrels.txt`` of a run directory.
 
     The query universe and each query's row come from ``queries.jsonl`` when present (so queries
@@ -262,8 +287,10 @@ def wrong_modality_rate(run_dir, modality_of: Mapping[str, str], *, k: int = 5) 
         top = run.get(q["qid"], [])[:k]
         missing = [d for d in top if d not in modality_of]
         if missing:
-            raise KeyError(f"{run_dir / RUN_FILE}: candidate(s) {missing[:3]} of query {q['qid']} have no known "
-                           f"modality (a run made with another pool?)")
+            raise KeyError(
+                f"{run_dir / RUN_FILE}: candidate(s) {missing[:3]} of query {q['qid']} have no known "
+                f"modality (a run made with another pool?)"
+            )
         w = wrong.setdefault(q["row"], [0, 0, 0])
         w[0] += sum(modality_of[d] != target for d in top)
         w[1] += len(top)
@@ -271,8 +298,12 @@ def wrong_modality_rate(run_dir, modality_of: Mapping[str, str], *, k: int = 5) 
     if not wrong:
         raise ValueError(f"{run_dir / QUERIES_FILE}: no scored query")
     total = [sum(v[i] for v in wrong.values()) for i in range(3)]
-    return {"k": k, "rate": round(100 * total[0] / max(1, total[1]), 4), "n_queries": total[2],
-            "rows": {r: round(100 * a / max(1, b), 4) for r, (a, b, _) in wrong.items()}}
+    return {
+        "k": k,
+        "rate": round(100 * total[0] / max(1, total[1]), 4),
+        "n_queries": total[2],
+        "rows": {r: round(100 * a / max(1, b), 4) for r, (a, b, _) in wrong.items()},
+    }
 
 
 def load_metrics(run_dir) -> dict:
@@ -300,7 +331,11 @@ def metrics_frame(sources) -> pandas.DataFrame:  # noqa: F821
         if (p / METRICS_FILE).is_file():
             metrics.append(load_metrics(p))
         else:
-            subs = [d for d in sorted(p.iterdir()) if (d / METRICS_FILE).is_file()] if p.is_dir() else []
+            subs = (
+                [d for d in sorted(p.iterdir()) if (d / METRICS_FILE).is_file()]
+                if p.is_dir()
+                else []
+            )
             if not subs:
                 raise FileNotFoundError(f"no {METRICS_FILE} in {p} or its subdirectories")
             metrics.extend(load_metrics(d) for d in subs)
@@ -310,17 +345,30 @@ def metrics_frame(sources) -> pandas.DataFrame:  # noqa: F821
         for row, e in m["rows"].items():
             for met, ci in e["ci95_by_metric"].items():
                 recs.append((row, pool, met, e[met], ci[0], ci[1], e["n_queries"]))
-            recs.append((row, pool, "headline", e["headline"], e["ci95"][0], e["ci95"][1], e["n_queries"]))
+            recs.append(
+                (row, pool, "headline", e["headline"], e["ci95"][0], e["ci95"][1], e["n_queries"])
+            )
         a = m["avg"]
         for k in m.get("ks", DEFAULT_KS):
             recs.append(("avg", pool, f"R@{k}", a[f"R@{k}"], np.nan, np.nan, m["n_queries"]))
-        recs.append(("avg", pool, "headline", a["headline"], a["ci95"][0], a["ci95"][1], m["n_queries"]))
-    df = pd.DataFrame.from_records(recs, columns=["row", "pool", "metric", "value", "ci_lo", "ci_hi", "n_queries"])
+        recs.append(
+            ("avg", pool, "headline", a["headline"], a["ci95"][0], a["ci95"][1], m["n_queries"])
+        )
+    df = pd.DataFrame.from_records(
+        recs, columns=["row", "pool", "metric", "value", "ci_lo", "ci_hi", "n_queries"]
+    )
     row_order = {r: i for i, r in enumerate(ROW_NAMES + ("avg",))}
     met_order = {m: (int(m[2:]) if m.startswith("R@") else 10**6) for m in df.metric.unique()}
-    df = df.assign(_p=df.pool.map({"local": 0, "global": 1}).fillna(2), _r=df.row.map(row_order).fillna(len(row_order)),
-                   _m=df.metric.map(met_order))
-    return df.sort_values(["_p", "_r", "row", "_m"], kind="stable").drop(columns=["_p", "_r", "_m"]).reset_index(drop=True)
+    df = df.assign(
+        _p=df.pool.map({"local": 0, "global": 1}).fillna(2),
+        _r=df.row.map(row_order).fillna(len(row_order)),
+        _m=df.metric.map(met_order),
+    )
+    return (
+        df.sort_values(["_p", "_r", "row", "_m"], kind="stable")
+        .drop(columns=["_p", "_r", "_m"])
+        .reset_index(drop=True)
+    )
 
 
 def write_metrics(path, metrics: dict) -> Path:

@@ -19,6 +19,7 @@ block's top-k for that row exactly. Scores themselves can differ in the last bit
 kernels (torch vs faiss, or different block shapes), so two *different* scores closer than ~1e-7
 may be ordered differently by the two backends; exactly equal scores never are.
 """
+
 from __future__ import annotations
 
 import time
@@ -50,7 +51,9 @@ class TopK:
 
     def __post_init__(self):
         if self.scores.shape != self.indices.shape:
-            raise SearchError(f"scores {self.scores.shape} and indices {self.indices.shape} differ in shape")
+            raise SearchError(
+                f"scores {self.scores.shape} and indices {self.indices.shape} differ in shape"
+            )
 
     @property
     def k(self) -> int:
@@ -61,7 +64,9 @@ class TopK:
 
     @classmethod
     def empty(cls, n_queries: int, k: int) -> TopK:
-        return cls(np.full((n_queries, k), -np.inf, np.float32), np.full((n_queries, k), -1, np.int64))
+        return cls(
+            np.full((n_queries, k), -np.inf, np.float32), np.full((n_queries, k), -1, np.int64)
+        )
 
     def save(self, path) -> None:
         np.savez(path, scores=self.scores, indices=self.indices)
@@ -84,8 +89,9 @@ class CandidateSource(Protocol):
     dim: int
     num_parts: int
 
-    def blocks(self, parts: Sequence[int] | None = None, block_size: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        ...
+    def blocks(
+        self, parts: Sequence[int] | None = None, block_size: int = 16384
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
 class ArraySource:
@@ -112,16 +118,26 @@ class ArraySource:
             lo, hi = p * self.part_size, min((p + 1) * self.part_size, self.n)
             for s in range(lo, hi, block_size):
                 e = min(s + block_size, hi)
-                yield np.ascontiguousarray(self.emb[s:e], dtype=np.float32), np.arange(s, e, dtype=np.int64)
+                yield (
+                    np.ascontiguousarray(self.emb[s:e], dtype=np.float32),
+                    np.arange(s, e, dtype=np.int64),
+                )
 
 
 def as_source(x) -> CandidateSource:
-    return ArraySource(np.asarray(x, dtype=np.float32)) if isinstance(x, (np.ndarray, torch.Tensor)) else x
+    return (
+        ArraySource(np.asarray(x, dtype=np.float32))
+        if isinstance(x, (np.ndarray, torch.Tensor))
+        else x
+    )
 
 
 # ---- exact merge ----------------------------------------------------------------------------------
 
-def _sort_rows(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _sort_rows(
+    scores: torch.Tensor, idx: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row by (score desc, index asc) and keep the first k. Exact for any input order."""
     o = torch.argsort(idx, dim=1, stable=True)
     scores, idx = scores.gather(1, o), idx.gather(1, o)
@@ -140,7 +156,9 @@ def merge_topk(parts: Sequence[TopK], k: int | None = None) -> TopK:
         raise SearchError("merge_topk: no parts")
     nq = len(parts[0])
     if any(len(p) != nq for p in parts):
-        raise SearchError(f"merge_topk: parts have different numbers of queries {[len(p) for p in parts]}")
+        raise SearchError(
+            f"merge_topk: parts have different numbers of queries {[len(p) for p in parts]}"
+        )
     k = k or max(p.k for p in parts)
     s = torch.from_numpy(np.concatenate([p.scores for p in parts], axis=1).astype(np.float32))
     i = torch.from_numpy(np.concatenate([p.indices for p in parts], axis=1).astype(np.int64))
@@ -164,6 +182,7 @@ def dense_topk(queries: np.ndarray, cands: np.ndarray, k: int) -> TopK:
 
 
 # ---- block top-k with exact boundary ties ---------------------------------------------------------
+
 
 def _topk_set(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k *set* of each row under (score desc, index asc), in no particular order.
@@ -212,9 +231,18 @@ def faiss_available() -> bool:
     return True
 
 
-def search(queries: np.ndarray, source, k: int, *, backend: str = "torch", parts: Sequence[int] | None = None,
-           block_size: int = 16384, query_chunk: int = 4096, device: str | torch.device | None = None,
-           stats: dict | None = None) -> TopK:
+def search(
+    queries: np.ndarray,
+    source,
+    k: int,
+    *,
+    backend: str = "torch",
+    parts: Sequence[int] | None = None,
+    block_size: int = 16384,
+    query_chunk: int = 4096,
+    device: str | torch.device | None = None,
+    stats: dict | None = None,
+) -> TopK:
     """Exact top-k of ``queries`` (Q, d) against a candidate ``source`` (an array or a
     :class:`CandidateSource`), streaming candidate blocks. ``parts`` restricts the search to some
     parts of the source (for splitting across processes; merge the results with :func:`merge_topk`).
@@ -225,7 +253,9 @@ def search(queries: np.ndarray, source, k: int, *, backend: str = "torch", parts
     if backend not in ("torch", "faiss"):
         raise SearchError(f"unknown search backend {backend!r} (expected 'torch' or 'faiss')")
     if backend == "faiss" and not faiss_available():
-        raise SearchError("backend='faiss' but faiss is not importable; pip install faiss-cpu or use backend='torch'")
+        raise SearchError(
+            "backend='faiss' but faiss is not importable; pip install faiss-cpu or use backend='torch'"
+        )
     if k < 1:
         raise SearchError(f"k must be >= 1, got {k}")
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -235,8 +265,10 @@ def search(queries: np.ndarray, source, k: int, *, backend: str = "torch", parts
     if source.n == 0:
         raise SearchError("empty candidate pool: nothing to search")
     if queries.shape[1] != source.dim:
-        raise SearchError(f"embedding dimension mismatch: queries have dim {queries.shape[1]}, "
-                          f"candidates have dim {source.dim} (were they encoded by different models?)")
+        raise SearchError(
+            f"embedding dimension mismatch: queries have dim {queries.shape[1]}, "
+            f"candidates have dim {source.dim} (were they encoded by different models?)"
+        )
     if not np.isfinite(queries).all():
         raise SearchError("query embeddings contain NaN or inf")
     nq = queries.shape[0]
@@ -293,8 +325,10 @@ def search_sharded(queries: np.ndarray, source, k: int, *, world_size: int, **kw
     """Single-process emulation of a ``world_size``-way split: each simulated rank searches its
     parts, the partial results are merged exactly. Equals :func:`search` on the whole source."""
     source = as_source(source)
-    outs = [search(queries, source, k, parts=split_parts(source.num_parts, r, world_size), **kw)
-            for r in range(world_size)]
+    outs = [
+        search(queries, source, k, parts=split_parts(source.num_parts, r, world_size), **kw)
+        for r in range(world_size)
+    ]
     return merge_topk(outs, k)
 
 

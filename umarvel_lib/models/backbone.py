@@ -12,6 +12,7 @@
 * :func:`caption_probe` checks what the pre-trained model knows: greedy captions of held-out scenes,
   parsed back into attributes and scored against the truth.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,7 +50,9 @@ try:  # these imports are cheap compared with the models; keep them at module le
     from transformers import Qwen2VLProcessor, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 except ImportError as e:  # pragma: no cover - only with a transformers too old for this kit
-    raise ImportError(f"umarvel_lib.models.backbone needs transformers>=5 with Qwen2-VL/Qwen3-VL: {e}") from e
+    raise ImportError(
+        f"umarvel_lib.models.backbone needs transformers>=5 with Qwen2-VL/Qwen3-VL: {e}"
+    ) from e
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -71,7 +74,9 @@ def _qwen25_processor_class():
 
     class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+            super().__init__(
+                image_processor, tokenizer, None, chat_template=chat_template, **kwargs
+            )
 
     return ImageOnlyQwen2_5_VLProcessor
 
@@ -80,8 +85,13 @@ def patch_size_for(kind: str) -> int:
     return 16 if kind == "qwen3_vl" else 14
 
 
-def build_processor(tokenizer, kind: str = "qwen2_vl", *, min_pixels: int | None = None,
-                    max_pixels: int | None = None):
+def build_processor(
+    tokenizer,
+    kind: str = "qwen2_vl",
+    *,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+):
     """Image-only processor around ``tokenizer`` with Qwen2-VL's chat template.
 
     One visual token covers ``2*patch`` pixels a side (28 for Qwen2-VL, 32 for Qwen3-VL). The defaults
@@ -93,8 +103,13 @@ def build_processor(tokenizer, kind: str = "qwen2_vl", *, min_pixels: int | None
     unit = 2 * p
     min_pixels = min_pixels if min_pixels is not None else (2 * unit) ** 2
     max_pixels = max_pixels if max_pixels is not None else (4 * unit) ** 2
-    ip = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=p,
-                                  temporal_patch_size=2, merge_size=2)
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=p,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
     cls = ImageOnlyQwen3VLProcessor if kind == "qwen3_vl" else ImageOnlyQwen2VLProcessor
     if tokenizer.chat_template is None:
         tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
@@ -147,7 +162,8 @@ def _require_local_dir(path) -> Path:
         raise FileNotFoundError(
             f"{os.fspath(path)!r} is not a local directory; no download is attempted; pass the path of a local "
             f"copy (e.g. a directory made with `huggingface-cli download` on a machine with network, or a micro "
-            f"build from umarvel_lib.models.backbone.build_backbone)")
+            f"build from umarvel_lib.models.backbone.build_backbone)"
+        )
     return p
 
 
@@ -173,7 +189,9 @@ def load_processor(path):
         ip = Qwen2VLImageProcessorPil.from_pretrained(str(p), local_files_only=True)
         proc = cls(image_processor=ip, tokenizer=proc.tokenizer, chat_template=proc.chat_template)
     if proc.chat_template is None and getattr(proc.tokenizer, "chat_template", None):
-        proc.chat_template = proc.tokenizer.chat_template  # template stored only in tokenizer_config.json
+        proc.chat_template = (
+            proc.tokenizer.chat_template
+        )  # template stored only in tokenizer_config.json
     return proc
 
 
@@ -196,12 +214,40 @@ def _quiet_transformers():
 # "micro" is a few million parameters with a deeper vision tower and 112 px images so that shapes
 # (14 % in the first probe at 56 px / depth 2) get learned.
 SIZE_PRESETS: dict[str, dict[str, Any]] = {
-    "test": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                 vision_depth=1, vision_dim=32, vision_heads=2, image_size=56, max_image_tokens=4,
-                 pretrain_steps=40, batch_size=8, lr=3e-3, warmup_steps=5, max_vocab=2048),
-    "micro": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512,
-                  vision_depth=4, vision_dim=128, vision_heads=4, image_size=112, max_image_tokens=16,
-                  pretrain_steps=2000, batch_size=32, lr=1e-3, warmup_steps=100, max_vocab=2048),
+    "test": dict(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vision_depth=1,
+        vision_dim=32,
+        vision_heads=2,
+        image_size=56,
+        max_image_tokens=4,
+        pretrain_steps=40,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=5,
+        max_vocab=2048,
+    ),
+    "micro": dict(
+        hidden_size=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=512,
+        vision_depth=4,
+        vision_dim=128,
+        vision_heads=4,
+        image_size=112,
+        max_image_tokens=16,
+        pretrain_steps=2000,
+        batch_size=32,
+        lr=1e-3,
+        warmup_steps=100,
+        max_vocab=2048,
+    ),
 }
 
 
@@ -249,7 +295,9 @@ class BackboneConfig:
         out = dataclasses.replace(self, **fill)
         head_dim = out.hidden_size // out.num_heads
         if head_dim % 4 or out.hidden_size % out.num_heads:
-            raise ValueError(f"hidden_size/num_heads = {out.hidden_size}/{out.num_heads} must give a head_dim divisible by 4")
+            raise ValueError(
+                f"hidden_size/num_heads = {out.hidden_size}/{out.num_heads} must give a head_dim divisible by 4"
+            )
         return out
 
     def to_dict(self) -> dict:
@@ -283,8 +331,12 @@ def processor_for(cfg: BackboneConfig, tokenizer):
     cfg = cfg.resolved()
     unit = 2 * patch_size_for(cfg.kind)
     side = int(math.isqrt(cfg.max_image_tokens))
-    return build_processor(tokenizer, cfg.kind, min_pixels=min(4, cfg.max_image_tokens) * unit * unit,
-                           max_pixels=side * side * unit * unit)
+    return build_processor(
+        tokenizer,
+        cfg.kind,
+        min_pixels=min(4, cfg.max_image_tokens) * unit * unit,
+        max_pixels=side * side * unit * unit,
+    )
 
 
 def build_micro_model(cfg: BackboneConfig, tokenizer):
@@ -298,36 +350,74 @@ def build_micro_model(cfg: BackboneConfig, tokenizer):
     cfg = cfg.resolved()
     ids = special_token_ids(tokenizer)
     head_dim = cfg.hidden_size // cfg.num_heads
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
-    text = dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=4096, use_cache=False,
-                rms_norm_eps=1e-6, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                bos_token_id=None)
-    top = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-               tie_word_embeddings=False)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": _mrope_section(head_dim),
+    }
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=4096,
+        use_cache=False,
+        rms_norm_eps=1e-6,
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        bos_token_id=None,
+    )
+    top = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(cfg.seed)
     if cfg.kind == "qwen2_vl":
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
         conf = Qwen2VLConfig(
             text_config=dict(text, rope_parameters=rope),
-            vision_config=dict(depth=cfg.vision_depth, embed_dim=cfg.vision_dim, hidden_size=cfg.hidden_size,
-                               num_heads=cfg.vision_heads, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-                               temporal_patch_size=2),
-            **top)
+            vision_config=dict(
+                depth=cfg.vision_depth,
+                embed_dim=cfg.vision_dim,
+                hidden_size=cfg.hidden_size,
+                num_heads=cfg.vision_heads,
+                mlp_ratio=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            ),
+            **top,
+        )
         model = Qwen2VLForConditionalGeneration(conf)
     else:
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
         conf = Qwen3VLConfig(
-            text_config=dict(text, head_dim=head_dim, rope_parameters=dict(rope, mrope_interleaved=True)),
-            vision_config=dict(depth=cfg.vision_depth, hidden_size=cfg.vision_dim, intermediate_size=2 * cfg.vision_dim,
-                               num_heads=cfg.vision_heads, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                               out_hidden_size=cfg.hidden_size, num_position_embeddings=256,
-                               deepstack_visual_indexes=[max(0, cfg.vision_depth // 2 - 1)] if cfg.vision_depth > 1 else [0]),
-            **top)
+            text_config=dict(
+                text, head_dim=head_dim, rope_parameters=dict(rope, mrope_interleaved=True)
+            ),
+            vision_config=dict(
+                depth=cfg.vision_depth,
+                hidden_size=cfg.vision_dim,
+                intermediate_size=2 * cfg.vision_dim,
+                num_heads=cfg.vision_heads,
+                patch_size=16,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                out_hidden_size=cfg.hidden_size,
+                num_position_embeddings=256,
+                deepstack_visual_indexes=[max(0, cfg.vision_depth // 2 - 1)]
+                if cfg.vision_depth > 1
+                else [0],
+            ),
+            **top,
+        )
         model = Qwen3VLForConditionalGeneration(conf)
     _set_generation_ids(model, tokenizer)
     record_token_ids(model, tokenizer)
@@ -343,9 +433,11 @@ def _set_generation_ids(model, tokenizer):
 
 def record_token_ids(model, tokenizer) -> dict[str, int]:
     """Write ``emb_token_id``/``instruction_start_token_id``/``instruction_end_token_id`` into the config."""
-    ids = {"emb_token_id": tokenizer.convert_tokens_to_ids(EMB_TOKEN),
-           "instruction_start_token_id": tokenizer.convert_tokens_to_ids(INSTRUCTION_START),
-           "instruction_end_token_id": tokenizer.convert_tokens_to_ids(INSTRUCTION_END)}
+    ids = {
+        "emb_token_id": tokenizer.convert_tokens_to_ids(EMB_TOKEN),
+        "instruction_start_token_id": tokenizer.convert_tokens_to_ids(INSTRUCTION_START),
+        "instruction_end_token_id": tokenizer.convert_tokens_to_ids(INSTRUCTION_END),
+    }
     for k, v in ids.items():
         setattr(model.config, k, v)
     return ids
@@ -380,8 +472,12 @@ def load_backbone(path, *, attn_implementation: str | None = None, dtype=None):
 
     p = _require_local_dir(path)
     if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{p} has no config.json; is it a model directory (or an incomplete build)?")
-    for w in sorted(p.glob("*.safetensors")):  # a cut weight file: its name, not transformers' bare error
+        raise FileNotFoundError(
+            f"{p} has no config.json; is it a model directory (or an incomplete build)?"
+        )
+    for w in sorted(
+        p.glob("*.safetensors")
+    ):  # a cut weight file: its name, not transformers' bare error
         check_safetensors(w)
     kw: dict[str, Any] = {"local_files_only": True}
     if attn_implementation is not None:
@@ -429,7 +525,9 @@ def _assistant_labels(input_ids, attention_mask, tokenizer):
     return labels
 
 
-def make_caption_batch(processor, rng: random.Random, n: int, *, image_size: int, text_fraction: float):
+def make_caption_batch(
+    processor, rng: random.Random, n: int, *, image_size: int, text_fraction: float
+):
     """A batch of fresh scenes: image->caption rows and (``text_fraction``) caption-only rows.
 
     Returns the processor's tensors plus ``labels`` (caption tokens only) and the scenes.
@@ -446,7 +544,9 @@ def make_caption_batch(processor, rng: random.Random, n: int, *, image_size: int
         sc.append(s)
     batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
     batch = dict(batch)
-    batch["labels"] = _assistant_labels(batch["input_ids"], batch["attention_mask"], processor.tokenizer)
+    batch["labels"] = _assistant_labels(
+        batch["input_ids"], batch["attention_mask"], processor.tokenizer
+    )
     return batch, sc
 
 
@@ -455,7 +555,9 @@ def _lm_loss(model, batch):
     return out.loss
 
 
-def pretrain(model, processor, cfg: BackboneConfig, *, progress: bool = True, log_every: int = 50) -> list[dict]:
+def pretrain(
+    model, processor, cfg: BackboneConfig, *, progress: bool = True, log_every: int = 50
+) -> list[dict]:
     """Next-token pre-training on captions of freshly sampled scenes. Returns the loss log.
 
     AdamW + linear warm-up + cosine decay, gradient clipping, everything trainable (vision tower
@@ -470,8 +572,14 @@ def pretrain(model, processor, cfg: BackboneConfig, *, progress: bool = True, lo
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
 
     def lr_at(step):
         if step < cfg.warmup_steps:
@@ -481,11 +589,20 @@ def pretrain(model, processor, cfg: BackboneConfig, *, progress: bool = True, lo
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     log, run, t0 = [], [], time.time()
-    bar = tqdm(range(cfg.pretrain_steps), disable=not progress, desc=f"pretrain {cfg.kind}-{cfg.size}",
-               mininterval=5.0)
+    bar = tqdm(
+        range(cfg.pretrain_steps),
+        disable=not progress,
+        desc=f"pretrain {cfg.kind}-{cfg.size}",
+        mininterval=5.0,
+    )
     for step in bar:
-        batch, _ = make_caption_batch(processor, rng, cfg.batch_size, image_size=cfg.image_size,
-                                      text_fraction=cfg.text_fraction)
+        batch, _ = make_caption_batch(
+            processor,
+            rng,
+            cfg.batch_size,
+            image_size=cfg.image_size,
+            text_fraction=cfg.text_fraction,
+        )
         loss = _lm_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -495,16 +612,30 @@ def pretrain(model, processor, cfg: BackboneConfig, *, progress: bool = True, lo
         run.append(loss.item())
         if (step + 1) % log_every == 0 or step + 1 == cfg.pretrain_steps:
             avg = sum(run) / len(run)
-            log.append({"step": step + 1, "loss": round(avg, 5), "lr": sched.get_last_lr()[0],
-                        "seconds": round(time.time() - t0, 1)})
+            log.append(
+                {
+                    "step": step + 1,
+                    "loss": round(avg, 5),
+                    "lr": sched.get_last_lr()[0],
+                    "seconds": round(time.time() - t0, 1),
+                }
+            )
             bar.set_postfix(loss=f"{avg:.3f}")
             run = []
     model.eval()
     return log
 
 
-def heldout_caption_loss(model, processor, *, n: int = 64, seed: int = 12345, image_size: int = 56,
-                         batch_size: int = 16, text_fraction: float = 0.0) -> float:
+def heldout_caption_loss(
+    model,
+    processor,
+    *,
+    n: int = 64,
+    seed: int = 12345,
+    image_size: int = 56,
+    batch_size: int = 16,
+    text_fraction: float = 0.0,
+) -> float:
     """Mean per-token caption loss on held-out scenes (a seed stream disjoint from pre-training's)."""
     import torch
 
@@ -513,8 +644,13 @@ def heldout_caption_loss(model, processor, *, n: int = 64, seed: int = 12345, im
     model.eval()
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            b, _ = make_caption_batch(processor, rng, min(batch_size, n - start), image_size=image_size,
-                                      text_fraction=text_fraction)
+            b, _ = make_caption_batch(
+                processor,
+                rng,
+                min(batch_size, n - start),
+                image_size=image_size,
+                text_fraction=text_fraction,
+            )
             k = int((b["labels"][:, 1:] != -100).sum())
             tot += float(_lm_loss(model, b)) * k
             cnt += k
@@ -526,10 +662,16 @@ def heldout_caption_loss(model, processor, *, n: int = 64, seed: int = 12345, im
 # ------------------------------------------------------------------------------------------------
 def is_complete_build(path) -> bool:
     p = Path(path)
-    return (p / RECIPE_FILE).is_file() and (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+    return (
+        (p / RECIPE_FILE).is_file()
+        and (p / "config.json").is_file()
+        and (p / "model.safetensors").is_file()
+    )
 
 
-def build_backbone(cfg: BackboneConfig, cache_dir, *, progress: bool = True, force: bool = False) -> Path:
+def build_backbone(
+    cfg: BackboneConfig, cache_dir, *, progress: bool = True, force: bool = False
+) -> Path:
     """Build (or reuse) the micro backbone of ``cfg`` under ``cache_dir/<kind>-<size>-<hash>/``.
 
     The directory holds ``model.safetensors`` + ``config.json`` (``save_pretrained``), the processor
@@ -552,20 +694,35 @@ def build_backbone(cfg: BackboneConfig, cache_dir, *, progress: bool = True, for
         processor = processor_for(cfg, tokenizer)
         model = build_micro_model(cfg, tokenizer)
         n_params = sum(p.numel() for p in model.parameters())
-        heldout = dict(n=32 if cfg.size == "test" else 128, image_size=cfg.image_size, seed=cfg.seed + 999)
+        heldout = dict(
+            n=32 if cfg.size == "test" else 128, image_size=cfg.image_size, seed=cfg.seed + 999
+        )
         loss_before = heldout_caption_loss(model, processor, **heldout)
         log = pretrain(model, processor, cfg, progress=progress) if cfg.pretrain_steps > 0 else []
         t_train = time.time() - t0
-        loss_after = heldout_caption_loss(model, processor, **heldout) if cfg.pretrain_steps > 0 else loss_before
+        loss_after = (
+            heldout_caption_loss(model, processor, **heldout)
+            if cfg.pretrain_steps > 0
+            else loss_before
+        )
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             processor.save_pretrained(tmp)
             recipe = {
-                "config": cfg.to_dict(), "hash": cfg.hash, "name": cfg.name,
-                "params": n_params, "vocab_size": len(tokenizer), "token_ids": special_token_ids(tokenizer),
-                "heldout_caption_loss": {"untrained": round(loss_before, 5), "pretrained": round(loss_after, 5)},
-                "pretrain_log": log, "build_seconds": round(time.time() - t0, 1),
-                "pretrain_seconds": round(t_train, 1), "torch_threads": torch.get_num_threads(),
+                "config": cfg.to_dict(),
+                "hash": cfg.hash,
+                "name": cfg.name,
+                "params": n_params,
+                "vocab_size": len(tokenizer),
+                "token_ids": special_token_ids(tokenizer),
+                "heldout_caption_loss": {
+                    "untrained": round(loss_before, 5),
+                    "pretrained": round(loss_after, 5),
+                },
+                "pretrain_log": log,
+                "build_seconds": round(time.time() - t0, 1),
+                "pretrain_seconds": round(t_train, 1),
+                "torch_threads": torch.get_num_threads(),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             }
             atomic_write_json(tmp / RECIPE_FILE, recipe)
@@ -576,10 +733,15 @@ def read_recipe(path) -> dict:
     return read_json(Path(path) / RECIPE_FILE)
 
 
-def tiny_backbone(cache_dir, kind: str = "qwen2_vl", *, pretrain_steps: int = 0, seed: int = 0) -> Path:
+def tiny_backbone(
+    cache_dir, kind: str = "qwen2_vl", *, pretrain_steps: int = 0, seed: int = 0
+) -> Path:
     """Shortcut for tests of other modules: a ``test``-size build (seconds)."""
-    return build_backbone(BackboneConfig(kind=kind, size="test", pretrain_steps=pretrain_steps, seed=seed),
-                          cache_dir, progress=False)
+    return build_backbone(
+        BackboneConfig(kind=kind, size="test", pretrain_steps=pretrain_steps, seed=seed),
+        cache_dir,
+        progress=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -590,7 +752,9 @@ _NUM = {w: i for i, w in enumerate(scenes.NUMBER_WORDS)}
 
 def _phrase_table(table: dict) -> list[tuple[str, str]]:
     pairs = [(w, k) for k, words in table.items() for w in words]
-    return sorted(pairs, key=lambda x: -len(x[0]))  # longest first ("tilted square" before "square")
+    return sorted(
+        pairs, key=lambda x: -len(x[0])
+    )  # longest first ("tilted square" before "square")
 
 
 _SHAPE_P = _phrase_table(scenes.SHAPE_WORDS)
@@ -605,7 +769,7 @@ def _find(text: str, table: list[tuple[str, str]]) -> tuple[str | None, str]:
     for w, k in table:
         m = re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", text)
         if m:
-            return k, text[:m.start()] + " " + text[m.end():]
+            return k, text[: m.start()] + " " + text[m.end() :]
     return None, text
 
 
@@ -618,7 +782,7 @@ def parse_caption(text: str) -> dict:
     m = re.match(r"^(\w+) objects? on an? \w+ background:\s*", t)
     if m:
         count = _NUM.get(m.group(1))
-        t = t[m.end():]
+        t = t[m.end() :]
     pieces = [p for p in re.split(r";|, and |\. also | while |\.\s", t) if p.strip()]
     objs = []
     for piece in pieces:
@@ -652,7 +816,9 @@ def score_caption(scene: scenes.Scene, text: str) -> dict[str, float | None]:
         hits = [float(by_pos.get(o.position, {}).get(attr) == o.get(attr)) for o in scene.objects]
         res[attr] = sum(hits) / n
     res["position"] = sum(float(o.position in by_pos) for o in scene.objects) / n
-    res["color_anywhere"] = sum(float(o.color in {p.get("color") for p in pred}) for o in scene.objects) / n
+    res["color_anywhere"] = (
+        sum(float(o.color in {p.get("color") for p in pred}) for o in scene.objects) / n
+    )
     res["count"] = float(len(pred) == n)
     # colour+shape pair present anywhere in the caption (ignores position)
     pairs = {(o.get("color"), o.get("shape")) for o in pred}
@@ -663,7 +829,9 @@ def score_caption(scene: scenes.Scene, text: str) -> dict[str, float | None]:
     res["binding"] = None
     res["binding_chance"] = None
     if n >= 2 and len(set(cols)) == n and len(set(shps)) == n and len(pred) == n:
-        if sorted(str(o["color"]) for o in pred) == sorted(cols) and sorted(str(o["shape"]) for o in pred) == sorted(shps):
+        if sorted(str(o["color"]) for o in pred) == sorted(cols) and sorted(
+            str(o["shape"]) for o in pred
+        ) == sorted(shps):
             res["binding"] = float({(o["color"], o["shape"]) for o in pred} == set(zip(cols, shps)))
             res["binding_chance"] = 1.0 / len(list(permutations(range(n))))
     return res
@@ -682,7 +850,9 @@ def _chance(attr: str, scene: scenes.Scene) -> float:
     return 1.0 / len(scenes.VALUES[attr])
 
 
-def generate_captions(model, processor, images, *, batch_size: int = 16, max_new_tokens: int = 64) -> list[str]:
+def generate_captions(
+    model, processor, images, *, batch_size: int = 16, max_new_tokens: int = 64
+) -> list[str]:
     """Greedy captions (left padding, stop at ``<|im_end|>``)."""
     import torch
 
@@ -695,20 +865,36 @@ def generate_captions(model, processor, images, *, batch_size: int = 16, max_new
         model.eval()
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
-                imgs = images[i:i + batch_size]
-                b = processor(text=[prompt] * len(imgs), images=imgs, padding=True, return_tensors="pt")
-                gen = model.generate(**b, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                                     pad_token_id=tok.pad_token_id)
-                new = gen[:, b["input_ids"].shape[1]:]
+                imgs = images[i : i + batch_size]
+                b = processor(
+                    text=[prompt] * len(imgs), images=imgs, padding=True, return_tensors="pt"
+                )
+                gen = model.generate(
+                    **b,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                    pad_token_id=tok.pad_token_id,
+                )
+                new = gen[:, b["input_ids"].shape[1] :]
                 outs.extend(tok.batch_decode(new, skip_special_tokens=True))
     finally:
         tok.padding_side = old_side
     return [o.strip() for o in outs]
 
 
-def caption_probe(model, processor, n: int = 200, seed: int = 777, *, image_size: int = 112,
-                  untrained_model=None, batch_size: int = 16, return_captions: bool = False):
+def caption_probe(
+    model,
+    processor,
+    n: int = 200,
+    seed: int = 777,
+    *,
+    image_size: int = 112,
+    untrained_model=None,
+    batch_size: int = 16,
+    return_captions: bool = False,
+):
     """Greedy captions of ``n`` held-out scenes, scored per attribute against the truth.
 
     Returns a ``pandas.DataFrame`` with one row per metric (``accuracy``, ``chance``, ``n``) and, as
@@ -730,8 +916,17 @@ def caption_probe(model, processor, n: int = 200, seed: int = 777, *, image_size
     sc = [scenes.sample_scene(rng) for _ in range(n)]
     imgs = [scenes.render(s, image_size, jitter_seed=rng.randrange(1 << 30)) for s in sc]
     caps = generate_captions(model, processor, imgs, batch_size=batch_size)
-    attrs = ("color", "shape", "position", "size", "texture", "count", "color_anywhere", "color_shape_pair",
-             "binding")
+    attrs = (
+        "color",
+        "shape",
+        "position",
+        "size",
+        "texture",
+        "count",
+        "color_anywhere",
+        "color_shape_pair",
+        "binding",
+    )
     acc: dict[str, list[float]] = {a: [] for a in attrs}
     ch: dict[str, list[float]] = {a: [] for a in attrs}
     for s, c in zip(sc, caps):
@@ -741,15 +936,33 @@ def caption_probe(model, processor, n: int = 200, seed: int = 777, *, image_size
                 continue
             acc[a].append(r[a])
             ch[a].append(r["binding_chance"] if a == "binding" else _chance(a, s))
-    rows = [{"metric": a, "accuracy": (sum(acc[a]) / len(acc[a])) if acc[a] else float("nan"),
-             "chance": (sum(ch[a]) / len(ch[a])) if ch[a] else float("nan"), "n": len(acc[a])} for a in attrs]
+    rows = [
+        {
+            "metric": a,
+            "accuracy": (sum(acc[a]) / len(acc[a])) if acc[a] else float("nan"),
+            "chance": (sum(ch[a]) / len(ch[a])) if ch[a] else float("nan"),
+            "n": len(acc[a]),
+        }
+        for a in attrs
+    ]
     loss_kw = dict(n=min(n, 128), seed=seed, image_size=image_size, batch_size=batch_size)
-    rows.append({"metric": "heldout_caption_loss", "accuracy": heldout_caption_loss(model, processor, **loss_kw),
-                 "chance": float("nan"), "n": loss_kw["n"]})
+    rows.append(
+        {
+            "metric": "heldout_caption_loss",
+            "accuracy": heldout_caption_loss(model, processor, **loss_kw),
+            "chance": float("nan"),
+            "n": loss_kw["n"],
+        }
+    )
     if untrained_model is not None:
-        rows.append({"metric": "heldout_caption_loss_untrained",
-                     "accuracy": heldout_caption_loss(untrained_model, processor, **loss_kw),
-                     "chance": float("nan"), "n": loss_kw["n"]})
+        rows.append(
+            {
+                "metric": "heldout_caption_loss_untrained",
+                "accuracy": heldout_caption_loss(untrained_model, processor, **loss_kw),
+                "chance": float("nan"),
+                "n": loss_kw["n"],
+            }
+        )
     df = pd.DataFrame(rows)
     if return_captions:
         return df, [(scenes.canonical_caption(s), c) for s, c in zip(sc, caps)]
@@ -757,9 +970,29 @@ def caption_probe(model, processor, n: int = 200, seed: int = 777, *, image_size
 
 
 __all__ = [
-    "BackboneConfig", "SIZE_PRESETS", "ImageOnlyQwen2VLProcessor", "ImageOnlyQwen3VLProcessor",
-    "build_tokenizer", "build_processor", "processor_for", "load_processor", "build_micro_model",
-    "ensure_umarvel_tokens", "record_token_ids", "load_backbone", "pretrain", "heldout_caption_loss",
-    "make_caption_batch", "chat_text", "build_backbone", "tiny_backbone", "read_recipe", "is_complete_build",
-    "caption_probe", "generate_captions", "parse_caption", "score_caption", "ANSWER_TOKENS",
+    "BackboneConfig",
+    "SIZE_PRESETS",
+    "ImageOnlyQwen2VLProcessor",
+    "ImageOnlyQwen3VLProcessor",
+    "build_tokenizer",
+    "build_processor",
+    "processor_for",
+    "load_processor",
+    "build_micro_model",
+    "ensure_umarvel_tokens",
+    "record_token_ids",
+    "load_backbone",
+    "pretrain",
+    "heldout_caption_loss",
+    "make_caption_batch",
+    "chat_text",
+    "build_backbone",
+    "tiny_backbone",
+    "read_recipe",
+    "is_complete_build",
+    "caption_probe",
+    "generate_captions",
+    "parse_caption",
+    "score_caption",
+    "ANSWER_TOKENS",
 ]

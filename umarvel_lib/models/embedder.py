@@ -26,6 +26,7 @@ by hand:
 * **temperature** -- :class:`Temperature`: a raw scalar tau (init 0.05, logits = cos / tau, no clamp
   by default), trainable or frozen, saved and loaded with the embedder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -117,7 +118,9 @@ def _validate_backend(model: nn.Module) -> None:
         )
 
 
-def set_attention(model: nn.Module, mode: str, *, attn_implementation: str | None = None) -> nn.Module:
+def set_attention(
+    model: nn.Module, mode: str, *, attn_implementation: str | None = None
+) -> nn.Module:
     """THE switch between causal and bidirectional attention (idempotent; returns ``model``).
 
     Sets ``text_config.is_causal`` (transformers' ``create_causal_mask`` then builds a bidirectional
@@ -240,7 +243,10 @@ def mrope_position_ids(
     if mm_token_type_ids is None:
         mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
     pos, _ = vlm_core(model).get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        input_ids,
+        mm_token_type_ids=mm_token_type_ids,
+        image_grid_thw=image_grid_thw,
+        attention_mask=attention_mask,
     )
     return pos
 
@@ -278,7 +284,9 @@ def truncate_text(text: str, tokenizer, max_tokens: int | None) -> str:
 def _token_id(tokenizer, token: str, *, required: bool = True) -> int | None:
     tid = tokenizer.convert_tokens_to_ids(token)
     unk = getattr(tokenizer, "unk_token_id", None)
-    if tid is None or (unk is not None and tid == unk and token != getattr(tokenizer, "unk_token", None)):
+    if tid is None or (
+        unk is not None and tid == unk and token != getattr(tokenizer, "unk_token", None)
+    ):
         if required:
             raise ValueError(
                 f"the tokenizer has no {token!r} token; the backbone loader must add U-MARVEL's tokens "
@@ -290,8 +298,14 @@ def _token_id(tokenizer, token: str, *, required: bool = True) -> int | None:
 
 def render_chat(processor, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
     """Render ``messages`` with the processor's (or its tokenizer's) chat template, untokenised."""
-    owner = processor if getattr(processor, "chat_template", None) else getattr(processor, "tokenizer", processor)
-    return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    owner = (
+        processor
+        if getattr(processor, "chat_template", None)
+        else getattr(processor, "tokenizer", processor)
+    )
+    return owner.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def move_to_device(batch: dict, device: torch.device) -> dict:
@@ -372,9 +386,13 @@ class Temperature(nn.Module):
     released code.
     """
 
-    def __init__(self, init: float = 0.05, *, trainable: bool = True, min_value: float | None = None):
+    def __init__(
+        self, init: float = 0.05, *, trainable: bool = True, min_value: float | None = None
+    ):
         super().__init__()
-        self.tau = nn.Parameter(torch.tensor(float(init), dtype=torch.float32), requires_grad=trainable)
+        self.tau = nn.Parameter(
+            torch.tensor(float(init), dtype=torch.float32), requires_grad=trainable
+        )
         self.min_value = min_value
 
     def forward(self, cos: torch.Tensor) -> torch.Tensor:
@@ -387,7 +405,9 @@ class Temperature(nn.Module):
         return float(self.tau.detach().cpu())
 
     def extra_repr(self) -> str:
-        return f"tau={self.value:.6g}, trainable={self.tau.requires_grad}, min_value={self.min_value}"
+        return (
+            f"tau={self.value:.6g}, trainable={self.tau.requires_grad}, min_value={self.min_value}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +426,9 @@ def resolve_local_checkpoint(path: str | os.PathLike) -> Path:
     if p.is_dir():
         return p.resolve()
     s = str(path)
-    looks_like_hub = ("/" in s and not s.startswith(("/", ".", "~")) and s.count("/") == 1) or "/" not in s
+    looks_like_hub = (
+        "/" in s and not s.startswith(("/", ".", "~")) and s.count("/") == 1
+    ) or "/" not in s
     hint = (
         f"{s!r} looks like a hub id; this kit loads checkpoints from local directories only (no hub access). "
         "Download it first (e.g. `huggingface-cli download ORG/NAME --local-dir DIR` on a machine with network) "
@@ -448,12 +470,17 @@ def weights_digest(model: nn.Module) -> str:
 
 def processor_digest(processor) -> str:
     tok = getattr(processor, "tokenizer", processor)
-    info: dict[str, Any] = {"vocab": len(tok), "chat_template": getattr(processor, "chat_template", None)
-                            or getattr(tok, "chat_template", None)}
+    info: dict[str, Any] = {
+        "vocab": len(tok),
+        "chat_template": getattr(processor, "chat_template", None)
+        or getattr(tok, "chat_template", None),
+    }
     ip = getattr(processor, "image_processor", None)
     if ip is not None:
         d = ip.to_dict() if hasattr(ip, "to_dict") else {}
-        info["image_processor"] = {k: d.get(k) for k in sorted(d) if k not in ("processor_class", "_processor_class")}
+        info["image_processor"] = {
+            k: d.get(k) for k in sorted(d) if k not in ("processor_class", "_processor_class")
+        }
     blob = json.dumps(info, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
@@ -471,8 +498,14 @@ class Embedder(nn.Module):
     weights came from (needed to save a LoRA adapter next to a reference to its base).
     """
 
-    def __init__(self, model: nn.Module, processor, cfg: EmbedderConfig | None = None, *,
-                 source: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        processor,
+        cfg: EmbedderConfig | None = None,
+        *,
+        source: str | os.PathLike | None = None,
+    ):
         super().__init__()
         self.cfg = cfg or EmbedderConfig()
         self.model = model
@@ -480,12 +513,16 @@ class Embedder(nn.Module):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.source = str(source) if source is not None else None
         self.temperature = Temperature(
-            self.cfg.temperature_init, trainable=self.cfg.train_temperature, min_value=self.cfg.temperature_min
+            self.cfg.temperature_init,
+            trainable=self.cfg.train_temperature,
+            min_value=self.cfg.temperature_min,
         )
         self.emb_id = _token_id(self.tokenizer, EMB_TOKEN)
         self.instr_start_id = _token_id(self.tokenizer, INSTRUCTION_START)
         self.instr_end_id = _token_id(self.tokenizer, INSTRUCTION_END)
-        set_attention(self.model, self.cfg.attention, attn_implementation=self.cfg.attn_implementation)
+        set_attention(
+            self.model, self.cfg.attention, attn_implementation=self.cfg.attn_implementation
+        )
         self.temperature.to(self.device)
         self._template_cache: dict[tuple[bool, bool, bool], tuple[str, str]] = {}
         self.pixel_limits = self._apply_pixel_limits()
@@ -501,8 +538,10 @@ class Embedder(nn.Module):
         mn = self.cfg.min_pixels if self.cfg.min_pixels is not None else mn
         mx = self.cfg.max_pixels if self.cfg.max_pixels is not None else mx
         if mn is None or mx is None:
-            raise ValueError(f"no default image budget for model_type {model_type(self.model)!r}; set "
-                             f"embedder.min_pixels and embedder.max_pixels")
+            raise ValueError(
+                f"no default image budget for model_type {model_type(self.model)!r}; set "
+                f"embedder.min_pixels and embedder.max_pixels"
+            )
         set_pixel_limits(self.processor, mn, mx)
         return mn, mx
 
@@ -557,9 +596,12 @@ class Embedder(nn.Module):
         if key not in self._template_cache:
             sentinel = "\x00UMARVEL_USER_TEXT\x00"
             content = ([{"type": "image"}] if has_image else []) + (
-                [{"type": "text", "text": sentinel}] if has_text else [])
-            msgs = [{"role": "user", "content": content},
-                    {"role": "assistant", "content": [{"type": "text", "text": ASSISTANT_EMB_TEXT}]}]
+                [{"type": "text", "text": sentinel}] if has_text else []
+            )
+            msgs = [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": ASSISTANT_EMB_TEXT}]},
+            ]
             s = render_chat(self.processor, msgs, add_generation_prompt=self.cfg.generation_prompt)
             if has_text:
                 if s.count(sentinel) != 1:
@@ -592,7 +634,10 @@ class Embedder(nn.Module):
         enc = self.processor(**kw)
         batch = model_inputs(self.model, dict(enc), positions=self.cfg.positions)
         batch["pool_mask"] = pooling_mask(
-            batch["attention_mask"], batch["input_ids"], start_id=self.instr_start_id, end_id=self.instr_end_id,
+            batch["attention_mask"],
+            batch["input_ids"],
+            start_id=self.instr_start_id,
+            end_id=self.instr_end_id,
             mask_instruction=self.cfg.instruction_mask,
         )
         return batch
@@ -604,21 +649,30 @@ class Embedder(nn.Module):
         the token before ``<emb>`` for last-token pooling)."""
         batch = self.collate([item])
         ids = batch["input_ids"][0]
-        span = instruction_span_mask(batch["input_ids"], self.instr_start_id, self.instr_end_id)[0] \
-            if self.instr_start_id is not None and self.instr_end_id is not None else torch.zeros_like(ids, dtype=torch.bool)
+        span = (
+            instruction_span_mask(batch["input_ids"], self.instr_start_id, self.instr_end_id)[0]
+            if self.instr_start_id is not None and self.instr_end_id is not None
+            else torch.zeros_like(ids, dtype=torch.bool)
+        )
         if self.cfg.pooling == "mean":
             pooled = batch["pool_mask"][0].bool()
         else:
             pooled = torch.zeros_like(ids, dtype=torch.bool)
             pooled[int((ids == self.emb_id).int().argmax()) - 1] = True
         toks = self.tokenizer.convert_ids_to_tokens(ids.tolist())
-        return [{"token": t, "instruction": bool(i), "pooled": bool(p)} for t, i, p in zip(toks, span.tolist(), pooled.tolist())]
+        return [
+            {"token": t, "instruction": bool(i), "pooled": bool(p)}
+            for t, i, p in zip(toks, span.tolist(), pooled.tolist())
+        ]
 
     def lengths(self, items: Sequence[Item]) -> np.ndarray:
         """Approximate token length of every item (text tokens + visual tokens), for bucketing."""
         texts = [self.render(it) for it in items]
         n_txt = [len(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        n_img = [image_token_count(self.processor, _image_size(it)) if it.has_image else 0 for it in items]
+        n_img = [
+            image_token_count(self.processor, _image_size(it)) if it.has_image else 0
+            for it in items
+        ]
         return np.asarray(n_txt, dtype=np.int64) + np.asarray(n_img, dtype=np.int64)
 
     # ------------------------------------------------------------------ forward
@@ -638,8 +692,15 @@ class Embedder(nn.Module):
         return self.temperature(q @ d.T)
 
     @torch.no_grad()
-    def encode(self, items: Sequence[Item], batch_size: int = 32, progress: bool = True, *,
-               sort_by_length: bool = True, desc: str = "encode") -> np.ndarray:
+    def encode(
+        self,
+        items: Sequence[Item],
+        batch_size: int = 32,
+        progress: bool = True,
+        *,
+        sort_by_length: bool = True,
+        desc: str = "encode",
+    ) -> np.ndarray:
         """Embeddings (N, D) float32, row i for ``items[i]``.
 
         Length-bucketed (sorted by length, longest first, order restored), no grad, eval mode,
@@ -663,11 +724,15 @@ class Embedder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with tqdm(total=n, desc=desc, disable=not progress, mininterval=5.0, unit="item") as bar:
+            with tqdm(
+                total=n, desc=desc, disable=not progress, mininterval=5.0, unit="item"
+            ) as bar:
                 for s in range(0, n, batch_size):
-                    idx = order[s:s + batch_size]
+                    idx = order[s : s + batch_size]
                     batch = self.collate([items[i] for i in idx])
-                    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                    with torch.autocast(
+                        device_type="cuda", dtype=torch.bfloat16, enabled=use_autocast
+                    ):
                         emb = self.forward(batch)
                     out[idx] = emb.float().cpu().numpy()
                     bar.update(len(idx))
@@ -725,14 +790,20 @@ class Embedder(nn.Module):
 
         from ..io import atomic_dir, atomic_write_json
 
-        meta: dict[str, Any] = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict(),
-                                "tau": self.temperature.value, "model_type": model_type(self.model)}
+        meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "config": self.cfg.to_dict(),
+            "tau": self.temperature.value,
+            "model_type": model_type(self.model),
+        }
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             if self.is_lora:
                 if self.source is None:
-                    raise ValueError("cannot save a LoRA embedder without a base checkpoint path (source); "
-                                     "merge_lora() first or build the embedder with from_pretrained()")
+                    raise ValueError(
+                        "cannot save a LoRA embedder without a base checkpoint path (source); "
+                        "merge_lora() first or build the embedder with from_pretrained()"
+                    )
                 meta["base"] = self.source
                 from .lora import save_lora
 
@@ -740,13 +811,22 @@ class Embedder(nn.Module):
             else:
                 unwrap_model(self.model).save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
-            save_file({"tau": self.temperature.tau.detach().cpu().contiguous()}, str(tmp / TEMPERATURE_FILE))
+            save_file(
+                {"tau": self.temperature.tau.detach().cpu().contiguous()},
+                str(tmp / TEMPERATURE_FILE),
+            )
             atomic_write_json(tmp / EMBEDDER_JSON, meta)
         return directory
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, cfg: EmbedderConfig | None = None, *,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Embedder:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        cfg: EmbedderConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Embedder:
         """Load an embedder saved by :meth:`save`, or wrap a backbone checkpoint directory.
 
         Models load through ``backbone.load_backbone(path)`` (micro and real Qwen2-VL / Qwen3-VL /
@@ -791,12 +871,34 @@ class Embedder(nn.Module):
 
 
 __all__ = [
-    "ATTENTION_MODES", "POOLING_MODES", "POSITION_MODES", "SUPPORTED_ATTN_IMPLEMENTATIONS", "COMPRESSION_SUFFIXES",
-    "UnsupportedAttentionError", "EmbedderConfig", "Embedder", "Temperature",
-    "set_attention", "check_attention", "attention_mode", "unwrap_model", "vlm_core",
-    "instruction_span_mask", "masked_mean", "last_before_token", "pooling_mask",
-    "sequential_position_ids", "mrope_position_ids", "model_inputs", "run_core",
-    "compression_suffix", "query_text", "truncate_text", "render_chat", "weights_digest", "model_type",
+    "ATTENTION_MODES",
+    "POOLING_MODES",
+    "POSITION_MODES",
+    "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "COMPRESSION_SUFFIXES",
+    "UnsupportedAttentionError",
+    "EmbedderConfig",
+    "Embedder",
+    "Temperature",
+    "set_attention",
+    "check_attention",
+    "attention_mode",
+    "unwrap_model",
+    "vlm_core",
+    "instruction_span_mask",
+    "masked_mean",
+    "last_before_token",
+    "pooling_mask",
+    "sequential_position_ids",
+    "mrope_position_ids",
+    "model_inputs",
+    "run_core",
+    "compression_suffix",
+    "query_text",
+    "truncate_text",
+    "render_chat",
+    "weights_digest",
+    "model_type",
     "move_to_device",
     "resolve_local_checkpoint",
 ]

@@ -6,6 +6,7 @@ modules with a substring rule ("model" in the name), which on Qwen3-VL (``model.
 catches the vision tower. Here the targets are the exact module names found *under the language
 model*, so no vision module can be selected, whatever the architecture calls its layers.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,13 +47,22 @@ def lora_target_modules(model: nn.Module) -> list[str]:
             names.append(f"{prefix}.{name}" if prefix else name)
     if not names:
         raise ValueError(f"no LoRA target found in {type(base).__name__}'s language model")
-    if any(".visual." in f".{n}." or n.endswith("lm_head") for n in names):  # defensive; cannot happen
+    if any(
+        ".visual." in f".{n}." or n.endswith("lm_head") for n in names
+    ):  # defensive; cannot happen
         raise AssertionError("LoRA target list contains a vision module or the lm_head")
     return names
 
 
-def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float = 0.05, *,
-               target_modules: list[str] | None = None, modules_to_save: list[str] | None = None):
+def apply_lora(
+    model: nn.Module,
+    r: int,
+    alpha: int,
+    dropout: float = 0.05,
+    *,
+    target_modules: list[str] | None = None,
+    modules_to_save: list[str] | None = None,
+):
     """Wrap ``model`` with a peft LoRA adapter on :func:`lora_target_modules`. Returns the ``PeftModel``.
 
     Base weights (vision tower, merger, embeddings, lm_head included) are frozen by peft; the
@@ -61,10 +71,18 @@ def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float = 0.05, *,
     from peft import LoraConfig, get_peft_model
 
     if _is_peft(model):
-        raise ValueError("model already carries a LoRA adapter; merge_lora() it first (U-MARVEL merges per stage)")
+        raise ValueError(
+            "model already carries a LoRA adapter; merge_lora() it first (U-MARVEL merges per stage)"
+        )
     targets = target_modules or lora_target_modules(model)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                     modules_to_save=modules_to_save)
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        bias="none",
+        modules_to_save=modules_to_save,
+    )
     return get_peft_model(model, cfg)
 
 
@@ -99,5 +117,12 @@ def trainable_parameters(model: nn.Module) -> dict[str, int]:
     return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
 
 
-__all__ = ["LM_LINEAR_SUFFIXES", "lora_target_modules", "apply_lora", "merge_lora", "save_lora", "load_lora",
-           "trainable_parameters"]
+__all__ = [
+    "LM_LINEAR_SUFFIXES",
+    "lora_target_modules",
+    "apply_lora",
+    "merge_lora",
+    "save_lora",
+    "load_lora",
+    "trainable_parameters",
+]

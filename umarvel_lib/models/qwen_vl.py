@@ -3,6 +3,7 @@
 The bottom of :mod:`umarvel_lib.models` (imports no other model module), so :mod:`.lora` and
 :mod:`.embedder` can both use it without importing each other.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -35,4 +36,3 @@ def vlm_core(model: nn.Module) -> nn.Module:
             f"and `.model.get_rope_index`); supported model types: {SUPPORTED_MODEL_TYPES}"
         )
     return core
-

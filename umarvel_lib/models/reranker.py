@@ -11,6 +11,7 @@ The query text carries the task instruction without marker tokens,
 The released prompt string has a source-code line continuation inside it (a run of spaces after
 "candidate"); we use the clean single-space sentence.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,7 +79,9 @@ def fused_teacher(cos: torch.Tensor, p_yes: torch.Tensor, w: torch.Tensor | floa
     :func:`fusion_weights`). With ``w = 1`` this is ``0.5·cos + 0.5·P(Yes)``.
     """
     if cos.shape != p_yes.shape:
-        raise ValueError(f"cos and p_yes must have the same shape, got {tuple(cos.shape)} / {tuple(p_yes.shape)}")
+        raise ValueError(
+            f"cos and p_yes must have the same shape, got {tuple(cos.shape)} / {tuple(p_yes.shape)}"
+        )
     if isinstance(w, torch.Tensor) and w.ndim == 1:
         w = w.to(cos.dtype).unsqueeze(-1)
     return (cos + w * p_yes) / 2
@@ -99,14 +102,18 @@ class RerankerConfig:
 def _single_token_id(tokenizer, word: str) -> int:
     ids = tokenizer.encode(word, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(f"{word!r} is {len(ids)} tokens in this tokenizer; the reranker needs it as one token")
+        raise ValueError(
+            f"{word!r} is {len(ids)} tokens in this tokenizer; the reranker needs it as one token"
+        )
     return int(ids[0])
 
 
 class Reranker(nn.Module):
     """Pointwise Yes/No reranker over a causal Qwen-VL model (kept separate from the embedder's model)."""
 
-    def __init__(self, model: nn.Module, processor, cfg: RerankerConfig | None = None, *, source=None):
+    def __init__(
+        self, model: nn.Module, processor, cfg: RerankerConfig | None = None, *, source=None
+    ):
         super().__init__()
         self.cfg = cfg or RerankerConfig()
         self.model = model
@@ -128,7 +135,10 @@ class Reranker(nn.Module):
         return truncate_text(txt, self.tokenizer, self.cfg.max_text_tokens)
 
     def messages(self, query: Item, cand: Item, answer: str | None = None) -> list[dict]:
-        content: list[dict] = [{"type": "text", "text": RERANK_PROMPT}, {"type": "text", "text": "Query:"}]
+        content: list[dict] = [
+            {"type": "text", "text": RERANK_PROMPT},
+            {"type": "text", "text": "Query:"},
+        ]
         for it, is_q in ((query, True), (cand, False)):
             if not is_q:
                 content.append({"type": "text", "text": "Candidate:"})
@@ -142,7 +152,9 @@ class Reranker(nn.Module):
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return msgs
 
-    def collate(self, pairs: Sequence[tuple[Item, Item]], labels: Sequence[bool] | None = None) -> dict:
+    def collate(
+        self, pairs: Sequence[tuple[Item, Item]], labels: Sequence[bool] | None = None
+    ) -> dict:
         """Batch of (query, candidate) pairs.
 
         Without ``labels``: scoring prompts ending in the generation prompt (``score_index`` = last real
@@ -154,7 +166,11 @@ class Reranker(nn.Module):
         texts, images = [], []
         for i, (q, c) in enumerate(pairs):
             ans = None if labels is None else (YES if labels[i] else NO)
-            texts.append(render_chat(self.processor, self.messages(q, c, ans), add_generation_prompt=ans is None))
+            texts.append(
+                render_chat(
+                    self.processor, self.messages(q, c, ans), add_generation_prompt=ans is None
+                )
+            )
             images += [it.load_image() for it in (q, c) if it.has_image]
         kw: dict[str, Any] = dict(text=texts, padding=True, return_tensors="pt")
         if images:
@@ -164,14 +180,18 @@ class Reranker(nn.Module):
         ids, am = batch["input_ids"], batch["attention_mask"]
         if labels is None:
             # right or left padding: the last real token is the one whose logits answer
-            last = torch.where(am.bool(), torch.arange(ids.shape[1]).expand_as(ids), -1).max(1).values
+            last = (
+                torch.where(am.bool(), torch.arange(ids.shape[1]).expand_as(ids), -1).max(1).values
+            )
             batch["score_index"] = last
         else:
             target = torch.tensor([self.yes_id if y else self.no_id for y in labels])
             is_ans = ((ids == self.yes_id) | (ids == self.no_id)) & am.bool()
             pos = torch.where(is_ans, torch.arange(ids.shape[1]).expand_as(ids), -1).max(1).values
             if bool((pos < 0).any()) or bool((ids[torch.arange(len(pos)), pos] != target).any()):
-                raise RuntimeError("could not locate the Yes/No answer token in a rendered training sequence")
+                raise RuntimeError(
+                    "could not locate the Yes/No answer token in a rendered training sequence"
+                )
             lab = torch.full_like(ids, -100)
             lab[torch.arange(len(pos)), pos] = target
             batch["labels"] = lab
@@ -200,7 +220,9 @@ class Reranker(nn.Module):
         return logits[:, [self.yes_id, self.no_id]]
 
     @torch.no_grad()
-    def p_yes(self, pairs: Sequence[tuple[Item, Item]], batch_size: int = 16, progress: bool = False) -> np.ndarray:
+    def p_yes(
+        self, pairs: Sequence[tuple[Item, Item]], batch_size: int = 16, progress: bool = False
+    ) -> np.ndarray:
         """``P(Yes)`` for every (query, candidate) pair: softmax over the [Yes, No] logits of the first answer token."""
         from tqdm.auto import tqdm
 
@@ -209,13 +231,18 @@ class Reranker(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with tqdm(total=len(pairs), disable=not progress, mininterval=5.0, desc="rerank") as bar:
+            with tqdm(
+                total=len(pairs), disable=not progress, mininterval=5.0, desc="rerank"
+            ) as bar:
                 for s in range(0, len(pairs), batch_size):
-                    b = self.collate(pairs[s:s + batch_size])
-                    with torch.autocast(device_type="cuda", dtype=torch.bfloat16,
-                                        enabled=dev.type == "cuda" and self.cfg.autocast_bf16):
+                    b = self.collate(pairs[s : s + batch_size])
+                    with torch.autocast(
+                        device_type="cuda",
+                        dtype=torch.bfloat16,
+                        enabled=dev.type == "cuda" and self.cfg.autocast_bf16,
+                    ):
                         yn = self.yes_no_logits(b)
-                    out[s:s + len(yn)] = torch.softmax(yn.float(), -1)[:, 0].cpu().numpy()
+                    out[s : s + len(yn)] = torch.softmax(yn.float(), -1)[:, 0].cpu().numpy()
                     bar.update(len(yn))
         finally:
             self.train(was_training)
@@ -232,19 +259,30 @@ class Reranker(nn.Module):
         with atomic_dir(directory) as tmp:
             self.model.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
-            atomic_write_json(tmp / RERANKER_JSON, {"config": self.cfg.to_dict(), "model_type": model_type(self.model)})
+            atomic_write_json(
+                tmp / RERANKER_JSON,
+                {"config": self.cfg.to_dict(), "model_type": model_type(self.model)},
+            )
         return directory
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, cfg: RerankerConfig | None = None, *,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Reranker:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        cfg: RerankerConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Reranker:
         p = resolve_local_checkpoint(path)
         if cfg is None and (p / RERANKER_JSON).is_file():
             from ..io import read_json
 
             cfg = RerankerConfig(**read_json(p / RERANKER_JSON)["config"])
         cfg = cfg or RerankerConfig()
-        model, processor = load_backbone(p, attn_implementation=cfg.attn_implementation, dtype=dtype)
+        model, processor = load_backbone(
+            p, attn_implementation=cfg.attn_implementation, dtype=dtype
+        )
         if device is not None:
             model = model.to(device)
         return cls(model, processor, cfg, source=p)

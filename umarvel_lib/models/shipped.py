@@ -14,6 +14,7 @@ weights' :func:`~umarvel_lib.io.checkpoint_digest`.
 * :func:`rebuild` builds the recipe afresh into the cache and compares it with the shipped build
   (``umarvel backbone --rebuild``).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -31,7 +32,9 @@ class ShippedBackboneError(RuntimeError):
     """A shipped backbone whose weights do not match its recorded digest (corrupt or a Git LFS pointer)."""
 
 
-def shipped_dir(kind: str = "qwen2_vl", size: str = "micro", root: str | Path | None = None) -> Path:
+def shipped_dir(
+    kind: str = "qwen2_vl", size: str = "micro", root: str | Path | None = None
+) -> Path:
     return Path(root or SHIPPED_ROOT) / f"{kind}-{size}"
 
 
@@ -53,7 +56,8 @@ def shipped_backbone(cfg: BackboneConfig, root: str | Path | None = None) -> Pat
     if digest != meta.get("digest"):
         raise ShippedBackboneError(
             f"{p / 'model.safetensors'}: weights digest {digest} differs from the {meta.get('digest')} recorded in "
-            f"{p / SHIPPED_FILE}; restore the file (git checkout -- {p}) or rebuild with `umarvel backbone --rebuild`")
+            f"{p / SHIPPED_FILE}; restore the file (git checkout -- {p}) or rebuild with `umarvel backbone --rebuild`"
+        )
     return p
 
 
@@ -65,8 +69,10 @@ def ship(build: str | Path, root: str | Path | None = None) -> Path:
     """
     build = Path(build)
     if not is_complete_build(build):
-        raise FileNotFoundError(f"{build}: not a complete backbone build (recipe.json, config.json, "
-                                f"model.safetensors); build it with `umarvel backbone` first")
+        raise FileNotFoundError(
+            f"{build}: not a complete backbone build (recipe.json, config.json, "
+            f"model.safetensors); build it with `umarvel backbone` first"
+        )
     recipe = read_recipe(build)
     cfg = BackboneConfig.from_dict(recipe["config"])
     out = shipped_dir(cfg.kind, cfg.size, root)
@@ -74,26 +80,53 @@ def ship(build: str | Path, root: str | Path | None = None) -> Path:
         for f in sorted(build.iterdir()):
             if f.is_file() and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
-        atomic_write_json(tmp / SHIPPED_FILE, {
-            "digest": checkpoint_digest(tmp), "name": recipe["name"], "hash": recipe["hash"],
-            "shipped_from": build.name, "shipped_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        })
+        atomic_write_json(
+            tmp / SHIPPED_FILE,
+            {
+                "digest": checkpoint_digest(tmp),
+                "name": recipe["name"],
+                "hash": recipe["hash"],
+                "shipped_from": build.name,
+                "shipped_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
     return out
 
 
-def rebuild(cfg: BackboneConfig, cache_dir: str | Path, root: str | Path | None = None,
-            progress: bool = True) -> dict:
+def rebuild(
+    cfg: BackboneConfig,
+    cache_dir: str | Path,
+    root: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Build ``cfg``'s recipe afresh under ``cache_dir`` (replacing a cached build) and compare its
     weights' digest with the shipped build's. Returns ``{"path", "digest", "shipped", "shipped_digest",
     "identical"}`` (``shipped``/``shipped_digest``/``identical`` are ``None`` when nothing is shipped)."""
     cfg = cfg.resolved()
     path = build_backbone(cfg, cache_dir, progress=progress, force=True)
     ship_p = shipped_dir(cfg.kind, cfg.size, root)
-    shipped = ship_p if (is_complete_build(ship_p) and read_recipe(ship_p).get("hash") == cfg.hash) else None
+    shipped = (
+        ship_p
+        if (is_complete_build(ship_p) and read_recipe(ship_p).get("hash") == cfg.hash)
+        else None
+    )
     ref = checkpoint_digest(shipped) if shipped else None
     digest = checkpoint_digest(path)
-    return {"path": path, "digest": digest, "shipped": shipped, "shipped_digest": ref,
-            "identical": (digest == ref) if ref else None}
+    return {
+        "path": path,
+        "digest": digest,
+        "shipped": shipped,
+        "shipped_digest": ref,
+        "identical": (digest == ref) if ref else None,
+    }
 
 
-__all__ = ["SHIPPED_ROOT", "SHIPPED_FILE", "ShippedBackboneError", "shipped_dir", "shipped_backbone", "ship", "rebuild"]
+__all__ = [
+    "SHIPPED_ROOT",
+    "SHIPPED_FILE",
+    "ShippedBackboneError",
+    "shipped_dir",
+    "shipped_backbone",
+    "ship",
+    "rebuild",
+]

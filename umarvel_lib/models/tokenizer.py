@@ -8,6 +8,7 @@ Determinism: the corpus is built only from tuples/lists and a seeded ``random.Ra
 trainer breaks ties on the pair itself, so ``tokenizer.json`` is byte-identical across processes
 and ``PYTHONHASHSEED`` values (tested in ``tests/test_backbone.py``).
 """
+
 from __future__ import annotations
 
 import random
@@ -77,8 +78,15 @@ _FIXED_LINES = (
     "Retrieve a Wikipedia paragraph that answers this question about the image.",
     "Identify the news image that matches the headline.",
     "Judge whether the candidate matches the query. Answer Yes or No.",
-    "Does the candidate match the query? Yes", "Does the candidate match the query? No",
-    "Query:", "Candidate:", "Answer:", "Yes", "No", "yes", "no",
+    "Does the candidate match the query? Yes",
+    "Does the candidate match the query? No",
+    "Query:",
+    "Candidate:",
+    "Answer:",
+    "Yes",
+    "No",
+    "yes",
+    "no",
 )
 _WORDS = (
     "the a an of to in on at for with by from and or but not is are was were be been has have had do does "
@@ -137,23 +145,31 @@ def _train_bpe(vocab_size: int, seed: int):
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
         special_tokens=[AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(training_corpus(seed), trainer=trainer, length=None)
     # U-MARVEL tokens: atomic, never split, kept on decode (plain added tokens, as in U-MARVEL's loader).
-    tok.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in UMARVEL_TOKENS])
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False, single_word=False) for t in UMARVEL_TOKENS]
+    )
     # "Yes"/"No" are normally learnt as ordinary BPE tokens (the corpus has many); only add them if not, so
     # that they don't get split out of words like "Yesterday"
     missing = [t for t in ANSWER_TOKENS if t not in tok.get_vocab()]
-    tok.add_tokens([AddedToken(t, special=False, normalized=False, single_word=False) for t in missing])
+    tok.add_tokens(
+        [AddedToken(t, special=False, normalized=False, single_word=False) for t in missing]
+    )
     return tok
 
 
@@ -170,9 +186,14 @@ def build_tokenizer(vocab_size: int = 2048, seed: int = 0):
     bpe = _train_bpe(vocab_size, seed)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
         additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
-        model_max_length=32768, padding_side="right", clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
         split_special_tokens=False,
     )
     fast.chat_template = QWEN2_VL_CHAT_TEMPLATE

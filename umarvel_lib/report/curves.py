@@ -5,6 +5,7 @@ batch, LR, tau at start and end and whether it was learned, examples and example
 whether it stopped early); ``dev_curve.csv`` holds the dev curve of every stage (the dev-split local
 Avg with its 95% CI every ``eval.eval_every`` steps). See :mod:`umarvel_lib.eval.plateau` for the rule.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,24 @@ import pandas as pd
 
 from ..eval.plateau import DEV_CURVE_COLUMNS, DEV_CURVE_FILE, plateau_of_curve
 
-PLAN_COLUMNS = ["stage", "budget", "steps", "max_steps", "min_steps", "batch", "lr", "tau_learnable", "tau_start", "tau_end",
-                "examples", "examples_seen", "epochs_seen", "stopped_early", "eval_every", "dev_avg_end"]
+PLAN_COLUMNS = [
+    "stage",
+    "budget",
+    "steps",
+    "max_steps",
+    "min_steps",
+    "batch",
+    "lr",
+    "tau_learnable",
+    "tau_start",
+    "tau_end",
+    "examples",
+    "examples_seen",
+    "epochs_seen",
+    "stopped_early",
+    "eval_every",
+    "dev_avg_end",
+]
 
 
 def stage_plan(run_dir) -> pd.DataFrame:
@@ -37,6 +54,13 @@ def plateau_checks(run_dir, *, min_steps: int = 0) -> pd.DataFrame:
     curve = dev_curve(run_dir)
     recs = []
     for stage, g in curve.groupby("stage", sort=False):
-        recs.append({"stage": stage, **plateau_of_curve(g.to_dict("records"), min_steps=min_steps).as_dict()})
-    return pd.DataFrame.from_records(recs, columns=["stage", "ok", "reason", "last_step", "window_start", "movement",
-                                                    "half_width"])
+        recs.append(
+            {
+                "stage": stage,
+                **plateau_of_curve(g.to_dict("records"), min_steps=min_steps).as_dict(),
+            }
+        )
+    return pd.DataFrame.from_records(
+        recs,
+        columns=["stage", "ok", "reason", "last_step", "window_start", "movement", "half_width"],
+    )

@@ -5,6 +5,7 @@ curves with stage boundaries, and a check that no two tick labels overlap.
 The intervals are the paired seeds x queries bootstrap of :func:`.findings.paired_difference` (the
 same machinery as the verdicts); this module reads run directories only and imports no model code.
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -18,8 +19,13 @@ from .findings import paired_difference
 from .tables import hits_by_row, sidecars, table_vs_paper
 
 DPI = 90  # moderate: the executed notebooks embed these figures
-VERDICT_COLOURS = {"held": "#1a9850", "within noise": "#878787", "contradicted": "#d73027",
-                   "too few seeds": "#fdae61", "not run": "#d9d9d9"}
+VERDICT_COLOURS = {
+    "held": "#1a9850",
+    "within noise": "#878787",
+    "contradicted": "#d73027",
+    "too few seeds": "#fdae61",
+    "not run": "#d9d9d9",
+}
 OURS, OWN, PAPER = "#4575b4", "#e66101", "#bdbdbd"
 
 
@@ -55,20 +61,46 @@ def differences(results, ablation: Ablation, *, n_boot: int = 1000) -> pd.DataFr
         pb = _num(df.at[base, f"paper_{pool}"]) if f"paper_{pool}" in df else None
         for r in ablation.rows:
             pr = _num(df.at[r.id, f"paper_{pool}"]) if f"paper_{pool}" in df else None
-            rec = {"id": r.id, "row": r.label, "source": _source(r), "pool": pool,
-                   "paper_diff": None if pr is None or pb is None else round(pr - pb, 2),
-                   "diff": None, "ci95_lo": None, "ci95_hi": None, "n_seeds": 0,
-                   "ours": _num(df.at[r.id, f"ours_{pool}"]), "paper": pr}
+            rec = {
+                "id": r.id,
+                "row": r.label,
+                "source": _source(r),
+                "pool": pool,
+                "paper_diff": None if pr is None or pb is None else round(pr - pb, 2),
+                "diff": None,
+                "ci95_lo": None,
+                "ci95_hi": None,
+                "n_seeds": 0,
+                "ours": _num(df.at[r.id, f"ours_{pool}"]),
+                "paper": pr,
+            }
             seeds = sorted(set(hits.get(r.id, {})) & set(hits.get(base, {})))
             if r.id == base and seeds:
                 rec.update(diff=0.0, ci95_lo=0.0, ci95_hi=0.0, n_seeds=len(seeds))
             elif seeds:
-                d, (lo, hi), _ = paired_difference([hits[r.id][s] for s in seeds], [hits[base][s] for s in seeds],
-                                                   n_boot=n_boot)
-                rec.update(diff=round(d, 2), ci95_lo=round(lo, 2), ci95_hi=round(hi, 2), n_seeds=len(seeds))
+                d, (lo, hi), _ = paired_difference(
+                    [hits[r.id][s] for s in seeds], [hits[base][s] for s in seeds], n_boot=n_boot
+                )
+                rec.update(
+                    diff=round(d, 2), ci95_lo=round(lo, 2), ci95_hi=round(hi, 2), n_seeds=len(seeds)
+                )
             recs.append(rec)
-    return pd.DataFrame.from_records(recs, columns=["id", "row", "source", "pool", "paper_diff", "diff", "ci95_lo",
-                                                    "ci95_hi", "n_seeds", "ours", "paper"])
+    return pd.DataFrame.from_records(
+        recs,
+        columns=[
+            "id",
+            "row",
+            "source",
+            "pool",
+            "paper_diff",
+            "diff",
+            "ci95_lo",
+            "ci95_hi",
+            "n_seeds",
+            "ours",
+            "paper",
+        ],
+    )
 
 
 def _wrap(s: str, width: int = 34) -> str:
@@ -84,15 +116,31 @@ def plot_differences(diff: pd.DataFrame, title: str, baseline_label: str, path=N
     labels = {}
     for rid in rows:
         d = diff[diff.id == rid].iloc[0]
-        tag = " (yours)" if d["source"] == "yours" else " (diagnostic)" if d["source"] == "diagnostic" else ""
+        tag = (
+            " (yours)"
+            if d["source"] == "yours"
+            else " (diagnostic)"
+            if d["source"] == "diagnostic"
+            else ""
+        )
         if rid == rows[0]:  # the baseline: its absolute values (the bars are differences from them)
-            vals = ", ".join(f"{p} ours {_num(v['ours'])} / paper {v['paper'] if v['paper'] is not None else '-'}"
-                             for p, v in zip(diff[diff.id == rid]["pool"], diff[diff.id == rid].to_dict("records")))
+            vals = ", ".join(
+                f"{p} ours {_num(v['ours'])} / paper {v['paper'] if v['paper'] is not None else '-'}"
+                for p, v in zip(
+                    diff[diff.id == rid]["pool"], diff[diff.id == rid].to_dict("records")
+                )
+            )
             tag += f" [baseline: {vals}]"
         labels[rid] = _wrap(f"{rid}: {d['row']}{tag}")
     n_lines = sum(labels[r].count("\n") + 1 for r in rows)
-    fig, axes = plt.subplots(1, len(pools), figsize=(5.2 + 3.4 * len(pools), 1.2 + 0.36 * n_lines + 0.25 * len(rows)),
-                             sharey=True, squeeze=False, dpi=DPI)
+    fig, axes = plt.subplots(
+        1,
+        len(pools),
+        figsize=(5.2 + 3.4 * len(pools), 1.2 + 0.36 * n_lines + 0.25 * len(rows)),
+        sharey=True,
+        squeeze=False,
+        dpi=DPI,
+    )
     y = np.arange(len(rows))[::-1].astype(float)
     for ax, pool in zip(axes[0], pools):
         sub = diff[diff.pool == pool].set_index("id")
@@ -101,14 +149,28 @@ def plot_differences(diff: pd.DataFrame, title: str, baseline_label: str, path=N
                 continue
             d = sub.loc[rid]
             if d["paper_diff"] is not None and not pd.isna(d["paper_diff"]):
-                ax.barh(yi + 0.2, d["paper_diff"], height=0.38, color=PAPER, edgecolor="k", linewidth=0.4)
+                ax.barh(
+                    yi + 0.2,
+                    d["paper_diff"],
+                    height=0.38,
+                    color=PAPER,
+                    edgecolor="k",
+                    linewidth=0.4,
+                )
             if d["diff"] is None or pd.isna(d["diff"]):
                 ax.text(0, yi - 0.2, " no per-query hits", fontsize=7, color="0.4", va="center")
             else:
                 colour = OWN if d["source"] == "yours" else OURS
                 err = np.array([[d["diff"] - d["ci95_lo"]], [d["ci95_hi"] - d["diff"]]])
-                ax.barh(yi - 0.2, d["diff"], height=0.38, color=colour, xerr=err, capsize=2,
-                        error_kw={"elinewidth": 0.8})
+                ax.barh(
+                    yi - 0.2,
+                    d["diff"],
+                    height=0.38,
+                    color=colour,
+                    xerr=err,
+                    capsize=2,
+                    error_kw={"elinewidth": 0.8},
+                )
         ax.axvline(0, color="k", linewidth=0.6)
         ax.set_title(f"{pool} pool", fontsize=9)
         ax.set_xlabel("difference from the baseline row (points)", fontsize=8)
@@ -119,7 +181,10 @@ def plot_differences(diff: pd.DataFrame, title: str, baseline_label: str, path=N
     axes[0][0].set_ylim(-0.7, len(rows) - 0.3)
     from matplotlib.patches import Patch
 
-    handles = [Patch(color=PAPER, label="paper"), Patch(color=OURS, label="ours (95% CI, seeds x queries)")]
+    handles = [
+        Patch(color=PAPER, label="paper"),
+        Patch(color=OURS, label="ours (95% CI, seeds x queries)"),
+    ]
     if (diff["source"] == "yours").any():
         handles.append(Patch(color=OWN, label="your rows (same seeds)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
@@ -148,9 +213,12 @@ def finding_paper_diff(finding, paper: pd.DataFrame, pool: str) -> float | None:
 def findings_frame(verdicts: pd.DataFrame, paper_tables: dict[int, pd.DataFrame]) -> pd.DataFrame:
     """The verdicts of all findings with the paper's difference beside ours (``paper_diff``)."""
     out = verdicts.copy()
-    out["paper_diff"] = [finding_paper_diff(FINDINGS_BY_ID[f], paper_tables[FINDINGS_BY_ID[f].table], p)
-                         if FINDINGS_BY_ID[f].table in paper_tables else None
-                         for f, p in zip(out["finding"], out["pool"])]
+    out["paper_diff"] = [
+        finding_paper_diff(FINDINGS_BY_ID[f], paper_tables[FINDINGS_BY_ID[f].table], p)
+        if FINDINGS_BY_ID[f].table in paper_tables
+        else None
+        for f, p in zip(out["finding"], out["pool"])
+    ]
     return out
 
 
@@ -183,10 +251,17 @@ def plot_findings(ff: pd.DataFrame, title: str, path=None):
     ax.grid(axis="x", linewidth=0.3, alpha=0.5)
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c, marker="o", linewidth=2, label=f"ours: {v}") for v, c in VERDICT_COLOURS.items()
-               if v in set(ff.verdict)]
-    handles.append(Line2D([], [], color="k", marker="D", markerfacecolor="none", linestyle="", label="paper"))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    handles = [
+        Line2D([], [], color=c, marker="o", linewidth=2, label=f"ours: {v}")
+        for v, c in VERDICT_COLOURS.items()
+        if v in set(ff.verdict)
+    ]
+    handles.append(
+        Line2D([], [], color="k", marker="D", markerfacecolor="none", linestyle="", label="paper")
+    )
+    fig.legend(
+        handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False
+    )
     ax.set_title(_wrap(title, 70), fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     if path:
@@ -208,15 +283,22 @@ def curve_frames(results, table: int) -> tuple[pd.DataFrame, pd.DataFrame]:
                 last = st
             step = int(c.get("step", 0))
             seen[st] = max(seen.get(st, 0), step)
-            rec = {"row": str(s["row"]), "seed": s["seed"], "stage": st, "global_step": offset + step}
+            rec = {
+                "row": str(s["row"]),
+                "seed": s["seed"],
+                "stage": st,
+                "global_step": offset + step,
+            }
             if c.get("kind") == "train" and "loss" in c:
                 loss.append({**rec, "loss": c["loss"]})
             elif c.get("kind") == "eval":
                 metric = next((k for k in ("dev_avg", "local_avg") if k in c), None)
                 if metric:
                     dev.append({**rec, "metric": metric, "value": c[metric]})
-    return (pd.DataFrame(loss, columns=["row", "seed", "stage", "global_step", "loss"]),
-            pd.DataFrame(dev, columns=["row", "seed", "stage", "global_step", "metric", "value"]))
+    return (
+        pd.DataFrame(loss, columns=["row", "seed", "stage", "global_step", "loss"]),
+        pd.DataFrame(dev, columns=["row", "seed", "stage", "global_step", "metric", "value"]),
+    )
 
 
 def plot_curves(results, table: int, path=None):
@@ -226,13 +308,19 @@ def plot_curves(results, table: int, path=None):
     loss, dev = curve_frames(results, table)
     panels = 2 if not dev.empty else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 3.8), squeeze=False, dpi=DPI)
-    for ax, (df, col, ylab) in zip(axes[0], ((loss, "loss", "training loss"), (dev, "value", "dev Avg (%)"))):
+    for ax, (df, col, ylab) in zip(
+        axes[0], ((loss, "loss", "training loss"), (dev, "value", "dev Avg (%)"))
+    ):
         if df.empty:
-            ax.text(0.5, 0.5, "no curves recorded", ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5, 0.5, "no curves recorded", ha="center", va="center", transform=ax.transAxes
+            )
             continue
         for rid, g in df.groupby("row", sort=False):
             m = g.groupby("global_step")[col].mean()
-            ax.plot(m.index, m.values, marker="." if len(m) < 12 else None, label=str(rid), linewidth=1)
+            ax.plot(
+                m.index, m.values, marker="." if len(m) < 12 else None, label=str(rid), linewidth=1
+            )
         bounds = df.groupby(["row", "stage"], sort=False)["global_step"].min()
         for b in sorted(set(bounds.values) - {bounds.values.min()}):
             ax.axvline(b, color="0.5", linestyle=":", linewidth=0.8)
@@ -240,8 +328,11 @@ def plot_curves(results, table: int, path=None):
         ax.set_ylabel(ylab, fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0][0].legend(title="row", fontsize=7, title_fontsize=7, ncol=2)
-    fig.suptitle(f"Table {table}: learning curves (seed mean)" + ("" if not dev.empty else
-                                                                  "; no dev evaluation recorded"), fontsize=9)
+    fig.suptitle(
+        f"Table {table}: learning curves (seed mean)"
+        + ("" if not dev.empty else "; no dev evaluation recorded"),
+        fontsize=9,
+    )
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=DPI)
@@ -258,11 +349,22 @@ def overlapping_tick_labels(fig) -> list[tuple[str, str]]:
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
             lo, hi = sorted(axis.get_view_interval())
-            labs = [t.label1 for t in axis.get_major_ticks()  # the ticks drawn: inside the view
-                    if t.label1.get_visible() and t.label1.get_text() and lo - 1e-9 <= t.get_loc() <= hi + 1e-9]
+            labs = [
+                t.label1
+                for t in axis.get_major_ticks()  # the ticks drawn: inside the view
+                if t.label1.get_visible()
+                and t.label1.get_text()
+                and lo - 1e-9 <= t.get_loc() <= hi + 1e-9
+            ]
             boxes = [t.get_window_extent(renderer) for t in labs]
-            out += [(t.get_text(), "<figure edge>") for t, b in zip(labs, boxes)
-                    if b.x0 < edge.x0 - 0.5 or b.x1 > edge.x1 + 0.5 or b.y0 < edge.y0 - 0.5 or b.y1 > edge.y1 + 0.5]
+            out += [
+                (t.get_text(), "<figure edge>")
+                for t, b in zip(labs, boxes)
+                if b.x0 < edge.x0 - 0.5
+                or b.x1 > edge.x1 + 0.5
+                or b.y0 < edge.y0 - 0.5
+                or b.y1 > edge.y1 + 0.5
+            ]
             for i in range(len(labs)):
                 for j in range(i + 1, len(labs)):
                     if boxes[i].overlaps(boxes[j]):

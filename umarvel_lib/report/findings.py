@@ -14,6 +14,7 @@ difference is recomputed on each replicate; the 95% percentile interval decides:
 
 This module reads run directories only; it imports no model code.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,13 @@ from ..eval.runs import (
 from ..io import DamagedFileError, atomic_write_json, read_json
 from ..paper import FINDINGS_BY_ID, Finding
 
-HELD, NOISE, CONTRA, FEW, MISSING = "held", "within noise", "contradicted", "too few seeds", "not run"
+HELD, NOISE, CONTRA, FEW, MISSING = (
+    "held",
+    "within noise",
+    "contradicted",
+    "too few seeds",
+    "not run",
+)
 MIN_SEEDS = 3
 
 
@@ -51,18 +58,30 @@ def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
     """
     run_dir = Path(run_dir)
     cached = run_dir / HITS_FILE
-    if cached.is_file() and (not (run_dir / RUN_FILE).is_file()
-                             or cached.stat().st_mtime >= (run_dir / RUN_FILE).stat().st_mtime):
+    if cached.is_file() and (
+        not (run_dir / RUN_FILE).is_file()
+        or cached.stat().st_mtime >= (run_dir / RUN_FILE).stat().st_mtime
+    ):
         try:
             d = read_json(cached)
-            return {row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()}
+            return {
+                row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()
+            }
         except (DamagedFileError, KeyError, TypeError, AttributeError, ValueError) as e:
             if not (run_dir / RUN_FILE).is_file():
-                raise DamagedFileError(f"{cached}: damaged ({e}) and no {RUN_FILE} to rebuild it from") from None
+                raise DamagedFileError(
+                    f"{cached}: damaged ({e}) and no {RUN_FILE} to rebuild it from"
+                ) from None
             # rebuilt from the run file below
     out = _hits_from_run(run_dir)
-    atomic_write_json(cached, {row: {"qids": q, "hits": "".join(str(int(h)) for h in hits)}
-                               for row, (q, hits) in out.items()}, indent=None)
+    atomic_write_json(
+        cached,
+        {
+            row: {"qids": q, "hits": "".join(str(int(h)) for h in hits)}
+            for row, (q, hits) in out.items()
+        },
+        indent=None,
+    )
     return out
 
 
@@ -75,7 +94,9 @@ def _hits_from_run(run_dir: Path) -> dict[str, tuple[list[str], np.ndarray]]:
             rows.setdefault(r["row"], []).append(r["qid"])
     out = {}
     for row, qids in rows.items():
-        hits, scored, _ = hits_table(run, qrels, qids, [headline_k(row)])  # the metrics' own hit rule
+        hits, scored, _ = hits_table(
+            run, qrels, qids, [headline_k(row)]
+        )  # the metrics' own hit rule
         out[row] = (scored, hits[:, 0])
     return out
 
@@ -97,12 +118,18 @@ class Verdict:
     note: str = ""
 
     def as_dict(self) -> dict:
-        return {"finding": self.finding, "claim": self.text, "pool": self.pool, "verdict": self.verdict,
-                "diff": None if self.diff is None else round(self.diff, 2),
-                "ci95_lo": None if self.ci95 is None else round(self.ci95[0], 2),
-                "ci95_hi": None if self.ci95 is None else round(self.ci95[1], 2),
-                "detectable_effect": None if self.detectable is None else round(self.detectable, 2),
-                "n_seeds": self.n_seeds, "note": self.note}
+        return {
+            "finding": self.finding,
+            "claim": self.text,
+            "pool": self.pool,
+            "verdict": self.verdict,
+            "diff": None if self.diff is None else round(self.diff, 2),
+            "ci95_lo": None if self.ci95 is None else round(self.ci95[0], 2),
+            "ci95_hi": None if self.ci95 is None else round(self.ci95[1], 2),
+            "detectable_effect": None if self.detectable is None else round(self.detectable, 2),
+            "n_seeds": self.n_seeds,
+            "note": self.note,
+        }
 
 
 def paired_difference(a: list[dict], b: list[dict], *, n_boot: int = 1000, seed: int = 0):
@@ -111,13 +138,22 @@ def paired_difference(a: list[dict], b: list[dict], *, n_boot: int = 1000, seed:
     Returns (point estimate, (lo, hi), standard error).
     """
     if len(a) != len(b) or not a:
-        raise ValueError("paired_difference needs the same non-zero number of seeds for both configs")
+        raise ValueError(
+            "paired_difference needs the same non-zero number of seeds for both configs"
+        )
     rows = sorted(set(a[0]) & set(b[0]))
     for x in a + b:
         for row in rows:
             if x[row][0] != a[0][row][0]:
                 raise ValueError(f"row {row}: A and B were not evaluated on the same queries")
-    point = float(np.mean([avg_of({r: x[r] for r in rows}) - avg_of({r: y[r] for r in rows}) for x, y in zip(a, b)]))
+    point = float(
+        np.mean(
+            [
+                avg_of({r: x[r] for r in rows}) - avg_of({r: y[r] for r in rows})
+                for x, y in zip(a, b)
+            ]
+        )
+    )
     rng = np.random.default_rng(seed)
     n_seeds = len(a)
     reps = np.empty(n_boot)
@@ -145,8 +181,13 @@ def decide(ci: tuple[float, float]) -> str:
     return NOISE
 
 
-def judge(finding: Finding | str, hits: dict[str, dict[int, dict]], *, n_boot: int = 1000,
-          diverged: set[str] = frozenset()) -> Verdict:
+def judge(
+    finding: Finding | str,
+    hits: dict[str, dict[int, dict]],
+    *,
+    n_boot: int = 1000,
+    diverged: set[str] = frozenset(),
+) -> Verdict:
     """Verdict for one finding. ``hits[row_id][seed]`` = :func:`headline_hits` of that run's ``pool`` dir."""
     f = FINDINGS_BY_ID[finding] if isinstance(finding, str) else finding
     v = Verdict(f.id, f.text, f.pool, MISSING)
@@ -162,7 +203,9 @@ def judge(finding: Finding | str, hits: dict[str, dict[int, dict]], *, n_boot: i
             seeds = sorted(set(hits[o]) & set(hits[f.better]))
             if not seeds:
                 return v
-            d, ci, se = paired_difference([hits[o][s] for s in seeds], [hits[f.better][s] for s in seeds], n_boot=n_boot)
+            d, ci, se = paired_difference(
+                [hits[o][s] for s in seeds], [hits[f.better][s] for s in seeds], n_boot=n_boot
+            )
             diffs.append((ci[0], d, ci, se, o, len(seeds)))
         lo, d, ci, se, o, n = min(diffs)  # the closest competitor decides
         v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(ci), d, ci, 2.8 * se, n
@@ -173,7 +216,9 @@ def judge(finding: Finding | str, hits: dict[str, dict[int, dict]], *, n_boot: i
     seeds = sorted(set(hits[f.better]) & set(hits[f.worse]))
     if not seeds:
         return v
-    d, ci, se = paired_difference([hits[f.better][s] for s in seeds], [hits[f.worse][s] for s in seeds], n_boot=n_boot)
+    d, ci, se = paired_difference(
+        [hits[f.better][s] for s in seeds], [hits[f.worse][s] for s in seeds], n_boot=n_boot
+    )
     v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(ci), d, ci, 2.8 * se, len(seeds)
     if f.sub_1pt and v.verdict == NOISE:
         v.note = "paper effect < 1 point: expected within noise at micro scale"
@@ -184,8 +229,13 @@ def _seed_rule(v: Verdict) -> Verdict:
     """Fewer than MIN_SEEDS seeds: no verdict; the note keeps what the queries-only interval says."""
     if v.n_seeds >= MIN_SEEDS:
         return v
-    seen = {HELD: "same direction as the paper", CONTRA: "opposite direction to the paper",
-            NOISE: "interval includes zero"}[v.verdict]
-    v.note = "; ".join(x for x in (v.note, f"{v.n_seeds} seed(s), needs >= {MIN_SEEDS}; over queries: {seen}") if x)
+    seen = {
+        HELD: "same direction as the paper",
+        CONTRA: "opposite direction to the paper",
+        NOISE: "interval includes zero",
+    }[v.verdict]
+    v.note = "; ".join(
+        x for x in (v.note, f"{v.n_seeds} seed(s), needs >= {MIN_SEEDS}; over queries: {seen}") if x
+    )
     v.verdict = FEW
     return v

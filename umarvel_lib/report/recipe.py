@@ -1,6 +1,7 @@
 """The recipe behind a table, shown in its notebook: what each row changes from the table's base (in
 words, not dotted keys only), the stage plan (steps, batch, LR, tau per stage) and the artefacts of
 the paper's mechanisms that the runs left behind (the hard-negative mining report)."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,31 @@ import pandas as pd
 from ..config import Ablation, stage_plan
 from .tables import sidecars
 
-STAGE_NAMES = {"nli": "NLI stage", "cc3m": "CC3M stage", "mbeir": "M-BEIR stage",
-               "hard_negatives": "hard-negative stage", "distill": "distillation stage"}
-FIELD_NAMES = {"batch_size": "global batch", "lr": "LR", "train_temperature": "learnable tau",
-               "temperature_init": "tau at start", "attention": "attention", "pooling": "pooling",
-               "compression_prompt": "compression prompt", "instruction_mask": "instruction span masked",
-               "instructions": "instructions", "negatives": "negatives", "filter_max_score": "filter: drop score >",
-               "filter_relative_margin": "filter: drop score > (1 - margin) x positive", "distill_mode": "distillation",
-               "full_finetune": "full fine-tuning (no LoRA)", "stages": "stages", "num_hard": "hard negatives per query"}
+STAGE_NAMES = {
+    "nli": "NLI stage",
+    "cc3m": "CC3M stage",
+    "mbeir": "M-BEIR stage",
+    "hard_negatives": "hard-negative stage",
+    "distill": "distillation stage",
+}
+FIELD_NAMES = {
+    "batch_size": "global batch",
+    "lr": "LR",
+    "train_temperature": "learnable tau",
+    "temperature_init": "tau at start",
+    "attention": "attention",
+    "pooling": "pooling",
+    "compression_prompt": "compression prompt",
+    "instruction_mask": "instruction span masked",
+    "instructions": "instructions",
+    "negatives": "negatives",
+    "filter_max_score": "filter: drop score >",
+    "filter_relative_margin": "filter: drop score > (1 - margin) x positive",
+    "distill_mode": "distillation",
+    "full_finetune": "full fine-tuning (no LoRA)",
+    "stages": "stages",
+    "num_hard": "hard negatives per query",
+}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -55,12 +73,22 @@ def readable_value(v) -> str:
 
 def recipe_frame(ablation: Ablation) -> pd.DataFrame:
     """One line per row (the table's base first): what the row sets, one column per setting in words."""
-    recs = [{"row": "base (every row)", "source": "", **{readable_key(k): readable_value(v)
-                                                        for k, v in _flatten(ablation.base).items()}}]
+    recs = [
+        {
+            "row": "base (every row)",
+            "source": "",
+            **{readable_key(k): readable_value(v) for k, v in _flatten(ablation.base).items()},
+        }
+    ]
     for r in ablation.rows:
         src = "yours" if r.own else "diagnostic" if r.explain else "paper"
-        recs.append({"row": f"{r.id}: {r.label}", "source": src,
-                     **{readable_key(k): readable_value(v) for k, v in _flatten(r.overrides).items()}})
+        recs.append(
+            {
+                "row": f"{r.id}: {r.label}",
+                "source": src,
+                **{readable_key(k): readable_value(v) for k, v in _flatten(r.overrides).items()},
+            }
+        )
     return pd.DataFrame.from_records(recs).fillna("").set_index("row")
 
 
@@ -82,7 +110,9 @@ def stage_plans(results, ablation: Ablation, preset: str) -> pd.DataFrame:
     recs = []
     for r in ablation.rows:
         side = done.get(r.id, {})
-        plan = side.get("stage_plan") or stage_plan(ablation.run_config(r, preset, 0), recorded_steps(side))
+        plan = side.get("stage_plan") or stage_plan(
+            ablation.run_config(r, preset, 0), recorded_steps(side)
+        )
         recs += [{"row": r.id, **p} for p in plan]
     return pd.DataFrame.from_records(recs).set_index(["row", "stage"])
 
@@ -101,8 +131,26 @@ def mining_reports(results, table: int) -> pd.DataFrame:
     if not recs:
         return pd.DataFrame()
     df = pd.DataFrame.from_records(recs).set_index("row")
-    keep = ["seed", "num_queries", "top_m", "num_negatives", "max_score", "relative_margin", "retrieved"] + \
-        [c for c in df.columns if c.startswith("removed_")] + \
-        ["survived", "used", "queries_full", "queries_short", "queries_empty", "filled_repeat_first",
-         "filled_random_queries", "dropped_queries"]
+    keep = (
+        [
+            "seed",
+            "num_queries",
+            "top_m",
+            "num_negatives",
+            "max_score",
+            "relative_margin",
+            "retrieved",
+        ]
+        + [c for c in df.columns if c.startswith("removed_")]
+        + [
+            "survived",
+            "used",
+            "queries_full",
+            "queries_short",
+            "queries_empty",
+            "filled_repeat_first",
+            "filled_random_queries",
+            "dropped_queries",
+        ]
+    )
     return df[[c for c in keep if c in df.columns]].T

@@ -46,6 +46,7 @@ its dev curve has plateaued (``FINISHED.json`` then says ``stopped_early``).
 Only the trainable parameters (``requires_grad``) are checkpointed: the caller must rebuild the
 frozen part identically (same base weights / same seed) before resuming.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,12 +78,29 @@ from umarvel_lib.io import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "StepContext", "TrainResult", "NonFiniteLossError", "RunConflictError",
-           "Trainer", "train_loop", "trainable_state_dict", "load_trainable_state_dict", "latest_checkpoint"]
+__all__ = [
+    "TrainConfig",
+    "StepContext",
+    "TrainResult",
+    "NonFiniteLossError",
+    "RunConflictError",
+    "Trainer",
+    "train_loop",
+    "trainable_state_dict",
+    "load_trainable_state_dict",
+    "latest_checkpoint",
+]
 
 #: fields that do not change what is trained (left out of the config hash)
-_NON_IDENTITY_FIELDS = ("save_every", "eval_every", "eval_at_start", "log_every", "keep_checkpoints", "tqdm_mininterval",
-                        "progress")
+_NON_IDENTITY_FIELDS = (
+    "save_every",
+    "eval_every",
+    "eval_at_start",
+    "log_every",
+    "keep_checkpoints",
+    "tqdm_mininterval",
+    "progress",
+)
 
 
 @dataclass
@@ -90,10 +108,10 @@ class TrainConfig:
     """Optimisation settings of one training run (defaults follow the official recipe, docs/recipe.md "Stages")."""
 
     lr: float = 1e-4
-    max_steps: int | None = None          # budget in optimizer steps (wins over epochs)
-    epochs: float | None = None           # or in epochs of a sized dataset
-    batch_size: int = 8                   # items per step (per process)
-    grad_cache_chunk: int | None = None   # for step_fn (GradCache chunk size); None = plain backward
+    max_steps: int | None = None  # budget in optimizer steps (wins over epochs)
+    epochs: float | None = None  # or in epochs of a sized dataset
+    batch_size: int = 8  # items per step (per process)
+    grad_cache_chunk: int | None = None  # for step_fn (GradCache chunk size); None = plain backward
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -101,13 +119,13 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 42
     shuffle: bool = True
-    drop_last: bool = True                # in-batch negatives want full batches
+    drop_last: bool = True  # in-batch negatives want full batches
     mixed_precision: Literal["no", "bf16"] = "no"
-    save_every: int = 0                   # 0: checkpoint only at the end
-    keep_checkpoints: int = 1             # newest N step checkpoints kept
-    eval_every: int = 0                   # 0: no periodic eval
-    eval_at_start: bool = False           # eval before the first step (learning-curve origin)
-    log_every: int = 1                    # progress-bar refresh (metrics.jsonl gets every step)
+    save_every: int = 0  # 0: checkpoint only at the end
+    keep_checkpoints: int = 1  # newest N step checkpoints kept
+    eval_every: int = 0  # 0: no periodic eval
+    eval_at_start: bool = False  # eval before the first step (learning-curve origin)
+    log_every: int = 1  # progress-bar refresh (metrics.jsonl gets every step)
     tqdm_mininterval: float = 1.0
     progress: bool = True
 
@@ -115,8 +133,10 @@ class TrainConfig:
         if self.max_steps is None and self.epochs is None:
             raise ValueError("TrainConfig needs max_steps or epochs")
         if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16' (fp16 needs loss scaling, which GradCache "
-                             f"surrogates do not get), got {self.mixed_precision!r}")
+            raise ValueError(
+                f"mixed_precision must be 'no' or 'bf16' (fp16 needs loss scaling, which GradCache "
+                f"surrogates do not get), got {self.mixed_precision!r}"
+            )
         self.adam_betas = tuple(self.adam_betas)
 
     def identity(self) -> dict:
@@ -138,10 +158,12 @@ class RunConflictError(RuntimeError):
 class StepContext:
     """What ``step_fn(batch, ctx)`` gets besides the batch."""
 
-    model: nn.Module                       # on accelerate's device; not DDP-wrapped (gradients are averaged by the engine)
+    model: (
+        nn.Module
+    )  # on accelerate's device; not DDP-wrapped (gradients are averaged by the engine)
     accelerator: Any
     cfg: TrainConfig
-    step: int                              # optimizer steps done before this one
+    step: int  # optimizer steps done before this one
     epoch: int
     autocast: Callable[[], contextlib.AbstractContextManager]
 
@@ -165,7 +187,7 @@ def _sync_grads(params: list[torch.Tensor]) -> None:
     offset = 0
     for p in params:
         n = p.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
         offset += n
 
 
@@ -174,10 +196,10 @@ class TrainResult:
     run_dir: Path
     step: int
     loss: float | None
-    skipped: bool = False                  # True when a finished run was found
-    resumed_from: int | None = None        # step of the checkpoint resumed from
+    skipped: bool = False  # True when a finished run was found
+    resumed_from: int | None = None  # step of the checkpoint resumed from
     final_dir: Path | None = None
-    history: list[dict] = field(default_factory=list)   # metric lines of this call
+    history: list[dict] = field(default_factory=list)  # metric lines of this call
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +207,11 @@ class TrainResult:
 # --------------------------------------------------------------------------------------------
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached CPU copies of the parameters with ``requires_grad`` (by name)."""
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().to("cpu").contiguous().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def load_trainable_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
@@ -194,7 +220,9 @@ def load_trainable_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) 
     want = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = want - set(sd), set(sd) - set(params)
     if missing or unexpected:
-        raise KeyError(f"trainable state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise KeyError(
+            f"trainable state mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     with torch.no_grad():
         for n, t in sd.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
@@ -204,7 +232,13 @@ def _rng_state() -> dict:
     np_state = np.random.get_state()
     st = {
         "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -277,15 +311,21 @@ class _Batches:
         self.data, self.cfg = data, cfg
         self.rank, self.world = 0, 1
         self.collate = collate_fn or (lambda items: items)
-        self.sized = hasattr(data, "__len__") and hasattr(data, "__getitem__") and not callable(data)
+        self.sized = (
+            hasattr(data, "__len__") and hasattr(data, "__getitem__") and not callable(data)
+        )
         if not self.sized and not callable(data):
-            raise TypeError("data must be a sized dataset (len + getitem) or a callable epoch -> iterable of batches")
+            raise TypeError(
+                "data must be a sized dataset (len + getitem) or a callable epoch -> iterable of batches"
+            )
 
     def shard(self, rank: int, world: int) -> None:
         """Under ``world`` processes, rank ``rank`` takes its contiguous slice of every global batch
         (``batch_size`` stays the global batch, as in the paper's recipe)."""
         if world > 1 and self.sized and self.cfg.batch_size % world:
-            raise ValueError(f"global batch {self.cfg.batch_size} is not divisible by {world} processes")
+            raise ValueError(
+                f"global batch {self.cfg.batch_size} is not divisible by {world} processes"
+            )
         self.rank, self.world = rank, world
 
     def batches_per_epoch(self) -> int | None:
@@ -303,10 +343,12 @@ class _Batches:
             else:
                 order = list(range(n))
             for i in range(start, self.batches_per_epoch()):
-                idx = order[i * b:(i + 1) * b]
-                if self.world > 1:  # contiguous slices: gathered in rank order, the batch of one process
+                idx = order[i * b : (i + 1) * b]
+                if (
+                    self.world > 1
+                ):  # contiguous slices: gathered in rank order, the batch of one process
                     per = math.ceil(len(idx) / self.world)
-                    idx = idx[self.rank * per:(self.rank + 1) * per]
+                    idx = idx[self.rank * per : (self.rank + 1) * per]
                 yield self.collate([self.data[j] for j in idx])
         else:
             yield from itertools.islice(self.data(epoch), start, None)
@@ -337,17 +379,26 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.batches = _Batches(data, cfg, collate_fn)
         self.eval_fn = eval_fn
-        self.stop_fn = stop_fn  # early stop: called with every eval record so far after each periodic eval
+        self.stop_fn = (
+            stop_fn  # early stop: called with every eval record so far after each periodic eval
+        )
         self.identity = {"train": cfg.identity(), "run": dict(run_identity or {})}
         self.hash = config_hash(self.identity)
         self.resume = resume
         if accelerator is None:
             from accelerate import Accelerator
+
             accelerator = Accelerator()
         self.acc = accelerator
         # a scalar parameter named "...tau" (the embedder's Temperature) is logged as τ automatically
-        self._tau = next((p for n, p in model.named_parameters()
-                          if (n == "tau" or n.endswith(".tau")) and p.numel() == 1), None)
+        self._tau = next(
+            (
+                p
+                for n, p in model.named_parameters()
+                if (n == "tau" or n.endswith(".tau")) and p.numel() == 1
+            ),
+            None,
+        )
 
     # -- paths
     @property
@@ -367,14 +418,21 @@ class Trainer:
             return int(self.cfg.max_steps)
         bpe = self.batches.batches_per_epoch()
         if bpe is None:
-            raise ValueError("epochs budget needs a sized dataset; give max_steps for a batch generator")
+            raise ValueError(
+                "epochs budget needs a sized dataset; give max_steps for a batch generator"
+            )
         if bpe == 0:
-            raise ValueError(f"dataset of {len(self.batches.data)} items gives no full batch of {self.cfg.batch_size}")
+            raise ValueError(
+                f"dataset of {len(self.batches.data)} items gives no full batch of {self.cfg.batch_size}"
+            )
         return math.ceil(self.cfg.epochs * bpe)
 
     def _autocast(self):
-        return torch.autocast(device_type=self.acc.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.mixed_precision == "bf16")
+        return torch.autocast(
+            device_type=self.acc.device.type,
+            dtype=torch.bfloat16,
+            enabled=self.cfg.mixed_precision == "bf16",
+        )
 
     # -- checkpoints
     def _save_checkpoint(self, step: int, epoch: int, pos: int) -> Path:
@@ -383,13 +441,24 @@ class Trainer:
         path = self.run_dir / "checkpoints" / f"step_{step:08d}"
         if self.acc.is_main_process:
             with atomic_dir(path) as tmp:
-                save_file(trainable_state_dict(self.acc.unwrap_model(self.model)), str(tmp / "model.safetensors"))
+                save_file(
+                    trainable_state_dict(self.acc.unwrap_model(self.model)),
+                    str(tmp / "model.safetensors"),
+                )
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(_rng_state(), tmp / "rng.pt")
-                atomic_write_json(tmp / "state.json", {"step": step, "epoch": epoch, "batch_in_epoch": pos,
-                                                       "config_hash": self.hash, "total_steps": self._total,
-                                                       "time": time.time()})
+                atomic_write_json(
+                    tmp / "state.json",
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "batch_in_epoch": pos,
+                        "config_hash": self.hash,
+                        "total_steps": self._total,
+                        "time": time.time(),
+                    },
+                )
             old = sorted(p for p in path.parent.glob("step_*") if p != path)
             for p in old[: max(0, len(old) - (self.cfg.keep_checkpoints - 1))]:
                 shutil.rmtree(p, ignore_errors=True)
@@ -403,17 +472,23 @@ class Trainer:
 
         state = read_json(path / "state.json")
         if state["config_hash"] != self.hash:
-            raise RunConflictError(f"{path} was written by a run with config hash {state['config_hash']}, this run is "
-                                   f"{self.hash}; use another run_dir or delete it")
+            raise RunConflictError(
+                f"{path} was written by a run with config hash {state['config_hash']}, this run is "
+                f"{self.hash}; use another run_dir or delete it"
+            )
         parts = {}
-        for name, load in (("model.safetensors", lambda f: load_file(str(f))),
-                           ("optimizer.pt", lambda f: torch.load(f, weights_only=True)),
-                           ("scheduler.pt", lambda f: torch.load(f, weights_only=True)),
-                           ("rng.pt", lambda f: torch.load(f, weights_only=True))):
+        for name, load in (
+            ("model.safetensors", lambda f: load_file(str(f))),
+            ("optimizer.pt", lambda f: torch.load(f, weights_only=True)),
+            ("scheduler.pt", lambda f: torch.load(f, weights_only=True)),
+            ("rng.pt", lambda f: torch.load(f, weights_only=True)),
+        ):
             try:
                 parts[name] = load(path / name)
             except Exception as e:  # noqa: BLE001  (safetensors, pickle and zip errors name no file)
-                raise DamagedFileError(f"{path / name}: damaged checkpoint file ({type(e).__name__}: {e})") from None
+                raise DamagedFileError(
+                    f"{path / name}: damaged checkpoint file ({type(e).__name__}: {e})"
+                ) from None
         load_trainable_state_dict(self.acc.unwrap_model(self.model), parts["model.safetensors"])
         self.optimizer.load_state_dict(parts["optimizer.pt"])
         self.scheduler.load_state_dict(parts["scheduler.pt"])
@@ -438,34 +513,51 @@ class Trainer:
                 log.warning("%s; the run is resumed", e)
         if fin is not None:
             if fin.get("config_hash") != self.hash:
-                raise RunConflictError(f"{self.run_dir} holds a finished run with config hash {fin.get('config_hash')}, "
-                                       f"this run is {self.hash}; use another run_dir")
+                raise RunConflictError(
+                    f"{self.run_dir} holds a finished run with config hash {fin.get('config_hash')}, "
+                    f"this run is {self.hash}; use another run_dir"
+                )
             try:
                 final_state = load_file(str(final_dir / "model.safetensors"))
             except Exception as e:  # noqa: BLE001
-                raise DamagedFileError(f"{final_dir / 'model.safetensors'}: damaged final weights ({e}); delete "
-                                       f"{self.finished_path} to train again from the last checkpoint") from None
+                raise DamagedFileError(
+                    f"{final_dir / 'model.safetensors'}: damaged final weights ({e}); delete "
+                    f"{self.finished_path} to train again from the last checkpoint"
+                ) from None
             load_trainable_state_dict(acc.unwrap_model(self.model), final_state)
-            log.info("run %s already finished (step %s, hash %s): skipped", self.run_dir, fin.get("step"), self.hash)
-            return TrainResult(self.run_dir, int(fin["step"]), fin.get("loss"), skipped=True, final_dir=final_dir)
+            log.info(
+                "run %s already finished (step %s, hash %s): skipped",
+                self.run_dir,
+                fin.get("step"),
+                self.hash,
+            )
+            return TrainResult(
+                self.run_dir, int(fin["step"]), fin.get("loss"), skipped=True, final_dir=final_dir
+            )
 
         existing = self.run_dir / "config.json"
         if existing.exists():
             old = read_json(existing).get("config_hash")
             if old != self.hash:
-                raise RunConflictError(f"{self.run_dir} holds a run with config hash {old}, this run is {self.hash}; "
-                                       f"use another run_dir or delete it")
+                raise RunConflictError(
+                    f"{self.run_dir} holds a run with config hash {old}, this run is {self.hash}; "
+                    f"use another run_dir or delete it"
+                )
         if acc.is_main_process:
             atomic_write_json(existing, {"config_hash": self.hash, **self.identity})
 
         self._total = total = self.total_steps()
         from accelerate.utils import set_seed
+
         set_seed(cfg.seed)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self._average_grads = acc.num_processes > 1 and acc.distributed_type.value in ("MULTI_CPU", "MULTI_GPU")
+        self._average_grads = acc.num_processes > 1 and acc.distributed_type.value in (
+            "MULTI_CPU",
+            "MULTI_GPU",
+        )
         if self._average_grads:
             # Step functions call the model directly (GradCache closures, the embedder captured by
             # contrastive_step), never through a DDP wrapper, so gradients are averaged over ranks
@@ -474,11 +566,13 @@ class Trainer:
         else:
             self.model = acc.prepare_model(self.model)
         self.batches.shard(acc.process_index, acc.num_processes)
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        )
         warmup = math.ceil(cfg.warmup_ratio * total)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, num_warmup_steps=warmup,
-                                                         num_training_steps=total)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
 
         step, epoch, pos, resumed_from = 0, 0, 0, None
         ck = None
@@ -490,7 +584,12 @@ class Trainer:
                 log.warning("%s; resuming from an earlier checkpoint", e)
                 continue
             ck = cand
-            step, epoch, pos, resumed_from = st["step"], st["epoch"], st["batch_in_epoch"], st["step"]
+            step, epoch, pos, resumed_from = (
+                st["step"],
+                st["epoch"],
+                st["batch_in_epoch"],
+                st["step"],
+            )
             log.info("resuming %s from %s (step %d/%d)", self.run_dir, ck.name, step, total)
             break
         if not self.resume and (self.run_dir / "checkpoints").exists() and acc.is_main_process:
@@ -509,8 +608,15 @@ class Trainer:
             self._eval(0)
 
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, desc=self.run_dir.name, mininterval=cfg.tqdm_mininterval,
-                   disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True)
+
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=self.run_dir.name,
+            mininterval=cfg.tqdm_mininterval,
+            disable=not (cfg.progress and acc.is_main_process),
+            dynamic_ncols=True,
+        )
         history: list[dict] = []
         last_loss, stopped_early = None, False
         it = iter(self.batches.iterate(epoch, pos))
@@ -555,17 +661,38 @@ class Trainer:
         # final: last checkpoint (resumable), final weights, marker
         self._save_checkpoint(step, epoch, pos)
         done_evals = {r.get("step") for r in _read_jsonl(self.eval_path)}
-        if self.eval_fn is not None and (cfg.eval_every or cfg.eval_at_start) and step not in done_evals:
+        if (
+            self.eval_fn is not None
+            and (cfg.eval_every or cfg.eval_at_start)
+            and step not in done_evals
+        ):
             self._eval(step)
         if acc.is_main_process:
             with atomic_dir(final_dir) as tmp:
-                save_file(trainable_state_dict(acc.unwrap_model(self.model)), str(tmp / "model.safetensors"))
-            atomic_write_json(self.finished_path, {"config_hash": self.hash, "step": step, "loss": last_loss,
-                                                   "total_steps": total, "stopped_early": stopped_early,
-                                                   "time": time.time()})
+                save_file(
+                    trainable_state_dict(acc.unwrap_model(self.model)),
+                    str(tmp / "model.safetensors"),
+                )
+            atomic_write_json(
+                self.finished_path,
+                {
+                    "config_hash": self.hash,
+                    "step": step,
+                    "loss": last_loss,
+                    "total_steps": total,
+                    "stopped_early": stopped_early,
+                    "time": time.time(),
+                },
+            )
         acc.wait_for_everyone()
-        return TrainResult(self.run_dir, step, last_loss, resumed_from=resumed_from, final_dir=final_dir,
-                           history=history)
+        return TrainResult(
+            self.run_dir,
+            step,
+            last_loss,
+            resumed_from=resumed_from,
+            final_dir=final_dir,
+            history=history,
+        )
 
     def _train_step(self, batch, step: int, epoch: int) -> dict:
         cfg = self.cfg
@@ -589,27 +716,33 @@ class Trainer:
             self.acc.backward(loss)
         params = [p for p in self.optimizer.param_groups[0]["params"]]
         if all(p.grad is None for p in params):
-            raise RuntimeError("step_fn returned a detached loss but no parameter has a gradient: call "
-                               "ctx.backward(loss) (or GradCache) inside step_fn, or return the loss with its graph")
+            raise RuntimeError(
+                "step_fn returned a detached loss but no parameter has a gradient: call "
+                "ctx.backward(loss) (or GradCache) inside step_fn, or return the loss with its graph"
+            )
         if self._average_grads:  # after the check: _sync_grads fills missing gradients with zeros
             _sync_grads(params)
         if cfg.max_grad_norm is not None:
             gn = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
         else:
-            gn = torch.norm(torch.stack([p.grad.detach().norm() for p in params if p.grad is not None]))
+            gn = torch.norm(
+                torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])
+            )
         gn = _scalar(gn)
         if not math.isfinite(gn):
             self._fail(step + 1, f"gradient norm is {gn} (loss {loss_val})")
         lr = self.scheduler.get_last_lr()[0]
         if "tau" not in extra and self._tau is not None:
-            extra["tau"] = _scalar(self._tau)      # the τ this step's loss used
+            extra["tau"] = _scalar(self._tau)  # the τ this step's loss used
         self.optimizer.step()
         self.scheduler.step()
         return {"loss": loss_val, "lr": lr, "grad_norm": gn, **extra}
 
     def _should_stop(self) -> bool:
         """``stop_fn`` on the eval records so far, decided on the main process (which alone writes them)."""
-        box = [bool(self.stop_fn(_read_jsonl(self.eval_path))) if self.acc.is_main_process else None]
+        box = [
+            bool(self.stop_fn(_read_jsonl(self.eval_path))) if self.acc.is_main_process else None
+        ]
         if self.acc.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -618,12 +751,16 @@ class Trainer:
 
     def _fail(self, step: int, what: str):
         ck = latest_checkpoint(self.run_dir)
-        msg = (f"non-finite training signal at step {step}: {what}. Stopped before the optimizer step; "
-               f"the last good checkpoint is {ck if ck is not None else 'none (no checkpoint written yet)'}. "
-               f"Try a lower lr, fp32 (mixed_precision='no'), or inspect the batch; fit() resumes from that checkpoint.")
+        msg = (
+            f"non-finite training signal at step {step}: {what}. Stopped before the optimizer step; "
+            f"the last good checkpoint is {ck if ck is not None else 'none (no checkpoint written yet)'}. "
+            f"Try a lower lr, fp32 (mixed_precision='no'), or inspect the batch; fit() resumes from that checkpoint."
+        )
         if self.acc.is_main_process:
-            atomic_write_json(self.run_dir / "FAILED.json", {"step": step, "reason": what,
-                                                             "last_checkpoint": str(ck) if ck else None})
+            atomic_write_json(
+                self.run_dir / "FAILED.json",
+                {"step": step, "reason": what, "last_checkpoint": str(ck) if ck else None},
+            )
         raise NonFiniteLossError(msg)
 
     def _eval(self, step: int) -> dict:
@@ -631,7 +768,11 @@ class Trainer:
         was_training = model.training
         model.eval()
         # eval must not change what training draws next
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        devices = (
+            [torch.cuda.current_device()]
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else []
+        )
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             np_state, py_state = np.random.get_state(), random.getstate()
             try:
@@ -640,7 +781,13 @@ class Trainer:
                 np.random.set_state(np_state)
                 random.setstate(py_state)
         model.train(was_training)
-        rec = {"step": step, **{k: _scalar(v) if isinstance(v, (int, float, torch.Tensor)) else v for k, v in metrics.items()}}
+        rec = {
+            "step": step,
+            **{
+                k: _scalar(v) if isinstance(v, (int, float, torch.Tensor)) else v
+                for k, v in metrics.items()
+            },
+        }
         if self.acc.is_main_process:
             with open(self.eval_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -25,6 +25,7 @@ all-reduces only on the last chunk. ``τ`` gets its gradient from the loss backw
 DDP forward, so a DDP-wrapped module holding ``τ`` needs ``find_unused_parameters=True`` (its
 gradient is identical on every rank anyway), or ``τ`` must live outside the wrapped module.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -96,9 +97,11 @@ def split_inputs(inputs: Any, chunk_size: int) -> list[Any]:
         if len(set(lens.values())) != 1:
             raise ValueError(f"dict inputs must have equal first dimensions, got {lens}")
         n = next(iter(lens.values()))
-        return [{k: v[i:i + chunk_size] for k, v in inputs.items()} for i in range(0, n, chunk_size)]
+        return [
+            {k: v[i : i + chunk_size] for k, v in inputs.items()} for i in range(0, n, chunk_size)
+        ]
     n = len(inputs)
-    return [inputs[i:i + chunk_size] for i in range(0, n, chunk_size)]
+    return [inputs[i : i + chunk_size] for i in range(0, n, chunk_size)]
 
 
 def _full_precision(x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +109,9 @@ def _full_precision(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
-def loss_in_full_precision(loss_fn: Callable[..., torch.Tensor], *embs: torch.Tensor) -> torch.Tensor:
+def loss_in_full_precision(
+    loss_fn: Callable[..., torch.Tensor], *embs: torch.Tensor
+) -> torch.Tensor:
     """``loss_fn(*embs)`` on float32 copies of half-precision embeddings with any autocast turned off
     (also one opened by the caller around the whole step): cos/τ with τ≈0.05 is too sharp for bf16
     logits. The loss must be a scalar."""
@@ -200,13 +205,15 @@ def grad_cache_step(
         for ci, chunk in enumerate(s.chunks):
             rng = rngs[si][ci] if replay_rng else contextlib.nullcontext()
             is_last = (si, ci) == last
-            with rng, (contextlib.nullcontext() if is_last else ns()):
+            with rng, contextlib.nullcontext() if is_last else ns():
                 with ac():
                     emb = s.encode_fn(chunk)
-                g = grads[si][offset:offset + emb.shape[0]]
+                g = grads[si][offset : offset + emb.shape[0]]
                 offset += emb.shape[0]
                 if emb.shape != g.shape:
-                    raise RuntimeError(f"re-forward of stream {si} chunk {ci} gave shape {tuple(emb.shape)}, first pass {tuple(g.shape)}")
+                    raise RuntimeError(
+                        f"re-forward of stream {si} chunk {ci} gave shape {tuple(emb.shape)}, first pass {tuple(g.shape)}"
+                    )
                 surrogate = torch.dot(emb.flatten(), g.to(emb.dtype).flatten())
                 surrogate.backward()
     # leave the RNG where a plain single pass would have left it
@@ -228,4 +235,6 @@ class GradCache:
         self.kw = kw
 
     def __call__(self, *inputs, **kw) -> torch.Tensor:
-        return grad_cache_step(self.encode_fns, inputs, self.loss_fn, self.chunk_size, **{**self.kw, **kw})
+        return grad_cache_step(
+            self.encode_fns, inputs, self.loss_fn, self.chunk_size, **{**self.kw, **kw}
+        )

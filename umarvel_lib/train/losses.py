@@ -19,6 +19,7 @@ The math follows the official U-MARVEL code (docs/recipe.md "Loss and temperatur
 
 Inputs to every function are assumed already L2-normalised (the embedder normalises).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,11 +60,19 @@ def info_nce_logits(
         ``(logits, labels)``: logits ``(B, B)``, ``(B, B(1+K))`` or ``(B, 1+K)``; labels ``(B,)``.
     """
     if q.ndim != 2 or c.ndim != 2 or q.shape != c.shape:
-        raise ValueError(f"q and c must both be (B, D) with the same shape, got {tuple(q.shape)} and {tuple(c.shape)}")
+        raise ValueError(
+            f"q and c must both be (B, D) with the same shape, got {tuple(q.shape)} and {tuple(c.shape)}"
+        )
     B = q.shape[0]
     if hard_negatives is not None:
-        if hard_negatives.ndim != 3 or hard_negatives.shape[0] != B or hard_negatives.shape[2] != q.shape[1]:
-            raise ValueError(f"hard_negatives must be (B={B}, K, D={q.shape[1]}), got {tuple(hard_negatives.shape)}")
+        if (
+            hard_negatives.ndim != 3
+            or hard_negatives.shape[0] != B
+            or hard_negatives.shape[2] != q.shape[1]
+        ):
+            raise ValueError(
+                f"hard_negatives must be (B={B}, K, D={q.shape[1]}), got {tuple(hard_negatives.shape)}"
+            )
     if hard_negatives_only:
         if hard_negatives is None:
             raise ValueError("hard_negatives_only=True needs hard_negatives")
@@ -103,7 +112,9 @@ def info_nce(
     """
     if symmetric and hard_negatives_only:
         raise ValueError("symmetric=True is not defined together with hard_negatives_only=True")
-    logits, labels = info_nce_logits(q, c, tau, hard_negatives=hard_negatives, hard_negatives_only=hard_negatives_only)
+    logits, labels = info_nce_logits(
+        q, c, tau, hard_negatives=hard_negatives, hard_negatives_only=hard_negatives_only
+    )
     loss = F.cross_entropy(logits, labels)
     if symmetric:
         loss = loss + F.cross_entropy(c @ q.T / tau, torch.arange(q.shape[0], device=q.device))
@@ -114,7 +125,11 @@ def info_nce(
 # all-gather with the local slice keeping its gradient
 # --------------------------------------------------------------------------------------------
 def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +190,9 @@ def distill_kl(
     by a constant and is left out here, so the loss is exactly 0 when student equals teacher.
     """
     if student_cos.shape != teacher_scores.shape or student_cos.ndim != 2:
-        raise ValueError(f"student_cos and teacher_scores must both be (B, N), got {tuple(student_cos.shape)} / {tuple(teacher_scores.shape)}")
+        raise ValueError(
+            f"student_cos and teacher_scores must both be (B, N), got {tuple(student_cos.shape)} / {tuple(teacher_scores.shape)}"
+        )
     tau_t = tau.detach() if isinstance(tau, torch.Tensor) else tau
     t_logits = teacher_scores.detach() / tau_t
     s_logits = student_cos / tau
@@ -206,7 +223,9 @@ class InfoNCELoss(nn.Module):
     goes through :func:`gather_with_grad`, so negatives span the global batch.
     """
 
-    def __init__(self, *, symmetric: bool = False, hard_negatives_only: bool = False, gather: bool = True):
+    def __init__(
+        self, *, symmetric: bool = False, hard_negatives_only: bool = False, gather: bool = True
+    ):
         super().__init__()
         if symmetric and hard_negatives_only:
             raise ValueError("symmetric=True is not defined together with hard_negatives_only=True")
@@ -219,8 +238,14 @@ class InfoNCELoss(nn.Module):
             q, c = gather_with_grad(q), gather_with_grad(c)
             if hard_negatives is not None:
                 hard_negatives = gather_with_grad(hard_negatives)
-        return info_nce(q, c, tau, hard_negatives=hard_negatives, symmetric=self.symmetric,
-                        hard_negatives_only=self.hard_negatives_only)
+        return info_nce(
+            q,
+            c,
+            tau,
+            hard_negatives=hard_negatives,
+            symmetric=self.symmetric,
+            hard_negatives_only=self.hard_negatives_only,
+        )
 
     def extra_repr(self) -> str:
         return f"symmetric={self.symmetric}, hard_negatives_only={self.hard_negatives_only}, gather={self.gather}"

@@ -28,6 +28,7 @@ how it was completed, so nothing is hidden.
 
 Inputs are expected L2-normalised (scores are dot products = cosine); a warning is logged if not.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,33 +61,37 @@ class MiningReport:
     relative_margin: float | None = None
     absolute_margin: float | None = None
     exclude_positives: bool = True
-    retrieved: int = 0                      # candidates looked at (queries × top_m, capped by pool size)
+    retrieved: int = 0  # candidates looked at (queries × top_m, capped by pool size)
     removed_duplicate: int = 0
     removed_positive: int = 0
     removed_max_score: int = 0
     removed_relative_margin: int = 0
     removed_absolute_margin: int = 0
-    survived: int = 0                       # candidates passing every filter
-    used: int = 0                           # genuine mined negatives kept (≤ K per query)
-    queries_full: int = 0                   # queries with ≥ K survivors
-    queries_short: int = 0                  # 1..K-1 survivors
-    queries_empty: int = 0                  # 0 survivors
+    survived: int = 0  # candidates passing every filter
+    used: int = 0  # genuine mined negatives kept (≤ K per query)
+    queries_full: int = 0  # queries with ≥ K survivors
+    queries_short: int = 0  # 1..K-1 survivors
+    queries_empty: int = 0  # 0 survivors
     queries_without_positive_in_pool: int = 0  # margin filters skipped for these
-    filled_repeat_first: int = 0            # padding slots filled by repeating the first negative
-    filled_random_queries: int = 0          # empty queries given random negatives
-    dropped_queries: int = 0                # empty queries dropped (if_empty="drop")
+    filled_repeat_first: int = 0  # padding slots filled by repeating the first negative
+    filled_random_queries: int = 0  # empty queries given random negatives
+    dropped_queries: int = 0  # empty queries dropped (if_empty="drop")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
         d = self.as_dict()
-        removed = ", ".join(f"{k.removeprefix('removed_')}={d[k]}" for k in d if k.startswith("removed_"))
-        return (f"mined {self.num_queries} queries (top_m={self.top_m}, K={self.num_negatives}): "
-                f"looked at {self.retrieved}, removed [{removed}], survived {self.survived}, used {self.used}; "
-                f"queries full/short/empty = {self.queries_full}/{self.queries_short}/{self.queries_empty}; "
-                f"padding by repeat_first {self.filled_repeat_first}, random-filled queries {self.filled_random_queries}, "
-                f"dropped {self.dropped_queries}; no positive in pool {self.queries_without_positive_in_pool}")
+        removed = ", ".join(
+            f"{k.removeprefix('removed_')}={d[k]}" for k in d if k.startswith("removed_")
+        )
+        return (
+            f"mined {self.num_queries} queries (top_m={self.top_m}, K={self.num_negatives}): "
+            f"looked at {self.retrieved}, removed [{removed}], survived {self.survived}, used {self.used}; "
+            f"queries full/short/empty = {self.queries_full}/{self.queries_short}/{self.queries_empty}; "
+            f"padding by repeat_first {self.filled_repeat_first}, random-filled queries {self.filled_random_queries}, "
+            f"dropped {self.dropped_queries}; no positive in pool {self.queries_without_positive_in_pool}"
+        )
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -95,7 +100,9 @@ def _as_tensor(x) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x), dtype=torch.float32)
 
 
-def exact_topk(query_emb, cand_emb, k: int, *, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_topk(
+    query_emb, cand_emb, k: int, *, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact inner-product top-``k``: ``(scores, indices)``, each ``(Q, k)``, ``k ≤ N``.
 
     Delegates to :func:`umarvel_lib.eval.search.search` (streamed candidate blocks), so mining and
@@ -157,16 +164,29 @@ def mine_hard_negatives(
     q, c = _as_tensor(query_emb), _as_tensor(cand_emb)
     query_ids, cand_ids = list(query_ids), list(cand_ids)
     if q.shape[0] != len(query_ids) or c.shape[0] != len(cand_ids):
-        raise ValueError(f"{q.shape[0]} query rows for {len(query_ids)} ids, {c.shape[0]} candidate rows for {len(cand_ids)} ids")
+        raise ValueError(
+            f"{q.shape[0]} query rows for {len(query_ids)} ids, {c.shape[0]} candidate rows for {len(cand_ids)} ids"
+        )
     if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1]:
-        raise ValueError(f"embeddings must be (Q, D) and (N, D), got {tuple(q.shape)} and {tuple(c.shape)}")
+        raise ValueError(
+            f"embeddings must be (Q, D) and (N, D), got {tuple(q.shape)} and {tuple(c.shape)}"
+        )
     for name, t in (("query", q), ("candidate", c)):
         if t.numel() and not torch.allclose(t.norm(dim=1), torch.ones(t.shape[0]), atol=1e-3):
-            log.warning("%s embeddings are not L2-normalised; scores are dot products, thresholds assume cosine", name)
+            log.warning(
+                "%s embeddings are not L2-normalised; scores are dot products, thresholds assume cosine",
+                name,
+            )
 
-    report = MiningReport(num_queries=len(query_ids), top_m=top_m, num_negatives=num_negatives,
-                          max_score=max_score, relative_margin=relative_margin,
-                          absolute_margin=absolute_margin, exclude_positives=exclude_positives)
+    report = MiningReport(
+        num_queries=len(query_ids),
+        top_m=top_m,
+        num_negatives=num_negatives,
+        max_score=max_score,
+        relative_margin=relative_margin,
+        absolute_margin=absolute_margin,
+        exclude_positives=exclude_positives,
+    )
     # canonical code per did (first occurrence), so duplicates and positives compare by did
     first_index: dict[Hashable, int] = {}
     codes = np.empty(len(cand_ids), dtype=np.int64)
@@ -178,19 +198,21 @@ def mine_hard_negatives(
 
     rows = []
     for start in range(0, len(query_ids), chunk_size):
-        qids = query_ids[start:start + chunk_size]
-        qc = q[start:start + chunk_size]
+        qids = query_ids[start : start + chunk_size]
+        qc = q[start : start + chunk_size]
         scores, idx = exact_topk(qc, c, top_m, chunk_size=chunk_size)
         n, m = idx.shape
         report.retrieved += n * m
-        cand_code = codes_t[idx]                                       # (n, m)
+        cand_code = codes_t[idx]  # (n, m)
         # positive codes per query, padded with -1
-        pos_lists = [[first_index[d] for d in positives.get(qid, ()) if d in first_index] for qid in qids]
+        pos_lists = [
+            [first_index[d] for d in positives.get(qid, ()) if d in first_index] for qid in qids
+        ]
         P = max((len(p) for p in pos_lists), default=0)
         pos_codes = torch.full((n, max(P, 1)), -1, dtype=torch.long)
         for r, p in enumerate(pos_lists):
             if p:
-                pos_codes[r, :len(p)] = torch.tensor(p)
+                pos_codes[r, : len(p)] = torch.tensor(p)
         # best in-pool positive score
         pos_score = torch.full((n,), float("nan"))
         for r, p in enumerate(pos_lists):
@@ -205,7 +227,7 @@ def mine_hard_negatives(
             setattr(report, field, getattr(report, field) + int(removed.sum()))
             alive = alive & ~mask
 
-        eq = cand_code.unsqueeze(2) == cand_code.unsqueeze(1)         # (n, m, m)
+        eq = cand_code.unsqueeze(2) == cand_code.unsqueeze(1)  # (n, m, m)
         earlier = torch.ones(m, m, dtype=torch.bool).tril(-1)
         _apply((eq & earlier).any(-1), "removed_duplicate")
         if exclude_positives:
@@ -246,17 +268,35 @@ def mine_hard_negatives(
                     continue
                 if if_empty == "random":
                     banned = set(positives.get(qid, ()))
-                    pool = [int(i) for i in unique_idx if cand_ids[i] not in banned] if banned else unique_idx
-                    take = rng.choice(len(pool), size=min(num_negatives, len(pool)), replace=False) if len(pool) else []
+                    pool = (
+                        [int(i) for i in unique_idx if cand_ids[i] not in banned]
+                        if banned
+                        else unique_idx
+                    )
+                    take = (
+                        rng.choice(len(pool), size=min(num_negatives, len(pool)), replace=False)
+                        if len(pool)
+                        else []
+                    )
                     picked = [pool[int(t)] for t in take]
                     dids = [cand_ids[i] for i in picked]
                     scs = [float(c[i] @ qc[r]) for i in picked]
                     report.filled_random_queries += 1
                     how = "random"
-            rows.append({"qid": qid, "negatives": dids, "scores": scs, "num_mined": len(keep),
-                         "fill": how, "pos_score": float(pos_score[r])})
+            rows.append(
+                {
+                    "qid": qid,
+                    "negatives": dids,
+                    "scores": scs,
+                    "num_mined": len(keep),
+                    "fill": how,
+                    "pos_score": float(pos_score[r]),
+                }
+            )
 
-    df = pd.DataFrame(rows, columns=["qid", "negatives", "scores", "num_mined", "fill", "pos_score"])
+    df = pd.DataFrame(
+        rows, columns=["qid", "negatives", "scores", "num_mined", "fill", "pos_score"]
+    )
     df.attrs["mining_report"] = report.as_dict()
     log.info("%s", report)
     return df, report
@@ -292,7 +332,9 @@ def load_negatives(path: str | Path) -> pd.DataFrame:
     """Read a table written by :func:`save_negatives` (report, if present, in ``attrs``)."""
     path = Path(path)
     rows = read_jsonl(path)
-    df = pd.DataFrame(rows, columns=["qid", "negatives", "scores", "num_mined", "fill", "pos_score"])
+    df = pd.DataFrame(
+        rows, columns=["qid", "negatives", "scores", "num_mined", "fill", "pos_score"]
+    )
     df["pos_score"] = df["pos_score"].astype(float)
     rep = path.with_name(path.name + ".report.json")
     if rep.exists():

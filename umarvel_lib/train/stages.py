@@ -21,6 +21,7 @@ Data per stage (all read from the data root; the same readers serve the real cor
   hard-negative model's top-k, from a pointwise reranker trained on positives + mined negatives;
   or ``continue_hard``: the same sample trained with hard negatives (the paper's control).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,8 +89,14 @@ def mbeir_pairs(data: MBEIR, *, instructions: bool, seed: int) -> list[Pair]:
         if not cands:
             raise ValueError(f"union_train query {q.qid} has no positive in the train pool")
         ins = data.sample_instruction(q, TASKS[q.task_id][1], rng) if instructions else None
-        out.append(Pair(query_item(q, data, instruction=ins), candidate_item(pool[rng.choice(cands)], data),
-                        qid=q.qid, row=row_of_query(q.qid, q.task_id)))
+        out.append(
+            Pair(
+                query_item(q, data, instruction=ins),
+                candidate_item(pool[rng.choice(cands)], data),
+                qid=q.qid,
+                row=row_of_query(q.qid, q.task_id),
+            )
+        )
     return out
 
 
@@ -107,12 +114,28 @@ def per_task_sample(pairs: list[Pair], fraction: float, seed: int) -> list[Pair]
 
 
 # ---- one training stage -----------------------------------------------------------------------
-def train_config(stage: StageConfig, n_examples: int, seed: int, *, eval_every: int | None = None,
-                 progress: bool = True) -> TrainConfig:
-    return TrainConfig(lr=stage.lr, epochs=None if stage.max_steps else stage.epochs, max_steps=stage.max_steps,
-                       batch_size=min(stage.batch_size, max(1, n_examples)), warmup_ratio=stage.warmup_ratio,
-                       seed=seed, save_every=50, eval_every=eval_every or 0, eval_at_start=bool(eval_every),
-                       tqdm_mininterval=5.0, mixed_precision=stage.mixed_precision, progress=progress)
+def train_config(
+    stage: StageConfig,
+    n_examples: int,
+    seed: int,
+    *,
+    eval_every: int | None = None,
+    progress: bool = True,
+) -> TrainConfig:
+    return TrainConfig(
+        lr=stage.lr,
+        epochs=None if stage.max_steps else stage.epochs,
+        max_steps=stage.max_steps,
+        batch_size=min(stage.batch_size, max(1, n_examples)),
+        warmup_ratio=stage.warmup_ratio,
+        seed=seed,
+        save_every=50,
+        eval_every=eval_every or 0,
+        eval_at_start=bool(eval_every),
+        tqdm_mininterval=5.0,
+        mixed_precision=stage.mixed_precision,
+        progress=progress,
+    )
 
 
 def contrastive_step(embedder: Embedder, stage: StageConfig):
@@ -122,8 +145,14 @@ def contrastive_step(embedder: Embedder, stage: StageConfig):
     def loss_fn(q, c, hn=None):
         q, c = gather_with_grad(q), gather_with_grad(c)
         hard = gather_with_grad(hn).reshape(q.shape[0], k, -1) if hn is not None else None
-        return info_nce(q, c, embedder.temperature.tau, hard_negatives=hard, symmetric=stage.symmetric,
-                        hard_negatives_only=stage.negatives == "hard_only")
+        return info_nce(
+            q,
+            c,
+            embedder.temperature.tau,
+            hard_negatives=hard,
+            symmetric=stage.symmetric,
+            hard_negatives_only=stage.negatives == "hard_only",
+        )
 
     def encode(items):
         return embedder(embedder.collate(items))
@@ -132,8 +161,9 @@ def contrastive_step(embedder: Embedder, stage: StageConfig):
         inputs = [[p.query for p in batch], [p.positive for p in batch]]
         if k:
             inputs.append([n for p in batch for n in p.negatives[:k]])
-        return grad_cache_step(encode, inputs, loss_fn, stage.chunk_size, backward=ctx.backward,
-                               autocast=ctx.autocast)
+        return grad_cache_step(
+            encode, inputs, loss_fn, stage.chunk_size, backward=ctx.backward, autocast=ctx.autocast
+        )
 
     return step
 
@@ -148,8 +178,12 @@ def distill_step(embedder: Embedder):
         c = embedder(embedder.collate(cands)).reshape(len(batch), n, -1)
         teacher = torch.tensor(np.stack([b["teacher"] for b in batch]), dtype=torch.float32)
         loss = loss_in_full_precision(
-            lambda q, cc: distill_kl(torch.einsum("bd,bnd->bn", q, cc), teacher.to(q.dtype), embedder.temperature.tau),
-            qs, c)
+            lambda q, cc: distill_kl(
+                torch.einsum("bd,bnd->bn", q, cc), teacher.to(q.dtype), embedder.temperature.tau
+            ),
+            qs,
+            c,
+        )
         ctx.backward(loss)
         return loss.detach()
 
@@ -173,8 +207,16 @@ def _embedder_for(cfg: RunConfig, stage: StageConfig, init: Path, seed: int = 0)
     return emb
 
 
-def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, backbone: Path, eval_fn=None,
-              progress: bool = True) -> Path:
+def run_stage(
+    cfg: RunConfig,
+    name: str,
+    init: Path,
+    out_root: Path,
+    *,
+    backbone: Path,
+    eval_fn=None,
+    progress: bool = True,
+) -> Path:
     """Train one stage from the checkpoint ``init``; returns the merged checkpoint directory.
 
     ``backbone``: the raw backbone of the run (the distillation stage trains its reranker from it);
@@ -187,15 +229,38 @@ def run_stage(cfg: RunConfig, name: str, init: Path, out_root: Path, *, backbone
         log.info("stage %s: reusing %s", name, final)
         return final
     stop_fn = _plateau_stop(cfg, stage, eval_fn)
-    with file_lock(out_root / f".{name}-{h}.lock"):  # parallel rows sharing this stage wait, then reuse it
+    with file_lock(
+        out_root / f".{name}-{h}.lock"
+    ):  # parallel rows sharing this stage wait, then reuse it
         if checkpoint_complete(final, "embedder.json"):
             return final
-        return _train_stage(cfg, name, stage, h, init, sdir, backbone=backbone, eval_fn=eval_fn, stop_fn=stop_fn,
-                            progress=progress)
+        return _train_stage(
+            cfg,
+            name,
+            stage,
+            h,
+            init,
+            sdir,
+            backbone=backbone,
+            eval_fn=eval_fn,
+            stop_fn=stop_fn,
+            progress=progress,
+        )
 
 
-def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Path, sdir: Path, *, backbone: Path,
-                 eval_fn, stop_fn=None, progress: bool = True) -> Path:
+def _train_stage(
+    cfg: RunConfig,
+    name: str,
+    stage: StageConfig,
+    h: str,
+    init: Path,
+    sdir: Path,
+    *,
+    backbone: Path,
+    eval_fn,
+    stop_fn=None,
+    progress: bool = True,
+) -> Path:
     final = sdir / "model"
     sdir.mkdir(parents=True, exist_ok=True)
     data_root = cfg.resolved_data_root()
@@ -206,33 +271,71 @@ def _train_stage(cfg: RunConfig, name: str, stage: StageConfig, h: str, init: Pa
     elif name == "cc3m":
         examples, step = cc3m_pairs(cfg.corpus_paths()["cc3m"]), contrastive_step(emb, stage)
     elif name == "mbeir":
-        examples, step = mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed), contrastive_step(emb, stage)
+        examples, step = (
+            mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed),
+            contrastive_step(emb, stage),
+        )
     elif name == "hard_negatives":
         examples = with_hard_negatives(cfg, stage, init, sdir, data, progress=progress)
         step = contrastive_step(emb, stage)
     elif name == "distill":
-        examples, step = distill_examples(cfg, stage, init, sdir, data, emb, backbone=backbone, progress=progress)
+        examples, step = distill_examples(
+            cfg, stage, init, sdir, data, emb, backbone=backbone, progress=progress
+        )
     else:
         raise ValueError(f"unknown stage {name!r}")
-    tcfg = train_config(stage, len(examples), cfg.seed, eval_every=cfg.eval.eval_every, progress=progress)
+    tcfg = train_config(
+        stage, len(examples), cfg.seed, eval_every=cfg.eval.eval_every, progress=progress
+    )
     tau_start = emb.temperature.value
-    trainer = Trainer(emb, step, examples, tcfg, sdir / "train", collate_fn=list, eval_fn=eval_fn,
-                      stop_fn=stop_fn, run_identity={"stage_hash": h, "init": str(init)})
+    trainer = Trainer(
+        emb,
+        step,
+        examples,
+        tcfg,
+        sdir / "train",
+        collate_fn=list,
+        eval_fn=eval_fn,
+        stop_fn=stop_fn,
+        run_identity={"stage_hash": h, "init": str(init)},
+    )
     res = trainer.fit()
     if emb.is_lora:
         emb.merge_lora()
     emb.save(final)
     fin = json.loads(trainer.finished_path.read_text())
     curve = dev_curve(sdir)
-    plan = {"stage": name, "budget": stage.budget, "steps": res.step, "max_steps": trainer.total_steps(),
-            "min_steps": stage.min_steps, "batch": tcfg.batch_size, "lr": tcfg.lr, "tau_learnable": stage.train_temperature,
-            "tau_start": tau_start, "tau_end": emb.temperature.value, "examples": len(examples),
-            "examples_seen": res.step * tcfg.batch_size, "epochs_seen": res.step * tcfg.batch_size / max(1, len(examples)),
-            "stopped_early": bool(fin.get("stopped_early")), "eval_every": cfg.eval.eval_every,
-            "dev_avg_end": curve[-1]["dev_avg"] if curve else None}
-    atomic_write_json(sdir / "stage.json", {"stage": name, "hash": h, "init": str(init), "tau": emb.temperature.value,
-                                            "recipe": dataclasses.asdict(stage), "n_examples": len(examples),
-                                            "plan": plan, "dev_curve": curve})
+    plan = {
+        "stage": name,
+        "budget": stage.budget,
+        "steps": res.step,
+        "max_steps": trainer.total_steps(),
+        "min_steps": stage.min_steps,
+        "batch": tcfg.batch_size,
+        "lr": tcfg.lr,
+        "tau_learnable": stage.train_temperature,
+        "tau_start": tau_start,
+        "tau_end": emb.temperature.value,
+        "examples": len(examples),
+        "examples_seen": res.step * tcfg.batch_size,
+        "epochs_seen": res.step * tcfg.batch_size / max(1, len(examples)),
+        "stopped_early": bool(fin.get("stopped_early")),
+        "eval_every": cfg.eval.eval_every,
+        "dev_avg_end": curve[-1]["dev_avg"] if curve else None,
+    }
+    atomic_write_json(
+        sdir / "stage.json",
+        {
+            "stage": name,
+            "hash": h,
+            "init": str(init),
+            "tau": emb.temperature.value,
+            "recipe": dataclasses.asdict(stage),
+            "n_examples": len(examples),
+            "plan": plan,
+            "dev_curve": curve,
+        },
+    )
     return final
 
 
@@ -266,19 +369,37 @@ def _plateau_stop(cfg: RunConfig, stage: StageConfig, eval_fn):
     if stage.budget == "fixed":
         return None
     if stage.budget != "plateau":
-        raise ValueError(f"stage {stage.name}: budget must be 'fixed' or 'plateau', got {stage.budget!r}")
+        raise ValueError(
+            f"stage {stage.name}: budget must be 'fixed' or 'plateau', got {stage.budget!r}"
+        )
     if not cfg.eval.eval_every or eval_fn is None:
-        raise ValueError(f"stage {stage.name}: budget 'plateau' needs a dev curve (set eval.eval_every)")
+        raise ValueError(
+            f"stage {stage.name}: budget 'plateau' needs a dev curve (set eval.eval_every)"
+        )
     from ..eval.plateau import plateau_of_curve
 
-    return lambda evals: plateau_of_curve([r for r in evals if "dev_avg" in r], min_steps=stage.min_steps).ok
+    return lambda evals: (
+        plateau_of_curve([r for r in evals if "dev_avg" in r], min_steps=stage.min_steps).ok
+    )
 
 
 # ---- hard negatives ---------------------------------------------------------------------------
-def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdir: Path, data: MBEIR,
-                        pairs: list[Pair] | None = None, *, progress: bool = True) -> list[Pair]:
+def with_hard_negatives(
+    cfg: RunConfig,
+    stage: StageConfig,
+    model_dir: Path,
+    sdir: Path,
+    data: MBEIR,
+    pairs: list[Pair] | None = None,
+    *,
+    progress: bool = True,
+) -> list[Pair]:
     """Mine with the previous stage's model and attach K negatives to every training pair."""
-    pairs = pairs if pairs is not None else mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed)
+    pairs = (
+        pairs
+        if pairs is not None
+        else mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed)
+    )
     neg_file = sdir / "hard_negatives.jsonl"
     pool = data.train_pool()
     if neg_file.is_file():
@@ -290,25 +411,46 @@ def with_hard_negatives(cfg: RunConfig, stage: StageConfig, model_dir: Path, sdi
     if not neg_file.is_file():
         q_emb, c_emb = _mining_embeddings(cfg, model_dir, pairs, pool, data, progress=progress)
         positives = {q.qid: set(q.pos) for q in data.union_train()}
-        df, report = mine_hard_negatives(q_emb, c_emb, [p.qid for p in pairs], [c.did for c in pool], positives,
-                                         top_m=min(stage.mine_top_m, len(pool)), num_negatives=stage.num_hard,
-                                         max_score=stage.filter_max_score, relative_margin=stage.filter_relative_margin)
+        df, report = mine_hard_negatives(
+            q_emb,
+            c_emb,
+            [p.qid for p in pairs],
+            [c.did for c in pool],
+            positives,
+            top_m=min(stage.mine_top_m, len(pool)),
+            num_negatives=stage.num_hard,
+            max_score=stage.filter_max_score,
+            relative_margin=stage.filter_relative_margin,
+        )
         save_negatives(df, neg_file, report)
     df = load_negatives(neg_file)
     by_did = {c.did: c for c in pool}
     # mine_hard_negatives already pads every list to K (repeat-first, or seeded random non-positives
     # when nothing survives the filters) and records it in the mining report
     negs = {q: tuple(n) for q, n in zip(df["qid"], df["negatives"])}
-    return [dataclasses.replace(p, negatives=tuple(candidate_item(by_did[d], data) for d in negs[p.qid][:stage.num_hard]))
-            for p in pairs]
+    return [
+        dataclasses.replace(
+            p,
+            negatives=tuple(candidate_item(by_did[d], data) for d in negs[p.qid][: stage.num_hard]),
+        )
+        for p in pairs
+    ]
 
 
-def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool, data: MBEIR, *, progress: bool):
+def _mining_embeddings(
+    cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool, data: MBEIR, *, progress: bool
+):
     """Train-query and train-pool embeddings of the model that mines, cached beside its checkpoint:
     the variants of the hard-negative stage (Table 5's rows) mine with the same model and differ only
     in the filters applied afterwards, so they encode once."""
-    key = config_hash({"embedder": dataclasses.asdict(cfg.embedder), "queries": [p.qid for p in pairs],
-                       "query_text": [(p.query.txt, p.query.instruction) for p in pairs], "pool": [c.did for c in pool]})
+    key = config_hash(
+        {
+            "embedder": dataclasses.asdict(cfg.embedder),
+            "queries": [p.qid for p in pairs],
+            "query_text": [(p.query.txt, p.query.instruction) for p in pairs],
+            "pool": [c.did for c in pool],
+        }
+    )
     path = Path(model_dir).parent / f"mining-{key}.npz"
     with file_lock(path.with_suffix(".lock")):
         if path.is_file():
@@ -316,12 +458,25 @@ def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool,
                 with np.load(path) as z:
                     return z["queries"], z["pool"]
             except Exception as e:  # noqa: BLE001  (a cut file: encode again)
-                log.warning("%s: damaged mining embeddings (%s: %s); encoding again", path, type(e).__name__, e)
+                log.warning(
+                    "%s: damaged mining embeddings (%s: %s); encoding again",
+                    path,
+                    type(e).__name__,
+                    e,
+                )
         miner = Embedder.from_pretrained(model_dir, cfg.embedder)
-        q_emb = miner.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="mine: queries",
-                             progress=progress)
-        c_emb = miner.encode([candidate_item(c, data) for c in pool], batch_size=cfg.eval.batch_size, desc="mine: pool",
-                             progress=progress)
+        q_emb = miner.encode(
+            [p.query for p in pairs],
+            batch_size=cfg.eval.batch_size,
+            desc="mine: queries",
+            progress=progress,
+        )
+        c_emb = miner.encode(
+            [candidate_item(c, data) for c in pool],
+            batch_size=cfg.eval.batch_size,
+            desc="mine: pool",
+            progress=progress,
+        )
         buf = io.BytesIO()
         np.savez(buf, queries=np.asarray(q_emb), pool=np.asarray(c_emb))
         atomic_write_bytes(path, buf.getvalue())
@@ -329,29 +484,43 @@ def _mining_embeddings(cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool,
 
 
 # ---- reranker and distillation ----------------------------------------------------------------
-def train_reranker(cfg: RunConfig, hn_model: Path, out_root: Path, *, backbone: Path, progress: bool = True) -> Path:
+def train_reranker(
+    cfg: RunConfig, hn_model: Path, out_root: Path, *, backbone: Path, progress: bool = True
+) -> Path:
     """Pointwise Yes/No reranker from the raw ``backbone`` on positives + one random mined negative."""
-    h = cfg.hash(upto_stage="hard_negatives", reranker=True)  # the hard-negative model's run + the reranker recipe
+    h = cfg.hash(
+        upto_stage="hard_negatives", reranker=True
+    )  # the hard-negative model's run + the reranker recipe
     rdir = out_root / f"reranker-{h}"
     final = rdir / "model"
     if checkpoint_complete(final, "reranker.json"):
         return final
-    with file_lock(out_root / f".reranker-{h}.lock"):  # a row and a distillation stage may need it at once
+    with file_lock(
+        out_root / f".reranker-{h}.lock"
+    ):  # a row and a distillation stage may need it at once
         if checkpoint_complete(final, "reranker.json"):
             return final
         return _train_reranker(cfg, hn_model, rdir, h, backbone=backbone, progress=progress)
 
 
-def _train_reranker(cfg: RunConfig, hn_model: Path, rdir: Path, h: str, *, backbone: Path, progress: bool) -> Path:
+def _train_reranker(
+    cfg: RunConfig, hn_model: Path, rdir: Path, h: str, *, backbone: Path, progress: bool
+) -> Path:
     from ..models.backbone import load_backbone
 
     final = rdir / "model"
     rdir.mkdir(parents=True, exist_ok=True)
     data = MBEIR(cfg.resolved_data_root(), check_images=False)
-    stage = dataclasses.replace(cfg.scaled_stage("hard_negatives"), negatives="in_batch+hard", num_hard=1,
-                                filter_max_score=None)
+    stage = dataclasses.replace(
+        cfg.scaled_stage("hard_negatives"),
+        negatives="in_batch+hard",
+        num_hard=1,
+        filter_max_score=None,
+    )
     pairs = with_hard_negatives(cfg, stage, hn_model, rdir, data, progress=progress)
-    examples = [(p.query, p.positive, True) for p in pairs] + [(p.query, p.negatives[0], False) for p in pairs]
+    examples = [(p.query, p.positive, True) for p in pairs] + [
+        (p.query, p.negatives[0], False) for p in pairs
+    ]
     rng = random.Random(cfg.seed)
     rng.shuffle(examples)
     model, processor = load_backbone(backbone)
@@ -363,23 +532,41 @@ def _train_reranker(cfg: RunConfig, hn_model: Path, rdir: Path, h: str, *, backb
     torch.manual_seed(cfg.seed)
     rc = cfg.reranker_recipe()  # exactly what the reranker's cache key hashes
     rr.model = apply_lora(rr.model, r=rc["lora_r"], alpha=rc["lora_alpha"], dropout=0.05)
-    tcfg = TrainConfig(lr=rc["lr"], max_steps=rc["max_steps"], epochs=rc["epochs"],
-                       batch_size=min(rc["batch_size"], len(examples)), seed=cfg.seed, save_every=50,
-                       tqdm_mininterval=5.0, progress=progress)
+    tcfg = TrainConfig(
+        lr=rc["lr"],
+        max_steps=rc["max_steps"],
+        epochs=rc["epochs"],
+        batch_size=min(rc["batch_size"], len(examples)),
+        seed=cfg.seed,
+        save_every=50,
+        tqdm_mininterval=5.0,
+        progress=progress,
+    )
 
     def step(batch, ctx):
         loss = rr.loss(rr.collate([(q, c) for q, c, _ in batch], labels=[y for _, _, y in batch]))
         ctx.backward(loss)
         return loss.detach()
 
-    Trainer(rr, step, examples, tcfg, rdir / "train", collate_fn=list, run_identity={"hash": h}).fit()
+    Trainer(
+        rr, step, examples, tcfg, rdir / "train", collate_fn=list, run_identity={"hash": h}
+    ).fit()
     rr.model = merge_lora(rr.model)
     rr.save(final)
     return final
 
 
-def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_dir: Path, data: MBEIR,
-                  pairs: list[Pair], sdir: Path, *, progress: bool = True) -> list[dict]:
+def teacher_lists(
+    cfg: RunConfig,
+    stage: StageConfig,
+    hn_model: Path,
+    reranker_dir: Path,
+    data: MBEIR,
+    pairs: list[Pair],
+    sdir: Path,
+    *,
+    progress: bool = True,
+) -> list[dict]:
     """Top-k train-pool candidates of each sampled query with fused teacher scores (cached as JSONL)."""
 
     f = sdir / "teacher.jsonl"
@@ -393,45 +580,94 @@ def teacher_lists(cfg: RunConfig, stage: StageConfig, hn_model: Path, reranker_d
             log.warning("%s; scoring the teacher lists again", e)
     if recs is None:
         emb = Embedder.from_pretrained(hn_model, cfg.embedder)
-        q = emb.encode([p.query for p in pairs], batch_size=cfg.eval.batch_size, desc="teacher: queries",
-                       progress=progress)
-        c = emb.encode([candidate_item(x, data) for x in pool], batch_size=cfg.eval.batch_size, desc="teacher: pool",
-                       progress=progress)
+        q = emb.encode(
+            [p.query for p in pairs],
+            batch_size=cfg.eval.batch_size,
+            desc="teacher: queries",
+            progress=progress,
+        )
+        c = emb.encode(
+            [candidate_item(x, data) for x in pool],
+            batch_size=cfg.eval.batch_size,
+            desc="teacher: pool",
+            progress=progress,
+        )
         k = min(stage.teacher_top_k, len(pool))
         scores, idx = exact_topk(q, c, k)  # the shared search and tie-break (eval.search)
         rr = Reranker.from_pretrained(reranker_dir)
         # one batched pass over every (query, candidate) pair, k per query in order
-        py = rr.p_yes([(p.query, candidate_item(pool[j], data)) for i, p in enumerate(pairs) for j in idx[i].tolist()],
-                      progress=progress)
+        py = rr.p_yes(
+            [
+                (p.query, candidate_item(pool[j], data))
+                for i, p in enumerate(pairs)
+                for j in idx[i].tolist()
+            ],
+            progress=progress,
+        )
         py = torch.from_numpy(np.asarray(py, dtype=np.float32)).view(len(pairs), k)
-        w = fusion_weights([p.row for p in pairs], stage.teacher_weight_overrides, default=stage.teacher_weight)
+        w = fusion_weights(
+            [p.row for p in pairs], stage.teacher_weight_overrides, default=stage.teacher_weight
+        )
         fused = fused_teacher(scores, py, w)
-        recs = [{"qid": p.qid, "dids": [pool[j].did for j in idx[i].tolist()], "teacher": fused[i].tolist()}
-                for i, p in enumerate(pairs)]
+        recs = [
+            {
+                "qid": p.qid,
+                "dids": [pool[j].did for j in idx[i].tolist()],
+                "teacher": fused[i].tolist(),
+            }
+            for i, p in enumerate(pairs)
+        ]
         atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in recs))
         recs = read_jsonl(f)  # the values as every later run reads them (float round trip)
     qmap = {p.qid: p for p in pairs}
-    return [{"query": qmap[r["qid"]].query, "candidates": [candidate_item(by_did[d], data) for d in r["dids"]],
-             "teacher": np.asarray(r["teacher"], dtype=np.float32)} for r in recs]
+    return [
+        {
+            "query": qmap[r["qid"]].query,
+            "candidates": [candidate_item(by_did[d], data) for d in r["dids"]],
+            "teacher": np.asarray(r["teacher"], dtype=np.float32),
+        }
+        for r in recs
+    ]
 
 
-def distill_examples(cfg: RunConfig, stage: StageConfig, hn_model: Path, sdir: Path, data: MBEIR, emb: Embedder, *,
-                     backbone: Path, progress: bool = True):
-    pairs = per_task_sample(mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed),
-                            stage.sample_fraction, seed=42 + cfg.seed)
+def distill_examples(
+    cfg: RunConfig,
+    stage: StageConfig,
+    hn_model: Path,
+    sdir: Path,
+    data: MBEIR,
+    emb: Embedder,
+    *,
+    backbone: Path,
+    progress: bool = True,
+):
+    pairs = per_task_sample(
+        mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed),
+        stage.sample_fraction,
+        seed=42 + cfg.seed,
+    )
     if stage.distill_mode == "continue_hard":
-        hn_stage = dataclasses.replace(cfg.scaled_stage("hard_negatives"), lr=stage.lr,
-                                       batch_size=stage.batch_size)
-        return (with_hard_negatives(cfg, hn_stage, hn_model, sdir, data, pairs, progress=progress),
-                contrastive_step(emb, hn_stage))
+        hn_stage = dataclasses.replace(
+            cfg.scaled_stage("hard_negatives"), lr=stage.lr, batch_size=stage.batch_size
+        )
+        return (
+            with_hard_negatives(cfg, hn_stage, hn_model, sdir, data, pairs, progress=progress),
+            contrastive_step(emb, hn_stage),
+        )
     reranker_dir = train_reranker(cfg, hn_model, sdir.parent, backbone=backbone, progress=progress)
-    return (teacher_lists(cfg, stage, hn_model, reranker_dir, data, pairs, sdir, progress=progress),
-            distill_step(emb))
+    return (
+        teacher_lists(cfg, stage, hn_model, reranker_dir, data, pairs, sdir, progress=progress),
+        distill_step(emb),
+    )
 
 
-def run_stages(cfg: RunConfig, backbone: Path, out_root: Path, *, eval_fn=None, progress: bool = True) -> Path:
+def run_stages(
+    cfg: RunConfig, backbone: Path, out_root: Path, *, eval_fn=None, progress: bool = True
+) -> Path:
     """Chain ``cfg.stages``: each starts from the previous merged checkpoint. Returns the last one."""
     ckpt = Path(backbone)
     for name in cfg.stages:
-        ckpt = run_stage(cfg, name, ckpt, out_root, backbone=Path(backbone), eval_fn=eval_fn, progress=progress)
+        ckpt = run_stage(
+            cfg, name, ckpt, out_root, backbone=Path(backbone), eval_fn=eval_fn, progress=progress
+        )
     return ckpt
