@@ -37,6 +37,11 @@ Guarantees (tested in ``tests/test_engine.py``):
   the model directly, as GradCache closures do). With a loss over gathered embeddings
   (``gather_with_grad``) two CPU processes train like one (``test_two_processes_train_like_one``).
   DeepSpeed/FSDP launches keep accelerate's wrapped model and are untested here.
+* **Sharded** (``Trainer(..., shard="fsdp")``): torch's FSDP2 ``fully_shard`` on every layer class
+  named in the shipped ``configs/accelerate_fsdp_8gpu.yaml`` and on the root, after LoRA is attached;
+  FSDP averages the gradients itself (no engine all-reduce). Checkpoints gather the full trainable
+  state (and optimizer state) to rank 0; resuming a sharded run is refused. Two CPU processes
+  (gloo) train the tiny released-format Qwen2-VL like one process (``tests/test_fsdp.py``).
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
@@ -89,6 +94,9 @@ __all__ = [
     "trainable_state_dict",
     "load_trainable_state_dict",
     "latest_checkpoint",
+    "shard_fsdp",
+    "full_state_dict",
+    "fsdp_layer_classes",
 ]
 
 #: fields that do not change what is trained (left out of the config hash)
@@ -172,6 +180,41 @@ class StepContext:
 
     def no_sync(self):
         return self.accelerator.no_sync(self.model)
+
+
+def fsdp_layer_classes() -> list[str]:
+    """The layer classes the shipped FSDP config wraps (``fsdp_transformer_layer_cls_to_wrap``)."""
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate_fsdp_8gpu.yaml"
+    names = yaml.safe_load(path.read_text(encoding="utf-8"))["fsdp_config"]
+    return [n.strip() for n in names["fsdp_transformer_layer_cls_to_wrap"].split(",") if n.strip()]
+
+
+def shard_fsdp(model: nn.Module, layer_classes: Sequence[str] | None = None) -> nn.Module:
+    """FSDP2 ``fully_shard`` on every module whose class is in ``layer_classes`` (default:
+    :func:`fsdp_layer_classes`), then on the root; needs an initialised process group."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(layer_classes or fsdp_layer_classes())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"no module of the FSDP layer classes {sorted(names)} in {type(model).__name__}")
+    for m in layers:
+        fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) CPU state dict of an FSDP-sharded model; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainable_only:
+        want = {n for n, p in model.named_parameters() if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in want}
+    return sd
 
 
 def _sync_grads(params: list[torch.Tensor]) -> None:
@@ -374,7 +417,11 @@ class Trainer:
         run_identity: Mapping[str, Any] | None = None,
         resume: bool = True,
         accelerator=None,
+        shard: Literal["fsdp"] | None = None,
     ):
+        if shard not in (None, "fsdp"):
+            raise ValueError(f"shard must be None or 'fsdp', got {shard!r}")
+        self.shard = shard
         self.model, self.step_fn, self.cfg = model, step_fn, cfg
         self.run_dir = Path(run_dir)
         self.batches = _Batches(data, cfg, collate_fn)
@@ -439,13 +486,22 @@ class Trainer:
         from safetensors.torch import save_file
 
         path = self.run_dir / "checkpoints" / f"step_{step:08d}"
+        if self.shard:  # collectives: every rank gathers, rank 0 writes
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = full_state_dict(self.model, trainable_only=True)
+            optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        elif self.acc.is_main_process:
+            model_sd = trainable_state_dict(self.acc.unwrap_model(self.model))
+            optim_sd = self.optimizer.state_dict()
         if self.acc.is_main_process:
             with atomic_dir(path) as tmp:
-                save_file(
-                    trainable_state_dict(self.acc.unwrap_model(self.model)),
-                    str(tmp / "model.safetensors"),
-                )
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                save_file(model_sd, str(tmp / "model.safetensors"))
+                torch.save(optim_sd, tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(_rng_state(), tmp / "rng.pt")
                 atomic_write_json(
@@ -558,7 +614,11 @@ class Trainer:
             "MULTI_CPU",
             "MULTI_GPU",
         )
-        if self._average_grads:
+        if self.shard:  # FSDP reduce-scatters (averages) gradients itself: no engine all-reduce
+            self._average_grads = False
+            self.model = shard_fsdp(self.model.to(acc.device))
+            params = [p for p in self.model.parameters() if p.requires_grad]  # now DTensors
+        elif self._average_grads:
             # Step functions call the model directly (GradCache closures, the embedder captured by
             # contrastive_step), never through a DDP wrapper, so gradients are averaged over ranks
             # explicitly after step_fn (_sync_grads) instead of by DDP hooks.
@@ -578,6 +638,11 @@ class Trainer:
         ck = None
         # newest first; a damaged checkpoint is skipped (logged with its path) for the one before it
         for cand in reversed(complete_checkpoints(self.run_dir)) if self.resume else ():
+            if self.shard:
+                raise NotImplementedError(
+                    f"{cand}: resuming a sharded (shard='fsdp') run is not supported; delete "
+                    f"{self.run_dir / 'checkpoints'} or pass resume=False"
+                )
             try:
                 st = self._load_checkpoint(cand)
             except DamagedFileError as e:
@@ -667,12 +732,16 @@ class Trainer:
             and step not in done_evals
         ):
             self._eval(step)
+        final_sd = (
+            full_state_dict(self.model, trainable_only=True)
+            if self.shard
+            else trainable_state_dict(acc.unwrap_model(self.model))
+            if acc.is_main_process
+            else None
+        )
         if acc.is_main_process:
             with atomic_dir(final_dir) as tmp:
-                save_file(
-                    trainable_state_dict(acc.unwrap_model(self.model)),
-                    str(tmp / "model.safetensors"),
-                )
+                save_file(final_sd, str(tmp / "model.safetensors"))
             atomic_write_json(
                 self.finished_path,
                 {
