@@ -1,5 +1,6 @@
-"""Sharded training (issue 15): the tiny released-format Qwen2-VL, LoRA attached, decoder layers wrapped
-with FSDP2 ``fully_shard`` (the classes named in the shipped accelerate FSDP config) on two CPU processes
+"""Sharded training (issue 15): the tiny released-format Qwen2-VL and Qwen3-VL, LoRA attached, decoder layers wrapped
+with FSDP2 ``fully_shard`` (the classes named in the shipped accelerate FSDP config; for Qwen3-VL in a
+copy naming its classes, as the README tells users) on two CPU processes
 (gloo), trained a few steps, the full state gathered, LoRA merged, saved and reloaded in one process:
 the same weights as the same steps trained in one process."""
 
@@ -21,7 +22,7 @@ def _data(n=16, length=10):
     return [torch.randint(0, 1000, (length,), generator=g) for _ in range(n)]
 
 
-def train_merge_save(ckpt, run_dir, out_dir, shard):
+def train_merge_save(ckpt, run_dir, out_dir, shard, fsdp_config=None):
     """Train ``STEPS`` LoRA steps from ``ckpt`` (sharded when ``shard``), merge, save to ``out_dir``."""
     from accelerate import Accelerator
 
@@ -36,13 +37,18 @@ def train_merge_save(ckpt, run_dir, out_dir, shard):
 
     model, _ = build()
 
-    def step_fn(batch, ctx):  # mean token loss: rank halves of equal length average to the global one
+    # mean token loss: the ranks' halves (equal lengths) average to the loss of the global batch
+    def step_fn(batch, ctx):
         ids = torch.stack(batch)
         return ctx.model(input_ids=ids, labels=ids).loss
 
-    cfg = TrainConfig(lr=1e-2, max_steps=STEPS, batch_size=GLOBAL_BATCH, seed=0, progress=False, warmup_ratio=0.0)
+    cfg = TrainConfig(
+        lr=1e-2, max_steps=STEPS, batch_size=GLOBAL_BATCH, seed=0, progress=False, warmup_ratio=0.0
+    )
     acc = Accelerator()
-    trainer = Trainer(model, step_fn, _data(), cfg, run_dir, accelerator=acc, shard=shard)
+    trainer = Trainer(
+        model, step_fn, _data(), cfg, run_dir, accelerator=acc, shard=shard, fsdp_config=fsdp_config
+    )
     trainer.fit()
     if shard:  # really sharded: the wrapped layers hold DTensor shards, half the rows on each rank
         from torch.distributed.tensor import DTensor
@@ -50,30 +56,47 @@ def train_merge_save(ckpt, run_dir, out_dir, shard):
         q = dict(trainer.model.named_parameters())[
             "base_model.model.model.language_model.layers.0.self_attn.q_proj.base_layer.weight"
         ]
-        assert isinstance(q, DTensor) and q.to_local().shape[0] * 2 == q.shape[0], q.to_local().shape
+        local = q.to_local().shape
+        assert isinstance(q, DTensor) and local[0] * 2 == q.shape[0], local
     sd = full_state_dict(trainer.model) if shard else trainer.model.state_dict()
     if acc.is_main_process:
-        plain, processor = build()  # an unsharded copy receives the gathered state, then the kit's merge
+        # an unsharded copy receives the gathered state, then the kit's merge; saved as build_backbone
+        plain, processor = build()
         plain.load_state_dict(sd)
-        merge_lora(plain).save_pretrained(out_dir, safe_serialization=True)  # as build_backbone saves
+        merge_lora(plain).save_pretrained(out_dir, safe_serialization=True)
         processor.save_pretrained(out_dir)
     acc.wait_for_everyone()
 
 
-@pytest.mark.slow  # two processes load and train a tiny Qwen2-VL
-def test_fsdp_two_processes_train_like_one(tmp_path):
+@pytest.mark.slow  # two processes load and train a tiny Qwen2-VL / Qwen3-VL
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
+def test_fsdp_two_processes_train_like_one(tmp_path, kind):
+    import yaml
     from released_format import write_checkpoint
 
     from umarvel_lib.models.backbone import load_backbone
+    from umarvel_lib.train.engine import fsdp_layer_classes
 
-    ckpt = write_checkpoint(tmp_path / "Qwen2-VL-7B-Instruct", "qwen2_vl")
+    ckpt = write_checkpoint(tmp_path / f"{kind}-Instruct", kind)
+    config = None  # the shipped config (Qwen2-VL's classes)
+    # Qwen3-VL: a copy of the shipped config naming its classes (README "Multi-GPU")
+    if kind == "qwen3_vl":
+        shipped = ROOT / "umarvel_lib" / "configs" / "accelerate_fsdp_8gpu.yaml"
+        conf = yaml.safe_load(shipped.read_text())
+        classes = "Qwen3VLTextDecoderLayer,Qwen3VLVisionBlock"
+        conf["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] = classes
+        config = tmp_path / "accelerate_fsdp_qwen3vl.yaml"
+        config.write_text(yaml.safe_dump(conf))
+        assert fsdp_layer_classes(config) == classes.split(",")
+    else:
+        assert "Qwen2VLDecoderLayer" in fsdp_layer_classes()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     code = (
         f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r}); "
         f"import torch; torch.set_num_threads(1); import test_fsdp as t; "
-        f"t.train_merge_save({str(ckpt)!r}, {str(tmp_path / 'fsdp')!r}, {str(tmp_path / 'fsdp_merged')!r}, 'fsdp'); "
+        f"t.train_merge_save({str(ckpt)!r}, {str(tmp_path / 'fsdp')!r}, {str(tmp_path / 'fsdp_merged')!r}, 'fsdp', {str(config) if config else None!r}); "
         f"import torch.distributed as d; d.destroy_process_group()"
     )
     procs = []
@@ -89,7 +112,15 @@ def test_fsdp_two_processes_train_like_one(tmp_path):
             "OMP_NUM_THREADS": "1",
             "ACCELERATE_USE_CPU": "true",
         }
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
@@ -105,6 +136,7 @@ def test_fsdp_two_processes_train_like_one(tmp_path):
     print("max |sharded - single|:", max((a[k] - b[k]).abs().max().item() for k in b))
     print("max |trained - base|:", max((b[k] - o[k]).abs().max().item() for k in b))
     changed = [k for k in b if not torch.equal(b[k], o[k])]
-    assert any("layers.0.self_attn.q_proj.weight" in k for k in changed), changed[:5]  # LoRA merged in
+    # the LoRA delta was merged into the base weights
+    assert any("layers.0.self_attn.q_proj.weight" in k for k in changed), changed[:5]
     ck = sorted((tmp_path / "fsdp" / "checkpoints").glob("step_*"))
     assert ck and (ck[-1] / "optimizer.pt").is_file()  # the gathered checkpoint was written

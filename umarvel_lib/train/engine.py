@@ -38,10 +38,11 @@ Guarantees (tested in ``tests/test_engine.py``):
   (``gather_with_grad``) two CPU processes train like one (``test_two_processes_train_like_one``).
   DeepSpeed/FSDP launches keep accelerate's wrapped model and are untested here.
 * **Sharded** (``Trainer(..., shard="fsdp")``): torch's FSDP2 ``fully_shard`` on every layer class
-  named in the shipped ``configs/accelerate_fsdp_8gpu.yaml`` and on the root, after LoRA is attached;
+  named in the shipped ``configs/accelerate_fsdp_8gpu.yaml`` (or the accelerate FSDP config given as
+  ``fsdp_config``, e.g. a copy naming Qwen3-VL's classes) and on the root, after LoRA is attached;
   FSDP averages the gradients itself (no engine all-reduce). Checkpoints gather the full trainable
   state (and optimizer state) to rank 0; resuming a sharded run is refused. Two CPU processes
-  (gloo) train the tiny released-format Qwen2-VL like one process (``tests/test_fsdp.py``).
+  (gloo) train the tiny released-format Qwen2-VL and Qwen3-VL like one process (``tests/test_fsdp.py``).
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
@@ -182,11 +183,13 @@ class StepContext:
         return self.accelerator.no_sync(self.model)
 
 
-def fsdp_layer_classes() -> list[str]:
-    """The layer classes the shipped FSDP config wraps (``fsdp_transformer_layer_cls_to_wrap``)."""
+def fsdp_layer_classes(config: str | Path | None = None) -> list[str]:
+    """The layer classes an accelerate FSDP config wraps (``fsdp_transformer_layer_cls_to_wrap``);
+    default: the shipped ``configs/accelerate_fsdp_8gpu.yaml`` (Qwen2-VL's classes)."""
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "accelerate_fsdp_8gpu.yaml"
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "accelerate_fsdp_8gpu.yaml"
+    path = Path(config or shipped)
     names = yaml.safe_load(path.read_text(encoding="utf-8"))["fsdp_config"]
     return [n.strip() for n in names["fsdp_transformer_layer_cls_to_wrap"].split(",") if n.strip()]
 
@@ -199,7 +202,9 @@ def shard_fsdp(model: nn.Module, layer_classes: Sequence[str] | None = None) -> 
     names = set(layer_classes or fsdp_layer_classes())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise ValueError(f"no module of the FSDP layer classes {sorted(names)} in {type(model).__name__}")
+        raise ValueError(
+            f"no module of the FSDP layer classes {sorted(names)} in {type(model).__name__}"
+        )
     for m in layers:
         fully_shard(m)
     fully_shard(model)
@@ -210,7 +215,8 @@ def full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[s
     """The full (unsharded) CPU state dict of an FSDP-sharded model; every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(model, options=opts)
     if trainable_only:
         want = {n for n, p in model.named_parameters() if p.requires_grad}
         sd = {k: v for k, v in sd.items() if k in want}
@@ -418,10 +424,11 @@ class Trainer:
         resume: bool = True,
         accelerator=None,
         shard: Literal["fsdp"] | None = None,
+        fsdp_config: str | Path | None = None,
     ):
         if shard not in (None, "fsdp"):
             raise ValueError(f"shard must be None or 'fsdp', got {shard!r}")
-        self.shard = shard
+        self.shard, self.fsdp_config = shard, fsdp_config
         self.model, self.step_fn, self.cfg = model, step_fn, cfg
         self.run_dir = Path(run_dir)
         self.batches = _Batches(data, cfg, collate_fn)
@@ -616,7 +623,7 @@ class Trainer:
         )
         if self.shard:  # FSDP reduce-scatters (averages) gradients itself: no engine all-reduce
             self._average_grads = False
-            self.model = shard_fsdp(self.model.to(acc.device))
+            self.model = shard_fsdp(self.model.to(acc.device), fsdp_layer_classes(self.fsdp_config))
             params = [p for p in self.model.parameters() if p.requires_grad]  # now DTensors
         elif self._average_grads:
             # Step functions call the model directly (GradCache closures, the embedder captured by
