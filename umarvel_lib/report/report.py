@@ -142,24 +142,7 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
         "direction, CI excludes zero; *too few seeds* = fewer than 3 seeds (the note says what the interval over \
 queries alone shows). T1a, T2b, T3a and T3b are effects of well under one point in "
         "the paper and are expected to be within noise at micro scale.\n",
-        _md(
-            vall[
-                [
-                    "finding",
-                    "claim",
-                    "pool",
-                    "verdict",
-                    "diff",
-                    "ci95_lo",
-                    "ci95_hi",
-                    "detectable_effect",
-                    "n_seeds",
-                    "note",
-                ]
-            ]
-            if not vall.empty
-            else vall
-        ),
+        _md(vall[list(tables.FINDING_COLUMNS)] if not vall.empty else vall),
     ]
     runs = tables.runs_frame(res)
     prov = ["\n## Provenance\n"]

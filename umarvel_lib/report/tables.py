@@ -22,6 +22,18 @@ from .findings import HITS_FILE, headline_hits, judge
 
 log = logging.getLogger(__name__)
 
+FINDING_COLUMNS = (
+    "finding",
+    "claim",
+    "pool",
+    "verdict",
+    "diff",
+    "ci95_lo",
+    "ci95_hi",
+    "detectable_effect",
+    "n_seeds",
+    "note",
+)  # one row per finding and pool: what tables.checks returns and REPORT.md shows
 VERDICT_ORDER = ("held", "within noise", "contradicted", "too few seeds", "not run")
 
 
@@ -251,18 +263,7 @@ def verdicts(results, ablation: Ablation, *, n_boot: int = 1000) -> pd.DataFrame
         recs.append(v.as_dict())
     return pd.DataFrame.from_records(
         recs,
-        columns=[
-            "finding",
-            "claim",
-            "pool",
-            "verdict",
-            "diff",
-            "ci95_lo",
-            "ci95_hi",
-            "detectable_effect",
-            "n_seeds",
-            "note",
-        ],
+        columns=list(FINDING_COLUMNS),
     )
 
 

@@ -56,7 +56,6 @@ frozen part identically (same base weights / same seed) before resuming.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -73,6 +72,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from umarvel_lib.config import IDENTITY_FIELDS, NOT_IDENTITY, identity
 from umarvel_lib.io import (
     DamagedFileError,
     atomic_dir,
@@ -100,16 +100,34 @@ __all__ = [
     "fsdp_layer_classes",
 ]
 
-#: fields that do not change what is trained (left out of the config hash)
-_NON_IDENTITY_FIELDS = (
-    "save_every",
-    "eval_every",
-    "eval_at_start",
-    "log_every",
-    "keep_checkpoints",
-    "tqdm_mininterval",
-    "progress",
+# What a training run's identity is (checked against the run directory on resume): every field of
+# TrainConfig is classified in config.IDENTITY_FIELDS / config.NOT_IDENTITY, with the reason for each
+# exclusion; an unclassified field makes identity() raise (tests/test_config.py checks every field).
+IDENTITY_FIELDS["TrainConfig"] = (
+    "lr",
+    "max_steps",
+    "epochs",
+    "batch_size",
+    "warmup_ratio",
+    "weight_decay",
+    "adam_betas",
+    "adam_eps",
+    "max_grad_norm",
+    "seed",
+    "shuffle",
+    "drop_last",
+    "mixed_precision",
 )
+NOT_IDENTITY["TrainConfig"] = {
+    "grad_cache_chunk": "GradCache chunk: memory only; the gradients equal the full batch's up to float rounding",
+    "save_every": "when checkpoints are written, not what is trained",
+    "keep_checkpoints": "how many checkpoints are kept",
+    "eval_every": "when the curve is evaluated; a plateau stop's dev settings are in the stage's identity",
+    "eval_at_start": "an extra evaluation before the first step",
+    "log_every": "progress-bar refresh",
+    "tqdm_mininterval": "progress-bar refresh",
+    "progress": "whether bars are shown",
+}
 
 
 @dataclass
@@ -149,10 +167,7 @@ class TrainConfig:
         self.adam_betas = tuple(self.adam_betas)
 
     def identity(self) -> dict:
-        d = dataclasses.asdict(self)
-        for k in _NON_IDENTITY_FIELDS:
-            d.pop(k, None)
-        return d
+        return identity(self)
 
 
 class NonFiniteLossError(RuntimeError):
