@@ -282,11 +282,8 @@ def run_gathered_training(run_dir, steps=6):
 
 @pytest.mark.slow  # two torchrun processes (gloo)
 def test_two_processes_train_like_one(tmp_path):
-    import socket
+    from gloo import run_ranks
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     code = (
         f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r}); "
         f"import torch; torch.set_num_threads(1); import test_engine as t; "
@@ -295,31 +292,7 @@ def test_two_processes_train_like_one(tmp_path):
         f"torch.save({{k: v for k, v in m.state_dict().items()}}, {str(tmp_path)!r} + f'/rank{{rank}}.pt'); "
         f"d.destroy_process_group()"
     )
-    procs = []
-    for rank in (0, 1):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "OMP_NUM_THREADS": "1",
-            "ACCELERATE_USE_CPU": "true",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    for p in procs:
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 0, err[-3000:]
+    run_ranks([sys.executable, "-c", code], env={"ACCELERATE_USE_CPU": "true"})
     ref, res = run_gathered_training(tmp_path / "single")
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k, v in ref.state_dict().items():

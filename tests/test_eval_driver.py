@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -436,45 +433,15 @@ if dist.is_initialized():
 def test_two_processes_give_identical_runs(evaluated, tmp_path):
     """Two CPU processes (gloo, as under ``accelerate launch``/``torchrun``) share encode and search;
     the merged result is byte-identical to the single-process run."""
+    from gloo import run_ranks
+
     data, d, _ = evaluated
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    with socket.socket() as sock:  # a free port, so parallel test runs do not collide
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    procs = []
-    for rank in (0, 1):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(REPO),
-        }
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    str(script),
-                    str(data.root),
-                    str(tmp_path / "out"),
-                    str(tmp_path / "cache"),
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
+    argv = [sys.executable, str(script), str(data.root), out, cache]
+    stdouts = run_ranks(argv, timeout=120, env={"PYTHONPATH": str(REPO)})
+    outs = [json.loads(text.strip().splitlines()[-1]) for text in stdouts]
     assert outs[0] == outs[1] and outs[0]["out_dir"] == str(
         tmp_path / "out"
     )  # results handed to every rank

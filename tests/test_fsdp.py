@@ -4,9 +4,6 @@ copy naming its classes, as the README tells users) on two CPU processes
 (gloo), trained a few steps, the full state gathered, LoRA merged, saved and reloaded in one process:
 the same weights as the same steps trained in one process."""
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -72,6 +69,7 @@ def train_merge_save(ckpt, run_dir, out_dir, shard, fsdp_config=None):
 @pytest.mark.parametrize("kind", ["qwen2_vl", "qwen3_vl"])
 def test_fsdp_two_processes_train_like_one(tmp_path, kind):
     import yaml
+    from gloo import run_ranks
     from released_format import write_checkpoint
 
     from umarvel_lib.models.backbone import load_backbone
@@ -90,40 +88,13 @@ def test_fsdp_two_processes_train_like_one(tmp_path, kind):
         assert fsdp_layer_classes(config) == classes.split(",")
     else:
         assert "Qwen2VLDecoderLayer" in fsdp_layer_classes()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     code = (
         f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); sys.path.insert(0, {str(ROOT)!r}); "
         f"import torch; torch.set_num_threads(1); import test_fsdp as t; "
         f"t.train_merge_save({str(ckpt)!r}, {str(tmp_path / 'fsdp')!r}, {str(tmp_path / 'fsdp_merged')!r}, 'fsdp', {str(config) if config else None!r}); "
         f"import torch.distributed as d; d.destroy_process_group()"
     )
-    procs = []
-    for rank in (0, 1):
-        env = {
-            **os.environ,
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "OMP_NUM_THREADS": "1",
-            "ACCELERATE_USE_CPU": "true",
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", code],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    run_ranks([sys.executable, "-c", code], timeout=300, env={"ACCELERATE_USE_CPU": "true"})
     train_merge_save(ckpt, tmp_path / "single", tmp_path / "single_merged", None)
 
     sharded, _ = load_backbone(tmp_path / "fsdp_merged", dtype=torch.float32)
