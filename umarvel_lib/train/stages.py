@@ -464,23 +464,33 @@ def _mining_embeddings(
                     type(e).__name__,
                     e,
                 )
-        miner = Embedder.from_pretrained(model_dir, cfg.embedder)
-        q_emb = miner.encode(
-            [p.query for p in pairs],
-            batch_size=cfg.eval.batch_size,
-            desc="mine: queries",
-            progress=progress,
-        )
-        c_emb = miner.encode(
-            [candidate_item(c, data) for c in pool],
-            batch_size=cfg.eval.batch_size,
-            desc="mine: pool",
-            progress=progress,
+        q_emb, c_emb = encode_queries_and_pool(
+            model_dir, cfg, pairs, pool, data, what="mine", progress=progress
         )
         buf = io.BytesIO()
         np.savez(buf, queries=np.asarray(q_emb), pool=np.asarray(c_emb))
         atomic_write_bytes(path, buf.getvalue())
         return q_emb, c_emb
+
+
+def encode_queries_and_pool(
+    model_dir: Path, cfg: RunConfig, pairs, pool, data, *, what: str, progress: bool
+):
+    """The training queries of ``pairs`` (with their instructions) and the candidates of ``pool``
+    encoded by the embedder in ``model_dir``: what hard-negative mining and the distillation teacher
+    search over."""
+    emb = Embedder.from_pretrained(model_dir, cfg.embedder)
+    bs = cfg.eval.batch_size
+    q = emb.encode(
+        [p.query for p in pairs], batch_size=bs, desc=f"{what}: queries", progress=progress
+    )
+    c = emb.encode(
+        [candidate_item(x, data) for x in pool],
+        batch_size=bs,
+        desc=f"{what}: pool",
+        progress=progress,
+    )
+    return q, c
 
 
 # ---- reranker and distillation ----------------------------------------------------------------
@@ -579,18 +589,8 @@ def teacher_lists(
         except DamagedFileError as e:  # computed by this function: compute it again
             log.warning("%s; scoring the teacher lists again", e)
     if recs is None:
-        emb = Embedder.from_pretrained(hn_model, cfg.embedder)
-        q = emb.encode(
-            [p.query for p in pairs],
-            batch_size=cfg.eval.batch_size,
-            desc="teacher: queries",
-            progress=progress,
-        )
-        c = emb.encode(
-            [candidate_item(x, data) for x in pool],
-            batch_size=cfg.eval.batch_size,
-            desc="teacher: pool",
-            progress=progress,
+        q, c = encode_queries_and_pool(
+            hn_model, cfg, pairs, pool, data, what="teacher", progress=progress
         )
         k = min(stage.teacher_top_k, len(pool))
         scores, idx = exact_topk(q, c, k)  # the shared search and tie-break (eval.search)
