@@ -346,9 +346,16 @@ def config_hash(obj) -> str:
 @contextlib.contextmanager
 def file_lock(lock_path: str | os.PathLike) -> Iterator[None]:
     """Exclusive inter-process lock on ``lock_path`` (``fcntl.flock``): serialises builds of the same
-    cached artifact, so a second process waits and then reuses what the first wrote."""
+    cached artifact, so a second process waits and then reuses what the first wrote.
+
+    The processes of one launch (``accelerate launch``/``torchrun``: ``WORLD_SIZE`` > 1) build together
+    (training, sharded encoding are collectives): only rank 0 takes the lock, the other ranks follow
+    it, since a rank waiting here while rank 0 waits for it in a collective would never return."""
     import fcntl
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as fh:
