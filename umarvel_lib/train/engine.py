@@ -36,13 +36,18 @@ Guarantees (tested in ``tests/test_engine.py``):
   gradients are averaged over ranks in one all-reduce (no DDP wrapper, so step functions may call
   the model directly, as GradCache closures do). With a loss over gathered embeddings
   (``gather_with_grad``) two CPU processes train like one (``test_two_processes_train_like_one``).
-  DeepSpeed/FSDP launches keep accelerate's wrapped model and are untested here.
-* **Sharded** (``Trainer(..., shard="fsdp")``): torch's FSDP2 ``fully_shard`` on every layer class
-  named in the shipped ``configs/accelerate_fsdp_8gpu.yaml`` (or the accelerate FSDP config given as
-  ``fsdp_config``, e.g. a copy naming Qwen3-VL's classes) and on the root, after LoRA is attached;
-  FSDP averages the gradients itself (no engine all-reduce). Checkpoints gather the full trainable
-  state (and optimizer state) to rank 0; resuming a sharded run is refused. Two CPU processes
-  (gloo) train the tiny released-format Qwen2-VL and Qwen3-VL like one process (``tests/test_fsdp.py``).
+  DeepSpeed launches keep accelerate's wrapped model and are untested here.
+* **Sharded** (``Trainer(..., shard="fsdp")``, or by default under ``accelerate launch`` with an
+  FSDP config: :func:`shard_mode` decides): torch's FSDP2 ``fully_shard`` on every layer class named
+  by the launch (``FSDP_TRANSFORMER_CLS_TO_WRAP``), the accelerate FSDP config given as
+  ``fsdp_config`` or the shipped ``configs/accelerate_fsdp_8gpu.yaml``, then on the root, after LoRA
+  is attached; never accelerate's ``prepare_model`` wrapping. Scalar parameters (τ) stay replicated.
+  FSDP averages the sharded gradients, the engine the replicated ones. Checkpoints and the final
+  weights gather the full trainable state (and optimizer state) to rank 0; :meth:`Trainer.trained_model`
+  rebuilds a plain model from them; resuming a sharded run is refused. ``FINISHED.json`` records how
+  the run was sharded (``shard``). Two CPU processes (gloo) train the tiny released-format Qwen2-VL
+  and Qwen3-VL like one process (``tests/test_fsdp.py``), and ``accelerate launch`` of ``umarvel run``
+  with the shipped config like the unsharded run (``tests/test_released_format.py``).
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
@@ -266,9 +271,11 @@ def shard_fsdp(model: nn.Module, layer_classes: Sequence[str] | None = None) -> 
 
     names = set(layer_classes or fsdp_layer_classes())
     layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
+    missing = names - {type(m).__name__ for m in layers}
+    if missing:  # as accelerate: a class the model lacks is a config for another model
         raise ValueError(
-            f"no module of the FSDP layer classes {sorted(names)} in {type(model).__name__}"
+            f"no module of the FSDP layer classes {sorted(missing)} in {type(model).__name__}; "
+            f"name this model's classes in fsdp_transformer_layer_cls_to_wrap"
         )
     scalars = {p for p in model.parameters() if p.ndim == 0} or None
     for m in layers:
