@@ -343,6 +343,20 @@ def config_hash(obj) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def env_true(name: str) -> bool:
+    """An environment flag as launchers write it (``true``/``1``/``yes``, any case)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def accelerate_cpu() -> bool:
+    """Whether accelerate must be told ``cpu=True``: without a GPU it joins the CPU process group
+    (gloo) of a launch only when told so (``ACCELERATE_USE_CPU``, which ``accelerate launch`` sets only
+    for CPU configs: an FSDP launch on a machine without GPUs does not)."""
+    import torch
+
+    return env_true("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
 @contextlib.contextmanager
 def file_lock(lock_path: str | os.PathLike) -> Iterator[None]:
     """Exclusive inter-process lock on ``lock_path`` (``fcntl.flock``): serialises builds of the same

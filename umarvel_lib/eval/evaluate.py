@@ -147,7 +147,7 @@ def _state(state=None):
         from accelerate import PartialState
     except ImportError:
         return _SingleProcess()
-    from ..train.engine import accelerate_cpu
+    from ..io import accelerate_cpu
 
     return PartialState(cpu=accelerate_cpu())
 

@@ -81,10 +81,12 @@ import torch.nn as nn
 from umarvel_lib.config import IDENTITY_FIELDS, NOT_IDENTITY, identity
 from umarvel_lib.io import (
     DamagedFileError,
+    accelerate_cpu,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
     config_hash,
+    env_true,
     read_json,
 )
 
@@ -204,10 +206,6 @@ class StepContext:
         return self.accelerator.no_sync(self.model)
 
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
 def shard_mode(shard: str | None = None) -> Literal["fsdp"] | None:
     """How training is sharded, decided here only: ``shard`` when given (``"fsdp"``, or ``"none"`` for
     plain replicated training), else ``"fsdp"`` when ``accelerate launch`` started this process with an
@@ -219,7 +217,7 @@ def shard_mode(shard: str | None = None) -> Literal["fsdp"] | None:
         raise ValueError(f"shard must be None, 'fsdp' or 'none', got {shard!r}")
     if shard is not None:
         return None if shard == "none" else "fsdp"
-    if not _env_true("ACCELERATE_USE_FSDP") or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+    if not env_true("ACCELERATE_USE_FSDP") or int(os.environ.get("WORLD_SIZE", "1")) < 2:
         return None
     policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     if policy != "TRANSFORMER_BASED_WRAP":
@@ -227,23 +225,16 @@ def shard_mode(shard: str | None = None) -> Literal["fsdp"] | None:
             f"accelerate FSDP config: fsdp_auto_wrap_policy {policy} is not supported; the kit wraps the "
             f"layer classes of fsdp_transformer_layer_cls_to_wrap (TRANSFORMER_BASED_WRAP)"
         )
-    if _env_true("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+    if env_true("FSDP_CPU_RAM_EFFICIENT_LOADING"):
         raise ValueError(
             "accelerate FSDP config: fsdp_cpu_ram_efficient_loading: true makes transformers load empty "
             "(meta) weights on every rank but 0, which the kit's FSDP2 path does not fill in; set it to "
             "false (as umarvel_lib/configs/accelerate_fsdp_8gpu.yaml does)"
         )
-    ignored = [n for n in ("FSDP_ACTIVATION_CHECKPOINTING", "FSDP_OFFLOAD_PARAMS") if _env_true(n)]
+    ignored = [n for n in ("FSDP_ACTIVATION_CHECKPOINTING", "FSDP_OFFLOAD_PARAMS") if env_true(n)]
     if ignored:
         log.warning("accelerate FSDP config: %s not applied by the kit's FSDP2 path", ignored)
     return "fsdp"
-
-
-def accelerate_cpu() -> bool:
-    """Whether accelerate must be told ``cpu=True``: without a GPU it joins the CPU process group
-    (gloo) of a launch only when told so (``ACCELERATE_USE_CPU``, which ``accelerate launch`` sets only
-    for CPU configs: an FSDP launch on a CPU machine does not)."""
-    return _env_true("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
 def fsdp_layer_classes(config: str | Path | None = None) -> list[str]:
@@ -254,7 +245,7 @@ def fsdp_layer_classes(config: str | Path | None = None) -> list[str]:
     import yaml
 
     launched = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
-    if config is None and launched and _env_true("ACCELERATE_USE_FSDP"):
+    if config is None and launched and env_true("ACCELERATE_USE_FSDP"):
         return [n.strip() for n in launched.split(",") if n.strip()]
     shipped = Path(__file__).resolve().parents[1] / "configs" / "accelerate_fsdp_8gpu.yaml"
     path = Path(config or shipped)
