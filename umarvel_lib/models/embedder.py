@@ -363,13 +363,25 @@ def model_inputs(model: nn.Module, enc: dict, *, positions: str) -> dict:
     return out
 
 
-def run_core(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Last hidden states (B, L, H) of the VLM core (no lm_head), ``use_cache=False``."""
+def run_core(model: nn.Module, batch: dict, *, vision_cache=None) -> torch.Tensor:
+    """Last hidden states (B, L, H) of the VLM core (no lm_head), ``use_cache=False``.
+
+    ``vision_cache`` (an :class:`~.input_cache.VisionFeatures`): take the frozen vision tower's
+    per-image outputs from it (transformers' ``mm_encoder_outputs``) instead of running the tower on
+    the batch's pixels; used only while the tower is frozen (:func:`~.input_cache.vision_cacheable`)."""
     core = vlm_core(model)
     kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids"):
         if batch.get(k) is not None and batch.get("pixel_values") is not None:
             kw[k] = batch[k]
+    if vision_cache is not None and "pixel_values" in kw:
+        from .input_cache import vision_cacheable
+
+        if vision_cacheable(core.visual):
+            pixels = kw.pop("pixel_values")
+            kw["mm_encoder_outputs"] = {
+                "image": vision_cache.image_outputs(core, pixels, kw["image_grid_thw"])
+            }
     core.rope_deltas = None  # never let a stale cached delta reach this forward
     return core(**kw, use_cache=False).last_hidden_state
 
@@ -527,6 +539,12 @@ class Embedder(nn.Module):
         self._template_cache: dict[tuple[bool, bool, bool], tuple[str, str]] = {}
         self.pixel_limits = self._apply_pixel_limits()
         self._text_budget = self.cfg.max_text_tokens
+        from .input_cache import VISION_FEATURES, ItemInputs
+
+        #: per-item processor outputs and the frozen vision tower's per-image outputs, memoised
+        #: (results bitwise unchanged; set ``vision_cache = None`` to run the tower every time)
+        self.item_inputs = ItemInputs()
+        self.vision_cache = VISION_FEATURES
 
     def _apply_pixel_limits(self) -> tuple[int, int] | None:
         """Resize images into the configured (or the paper's, per backbone kind) pixel budget."""
@@ -624,15 +642,8 @@ class Embedder(nn.Module):
         """Processor inputs + explicit position ids + the pooling mask for ``items`` (CPU tensors)."""
         if not items:
             raise ValueError("collate() needs at least one item")
-        texts = [self.render(it) for it in items]
-        images = [it.load_image() for it in items if it.has_image]
-        kw: dict[str, Any] = dict(text=texts, padding=True, return_tensors="pt")
-        if images:
-            kw["images"] = images
-        if padding_side is not None:
-            kw["padding_side"] = padding_side
-        enc = self.processor(**kw)
-        batch = model_inputs(self.model, dict(enc), positions=self.cfg.positions)
+        enc = self._processor_inputs(items, padding_side)
+        batch = model_inputs(self.model, enc, positions=self.cfg.positions)
         batch["pool_mask"] = pooling_mask(
             batch["attention_mask"],
             batch["input_ids"],
@@ -641,6 +652,18 @@ class Embedder(nn.Module):
             mask_instruction=self.cfg.instruction_mask,
         )
         return batch
+
+    def _processor_inputs(self, items: Sequence[Item], padding_side: str | None) -> dict:
+        """The processor's padded batch for ``items``, assembled from per-item outputs memoised in
+        :attr:`item_inputs` (bitwise what ``processor(text=texts, images=images, padding=True)``
+        gives; ``tests/test_input_cache.py``)."""
+        from .input_cache import pad_item_inputs
+
+        digest = processor_digest(self.processor)
+        texts = [self.render(it) for it in items]
+        encs = self.item_inputs.encode(self.processor, digest, texts, list(items))
+        side = padding_side or getattr(self.tokenizer, "padding_side", None) or "right"
+        return pad_item_inputs(encs, pad_id=self.tokenizer.pad_token_id, padding_side=side)
 
     def pooled_tokens(self, item: Item) -> list[dict]:
         """One item's tokens as the model sees them (the rendered chat prompt, visual tokens included):
@@ -680,7 +703,7 @@ class Embedder(nn.Module):
         """L2-normalised embeddings (B, D) in float32, with grad (training path)."""
         check_attention(self.model, self.cfg.attention)
         batch = move_to_device(batch, self.device)
-        h = run_core(self.model, batch)
+        h = run_core(self.model, batch, vision_cache=self.vision_cache)
         if self.cfg.pooling == "mean":
             pooled = masked_mean(h, batch["pool_mask"])
         else:
