@@ -11,11 +11,17 @@ measured in the same run. Times are medians over ``--steps`` steps after one war
     .venv/bin/python bench/step.py --random-micro                  # micro architecture, random init (no build)
     .venv/bin/python bench/step.py --backbone PATH --profile       # + the top ops by self CPU time
 
-``--cache-collate`` measures the step with each item's processor output cached after its first
-collate (what a per-data-build cache of rendered/tokenized inputs would save); the embeddings are the
-same (checked: max |difference| printed).
+Two paths are measured side by side in the same run, on the same batches, alternating step by step:
+**uncached** (every collate runs the processor, every forward runs the vision tower: the step as it
+was before ``umarvel_lib/models/input_cache.py``) and **cached** (the per-item processor outputs and the
+frozen vision tower's per-image outputs memoised, warmed by one pass over the measured batches, as in
+every epoch after the first and every stage or row after the first in a process). Before timing, both
+paths train ``--check-steps`` steps from the same weights, optimizer and RNG state; the losses and the
+trainable weights must come out bitwise equal, or the bench stops.
 
-The last line is "achieved X% of matmul peak" (the whole step: model FLOPs / step time / peak).
+The last line is "achieved X% of matmul peak" (the cached step: the FLOPs it executes / its time /
+peak); the line before it divides the uncached step's FLOPs (vision tower included) by the cached
+step's time.
 """
 
 from __future__ import annotations
@@ -76,9 +82,10 @@ def main(argv=None) -> int:
         "--profile", action="store_true", help="print the top ops of one step by self CPU time"
     )
     ap.add_argument(
-        "--cache-collate",
-        action="store_true",
-        help="also measure the step with per-item collate outputs cached",
+        "--check-steps",
+        type=int,
+        default=3,
+        help="steps trained on both paths from one state, compared bitwise (0: skip)",
     )
     args = ap.parse_args(argv)
 
@@ -109,10 +116,10 @@ def main(argv=None) -> int:
         b = pairs[(i * args.batch) % len(pairs) :][: args.batch]
         return [p.query for p in b], [p.positive for p in b]
 
-    def step(i, collate=emb.collate, count=None):
+    def step(i, count=None):
         qs, cs = batches(i)
         t = [time.perf_counter()]
-        bq, bc = collate(qs), collate(cs)
+        bq, bc = emb.collate(qs), emb.collate(cs)
         t.append(time.perf_counter())
         ctx = count() if count else _null()
         with ctx:
@@ -132,49 +139,120 @@ def main(argv=None) -> int:
             tokens,
             padded,
             (ctx.get_total_flops() if count else None),
+            float(loss.detach()),
         )
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    step(0)  # warm-up
-    _, _, _, flops = step(1, count=lambda: FlopCounterMode(display=False))
-    runs = [step(2 + i) for i in range(args.steps)]
+    from umarvel_lib.models.input_cache import VISION_FEATURES, ItemInputs
+
+    warm_items = ItemInputs()
+
+    def use(path):  # the uncached path: no memo of processor outputs, the vision tower every time
+        emb.item_inputs = warm_items if path == "cached" else ItemInputs(max_bytes=0)
+        emb.vision_cache = VISION_FEATURES if path == "cached" else None
+
+    paths = ("uncached", "cached")
+    if args.check_steps:
+        _check_equal(emb, opt, params, step, use, args.check_steps)
+    use("cached")
+    for i in range(args.steps + 2):  # warm the memos on the measured batches (a later epoch)
+        step(i)
+    flops = {}
+    for path in paths:
+        use(path)
+        step(0)  # warm-up
+        flops[path] = step(1, count=lambda: FlopCounterMode(display=False))[3]
+    runs = {path: [] for path in paths}
+    for i in range(args.steps):  # alternate, so both paths see the same machine load
+        for path in paths:
+            use(path)
+            runs[path].append(step(2 + i))
     parts = ["collate", "forward", "backward", "optimizer"]
-    med = {p: statistics.median(r[0][j] for r in runs) for j, p in enumerate(parts)}
-    total = sum(med.values())
-    tokens = statistics.mean(r[1] for r in runs)
-    padded = statistics.mean(r[2] for r in runs)
+    med = {
+        path: {p: statistics.median(r[0][j] for r in runs[path]) for j, p in enumerate(parts)}
+        for path in paths
+    }
+    total = {path: sum(med[path].values()) for path in paths}
+    tokens = statistics.mean(r[1] for r in runs["cached"])
+    padded = statistics.mean(r[2] for r in runs["cached"])
     peak = _matmul_flops(args.threads)
     print(
         f"backbone {base} ({n_all / 1e6:.2f} M parameters, {n_train / 1e6:.3f} M trainable: LoRA r{stage.lora_r} "
         f"+ tau); batch {args.batch} (query, positive) pairs of the cpu mini-M-BEIR; {args.threads} thread(s); "
-        f"median of {args.steps} steps"
+        f"median of {args.steps} steps per path, the two paths alternating"
     )
     print(f"tokens per step {tokens:.0f} of {padded:.0f} padded ({tokens / padded:.0%} real)")
-    print(f"{'part':<10}{'s':>8}{'share':>8}")
+    print(f"{'part':<10}{'uncached':>10}{'share':>7}{'cached':>10}{'share':>7}")
     for p in parts:
-        print(f"{p:<10}{med[p]:8.3f}{med[p] / total:8.0%}")
-    print(f"{'step':<10}{total:8.3f}")
-    fb = med["forward"] + med["backward"]
+        print(
+            f"{p:<10}{med['uncached'][p]:10.3f}{med['uncached'][p] / total['uncached']:7.0%}"
+            f"{med['cached'][p]:10.3f}{med['cached'][p] / total['cached']:7.0%}"
+        )
+    print(f"{'step':<10}{total['uncached']:10.3f}{'':7}{total['cached']:10.3f}")
     print(
-        f"model FLOPs per step {flops / 1e9:.2f} G (forward + backward, counted); single-thread fp32 matmul peak "
+        f"model FLOPs per step (forward + backward, counted): uncached {flops['uncached'] / 1e9:.2f} G, "
+        f"cached {flops['cached'] / 1e9:.2f} G (no vision tower); single-thread fp32 matmul peak "
         f"{peak / 1e9:.1f} GFLOP/s (1024^3, this run)"
     )
-    print(
-        f"forward + backward alone: {flops / fb / 1e9:.1f} GFLOP/s = {flops / fb / peak:.0%} of matmul peak"
-    )
+    for path in paths:
+        fb = med[path]["forward"] + med[path]["backward"]
+        print(
+            f"{path}: forward + backward alone {flops[path] / fb / 1e9:.1f} GFLOP/s = {flops[path] / fb / peak:.0%} "
+            f"of matmul peak; whole step {flops[path] / total[path] / 1e9:.1f} GFLOP/s = "
+            f"{flops[path] / total[path] / peak:.0%}"
+        )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step(2 + args.steps)
+        print("cached step, top ops by self CPU time:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    if args.cache_collate:
-        _cached_collate_report(emb, batches, step, med, args)
     print(
-        f"achieved {flops / total / 1e9:.1f} GFLOP/s over the whole step = {flops / total / peak:.0%} of matmul peak"
+        f"speed-up {total['uncached'] / total['cached']:.2f}x; the uncached step's FLOPs in the cached "
+        f"step's time: {flops['uncached'] / total['cached'] / peak:.0%} of matmul peak"
+    )
+    print(
+        f"achieved {flops['cached'] / total['cached'] / 1e9:.1f} GFLOP/s over the whole step = "
+        f"{flops['cached'] / total['cached'] / peak:.0%} of matmul peak"
     )
     return 0
+
+
+def _check_equal(emb, opt, params, step, use, n: int) -> None:
+    """Train ``n`` steps on each path from one state (weights, AdamW state, RNG); stop unless the
+    losses and the trainable weights are bitwise equal."""
+    import copy
+
+    import torch
+
+    start = ([p.detach().clone() for p in params], copy.deepcopy(opt.state_dict()))
+    rng = torch.get_rng_state()
+    out = {}
+    for path in ("uncached", "cached", "cached"):  # cached twice: cold memo, then warm
+        with torch.no_grad():
+            for p, v in zip(params, start[0]):
+                p.copy_(v)
+        opt.load_state_dict(copy.deepcopy(start[1]))
+        torch.set_rng_state(rng)
+        use(path)
+        losses = [step(i)[4] for i in range(n)]
+        weights = [p.detach().clone() for p in params]
+        if path in out:
+            path = "cached, warm"
+        out[path] = (losses, weights)
+    ref = out["uncached"]
+    for path in ("cached", "cached, warm"):
+        same = ref[0] == out[path][0] and all(
+            torch.equal(a, b) for a, b in zip(ref[1], out[path][1])
+        )
+        if not same:
+            raise SystemExit(f"{path} path differs from the uncached one: losses {ref[0]} vs {out[path][0]}")
+    print(
+        f"checked: {n} training steps on the uncached path, the cached path (cold memo) and again (warm) "
+        f"from one state give bitwise-equal losses ({', '.join(f'{x:.6f}' for x in ref[0])}) and weights"
+    )
 
 
 class _null:
@@ -183,37 +261,6 @@ class _null:
 
     def __exit__(self, *a):
         return False
-
-
-def _cached_collate_report(emb, batches, step, med, args) -> None:
-    """The step again with each batch's collate output memoised (as a per-data-build cache would):
-    same embeddings, the collate time gone after the first epoch."""
-    import torch
-
-    memo = {}
-
-    def cached(items):
-        key = tuple(id(it) for it in items)
-        if key not in memo:
-            memo[key] = emb.collate(items)
-        return memo[key]
-
-    for i in range(args.steps):
-        step(2 + i, collate=cached)  # fill
-    runs = [step(2 + i, collate=cached) for i in range(args.steps)]
-    parts = ["collate", "forward", "backward", "optimizer"]
-    m2 = {p: statistics.median(r[0][j] for r in runs) for j, p in enumerate(parts)}
-    qs, _ = batches(2)
-    emb.eval()
-    with torch.no_grad():
-        diff = float((emb(emb.collate(qs)) - emb(cached(qs))).abs().max())
-    emb.train()
-    print("with cached collate outputs (second epoch on):")
-    for p in parts:
-        print(f"  {p:<10}{med[p]:8.3f} -> {m2[p]:8.3f}")
-    print(
-        f"  step      {sum(med.values()):8.3f} -> {sum(m2.values()):8.3f}; max |embedding difference| {diff:.1e}"
-    )
 
 
 if __name__ == "__main__":
