@@ -1,0 +1,220 @@
+"""The embedder's input memos change no number: processor outputs per item and frozen vision-tower
+outputs per image (``umarvel_lib/models/input_cache.py``).
+
+Every check is bitwise (``torch.equal``): batches against the processor's own padded batch, vision
+features against the tower run on the whole batch, and LoRA training steps (dropout on) with and
+without the memos from one seed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from umarvel_lib.data.items import Item
+from umarvel_lib.models.embedder import (
+    Embedder,
+    EmbedderConfig,
+    model_inputs,
+    pooling_mask,
+    vlm_core,
+)
+from umarvel_lib.models.input_cache import (
+    BoundedMemo,
+    ItemInputs,
+    VisionFeatures,
+    pad_item_inputs,
+    vision_cacheable,
+    vision_digest,
+)
+
+KINDS = ("qwen2_vl", "qwen3_vl")
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
+def _write_img(path, seed: int, size=(56, 56)) -> str:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def _items(tmp_path) -> list[Item]:
+    a = _write_img(tmp_path / "a.png", 1)
+    b = _write_img(tmp_path / "b.png", 2, (56, 112))
+    c = _write_img(tmp_path / "c.png", 3, (84, 56))
+    return [
+        Item(txt="a small red circle", instruction="Retrieve an image that matches the caption"),
+        Item(image_path=a),
+        Item(txt="two blue squares", image_path=b),
+        Item(txt="a long " + "very " * 20 + "green triangle"),
+        Item(txt="one shape", image_path=c, instruction="Find the caption"),
+        Item(txt="two blue squares", image_path=a),
+    ]
+
+
+def _reference_collate(emb: Embedder, items, padding_side=None) -> dict:
+    """The collate before the memo: one processor call on the whole batch."""
+    kw = dict(text=[emb.render(it) for it in items], padding=True, return_tensors="pt")
+    images = [it.load_image() for it in items if it.has_image]
+    if images:
+        kw["images"] = images
+    if padding_side is not None:
+        kw["padding_side"] = padding_side
+    batch = model_inputs(emb.model, dict(emb.processor(**kw)), positions=emb.cfg.positions)
+    batch["pool_mask"] = pooling_mask(
+        batch["attention_mask"],
+        batch["input_ids"],
+        start_id=emb.instr_start_id,
+        end_id=emb.instr_end_id,
+        mask_instruction=emb.cfg.instruction_mask,
+    )
+    return batch
+
+
+def _assert_same_batch(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_collate_equals_the_processor_batch(backbones, kind, tmp_path):
+    emb = Embedder.from_pretrained(backbones[kind], EmbedderConfig())
+    items = _items(tmp_path)
+    for batch in (items, items[1:3], items[::-1], [items[0], items[3]], [items[1]]):
+        for side in (None, "left", "right"):
+            ref = _reference_collate(emb, batch, side)
+            _assert_same_batch(emb.collate(batch, padding_side=side), ref)  # cold or warm memo
+            _assert_same_batch(emb.collate(batch, padding_side=side), ref)  # warm memo
+    assert emb.item_inputs.memo.hits > 0
+    emb.item_inputs = ItemInputs(max_bytes=0)  # memo off: the same batches
+    _assert_same_batch(emb.collate(items), _reference_collate(emb, items))
+    assert len(emb.item_inputs.memo) == 0
+
+
+def test_collate_memo_follows_the_image_file_and_the_text_budget(backbones, tmp_path):
+    emb = Embedder.from_pretrained(backbones["qwen2_vl"], EmbedderConfig(max_text_tokens=8))
+    items = _items(tmp_path)
+    emb.collate(items)
+    path = items[1].image_path
+    st = os.stat(path)
+    _write_img(path, 99)  # new content, and a different modification time for certain
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _assert_same_batch(emb.collate(items), _reference_collate(emb, items))
+    with emb.eval_text_budget():  # the evaluation's truncation renders other text
+        _assert_same_batch(emb.collate(items), _reference_collate(emb, items))
+
+
+def test_pad_item_inputs_by_hand():
+    e1 = {"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.tensor([1, 1, 1])}
+    e2 = {"input_ids": torch.tensor([8]), "attention_mask": torch.tensor([1])}
+    right = pad_item_inputs([e1, e2], pad_id=0, padding_side="right")
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    left = pad_item_inputs([e1, e2], pad_id=3, padding_side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [3, 3, 8]]
+    with pytest.raises(ValueError, match="padding_side"):
+        pad_item_inputs([e1], pad_id=0, padding_side="middle")
+
+
+def test_bounded_memo_evicts_least_recently_used():
+    m = BoundedMemo(max_bytes=3 * 400)
+    for k in "abc":
+        m.put(k, torch.zeros(100))  # 400 bytes each
+    assert m.get("a") is not None  # a is now the most recent
+    m.put("d", torch.zeros(100))
+    assert m.get("b") is None and m.get("a") is not None and len(m) == 3
+    m.put("huge", torch.zeros(1000))  # larger than the budget: not kept
+    assert m.get("huge") is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vision_memo_equals_the_tower_on_the_batch(backbones, kind, tmp_path):
+    emb = Embedder.from_pretrained(backbones[kind], EmbedderConfig())
+    items = _items(tmp_path)
+    batch = emb.collate(items)
+    core = vlm_core(emb.model)
+    cache = VisionFeatures()
+    with torch.no_grad():
+        ref = core.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        for _ in range(2):  # misses (each image alone), then hits
+            got = cache.image_outputs(core, batch["pixel_values"], batch["image_grid_thw"])
+            assert len(got.pooler_output) == len(ref.pooler_output) == 4
+            for a, b in zip(got.pooler_output, ref.pooler_output):
+                assert torch.equal(a, b)  # bitwise: each image alone gives the batch's bits
+            deep_ref = getattr(ref, "deepstack_features", None)
+            if deep_ref:
+                for layer_a, layer_b in zip(got.deepstack_features, deep_ref):
+                    assert all(torch.equal(a, b) for a, b in zip(layer_a, layer_b))
+    # 3 distinct images: 3 misses; the repeated one hits in the first pass, all 4 in the second
+    assert (cache.memo.misses, cache.memo.hits) == (3, 5)
+    emb.vision_cache = cache
+    with torch.no_grad():
+        on = emb(batch)
+        emb.vision_cache = None
+        off = emb(batch)
+    assert torch.equal(on, off)
+
+
+def test_vision_memo_key_follows_the_weights(backbones, tmp_path):
+    emb = Embedder.from_pretrained(backbones["qwen2_vl"], EmbedderConfig())
+    emb.vision_cache = VisionFeatures()
+    batch = emb.collate(_items(tmp_path))
+    visual = vlm_core(emb.model).visual
+    with torch.no_grad():
+        emb(batch)
+        d0 = vision_digest(visual)
+        next(visual.parameters()).mul_(1.5)  # in place: the version counter moves
+        assert vision_digest(visual) != d0
+        cached = emb(batch)
+        emb.vision_cache = None
+        assert torch.equal(cached, emb(batch))
+    emb.train()
+    next(visual.parameters()).requires_grad_(True)  # a trained tower is never memoised
+    assert not vision_cacheable(visual)
+    with torch.no_grad():
+        assert vision_cacheable(visual)
+
+
+def _train(emb: Embedder, batches, n: int, *, cached: bool) -> tuple[list[float], list[torch.Tensor]]:
+    from umarvel_lib.train.losses import info_nce
+
+    emb.item_inputs = ItemInputs() if cached else ItemInputs(max_bytes=0)
+    emb.vision_cache = VisionFeatures() if cached else None
+    params = [p for p in emb.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    torch.manual_seed(7)
+    losses = []
+    for i in range(n):
+        qs, cs = batches[i % len(batches)]
+        loss = info_nce(emb(emb.collate(qs)), emb(emb.collate(cs)), emb.temperature.tau)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, [p.detach().clone() for p in params]
+
+
+def test_lora_training_is_bitwise_the_same_with_and_without_the_memos(backbones, tmp_path):
+    """LoRA (dropout 0.05 on) training steps, images in both streams, each batch seen twice: the
+    losses and the trained weights are bitwise those of the step without memos."""
+    items = _items(tmp_path)
+    batches = [(items[:3], items[3:]), (items[3:], items[:3])]
+    runs = []
+    for cached in (False, True):
+        emb = Embedder.from_pretrained(backbones["qwen2_vl"], EmbedderConfig())
+        for p in emb.model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(0)
+        emb.apply_lora(8, 16, 0.05)
+        emb.train()
+        runs.append(_train(emb, batches, 4, cached=cached))
+    (l0, w0), (l1, w1) = runs
+    assert l0 == l1
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    assert not all(torch.equal(a, b) for a, b in zip(w0, [torch.zeros_like(w) for w in w0]))
