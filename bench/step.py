@@ -4,8 +4,10 @@ The step is the M-BEIR stage's as the cpu preset runs it (LoRA r16 on the langua
 vision tower, in-batch InfoNCE with the learnable tau, gradient clipping, AdamW), on batches of
 ``--batch`` (query, positive) pairs of the cpu synthetic mini-M-BEIR (images and text). Model FLOPs
 are counted by ``torch.utils.flop_counter`` on one forward + backward (every matmul and attention
-of the step, not an estimate); the matmul peak is the single-thread fp32 rate of a 1024^3 matmul
-measured in the same run. Times are medians over ``--steps`` steps after one warm-up step.
+of the step, not an estimate); the matmul peak is the single-thread fp32 rate of a 1024^3 matmul,
+measured in bursts between the timed steps (median). Times are CPU seconds of this process
+(``time.process_time``; one thread, so time other processes hold the core is not counted, on a shared
+machine the same for the steps and the peak), medians over ``--steps`` steps after one warm-up step.
 
     .venv/bin/python bench/step.py                                 # the default micro backbone (shipped/cached)
     .venv/bin/python bench/step.py --random-micro                  # micro architecture, random init (no build)
@@ -87,12 +89,16 @@ def main(argv=None) -> int:
         default=3,
         help="steps trained on both paths from one state, compared bitwise (0: skip)",
     )
+    ap.add_argument(
+        "--what-if-dropout",
+        action="store_true",
+        help="also time the cached step with LoRA dropout masks drawn by numpy (other masks: a measurement only)",
+    )
     args = ap.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(args.threads)
-    from train import _matmul_flops  # bench/train.py: the single-thread fp32 matmul rate
 
     from umarvel_lib.config import make_run_config
     from umarvel_lib.data.mbeir import MBEIR
@@ -118,20 +124,20 @@ def main(argv=None) -> int:
 
     def step(i, count=None):
         qs, cs = batches(i)
-        t = [time.perf_counter()]
+        t = [_clock()]
         bq, bc = emb.collate(qs), emb.collate(cs)
-        t.append(time.perf_counter())
+        t.append(_clock())
         ctx = count() if count else _null()
         with ctx:
             q, c = emb(bq), emb(bc)
             loss = info_nce(q, c, emb.temperature.tau)
-            t.append(time.perf_counter())
+            t.append(_clock())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            t.append(time.perf_counter())
+            t.append(_clock())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        t.append(time.perf_counter())
+        t.append(_clock())
         tokens = int(bq["attention_mask"].sum() + bc["attention_mask"].sum())
         padded = int(bq["attention_mask"].numel() + bc["attention_mask"].numel())
         return (
@@ -164,7 +170,9 @@ def main(argv=None) -> int:
         step(0)  # warm-up
         flops[path] = step(1, count=lambda: FlopCounterMode(display=False))[3]
     runs = {path: [] for path in paths}
-    for i in range(args.steps):  # alternate, so both paths see the same machine load
+    peaks = []
+    for i in range(args.steps):  # alternate, so both paths and the peak see the same machine load
+        peaks.append(_matmul_rate())
         for path in paths:
             use(path)
             runs[path].append(step(2 + i))
@@ -176,11 +184,11 @@ def main(argv=None) -> int:
     total = {path: sum(med[path].values()) for path in paths}
     tokens = statistics.mean(r[1] for r in runs["cached"])
     padded = statistics.mean(r[2] for r in runs["cached"])
-    peak = _matmul_flops(args.threads)
+    peak = statistics.median(peaks)
     print(
         f"backbone {base} ({n_all / 1e6:.2f} M parameters, {n_train / 1e6:.3f} M trainable: LoRA r{stage.lora_r} "
         f"+ tau); batch {args.batch} (query, positive) pairs of the cpu mini-M-BEIR; {args.threads} thread(s); "
-        f"median of {args.steps} steps per path, the two paths alternating"
+        f"median of {args.steps} steps per path, the two paths alternating; CPU seconds of this process"
     )
     print(f"tokens per step {tokens:.0f} of {padded:.0f} padded ({tokens / padded:.0%} real)")
     print(f"{'part':<10}{'uncached':>10}{'share':>7}{'cached':>10}{'share':>7}")
@@ -193,7 +201,7 @@ def main(argv=None) -> int:
     print(
         f"model FLOPs per step (forward + backward, counted): uncached {flops['uncached'] / 1e9:.2f} G, "
         f"cached {flops['cached'] / 1e9:.2f} G (no vision tower); single-thread fp32 matmul peak "
-        f"{peak / 1e9:.1f} GFLOP/s (1024^3, this run)"
+        f"{peak / 1e9:.1f} GFLOP/s (1024^3, median of bursts between the steps)"
     )
     for path in paths:
         fb = med[path]["forward"] + med[path]["backward"]
@@ -209,6 +217,8 @@ def main(argv=None) -> int:
             step(2)  # a batch of the warmed memos
         print("cached step, top ops by self CPU time:")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    if args.what_if_dropout:
+        _what_if_dropout(emb, step, use, args, total["cached"], flops["cached"], peak)
     print(
         f"speed-up {total['uncached'] / total['cached']:.2f}x; the uncached step's FLOPs in the cached "
         f"step's time: {flops['uncached'] / total['cached'] / peak:.0%} of matmul peak"
@@ -218,6 +228,53 @@ def main(argv=None) -> int:
         f"{flops['cached'] / total['cached'] / peak:.0%} of matmul peak"
     )
     return 0
+
+
+class _NumpyMaskDropout:
+    """Dropout whose keep-mask is drawn by numpy's SFC64 (uniform float32 >= p), seeded by one draw of
+    torch's generator: the same Bernoulli(1 - p) keep-mask distribution and 1/(1 - p) scaling as
+    ``nn.Dropout``, other draws. Used only by ``--what-if-dropout`` to measure what a cheaper mask
+    generator would save; training keeps peft's ``nn.Dropout``."""
+
+    def __init__(self, p: float):
+        self.p = p
+
+    def __call__(self, x):
+        import numpy as np
+        import torch
+
+        seed = int(torch.randint(0, 2**62, (1,)))
+        u = np.random.Generator(np.random.SFC64(seed)).random(x.numel(), dtype=np.float32)
+        keep = torch.from_numpy(u).view(x.shape) >= self.p
+        return x * keep.to(x.dtype).div_(1 - self.p)
+
+
+def _what_if_dropout(emb, step, use, args, t_cached, flops, peak) -> None:
+    """The cached step again with every LoRA dropout's mask drawn by :class:`_NumpyMaskDropout`."""
+    import statistics
+
+    from torch import nn
+
+    swapped = []
+    for mod in emb.modules():
+        drops = getattr(mod, "lora_dropout", None)
+        if isinstance(drops, nn.ModuleDict):
+            for name, d in drops.items():
+                if isinstance(d, nn.Dropout) and d.p > 0:
+                    swapped.append((d, d.forward))
+                    d.forward = _NumpyMaskDropout(d.p)
+    use("cached")
+    try:
+        step(2)
+        t = statistics.median(sum(step(2 + i)[0]) for i in range(args.steps))
+    finally:
+        for d, fwd in swapped:
+            d.forward = fwd
+    print(
+        f"what if ({len(swapped)} LoRA dropouts drew their masks with numpy's SFC64 instead of torch's "
+        f"bernoulli_: other masks, same distribution, not used by training): cached step {t_cached:.3f} -> "
+        f"{t:.3f} s, {flops / t / peak:.0%} of matmul peak"
+    )
 
 
 def _check_equal(emb, opt, params, step, use, n: int) -> None:
@@ -253,6 +310,24 @@ def _check_equal(emb, opt, params, step, use, n: int) -> None:
         f"checked: {n} training steps on the uncached path, the cached path (cold memo) and again (warm) "
         f"from one state give bitwise-equal losses ({', '.join(f'{x:.6f}' for x in ref[0])}) and weights"
     )
+
+
+def _clock() -> float:
+    """CPU seconds of this process: on a shared machine, the time other processes hold the core is
+    not counted (one thread; the matmul peak is measured the same way)."""
+    return time.process_time()
+
+
+def _matmul_rate(n: int = 8) -> float:
+    """FLOP/s of a 1024^3 fp32 matmul on this thread, in CPU time (after one warm-up)."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    t0 = _clock()
+    for _ in range(n):
+        a @ b
+    return 2 * 1024**3 * n / (_clock() - t0)
 
 
 class _null:
