@@ -141,7 +141,10 @@ def test_vision_memo_equals_the_tower_on_the_batch(backbones, kind, tmp_path):
     cache = VisionFeatures()
     with torch.no_grad():
         ref = core.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-        for _ in range(2):  # misses (each image alone), then hits
+        sizes = batch["image_grid_thw"].prod(-1).tolist()
+        for rows, g in zip(batch["pixel_values"].split(sizes), batch["image_grid_thw"].split(1)):
+            cache.image_outputs(core, rows, g)  # each image alone through the tower
+        for _ in range(3):  # then the whole batch, from the memo
             got = cache.image_outputs(core, batch["pixel_values"], batch["image_grid_thw"])
             assert len(got.pooler_output) == len(ref.pooler_output) == 4
             for a, b in zip(got.pooler_output, ref.pooler_output):
@@ -150,8 +153,8 @@ def test_vision_memo_equals_the_tower_on_the_batch(backbones, kind, tmp_path):
             if deep_ref:
                 for layer_a, layer_b in zip(got.deepstack_features, deep_ref):
                     assert all(torch.equal(a, b) for a, b in zip(layer_a, layer_b))
-    # 3 distinct images: 3 misses; the repeated one hits in the first pass, all 4 in the second
-    assert (cache.memo.misses, cache.memo.hits) == (3, 5)
+    # 3 distinct images: 3 misses one by one (the repeated one hits), then 3 x 4 hits
+    assert (cache.memo.misses, cache.memo.hits) == (3, 13)
     emb.vision_cache = cache
     with torch.no_grad():
         on = emb(batch)

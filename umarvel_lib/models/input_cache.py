@@ -12,10 +12,12 @@ Two memos, both bounded in memory, both keyed by content, both checked bitwise b
   frozen too), so an image's features are a function of its pixel rows alone. Keyed by the image's
   pixel rows and grid (so image content and every preprocessing setting), the vision tower's weights
   (full content digest, recomputed when any vision parameter changes in place), dtype, device and autocast
-  state. A miss runs the tower on that image alone; the features equal the batched tower's bitwise on
-  our CPU BLAS (the tower's matmuls give each row the same bits whatever the number of rows; checked by
-  the test), within float32 rounding where a BLAS does not. The memo is process-wide, so stages, dev
-  evaluations and rows run in one process share it.
+  state. A batch's new images go through the tower together. An image's features do not depend on the
+  other images of its batch on CPU (MKL gives each row of the tower's matmuls the same bits whatever
+  the number of rows; the test checks each image alone against the batch), so a memoised image equals
+  a recomputed one bitwise; the memo is used on CPU only, where this was checked (on a GPU the
+  tower runs every time, as before). The memo is process-wide, so stages, dev evaluations and rows run
+  in one process share it.
 
 Nothing is written to disk, so no cache can go stale across code or data changes.
 """
@@ -209,8 +211,11 @@ def vision_digest(visual: nn.Module) -> str:
 
 
 def vision_cacheable(visual: nn.Module) -> bool:
-    """The tower's output is a function of its input: every parameter frozen (under grad mode) and no
-    active dropout."""
+    """The tower's output is a function of its input: every parameter frozen (under grad mode), no
+    active dropout, and on CPU (see the module docstring)."""
+    first = next(visual.parameters(), None)
+    if first is None or first.device.type != "cpu":
+        return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters()):
         return False
     if visual.training:
@@ -238,33 +243,41 @@ class VisionFeatures:
 
     def image_outputs(self, core: nn.Module, pixel_values: torch.Tensor, grid: torch.Tensor):
         """What ``core.get_image_features(pixel_values, grid)`` returns (the per-image pooled features,
-        and Qwen3-VL's per-image deepstack features), each image from the memo or the tower alone."""
+        and Qwen3-VL's per-image deepstack features): memoised images from the memo, the others
+        through the tower in one call."""
         visual = core.visual
         dig = vision_digest(visual)
         ctx = (dig, str(pixel_values.device), str(visual.dtype), _autocast_key(pixel_values.device))
-        sizes = grid.prod(-1).tolist()
-        pooled, deep, out_type = [], [], None
-        for rows, g in zip(pixel_values.split(sizes), grid.split(1)):
+        rows = pixel_values.split(grid.prod(-1).tolist())
+        grids = grid.split(1)
+        keys, hits = [], []
+        for r, g in zip(rows, grids):
             h = hashlib.sha256()
-            h.update(f"{tuple(rows.shape)}|{rows.dtype}|".encode())
-            h.update(rows.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(f"{tuple(r.shape)}|{r.dtype}|".encode())
+            h.update(r.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             h.update(g.cpu().numpy().tobytes())
-            key = (ctx, h.hexdigest())
-            hit = self.memo.get(key)
-            if hit is None:
-                out = core.get_image_features(rows, g, return_dict=True)
-                hit = {
+            keys.append((ctx, h.hexdigest()))
+            hits.append(self.memo.get(keys[-1]))
+        todo = [i for i, hit in enumerate(hits) if hit is None]
+        if todo:  # the batch's new images through the tower together, in batch order
+            out = core.get_image_features(
+                torch.cat([rows[i] for i in todo]),
+                torch.cat([grids[i] for i in todo]),
+                return_dict=True,
+            )
+            deep = getattr(out, "deepstack_features", None) or []
+            for j, i in enumerate(todo):
+                hits[i] = {
                     "type": type(out),
-                    "pooled": out.pooler_output[0].detach(),
-                    "deep": [f[0].detach() for f in getattr(out, "deepstack_features", None) or []],
+                    "pooled": out.pooler_output[j].detach(),
+                    "deep": [layer[j].detach() for layer in deep],
                 }
-                self.memo.put(key, hit)
-            out_type = hit["type"]
-            pooled.append(hit["pooled"])
-            deep.append(hit["deep"])
-        res = out_type(pooler_output=tuple(pooled))
-        if any(deep):
-            res.deepstack_features = [tuple(d[i] for d in deep) for i in range(len(deep[0]))]
+                self.memo.put(keys[i], hits[i])
+        res = hits[0]["type"](pooler_output=tuple(hit["pooled"] for hit in hits))
+        if hits[0]["deep"]:
+            res.deepstack_features = [
+                tuple(hit["deep"][k] for hit in hits) for k in range(len(hits[0]["deep"]))
+            ]
         return res
 
 
