@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     warm_items = ItemInputs()
 
     def use(path):  # the uncached path: no memo of processor outputs, the vision tower every time
-        emb.item_inputs = warm_items if path == "cached" else ItemInputs(max_bytes=0)
+        emb.item_inputs = warm_items if path == "cached" else None
         emb.vision_cache = VISION_FEATURES if path == "cached" else None
 
     paths = ("uncached", "cached")

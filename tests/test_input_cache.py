@@ -91,9 +91,11 @@ def test_collate_equals_the_processor_batch(backbones, kind, tmp_path):
             _assert_same_batch(emb.collate(batch, padding_side=side), ref)  # cold or warm memo
             _assert_same_batch(emb.collate(batch, padding_side=side), ref)  # warm memo
     assert emb.item_inputs.memo.hits > 0
-    emb.item_inputs = ItemInputs(max_bytes=0)  # memo off: the same batches
+    emb.item_inputs = ItemInputs(max_bytes=0)  # an empty budget: nothing kept, the same batches
     _assert_same_batch(emb.collate(items), _reference_collate(emb, items))
     assert len(emb.item_inputs.memo) == 0
+    emb.item_inputs = None  # no memo: the processor on the batch
+    _assert_same_batch(emb.collate(items), _reference_collate(emb, items))
 
 
 def test_collate_memo_follows_the_image_file_and_the_text_budget(backbones, tmp_path):
@@ -186,7 +188,7 @@ def test_vision_memo_key_follows_the_weights(backbones, tmp_path):
 def _train(emb: Embedder, batches, n: int, *, cached: bool) -> tuple[list[float], list[torch.Tensor]]:
     from umarvel_lib.train.losses import info_nce
 
-    emb.item_inputs = ItemInputs() if cached else ItemInputs(max_bytes=0)
+    emb.item_inputs = ItemInputs() if cached else None
     emb.vision_cache = VisionFeatures() if cached else None
     params = [p for p in emb.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -221,3 +223,35 @@ def test_lora_training_is_bitwise_the_same_with_and_without_the_memos(backbones,
     assert l0 == l1
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))
     assert not all(torch.equal(a, b) for a, b in zip(w0, [torch.zeros_like(w) for w in w0]))
+
+
+def test_gradcache_second_pass_reuses_the_memos_with_the_same_gradients(backbones, tmp_path):
+    """GradCache's second pass re-encodes every chunk: with the memos its collate and vision tower
+    are hits, and the gradients stay bitwise those without memos (dropout masks replayed)."""
+    from umarvel_lib.train.gradcache import grad_cache_step
+    from umarvel_lib.train.losses import info_nce
+
+    items = _items(tmp_path)
+    qs, cs = items[:3], items[3:]  # no item in both: every hit is the second pass
+    grads = []
+    for cached in (False, True):
+        emb = Embedder.from_pretrained(backbones["qwen2_vl"], EmbedderConfig())
+        for p in emb.model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(0)
+        emb.apply_lora(8, 16, 0.05)
+        emb.train()
+        emb.item_inputs = ItemInputs() if cached else None
+        emb.vision_cache = VisionFeatures() if cached else None
+        torch.manual_seed(3)
+        grad_cache_step(
+            lambda chunk, e=emb: e(e.collate(chunk)),
+            [qs, cs],
+            lambda q, c, e=emb: info_nce(q, c, e.temperature.tau),
+            chunk_size=2,
+        )
+        grads.append([p.grad.clone() for p in emb.parameters() if p.requires_grad])
+        if cached:  # second pass: every collate and every image was a hit
+            assert emb.item_inputs.memo.hits == len(qs) + len(cs)
+            assert emb.vision_cache.memo.hits >= 3
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -542,7 +542,7 @@ class Embedder(nn.Module):
         from .input_cache import VISION_FEATURES, ItemInputs
 
         #: per-item processor outputs and the frozen vision tower's per-image outputs, memoised
-        #: (results bitwise unchanged; set ``vision_cache = None`` to run the tower every time)
+        #: (results bitwise unchanged; ``None``: the processor on every batch, the tower every time)
         self.item_inputs = ItemInputs()
         self.vision_cache = VISION_FEATURES
 
@@ -659,8 +659,16 @@ class Embedder(nn.Module):
         gives; ``tests/test_input_cache.py``)."""
         from .input_cache import pad_item_inputs
 
-        digest = processor_digest(self.processor)
         texts = [self.render(it) for it in items]
+        if self.item_inputs is None:  # no memo: the processor on the whole batch
+            kw: dict[str, Any] = dict(text=texts, padding=True, return_tensors="pt")
+            images = [it.load_image() for it in items if it.has_image]
+            if images:
+                kw["images"] = images
+            if padding_side is not None:
+                kw["padding_side"] = padding_side
+            return dict(self.processor(**kw))
+        digest = processor_digest(self.processor)
         encs = self.item_inputs.encode(self.processor, digest, texts, list(items))
         side = padding_side or getattr(self.tokenizer, "padding_side", None) or "right"
         return pad_item_inputs(encs, pad_id=self.tokenizer.pad_token_id, padding_side=side)
