@@ -259,7 +259,7 @@ def _what_if_dropout(emb, step, use, args, t_cached, flops, peak) -> None:
     for mod in emb.modules():
         drops = getattr(mod, "lora_dropout", None)
         if isinstance(drops, nn.ModuleDict):
-            for name, d in drops.items():
+            for d in drops.values():
                 if isinstance(d, nn.Dropout) and d.p > 0:
                     swapped.append((d, d.forward))
                     d.forward = _NumpyMaskDropout(d.p)
@@ -305,7 +305,9 @@ def _check_equal(emb, opt, params, step, use, n: int) -> None:
             torch.equal(a, b) for a, b in zip(ref[1], out[path][1])
         )
         if not same:
-            raise SystemExit(f"{path} path differs from the uncached one: losses {ref[0]} vs {out[path][0]}")
+            raise SystemExit(
+                f"{path} path differs from the uncached one: losses {ref[0]} vs {out[path][0]}"
+            )
     print(
         f"checked: {n} training steps on the uncached path, the cached path (cold memo) and again (warm) "
         f"from one state give bitwise-equal losses ({', '.join(f'{x:.6f}' for x in ref[0])}) and weights"

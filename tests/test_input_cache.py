@@ -185,7 +185,9 @@ def test_vision_memo_key_follows_the_weights(backbones, tmp_path):
         assert vision_cacheable(visual)
 
 
-def _train(emb: Embedder, batches, n: int, *, cached: bool) -> tuple[list[float], list[torch.Tensor]]:
+def _train(
+    emb: Embedder, batches, n: int, *, cached: bool
+) -> tuple[list[float], list[torch.Tensor]]:
     from umarvel_lib.train.losses import info_nce
 
     emb.item_inputs = ItemInputs() if cached else None

@@ -131,16 +131,16 @@ class ItemInputs:
         out: list[dict | None] = [self.memo.get(k) if k is not None else None for k in keys]
         todo = [i for i, e in enumerate(out) if e is None]
         if todo:
-            kw: dict[str, Any] = dict(text=[texts[i] for i in todo], padding=True, return_tensors="pt")
+            kw: dict[str, Any] = dict(
+                text=[texts[i] for i in todo], padding=True, return_tensors="pt"
+            )
             images = [items[i].load_image() for i in todo if items[i].has_image]
             if images:
                 kw["images"] = images
             enc = processor(**kw)
             keep = enc["attention_mask"].bool()
             pixels = iter(
-                enc["pixel_values"].split(enc["image_grid_thw"].prod(-1).tolist())
-                if images
-                else []
+                enc["pixel_values"].split(enc["image_grid_thw"].prod(-1).tolist()) if images else []
             )
             grids = iter(enc["image_grid_thw"].split(1) if images else [])
             for row, i in enumerate(todo):
@@ -150,7 +150,10 @@ class ItemInputs:
                     if k in enc
                 }
                 if items[i].has_image:  # copies: a view would keep the whole batch alive
-                    e["pixel_values"], e["image_grid_thw"] = next(pixels).clone(), next(grids).clone()
+                    e["pixel_values"], e["image_grid_thw"] = (
+                        next(pixels).clone(),
+                        next(grids).clone(),
+                    )
                 out[i] = e
                 if keys[i] is not None:
                     self.memo.put(keys[i], e)
