@@ -215,9 +215,16 @@ def vision_digest(visual: nn.Module) -> str:
 
 def vision_cacheable(visual: nn.Module) -> bool:
     """The tower's output is a function of its input: every parameter frozen (under grad mode), no
-    active dropout, and on CPU (see the module docstring)."""
+    active dropout, on CPU (see the module docstring) and not sharded (FSDP: the tower's weights are
+    gathered inside the model's own forward only)."""
     first = next(visual.parameters(), None)
     if first is None or first.device.type != "cpu":
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed: nothing is sharded
+        DTensor = ()  # noqa: N806
+    if any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in visual.parameters()):
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in visual.parameters()):
         return False
