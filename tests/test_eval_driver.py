@@ -482,7 +482,7 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(
     run directories reference shared qrels/queries (``shared_dir``), which rescoring reads through."""
     import hashlib
 
-    from umarvel_lib.config import make_run_config
+    from umarvel_lib.presets import make_run_config
 
     data = MBEIR(smoke_data, check_images=False)
     _ev(data, tmp_path / "recall", n_boot=20, shard_size=16384)

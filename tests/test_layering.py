@@ -21,7 +21,10 @@ PKG = Path(__file__).resolve().parent.parent / "umarvel_lib"
 LAYERS = (
     ("io", "provenance"),
     ("data",),
+    ("identity",),
     ("config",),
+    ("presets",),
+    ("ablation",),
     ("paper",),
     ("models",),
     ("eval",),

@@ -61,7 +61,7 @@ def test_every_notebook_executed(smoke_results):
 
 
 def test_extra_row_appears_in_its_table_and_figure(smoke_results):
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.report import figures
 
     res, _ = smoke_results
@@ -115,7 +115,7 @@ def test_bad_extra_rows_fail_the_notebook_naming_the_key(smoke_results, tmp_path
 
 def test_saved_figures_have_no_overlapping_tick_labels(smoke_results):
     """Every per-table figure and the forest plot, rebuilt from the smoke results as they were saved."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.report import figures
     from umarvel_lib.report.tables import table_vs_paper, verdicts
 
@@ -175,7 +175,7 @@ def test_rerun_skips_finished_rows(smoke_results):
     res, _ = smoke_results
     side = res / "runs" / "table2" / "0" / "seed0" / "row.json"
     before = side.stat().st_mtime_ns
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.experiment import run_row
 
     run_row(load_ablation("table2_instruction_masking"), "0", preset="smoke", seed=0, results=res)
@@ -197,7 +197,7 @@ def test_rerun_skips_finished_rows(smoke_results):
 def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
     """`reproduce --jobs 2`: each (row, seed) is one `umarvel run` worker with its own log; a finished
     row is skipped by its config hash (its sidecar is not rewritten)."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.runner import run_jobs
 
     res, _ = smoke_results
@@ -231,7 +231,7 @@ def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
 def test_diagnostic_checks_are_computed_and_reported(smoke_results):
     """Tables 1 and 5 carry diagnostic rows (full fine-tuning; a relative false-negative filter) and
     paired checks on them: computed from the runs, shown in the report, kept out of the findings."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.report.tables import checks
 
     res, _ = smoke_results
@@ -251,7 +251,7 @@ def test_diagnostic_checks_are_computed_and_reported(smoke_results):
 
 def test_smoke_reproduce_runs_one_seed_and_each_tables_first_finding_pair():
     """`make reproduce PRESET=smoke` (a first look in minutes): seed 0 and a finding's two rows per table."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.paper import FINDINGS
     from umarvel_lib.runner import QUICK_PRESETS, default_rows
 

@@ -22,7 +22,8 @@ import os
 import time
 from pathlib import Path
 
-from .config import Ablation, AblationRow, RunConfig
+from .ablation import Ablation, AblationRow
+from .config import RunConfig
 from .data.check import validate_run
 from .data.mbeir import MBEIR
 from .io import (
@@ -349,9 +350,9 @@ def evaluate_checkpoint(
     settings; any other uses the preset's (``embedder_overrides`` on top). Returns :func:`evaluate`'s
     metrics; writes ``<out_dir>/{local,global}/`` and ``<out_dir>/checkpoint.json``. ``shared_dir``: where the
     qrels/queries shared by the runs of a results tree go (``inputs.ref.json``); None: in the run directories."""
-    from .config import apply_overrides, make_run_config
     from .eval.evaluate import evaluate
     from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig, resolve_local_checkpoint
+    from .presets import apply_overrides, make_run_config
 
     ckpt = resolve_local_checkpoint(checkpoint)
     cfg = make_run_config(

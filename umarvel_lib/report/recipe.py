@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import Ablation, stage_plan
+from ..ablation import Ablation
+from ..presets import stage_plan
 from .tables import sidecars
 
 STAGE_NAMES = {
@@ -103,7 +104,7 @@ def recorded_steps(sidecar: dict) -> dict[str, int]:
 
 def stage_plans(results, ablation: Ablation, preset: str) -> pd.DataFrame:
     """The stage plan of every row: recorded by the run (``row.json`` ``stage_plan``) when there is one,
-    else :func:`~umarvel_lib.config.stage_plan` of the row's config with the steps its curves recorded."""
+    else :func:`~umarvel_lib.presets.stage_plan` of the row's config with the steps its curves recorded."""
     done = {}
     for s in sidecars(results, ablation.table):
         done.setdefault(str(s["row"]), s)

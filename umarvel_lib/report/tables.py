@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import Ablation
+from ..ablation import Ablation
 from ..data.mbeir import ROW_NAMES
 from ..eval.runs import RunFormatError
 from ..io import DamagedFileError, read_json
