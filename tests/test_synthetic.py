@@ -117,7 +117,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "_write_cc3m", boom)
+    monkeypatch.setattr(synthetic, "write_cc3m", boom)
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path / "data", SMOKE)
     assert not (tmp_path / "data").exists()
