@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     from umarvel_lib.experiment import ensure_data
     from umarvel_lib.presets import make_run_config
     from umarvel_lib.train.losses import info_nce
-    from umarvel_lib.train.stages import _embedder_for, mbeir_pairs
+    from umarvel_lib.train.stage_data import mbeir_pairs
+    from umarvel_lib.train.stages import _embedder_for
 
     cfg = make_run_config("cpu", {"data_root": args.data_root})
     data = MBEIR(ensure_data(cfg), check_images=False)

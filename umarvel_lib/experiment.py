@@ -296,7 +296,7 @@ def _run_row(
         return sidecar
     rr_dir = None
     if row.reranker:
-        from .train.stages import train_reranker
+        from .train.teacher import train_reranker
 
         rr_dir = train_reranker(cfg, ckpt, stage_root, backbone=base, progress=progress)
     emb = Embedder.from_pretrained(ckpt, cfg.embedder)
@@ -418,7 +418,7 @@ def stage_records(cfg: RunConfig, stage_root: Path) -> tuple[list[dict], list[di
     """The stage plan (one record per stage: steps, batch, LR, tau, examples seen, ...) and the dev
     curve of every stage of this run, from the stages' records (``stage.json``); a stage trained
     before plans were recorded has none (left out)."""
-    from .train.stages import dev_curve
+    from .train.checkpoints import dev_curve
 
     plan, dev = [], []
     for name in cfg.stages:
@@ -482,7 +482,7 @@ def estimate_cost(
     import pandas as pd
 
     from .models.embedder import Embedder
-    from .train.stages import cc3m_pairs, mbeir_pairs, nli_pairs
+    from .train.stage_data import cc3m_pairs, mbeir_pairs, nli_pairs
 
     root = ensure_data(cfg)
     validate_run(
