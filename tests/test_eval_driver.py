@@ -12,7 +12,9 @@ import pytest
 
 from umarvel_lib.config import EvalConfig
 from umarvel_lib.data.items import candidate_item, query_item, query_items
-from umarvel_lib.data.mbeir import DATASET_IDS, MBEIR, TASKS, MBEIRFormatError
+from umarvel_lib.data.mbeir import MBEIR
+from umarvel_lib.data.mbeir_records import MBEIRFormatError
+from umarvel_lib.data.mbeir_rows import DATASET_IDS, TASKS
 from umarvel_lib.eval import runs
 from umarvel_lib.eval.cache import CacheError
 from umarvel_lib.eval.evaluate import EvaluationError, HashingEncoder, evaluate, row_seed

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..io import atomic_dir, config_hash, file_lock
-from .mbeir import EVAL_ROWS, TASKS, row_name
+from .mbeir_rows import EVAL_ROWS, TASKS, row_name
 from .synthetic_rows import TWINS, Example, row_groups
 from .synthetic_writer import (
     Writer,

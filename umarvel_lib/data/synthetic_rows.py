@@ -52,7 +52,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from .mbeir import EVAL_ROWS
+from .mbeir_rows import EVAL_ROWS
 from .scenes import (
     COLORS,
     POS_WORDS,

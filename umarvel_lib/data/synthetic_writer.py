@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from .mbeir import DATASET_IDS, TASKS, row_name
+from .mbeir_rows import DATASET_IDS, TASKS, row_name
 from .scenes import Scene, caption, perturb, render, sample_scene
 from .synthetic_rows import Content, Example
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.mbeir import headline_k, read_qrels
+from ..data.mbeir_records import read_qrels
+from ..data.mbeir_rows import headline_k
 from ..eval.metrics import hits_table
 from ..eval.runs import (
     QRELS_FILE,

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from ..ablation import Ablation
-from ..data.mbeir import ROW_NAMES
+from ..data.mbeir_rows import ROW_NAMES
 from ..eval.runs import RunFormatError
 from ..io import DamagedFileError, read_json
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance

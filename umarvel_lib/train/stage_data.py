@@ -23,7 +23,8 @@ import numpy as np
 from ..config import RunConfig, StageConfig
 from ..data.corpora import read_cc3m, read_nli
 from ..data.items import Item, candidate_item, query_item
-from ..data.mbeir import MBEIR, TASKS, row_of_query
+from ..data.mbeir import MBEIR
+from ..data.mbeir_rows import TASKS, row_of_query
 from ..io import DamagedFileError, atomic_write_bytes, config_hash, file_lock
 from ..models.embedder import Embedder
 from .mining import load_negatives, mine_hard_negatives, save_negatives
