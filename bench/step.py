@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _backbone(args) -> Path:
-    from umarvel_lib.experiment import backbone_path
     from umarvel_lib.models.backbone import BackboneConfig, build_backbone, is_complete_build
     from umarvel_lib.models.shipped import shipped_backbone
     from umarvel_lib.presets import make_run_config
+    from umarvel_lib.run_inputs import backbone_path
 
     if args.backbone:
         return Path(args.backbone)
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
     from train import _matmul_flops  # bench/train.py: the single-thread fp32 matmul rate
 
     from umarvel_lib.data.mbeir import MBEIR
-    from umarvel_lib.experiment import ensure_data
     from umarvel_lib.presets import make_run_config
+    from umarvel_lib.run_inputs import ensure_data
     from umarvel_lib.train.losses import info_nce
     from umarvel_lib.train.stage_data import mbeir_pairs
     from umarvel_lib.train.stages import _embedder_for

@@ -88,7 +88,8 @@ def _data_preset(preset: str) -> str:
 def cmd_run(args) -> int:
     """One (table row, seed); the entry point for `accelerate launch -m umarvel_lib.cli run ...`."""
     from .ablation import load_ablation
-    from .experiment import estimate_cost, run_row
+    from .cost import estimate_cost
+    from .experiment import run_row
 
     ab = load_ablation(args.table)
     if args.preset == "paper" or args.estimate:

@@ -246,7 +246,7 @@ class RunConfig:
     # the weights actually used (io.checkpoint_digest of the resolved backbone), set by experiment.run_row
     backbone_digest: str | None = None
     # content digests of the data a run reads, {"mbeir": ..., "nli": ..., "cc3m": ...}
-    # (experiment.data_digest: every file's bytes, images included), set by experiment.run_row
+    # (run_inputs.data_digest: every file's bytes, images included), set by experiment.run_row
     data_digest: dict | None = None
 
     def synthetic(self) -> SyntheticConfig:

@@ -209,9 +209,9 @@ def timed(fn, *a, **kw):
 def load_embedder(checkpoint: str | None = None, *, preset: str = "smoke", **embedder_overrides):
     """An :class:`~umarvel_lib.models.embedder.Embedder` on a local checkpoint (a released U-MARVEL or
     Qwen2-VL directory), or on the preset's micro backbone when ``checkpoint`` is None."""
-    from .experiment import backbone_path
     from .models.embedder import Embedder
     from .presets import apply_overrides, make_run_config
+    from .run_inputs import backbone_path
 
     cfg = make_run_config(preset, {"backbone": checkpoint})
     apply_overrides(cfg.embedder, embedder_overrides)
@@ -242,8 +242,8 @@ def quickstart(
 
     from .data.items import candidate_item, query_items
     from .data.mbeir import MBEIR
-    from .experiment import ensure_data
     from .presets import make_run_config
+    from .run_inputs import ensure_data
 
     cfg = make_run_config(preset, {"data_root": data_root})
     data = MBEIR(ensure_data(cfg), check_images=False)

@@ -31,7 +31,6 @@ from ..config import RunConfig, StageConfig
 from ..data.mbeir import MBEIR
 from ..io import atomic_write_json, file_lock
 from ..models.embedder import Embedder
-from .checkpoints import checkpoint_complete, dev_curve
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step, loss_in_full_precision
 from .losses import distill_kl, gather_with_grad, info_nce
@@ -43,6 +42,7 @@ from .stage_data import (
     per_task_sample,
     with_hard_negatives,
 )
+from .stage_dir import checkpoint_complete, dev_curve
 from .teacher import teacher_lists, train_reranker
 
 log = logging.getLogger(__name__)

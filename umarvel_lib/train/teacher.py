@@ -21,10 +21,10 @@ from ..data.items import candidate_item
 from ..data.mbeir import MBEIR
 from ..io import DamagedFileError, atomic_write_text, file_lock, read_jsonl
 from ..models.reranker import Reranker, fused_teacher, fusion_weights
-from .checkpoints import checkpoint_complete
 from .engine import TrainConfig, Trainer
 from .mining import exact_topk
 from .stage_data import Pair, encode_queries_and_pool, with_hard_negatives
+from .stage_dir import checkpoint_complete
 
 log = logging.getLogger(__name__)
 
