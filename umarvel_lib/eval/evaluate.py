@@ -527,6 +527,8 @@ def evaluate(
                     progress=progress,
                 )
             )
+        for pool_name in pools:  # every pool's per-query hits, kept (committed) beside run.trec
+            runs.headline_hits(out_dir / pool_name)
     if (
         world > 1
     ):  # hand the metrics over in memory: out_dir may be the main process's temporary dir

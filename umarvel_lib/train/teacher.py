@@ -29,15 +29,21 @@ from .stage_dir import checkpoint_complete
 log = logging.getLogger(__name__)
 
 
+def reranker_dir(cfg: RunConfig, out_root: Path) -> Path:
+    """The reranker checkpoint of a run: keyed by the hard-negative model's run + the reranker recipe."""
+    return (
+        Path(out_root)
+        / f"reranker-{cfg.hash(upto_stage='hard_negatives', reranker=True)}"
+        / "model"
+    )
+
+
 def train_reranker(
     cfg: RunConfig, hn_model: Path, out_root: Path, *, backbone: Path, progress: bool = True
 ) -> Path:
     """Pointwise Yes/No reranker from the raw ``backbone`` on positives + one random mined negative."""
-    h = cfg.hash(
-        upto_stage="hard_negatives", reranker=True
-    )  # the hard-negative model's run + the reranker recipe
-    rdir = out_root / f"reranker-{h}"
-    final = rdir / "model"
+    final = reranker_dir(cfg, out_root)
+    rdir, h = final.parent, final.parent.name.removeprefix("reranker-")
     if checkpoint_complete(final, "reranker.json"):
         return final
     with file_lock(
