@@ -1,10 +1,8 @@
-"""Which config settings change a result: every field of every config dataclass is classified.
+"""Which config settings change a result: what every hash naming a run, a stage checkpoint or a cache
+entry is computed from (:meth:`umarvel_lib.config.RunConfig.identity`).
 
-:func:`identity` keeps a dataclass's :data:`IDENTITY_FIELDS` (recursively) and drops its
-:data:`NOT_IDENTITY` fields (each with the reason); it is what every hash that names a run, a stage
-checkpoint or a cache entry is computed from (:meth:`umarvel_lib.config.RunConfig.identity`). Classes
-are named by their class name, so a module that defines a config dataclass above this layer (e.g.
-``train.engine.TrainConfig``) classifies its fields here by adding entries.
+Classes are named by their class name, so a config dataclass defined in a higher layer (e.g.
+``train.engine.TrainConfig``) classifies its fields by adding entries to the two tables here.
 """
 
 from __future__ import annotations
