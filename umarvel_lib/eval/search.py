@@ -231,6 +231,79 @@ def faiss_available() -> bool:
     return True
 
 
+# Candidates per score tile of the torch backend (CPU): a (query_chunk, _TILE) float32 tile stays in
+# cache for the threshold pass that follows its matmul. Internal: results do not depend on it.
+_TILE = 2048
+_QTILE = 4096
+_GROUP = 64
+
+
+def _merge_into(run_s, run_i, qs, qe, v, i, k):
+    """Merge a block's top-k set ``(v, i)`` for queries ``qs:qe`` into the running top-k."""
+    cs = torch.cat([run_s[qs:qe], v], 1)
+    ci = torch.cat([run_i[qs:qe], i], 1)
+    run_s[qs:qe], run_i[qs:qe] = _topk_set(cs, ci, k)
+
+
+def _at_least(sc: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sc >= thr).nonzero()`` as (rows, cols) in row-major order, for a ``thr`` (R, 1) that few
+    scores reach: the maxima of groups of _GROUP columns (a fast reduction) are compared first, and
+    only the groups that reach ``thr`` are compared element by element."""
+    r, t = sc.shape
+    m = t - t % _GROUP
+    rows, cols = [], []
+    if m:
+        g = sc[:, :m].view(r, m // _GROUP, _GROUP)
+        gr, gc = (g.amax(2) >= thr).nonzero(as_tuple=True)
+        h, pos = (g[gr, gc] >= thr[gr]).nonzero(as_tuple=True)
+        rows.append(gr[h])
+        cols.append(gc[h] * _GROUP + pos)
+    if m < t:
+        tr, tc = (sc[:, m:] >= thr).nonzero(as_tuple=True)
+        rows.append(tr)
+        cols.append(tc + m)
+    if len(rows) == 1:
+        return rows[0], cols[0]
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    o = torch.argsort(rows, stable=True)
+    return rows[o], cols[o]
+
+
+def _prune_merge(run_s, run_i, qs, qe, sc, idx, k):
+    """Merge the candidates of a score tile ``sc`` (R, t) with indices ``idx`` (t,) into the running
+    top-k of queries ``qs:qe``, which holds k real entries per row.
+
+    Only candidates scoring ``>=`` a row's current k-th best can enter its top-k (a lower score has k
+    better ones already; an equal one may win on a lower index), so they alone are gathered (one
+    compare pass over the tile; most tiles have a few per row) and merged exactly by
+    :func:`_topk_set` - the result is the same as merging the tile's full top-k.
+    """
+    r_s, r_i = run_s[qs:qe], run_i[qs:qe]
+    rows, cols = _at_least(sc, r_s.amin(1, keepdim=True))
+    n = rows.numel()
+    if n == 0:
+        return
+    if (
+        n > sc.numel() // 8
+    ):  # many survivors (early tiles, tie-heavy data): the tile's top-k is cheaper
+        v, i = _topk_set(sc, idx, k)
+        _merge_into(run_s, run_i, qs, qe, v, i, k)
+        return
+    counts = torch.bincount(rows, minlength=sc.shape[0])
+    hit = counts.nonzero().flatten()
+    # survivors are in row-major order: slot within their row, and compact row number among ``hit``
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n, device=sc.device) - start[rows]
+    crow = (torch.cumsum(counts > 0, 0) - 1)[rows]
+    width = int(counts.max())
+    s_new = torch.full((hit.numel(), width), -np.inf, dtype=sc.dtype, device=sc.device)
+    i_new = torch.full((hit.numel(), width), _PAD_IDX, dtype=torch.int64, device=sc.device)
+    s_new[crow, slot] = sc[rows, cols]
+    i_new[crow, slot] = idx[cols]
+    v, i = _topk_set(torch.cat([r_s[hit], s_new], 1), torch.cat([r_i[hit], i_new], 1), k)
+    r_s[hit], r_i[hit] = v, i
+
+
 def search(
     queries: np.ndarray,
     source,
@@ -278,37 +351,38 @@ def search(
     run_s = torch.full((nq, k), -np.inf, dtype=torch.float32, device=dev)
     run_i = torch.full((nq, k), _PAD_IDX, dtype=torch.int64, device=dev)
     q_all = torch.from_numpy(queries).to(dev)
-    chunks = list(iter_chunks(nq, query_chunk))
-    # Block results wait in a buffer and are merged a few blocks at a time (fewer small ops);
-    # the buffer is bounded to ~256 MB whatever the number of queries.
-    merge_every = int(max(1, min(8, (256 << 20) // max(1, nq * k * 12))))
-    pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in chunks]
-
-    def flush(c: int):
-        if pending[c]:
-            qs, qe = chunks[c]
-            cs = torch.cat([run_s[qs:qe]] + [v for v, _ in pending[c]], 1)
-            ci = torch.cat([run_i[qs:qe]] + [i for _, i in pending[c]], 1)
-            run_s[qs:qe], run_i[qs:qe] = _topk_set(cs, ci, k)
-            pending[c].clear()
-
+    cpu = dev.type == "cpu"
+    chunks = list(iter_chunks(nq, min(query_chunk, _QTILE) if cpu else query_chunk))
+    tile = _TILE if cpu else block_size
+    buf = None
     t0, n_seen, n_blocks = time.perf_counter(), 0, 0
     for block, gidx in source.blocks(parts, block_size):
         if block.shape[1] != source.dim:
             raise SearchError(f"candidate block has dim {block.shape[1]}, expected {source.dim}")
-        n_seen += block.shape[0]
         n_blocks += 1
         idx_t = torch.from_numpy(np.ascontiguousarray(gidx, dtype=np.int64)).to(dev)
-        b_t = torch.from_numpy(block).to(dev) if backend == "torch" else None
-        for c, (qs, qe) in enumerate(chunks):
-            if backend == "torch":
-                pending[c].append(_topk_set(q_all[qs:qe] @ b_t.T, idx_t, k))
-            else:
-                pending[c].append(_block_topk_faiss(queries[qs:qe], block, idx_t, k))
-            if len(pending[c]) >= merge_every:
-                flush(c)
-    for c in range(len(chunks)):
-        flush(c)
+        if backend == "faiss":
+            for qs, qe in chunks:
+                v, i = _block_topk_faiss(queries[qs:qe], block, idx_t, k)
+                _merge_into(run_s, run_i, qs, qe, v, i, k)
+            n_seen += block.shape[0]
+            continue
+        b_t = torch.from_numpy(block).to(dev)
+        for ts in range(0, b_t.shape[0], tile):
+            c_t, i_t = b_t[ts : ts + tile], idx_t[ts : ts + tile]
+            for qs, qe in chunks:
+                # scores into a reused buffer (no fresh pages per block); contiguous view of its head
+                need = (qe - qs) * c_t.shape[0]
+                if buf is None or buf.numel() < need:
+                    buf = torch.empty(need, dtype=torch.float32, device=dev)
+                sc = buf[:need].view(qe - qs, c_t.shape[0])
+                torch.mm(q_all[qs:qe], c_t.T, out=sc)
+                if n_seen >= k:
+                    _prune_merge(run_s, run_i, qs, qe, sc, i_t, k)
+                else:  # the running top-k is not full yet: no threshold to prune with
+                    v, i = _topk_set(sc, i_t, k)
+                    _merge_into(run_s, run_i, qs, qe, v, i, k)
+            n_seen += c_t.shape[0]
     run_s, run_i = _sort_rows(run_s, run_i, k)
     if stats is not None:
         stats.update(seconds=time.perf_counter() - t0, candidates=n_seen, blocks=n_blocks)
