@@ -236,13 +236,7 @@ def faiss_available() -> bool:
 _TILE = 2048
 _QTILE = 4096
 _GROUP = 64
-
-
-def _merge_into(run_s, run_i, qs, qe, v, i, k):
-    """Merge a block's top-k set ``(v, i)`` for queries ``qs:qe`` into the running top-k."""
-    cs = torch.cat([run_s[qs:qe], v], 1)
-    ci = torch.cat([run_i[qs:qe], i], 1)
-    run_s[qs:qe], run_i[qs:qe] = _topk_set(cs, ci, k)
+_MERGE_EVERY = 8  # tiles whose survivors are merged at once
 
 
 def _at_least(sc: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,39 +263,73 @@ def _at_least(sc: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.
     return rows[o], cols[o]
 
 
-def _prune_merge(run_s, run_i, qs, qe, sc, idx, k):
-    """Merge the candidates of a score tile ``sc`` (R, t) with indices ``idx`` (t,) into the running
-    top-k of queries ``qs:qe``, which holds k real entries per row.
+class _RunningTopK:
+    """Exact running top-k of one query chunk (views ``s``, ``i`` (R, k) into the result), fed score
+    tiles by :meth:`add`.
 
-    Only candidates scoring ``>=`` a row's current k-th best can enter its top-k (a lower score has k
-    better ones already; an equal one may win on a lower index), so they alone are gathered (one
-    compare pass over the tile; most tiles have a few per row) and merged exactly by
-    :func:`_topk_set` - the result is the same as merging the tile's full top-k.
+    Once the top-k holds k candidates, only a tile's candidates scoring ``>=`` a row's current k-th
+    best can enter it (a lower score has k better ones already; an equal one may still win on a lower
+    index): they alone are gathered (:func:`_at_least`; a few per row and tile), kept for a few tiles
+    and merged by :func:`_topk_set`. The threshold is the one of the last merge, which is never above
+    the current one, so the result is exactly that of merging every tile's full top-k.
     """
-    r_s, r_i = run_s[qs:qe], run_i[qs:qe]
-    rows, cols = _at_least(sc, r_s.amin(1, keepdim=True))
-    n = rows.numel()
-    if n == 0:
-        return
-    if (
-        n > sc.numel() // 8
-    ):  # many survivors (early tiles, tie-heavy data): the tile's top-k is cheaper
-        v, i = _topk_set(sc, idx, k)
-        _merge_into(run_s, run_i, qs, qe, v, i, k)
-        return
-    counts = torch.bincount(rows, minlength=sc.shape[0])
-    hit = counts.nonzero().flatten()
-    # survivors are in row-major order: slot within their row, and compact row number among ``hit``
-    start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(n, device=sc.device) - start[rows]
-    crow = (torch.cumsum(counts > 0, 0) - 1)[rows]
-    width = int(counts.max())
-    s_new = torch.full((hit.numel(), width), -np.inf, dtype=sc.dtype, device=sc.device)
-    i_new = torch.full((hit.numel(), width), _PAD_IDX, dtype=torch.int64, device=sc.device)
-    s_new[crow, slot] = sc[rows, cols]
-    i_new[crow, slot] = idx[cols]
-    v, i = _topk_set(torch.cat([r_s[hit], s_new], 1), torch.cat([r_i[hit], i_new], 1), k)
-    r_s[hit], r_i[hit] = v, i
+
+    def __init__(self, s: torch.Tensor, i: torch.Tensor, k: int):
+        self.s, self.i, self.k = s, i, k
+        self.seen, self.tiles, self.n_pending = 0, 0, 0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.thr = s.amin(1, keepdim=True)
+
+    def add(self, sc: torch.Tensor, idx: torch.Tensor) -> None:
+        """Merge a score tile ``sc`` (R, t) of the candidates ``idx`` (t,)."""
+        full, self.seen = self.seen >= self.k, self.seen + sc.shape[1]
+        if full:
+            rows, cols = _at_least(sc, self.thr)
+            if rows.numel() <= sc.numel() // 8:
+                if rows.numel():
+                    self.pending.append((rows, sc[rows, cols], idx[cols]))
+                    self.n_pending += rows.numel()
+                self.tiles += 1
+                if self.tiles >= _MERGE_EVERY or self.n_pending > self.s.numel():
+                    self.flush()
+                return
+        # not full yet, or many survivors (tie-heavy data): the tile's own top-k is cheaper
+        self.merge(*_topk_set(sc, idx, self.k))
+
+    def merge(self, v: torch.Tensor, i: torch.Tensor) -> None:
+        """Merge a block's top-k set ``(v, i)`` (R, k), e.g. from :func:`_topk_set`."""
+        self.flush()
+        self.s[:], self.i[:] = _topk_set(
+            torch.cat([self.s, v], 1), torch.cat([self.i, i], 1), self.k
+        )
+        self.thr = self.s.amin(1, keepdim=True)
+
+    def flush(self) -> None:
+        """Merge the pending survivors into the top-k and raise the threshold."""
+        self.tiles = 0
+        if not self.pending:
+            return
+        rows, sv, iv = (torch.cat(x) for x in zip(*self.pending))
+        if len(self.pending) > 1:  # each tile's survivors are row-major; their concatenation is not
+            o = torch.argsort(rows, stable=True)
+            rows, sv, iv = rows[o], sv[o], iv[o]
+        self.pending, self.n_pending = [], 0
+        counts = torch.bincount(rows, minlength=self.s.shape[0])
+        hit = counts.nonzero().flatten()
+        # slot of each survivor within its row, and its row's number among the rows ``hit``
+        slot = (
+            torch.arange(rows.numel(), device=rows.device)
+            - (torch.cumsum(counts, 0) - counts)[rows]
+        )
+        crow = (torch.cumsum(counts > 0, 0) - 1)[rows]
+        width = int(counts.max())
+        s_new = torch.full((hit.numel(), width), -np.inf, dtype=sv.dtype, device=sv.device)
+        i_new = torch.full((hit.numel(), width), _PAD_IDX, dtype=torch.int64, device=sv.device)
+        s_new[crow, slot], i_new[crow, slot] = sv, iv
+        self.s[hit], self.i[hit] = _topk_set(
+            torch.cat([self.s[hit], s_new], 1), torch.cat([self.i[hit], i_new], 1), self.k
+        )
+        self.thr = self.s.amin(1, keepdim=True)
 
 
 def search(
@@ -354,6 +382,7 @@ def search(
     cpu = dev.type == "cpu"
     chunks = list(iter_chunks(nq, min(query_chunk, _QTILE) if cpu else query_chunk))
     tile = _TILE if cpu else block_size
+    tops = [_RunningTopK(run_s[qs:qe], run_i[qs:qe], k) for qs, qe in chunks]
     buf = None
     t0, n_seen, n_blocks = time.perf_counter(), 0, 0
     for block, gidx in source.blocks(parts, block_size):
@@ -362,27 +391,24 @@ def search(
         n_blocks += 1
         idx_t = torch.from_numpy(np.ascontiguousarray(gidx, dtype=np.int64)).to(dev)
         if backend == "faiss":
-            for qs, qe in chunks:
-                v, i = _block_topk_faiss(queries[qs:qe], block, idx_t, k)
-                _merge_into(run_s, run_i, qs, qe, v, i, k)
+            for (qs, qe), top in zip(chunks, tops):
+                top.merge(*_block_topk_faiss(queries[qs:qe], block, idx_t, k))
             n_seen += block.shape[0]
             continue
         b_t = torch.from_numpy(block).to(dev)
         for ts in range(0, b_t.shape[0], tile):
             c_t, i_t = b_t[ts : ts + tile], idx_t[ts : ts + tile]
-            for qs, qe in chunks:
+            for (qs, qe), top in zip(chunks, tops):
                 # scores into a reused buffer (no fresh pages per block); contiguous view of its head
                 need = (qe - qs) * c_t.shape[0]
                 if buf is None or buf.numel() < need:
                     buf = torch.empty(need, dtype=torch.float32, device=dev)
                 sc = buf[:need].view(qe - qs, c_t.shape[0])
                 torch.mm(q_all[qs:qe], c_t.T, out=sc)
-                if n_seen >= k:
-                    _prune_merge(run_s, run_i, qs, qe, sc, i_t, k)
-                else:  # the running top-k is not full yet: no threshold to prune with
-                    v, i = _topk_set(sc, i_t, k)
-                    _merge_into(run_s, run_i, qs, qe, v, i, k)
-            n_seen += c_t.shape[0]
+                top.add(sc, i_t)
+        n_seen += b_t.shape[0]
+    for top in tops:
+        top.flush()
     run_s, run_i = _sort_rows(run_s, run_i, k)
     if stats is not None:
         stats.update(seconds=time.perf_counter() - t0, candidates=n_seen, blocks=n_blocks)
