@@ -6,6 +6,13 @@ in-memory array, from embedding shards on disk, or from a view over several shar
 block is multiplied with a chunk of queries and a running top-k is merged block by block, so peak
 memory is ``O(query_chunk * block_size + n_queries * k)``, independent of the pool size.
 
+**Speed (torch backend).** The scores of a block are computed in tiles (on CPU ``_TILE`` candidates
+by at most ``_QTILE`` queries, into one reused buffer that stays in cache) and, once a query's
+running top-k holds k candidates, only the candidates scoring at least its current k-th best are
+gathered and merged (what faiss's heaps do): after the first few tiles that is a few per query and
+tile, so the search costs the matmul plus a pass over each tile (``bench/search.py``). The tiling,
+the pruning and when survivors are merged do not change the results (tests/test_eval_search.py).
+
 **Order and tie-break (the contract of this module).** Results are ordered by *higher score
 first, then lower candidate index* (the index of the candidate in the pool's order, which is the
 pool file's line order, or the concatenation order for the global pool). This is a total order, so
@@ -348,7 +355,7 @@ def search(
     :class:`CandidateSource`), streaming candidate blocks. ``parts`` restricts the search to some
     parts of the source (for splitting across processes; merge the results with :func:`merge_topk`).
 
-    ``backend``: ``"torch"`` (chunked matmul + ``torch.topk``; runs on ``device``) or ``"faiss"``
+    ``backend``: ``"torch"`` (tiled matmul + threshold-pruned merge; runs on ``device``) or ``"faiss"``
     (an ``IndexFlatIP`` per block; CPU). Both return the same ids in the same order (module doc).
     """
     if backend not in ("torch", "faiss"):
