@@ -263,3 +263,5 @@ def test_smoke_reproduce_runs_one_seed_and_each_tables_first_finding_pair():
         pairs = [{f.better, f.worse} for f in FINDINGS if f.table == t]
         assert set(sel) in pairs or (not pairs and len(sel) == 1)
     assert default_rows("cpu", 1) == [] and default_rows("smoke", None) == []
+    # cpu: Table 4 runs the rows of T4a/T4b only (the other six are listed as not run)
+    assert default_rows("cpu", 4) == ["0", "4", "7"]

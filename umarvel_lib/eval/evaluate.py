@@ -147,16 +147,9 @@ def _state(state=None):
         from accelerate import PartialState
     except ImportError:
         return _SingleProcess()
-    import os
+    from ..io import accelerate_cpu
 
-    import torch
-
-    # Without a GPU, PartialState only joins a CPU process group (gloo) when told cpu=True.
-    cpu = (
-        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        or not torch.cuda.is_available()
-    )
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=accelerate_cpu())
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
