@@ -164,6 +164,9 @@ def test_table6_rows_record_the_reranker_accuracy_and_the_teacher_agreement(smok
     assert 0 <= ag["mass_on_positives"] <= ag["list_has_positive"] <= 100
     for r in ("baseline", "continue_hard"):  # no reranker, no teacher
         assert "teacher_agreement" not in side[r] and "reranker_accuracy" not in side[r], r
+    for r in side:  # every row ran the hard-negative stage: its mining report is in row.json
+        m = side[r]["mining"]
+        assert m["retrieved"] >= m["survived"] >= m["used"] >= 0 and m["num_queries"] > 0, r
     df = mechanism_artefacts(res, 6, "teacher_agreement")
     assert list(df.index) == [("distillation", 0)]
     nb = (res / "notebooks" / "06_distillation.ipynb").read_text()

@@ -152,11 +152,21 @@ def distill_teacher_agreement(sdir: Path, data: MBEIR, tau: float) -> dict | Non
 def mechanism_records(
     cfg: RunConfig, stage_root: Path, *, reranker: bool, progress: bool = True
 ) -> dict:
-    """``{"reranker_accuracy": ..., "teacher_agreement": ...}`` for the mechanisms this run used (a
-    reranked evaluation, ``reranker``, or a KL distillation stage), computed where missing; what the
-    run's ``row.json`` records."""
+    """``{"mining": ..., "reranker_accuracy": ..., "teacher_agreement": ...}`` for the mechanisms this run
+    used (a hard-negative stage's mining report, a reranked evaluation, ``reranker``, or a KL
+    distillation stage), computed where missing; what the run's ``row.json`` records."""
     out = {}
     stage_root = Path(stage_root)
+    if (
+        "hard_negatives" in cfg.stages
+    ):  # the mining report, kept in row.json so a clone without the cache shows it
+        rep = _cached(
+            stage_root
+            / f"hard_negatives-{cfg.hash(upto_stage='hard_negatives')}"
+            / "hard_negatives.jsonl.report.json"
+        )
+        if rep:
+            out["mining"] = rep
     distill = "distill" in cfg.stages and cfg.scaled_stage("distill").distill_mode == "kl"
     if reranker or distill:
         rr = reranker_dir(cfg, stage_root)
