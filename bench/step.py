@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _backbone(args) -> Path:
-    from umarvel_lib.config import make_run_config
-    from umarvel_lib.experiment import backbone_path
     from umarvel_lib.models.backbone import BackboneConfig, build_backbone, is_complete_build
     from umarvel_lib.models.shipped import shipped_backbone
+    from umarvel_lib.presets import make_run_config
+    from umarvel_lib.run_inputs import backbone_path
 
     if args.backbone:
         return Path(args.backbone)
@@ -100,11 +100,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
 
-    from umarvel_lib.config import make_run_config
     from umarvel_lib.data.mbeir import MBEIR
-    from umarvel_lib.experiment import ensure_data
+    from umarvel_lib.presets import make_run_config
+    from umarvel_lib.run_inputs import ensure_data
     from umarvel_lib.train.losses import info_nce
-    from umarvel_lib.train.stages import _embedder_for, mbeir_pairs
+    from umarvel_lib.train.stage_data import mbeir_pairs
+    from umarvel_lib.train.stages import _embedder_for
 
     cfg = make_run_config("cpu", {"data_root": args.data_root})
     data = MBEIR(ensure_data(cfg), check_images=False)

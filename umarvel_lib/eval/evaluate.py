@@ -45,7 +45,9 @@ import numpy as np
 
 from ..config import EvalConfig
 from ..data.items import Item, candidate_item, query_items
-from ..data.mbeir import MBEIR, ROW_NAMES, Candidate, Row
+from ..data.mbeir import MBEIR, Row
+from ..data.mbeir_records import Candidate
+from ..data.mbeir_rows import ROW_NAMES
 from ..io import DigestCache, atomic_dir, atomic_write_json, file_sha256
 from ..provenance import git_commit, versions
 from . import runs
@@ -525,6 +527,8 @@ def evaluate(
                     progress=progress,
                 )
             )
+        for pool_name in pools:  # every pool's per-query hits, kept (committed) beside run.trec
+            runs.headline_hits(out_dir / pool_name)
     if (
         world > 1
     ):  # hand the metrics over in memory: out_dir may be the main process's temporary dir

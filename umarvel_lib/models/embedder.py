@@ -51,7 +51,7 @@ from ..config import (
     UnsupportedAttentionError,
 )
 from ..data.items import Item
-from ..data.mbeir import format_string
+from ..data.mbeir_records import format_string
 from .qwen_vl import SUPPORTED_MODEL_TYPES, unwrap_model, vlm_core
 
 # ---------------------------------------------------------------------------------------------

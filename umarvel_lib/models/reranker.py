@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.items import Item
-from ..data.mbeir import format_string
+from ..data.mbeir_records import format_string
 from .backbone import load_backbone
 from .embedder import (
     check_attention,

@@ -1,6 +1,7 @@
 """The recipe behind a table, shown in its notebook: what each row changes from the table's base (in
 words, not dotted keys only), the stage plan (steps, batch, LR, tau per stage) and the artefacts of
-the paper's mechanisms that the runs left behind (the hard-negative mining report)."""
+the paper's mechanisms that the runs left behind (the hard-negative mining report, the reranker's
+accuracy on held-out pairs, the distillation teacher's agreement with the labels)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import Ablation, stage_plan
+from ..ablation import Ablation
+from ..presets import stage_plan
 from .tables import sidecars
 
 STAGE_NAMES = {
@@ -103,7 +105,7 @@ def recorded_steps(sidecar: dict) -> dict[str, int]:
 
 def stage_plans(results, ablation: Ablation, preset: str) -> pd.DataFrame:
     """The stage plan of every row: recorded by the run (``row.json`` ``stage_plan``) when there is one,
-    else :func:`~umarvel_lib.config.stage_plan` of the row's config with the steps its curves recorded."""
+    else :func:`~umarvel_lib.presets.stage_plan` of the row's config with the steps its curves recorded."""
     done = {}
     for s in sidecars(results, ablation.table):
         done.setdefault(str(s["row"]), s)
@@ -122,12 +124,19 @@ def mining_reports(results, table: int) -> pd.DataFrame:
     by each filter, survivors used, how queries were filled. Empty when no row mined."""
     recs, seen = [], set()
     for s in sidecars(results, table):
-        if str(s["row"]) in seen or not s.get("checkpoint"):
+        if str(s["row"]) in seen:
             continue
-        f = Path(s["checkpoint"]).parent / "hard_negatives.jsonl.report.json"
-        if f.is_file():
+        rep = s.get("mining")  # recorded in row.json (runs since the cpu rerun)
+        f = (
+            Path(s["checkpoint"]).parent / "hard_negatives.jsonl.report.json"
+            if s.get("checkpoint")
+            else None
+        )
+        if rep is None and f is not None and f.is_file():  # older runs: the stage cache
+            rep = json.loads(f.read_text())
+        if rep:
             seen.add(str(s["row"]))
-            recs.append({"row": str(s["row"]), "seed": s["seed"], **json.loads(f.read_text())})
+            recs.append({"row": str(s["row"]), "seed": s["seed"], **rep})
     if not recs:
         return pd.DataFrame()
     df = pd.DataFrame.from_records(recs).set_index("row")
@@ -154,3 +163,48 @@ def mining_reports(results, table: int) -> pd.DataFrame:
         ]
     )
     return df[[c for c in keep if c in df.columns]].T
+
+
+#: What a run's ``row.json`` records about a mechanism it used (:mod:`umarvel_lib.train.mechanisms`),
+#: with the columns shown (percent unless said otherwise).
+MECHANISM_COLUMNS = {
+    "reranker_accuracy": [
+        "pairwise",
+        "pointwise",
+        "positives_yes",
+        "negatives_no",
+        "mean_p_yes_positive",
+        "mean_p_yes_negative",
+        "n_queries",
+        "n_pairs",
+        "negatives_per_query",
+        "split",
+    ],
+    "teacher_agreement": [
+        "top1_positive",
+        "recall_top1_positive",
+        "mass_on_positives",
+        "list_has_positive",
+        "tau",
+        "n_queries",
+    ],
+}
+
+
+def mechanism_artefacts(results, table: int, key: str) -> pd.DataFrame:
+    """One line per (row, seed) whose run recorded ``key`` in its ``row.json``: ``reranker_accuracy``
+    (the reranker's accuracy on held-out dev pairs: its P(Yes) of each query's positive above each
+    mined negative's, ``pairwise``, and P(Yes) > 0.5 right, ``pointwise``) or ``teacher_agreement``
+    (the fused teacher on the distillation sample: its top-1 is a labelled positive, the KL target's
+    mass on labelled positives). Empty when no run of the table recorded it."""
+    if key not in MECHANISM_COLUMNS:
+        raise ValueError(f"unknown mechanism record {key!r}; valid: {sorted(MECHANISM_COLUMNS)}")
+    recs = [
+        {"row": str(s["row"]), "seed": int(s["seed"]), **s[key]}
+        for s in sidecars(results, table)
+        if isinstance(s.get(key), dict)
+    ]
+    if not recs:
+        return pd.DataFrame()
+    df = pd.DataFrame.from_records(recs).sort_values(["row", "seed"]).set_index(["row", "seed"])
+    return df[[c for c in MECHANISM_COLUMNS[key] if c in df.columns]].round(3)
