@@ -94,6 +94,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="also time the cached step with LoRA dropout masks drawn by numpy (other masks: a measurement only)",
     )
+    ap.add_argument(
+        "--encode",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time evaluation encoding of N global-pool candidates: uncached, cached cold, cached warm",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -220,6 +227,8 @@ def main(argv=None) -> int:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
     if args.what_if_dropout:
         _what_if_dropout(emb, step, use, args, total["cached"], flops["cached"], peak)
+    if args.encode:
+        _encode_report(emb, data, args.encode)
     print(
         f"speed-up {total['uncached'] / total['cached']:.2f}x; the uncached step's FLOPs in the cached "
         f"step's time: {flops['uncached'] / total['cached'] / peak:.0%} of matmul peak"
@@ -248,6 +257,32 @@ class _NumpyMaskDropout:
         u = np.random.Generator(np.random.SFC64(seed)).random(x.numel(), dtype=np.float32)
         keep = torch.from_numpy(u).view(x.shape) >= self.p
         return x * keep.to(x.dtype).div_(1 - self.p)
+
+
+def _encode_report(emb, data, n: int) -> None:
+    """``Embedder.encode`` (evaluation: no grad, batches of 32) of the first ``n`` candidates of the
+    global pool without memos, with fresh memos, and again with them warm; embeddings compared."""
+    import numpy as np
+
+    from umarvel_lib.data.items import candidate_item
+    from umarvel_lib.models.input_cache import ItemInputs, VisionFeatures
+
+    items = [candidate_item(c, data) for c in data.global_pool()[:n]]
+    out, times = [], []
+    for path in ("uncached", "cached, cold", "cached, warm"):
+        if path == "uncached":
+            emb.item_inputs, emb.vision_cache = None, None
+        elif path == "cached, cold":
+            emb.item_inputs, emb.vision_cache = ItemInputs(), VisionFeatures()
+        t0 = _clock()
+        out.append(emb.encode(items, batch_size=32, progress=False))
+        times.append(_clock() - t0)
+    same = all(np.array_equal(out[0], o) for o in out[1:])
+    print(
+        f"encoding {len(items)} candidates ({sum(it.has_image for it in items)} with an image): uncached "
+        f"{times[0]:.2f} s, cached cold {times[1]:.2f} s, warm {times[2]:.2f} s "
+        f"({times[0] / times[2]:.2f}x); embeddings bitwise equal: {same}"
+    )
 
 
 def _what_if_dropout(emb, step, use, args, t_cached, flops, peak) -> None:
