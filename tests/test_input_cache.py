@@ -240,3 +240,29 @@ def test_gradcache_second_pass_reuses_the_memos_with_the_same_gradients(backbone
             assert emb.item_inputs.memo.hits == len(qs) + len(cs)
             assert emb.vision_cache.memo.hits >= 3
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_reranker_scores_and_loss_are_bitwise_the_same_with_the_vision_memo(backbones, tmp_path):
+    """The reranker scores each candidate image in many pairs: with the memo its P(Yes), loss and
+    gradients are bitwise those without."""
+    from umarvel_lib.models.reranker import Reranker
+
+    items = _items(tmp_path)
+    pairs = [(q, c) for q in items[:3] for c in items[1:]]  # each image in several pairs
+    labels = [i % 2 == 0 for i in range(len(pairs))]
+    out = []
+    for cached in (False, True):
+        r = Reranker.from_pretrained(backbones["qwen2_vl"])
+        for name, p in r.model.named_parameters():  # the language model trains, the tower is frozen
+            p.requires_grad_("visual" not in name)
+        r.vision_cache = VisionFeatures() if cached else None
+        scores = r.p_yes(pairs, batch_size=4)
+        loss = r.loss(r.collate(pairs[:6], labels=labels[:6]))
+        loss.backward()
+        grads = [p.grad.clone() for p in r.model.parameters() if p.grad is not None]
+        out.append((scores, float(loss.detach()), grads))
+        if cached:
+            assert r.vision_cache.memo.hits > 0
+    (s0, l0, g0), (s1, l1, g1) = out
+    assert np.array_equal(s0, s1) and l0 == l1 and len(g0) == len(g1) > 0
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))

@@ -123,6 +123,10 @@ class Reranker(nn.Module):
         self.yes_id = _single_token_id(self.tokenizer, YES)
         self.no_id = _single_token_id(self.tokenizer, NO)
         set_attention(self.model, "causal", attn_implementation=self.cfg.attn_implementation)
+        from .input_cache import VISION_FEATURES
+
+        #: the frozen vision tower's per-image outputs, memoised (scores bitwise unchanged; None: off)
+        self.vision_cache = VISION_FEATURES
 
     @property
     def device(self) -> torch.device:
@@ -200,7 +204,7 @@ class Reranker(nn.Module):
     # ------------------------------------------------------------------ math
     def _logits_at(self, batch: dict, index: torch.Tensor) -> torch.Tensor:
         check_attention(self.model, "causal")
-        h = run_core(self.model, batch)
+        h = run_core(self.model, batch, vision_cache=self.vision_cache)
         rows = torch.arange(h.shape[0], device=h.device)
         return unwrap_model(self.model).lm_head(h[rows, index.to(h.device)]).float()  # (B, V)
 
