@@ -52,6 +52,7 @@ from ..config import (
 )
 from ..data.items import Item
 from ..data.mbeir_records import format_string
+from .input_cache import VISION_FEATURES, ItemInputs, pad_item_inputs, vision_cacheable
 from .qwen_vl import SUPPORTED_MODEL_TYPES, unwrap_model, vlm_core
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +376,6 @@ def run_core(model: nn.Module, batch: dict, *, vision_cache=None) -> torch.Tenso
         if batch.get(k) is not None and batch.get("pixel_values") is not None:
             kw[k] = batch[k]
     if vision_cache is not None and "pixel_values" in kw:
-        from .input_cache import vision_cacheable
-
         if vision_cacheable(core.visual):
             pixels = kw.pop("pixel_values")
             kw["mm_encoder_outputs"] = {
@@ -539,8 +538,6 @@ class Embedder(nn.Module):
         self._template_cache: dict[tuple[bool, bool, bool], tuple[str, str]] = {}
         self.pixel_limits = self._apply_pixel_limits()
         self._text_budget = self.cfg.max_text_tokens
-        from .input_cache import VISION_FEATURES, ItemInputs
-
         #: per-item processor outputs and the frozen vision tower's per-image outputs, memoised
         #: (results bitwise unchanged; ``None``: the processor on every batch, the tower every time)
         self.item_inputs = ItemInputs()
@@ -657,8 +654,6 @@ class Embedder(nn.Module):
         """The processor's padded batch for ``items``, assembled from per-item outputs memoised in
         :attr:`item_inputs` (bitwise what ``processor(text=texts, images=images, padding=True)``
         gives; ``tests/test_input_cache.py``)."""
-        from .input_cache import pad_item_inputs
-
         texts = [self.render(it) for it in items]
         if self.item_inputs is None:  # no memo: the processor on the whole batch
             kw: dict[str, Any] = dict(text=texts, padding=True, return_tensors="pt")

@@ -63,6 +63,9 @@ class BoundedMemo:
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
+    def __reduce__(self):  # a copy (deepcopy, pickle) starts empty: a lock cannot be copied
+        return (type(self), (self.max_bytes,))
+
     def get(self, key):
         with self._lock:
             hit = self._d.get(key)

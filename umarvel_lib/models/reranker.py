@@ -40,6 +40,7 @@ from .embedder import (
     set_attention,
     truncate_text,
 )
+from .input_cache import VISION_FEATURES
 from .qwen_vl import unwrap_model
 
 RERANK_PROMPT = (
@@ -123,8 +124,6 @@ class Reranker(nn.Module):
         self.yes_id = _single_token_id(self.tokenizer, YES)
         self.no_id = _single_token_id(self.tokenizer, NO)
         set_attention(self.model, "causal", attn_implementation=self.cfg.attn_implementation)
-        from .input_cache import VISION_FEATURES
-
         #: the frozen vision tower's per-image outputs, memoised (scores bitwise unchanged; None: off)
         self.vision_cache = VISION_FEATURES
 
