@@ -111,7 +111,10 @@ def _image_identity(item) -> tuple | None:
     path = getattr(item, "image_path", None)
     if path is None:
         return ()
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError:  # not memoised: loading the image raises the reader's own error
+        return None
     return (os.fspath(path), st.st_size, st.st_mtime_ns)
 
 
