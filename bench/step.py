@@ -12,12 +12,14 @@ machine the same for the steps and the peak), medians over ``--steps`` steps aft
     .venv/bin/python bench/step.py                                 # the default micro backbone (shipped/cached)
     .venv/bin/python bench/step.py --random-micro                  # micro architecture, random init (no build)
     .venv/bin/python bench/step.py --backbone PATH --profile       # + the top ops by self CPU time
+    .venv/bin/python bench/step.py --what-if-dropout --encode 512  # + numpy-drawn dropout masks (timing
+                                                                   #   only), + evaluation encoding
 
 Two paths are measured side by side in the same run, on the same batches, alternating step by step:
 **uncached** (every collate runs the processor, every forward runs the vision tower: the step as it
 was before ``umarvel_lib/models/input_cache.py``) and **cached** (the per-item processor outputs and the
 frozen vision tower's per-image outputs memoised, warmed by one pass over the measured batches, as in
-every epoch after the first and every stage or row after the first in a process). Before timing, both
+every epoch after the first; the vision memo also spans the stages and rows run in one process). Before timing, both
 paths train ``--check-steps`` steps from the same weights, optimizer and RNG state; the losses and the
 trainable weights must come out bitwise equal, or the bench stops.
 
