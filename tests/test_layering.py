@@ -26,6 +26,7 @@ LAYERS = (
     ("models",),
     ("eval",),
     ("train",),
+    ("micro",),
     ("experiment",),
     ("report",),
     ("runner",),
@@ -36,7 +37,7 @@ LAYERS = (
 ALLOWED: dict[tuple[str, str], str] = {}
 
 #: What report/ must never reach (directly or transitively): it reads run directories only.
-REPORT_FORBIDDEN = ("models", "train", "experiment", "runner", "notebook", "cli")
+REPORT_FORBIDDEN = ("models", "train", "micro", "experiment", "runner", "notebook", "cli")
 
 
 def _modules() -> dict[str, Path]:

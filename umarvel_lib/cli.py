@@ -43,7 +43,7 @@ def cmd_reproduce(args) -> int:
     if (
         args.backbone
     ):  # refused before any notebook runs: a hub id or a missing directory fails every row
-        from .models.embedder import resolve_local_checkpoint
+        from .models.loading import resolve_local_checkpoint
 
         try:
             resolve_local_checkpoint(args.backbone)
@@ -191,8 +191,9 @@ def cmd_backbone(args) -> int:
     import torch
 
     from .io import checkpoint_digest
-    from .models import shipped
-    from .models.backbone import BackboneConfig, build_backbone
+    from .micro import shipped
+    from .micro.build import build_backbone
+    from .micro.recipe import BackboneConfig
 
     # pre-training's float reductions depend on the thread count: the shipped build was made on one
     # thread, and only a one-thread build can come out bitwise identical to it

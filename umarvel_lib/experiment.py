@@ -95,11 +95,12 @@ def backbone_path(cfg: RunConfig, *, progress: bool = True) -> Path:
     build shipped in the repository (``backbones/<kind>-<size>/``) when it is of the current recipe,
     else the cached build (built when missing; ``progress``: its pre-training progress bar)."""
     if cfg.backbone:
-        from .models.embedder import resolve_local_checkpoint
+        from .models.loading import resolve_local_checkpoint
 
         return resolve_local_checkpoint(cfg.backbone)
-    from .models.backbone import BackboneConfig, build_backbone
-    from .models.shipped import shipped_backbone
+    from .micro.build import build_backbone
+    from .micro.recipe import BackboneConfig
+    from .micro.shipped import shipped_backbone
 
     bcfg = BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size)
     return shipped_backbone(bcfg) or build_backbone(
@@ -351,7 +352,8 @@ def evaluate_checkpoint(
     qrels/queries shared by the runs of a results tree go (``inputs.ref.json``); None: in the run directories."""
     from .config import apply_overrides, make_run_config
     from .eval.evaluate import evaluate
-    from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig, resolve_local_checkpoint
+    from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig
+    from .models.loading import resolve_local_checkpoint
 
     ckpt = resolve_local_checkpoint(checkpoint)
     cfg = make_run_config(

@@ -440,11 +440,16 @@ class Trainer:
         accelerator=None,
         shard: Literal["fsdp"] | None = None,
         fsdp_config: str | Path | None = None,
+        optimizer_fn: Callable[[nn.Module, int], tuple[Any, Any]] | None = None,
     ):
         if shard not in (None, "fsdp"):
             raise ValueError(f"shard must be None or 'fsdp', got {shard!r}")
         self.shard, self.fsdp_config = shard, fsdp_config
         self.model, self.step_fn, self.cfg = model, step_fn, cfg
+        # (model, total_steps) -> (optimizer, scheduler) instead of the recipe's AdamW + cosine
+        # (cfg's lr/betas/weight_decay/warmup then do not act; the caller puts its own recipe in
+        # run_identity). Gradients are checked and clipped over every trainable parameter either way.
+        self.optimizer_fn = optimizer_fn
         self.run_dir = Path(run_dir)
         self.batches = _Batches(data, cfg, collate_fn)
         self.eval_fn = eval_fn
@@ -648,13 +653,21 @@ class Trainer:
         else:
             self.model = acc.prepare_model(self.model)
         self.batches.shard(acc.process_index, acc.num_processes)
-        self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-        )
-        warmup = math.ceil(cfg.warmup_ratio * total)
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=warmup, num_training_steps=total
-        )
+        self._params = params
+        if self.optimizer_fn is not None:
+            self.optimizer, self.scheduler = self.optimizer_fn(self.model, total)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                params,
+                lr=cfg.lr,
+                betas=cfg.adam_betas,
+                eps=cfg.adam_eps,
+                weight_decay=cfg.weight_decay,
+            )
+            warmup = math.ceil(cfg.warmup_ratio * total)
+            self.scheduler = get_cosine_schedule_with_warmup(
+                self.optimizer, num_warmup_steps=warmup, num_training_steps=total
+            )
 
         step, epoch, pos, resumed_from = 0, 0, 0, None
         ck = None
@@ -805,7 +818,7 @@ class Trainer:
             self._fail(step + 1, f"loss is {loss_val}")
         if loss.requires_grad:
             self.acc.backward(loss)
-        params = [p for p in self.optimizer.param_groups[0]["params"]]
+        params = self._params
         if all(p.grad is None for p in params):
             raise RuntimeError(
                 "step_fn returned a detached loss but no parameter has a gradient: call "
