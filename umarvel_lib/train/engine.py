@@ -46,6 +46,9 @@ Guarantees (tested in ``tests/test_engine.py``):
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
+``optimizer_fn(model, total_steps) -> (optimizer, scheduler)`` replaces the recipe's AdamW and
+schedule for a run with its own (the micro backbone's pre-training, :mod:`umarvel_lib.micro.pretrain`).
+
 Budget is in optimizer steps (``max_steps``) or in ``epochs`` of a sized dataset, never in time;
 ``stop_fn`` (called with every eval record after each periodic eval) may end a run early, e.g. when
 its dev curve has plateaued (``FINISHED.json`` then says ``stopped_early``).
