@@ -237,34 +237,41 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path, monkeypatch):
 
 def test_interrupted_pretraining_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """Pre-training runs on the project's Trainer: a build killed mid-pre-training and started
-    again resumes from its newest checkpoint and ends with the weights of an uninterrupted build."""
-    from umarvel_lib.io import checkpoint_digest
+    again resumes from its newest checkpoint and ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
 
-    cfg = BackboneConfig(size="test", pretrain_steps=12, seed=3)
-    monkeypatch.setattr(micro_pretrain, "PRETRAIN_SAVE_EVERY", 5)
-    whole = build_backbone(cfg, tmp_path / "a", progress=False)
+    cfg = BackboneConfig(size="test", pretrain_steps=12, seed=3).resolved()
+    tok = build_tokenizer(cfg.max_vocab, cfg.tokenizer_seed)
+    proc = micro_build.processor_for(cfg, tok)
+    whole = micro_pretrain.pretrain(
+        build_micro_model(cfg, tok), proc, cfg, tmp_path / "whole", progress=False
+    )
+    assert whole["resumed_from"] is None
+    # the pre-training of a build, killed in step 8 (here in this process, checkpoints every 5 steps)
+    run_dir = tmp_path / f".{cfg.name}.pretrain"
     real, calls = micro_pretrain.lm_loss, []
 
-    def counting(model, batch, die_at=None):
+    def dying(model, batch):
         calls.append(1)
-        if die_at is not None and len(calls) == die_at:
+        if len(calls) == 8:
             raise RuntimeError("killed mid-pre-training")
         return real(model, batch)
 
-    # 2 held-out batches before pre-training, then one call per step: die in step 8
-    monkeypatch.setattr(micro_pretrain, "lm_loss", lambda m, b: counting(m, b, die_at=2 + 8))
+    monkeypatch.setattr(micro_pretrain, "PRETRAIN_SAVE_EVERY", 5)
+    monkeypatch.setattr(micro_pretrain, "lm_loss", dying)
     with pytest.raises(RuntimeError, match="killed mid-pre-training"):
-        build_backbone(cfg, tmp_path / "b", progress=False)
-    run_dir = tmp_path / "b" / f".{cfg.name}.pretrain"
+        micro_pretrain.pretrain(build_micro_model(cfg, tok), proc, cfg, run_dir, progress=False)
     assert (run_dir / "checkpoints" / "step_00000005").is_dir()
-    assert not is_complete_build(tmp_path / "b" / cfg.name)
-    calls.clear()
-    monkeypatch.setattr(micro_pretrain, "lm_loss", counting)
-    resumed = build_backbone(cfg, tmp_path / "b", progress=False)
-    assert len(calls) == 2 + 7 + 2  # held-out before, steps 6..12, held-out after
-    assert checkpoint_digest(resumed) == checkpoint_digest(whole)
-    assert read_recipe(resumed)["pretrain_log"] == read_recipe(whole)["pretrain_log"]
+    assert not is_complete_build(tmp_path / cfg.name)
+    resumed = build_backbone(cfg, tmp_path, progress=False)  # its child process resumes at step 5
+    recipe = read_recipe(resumed)
+    assert recipe["pretrain_resumed_from"] == 5 and recipe["pretrain_log"] == whole["log"]
     assert not run_dir.exists()
+    ref = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    model, _ = load_backbone(resumed)
+    params = dict(model.named_parameters())
+    assert set(params) == set(ref)
+    assert all(torch.equal(params[n], ref[n]) for n in ref)
 
 
 def test_pretraining_reduces_heldout_caption_loss(built):

@@ -7,12 +7,22 @@ generatively on freshly sampled scenes (:func:`.pretrain.pretrain`, on the proje
 checkpoint), and caches it under ``cache_dir/<kind>-<size>-<hash>/`` (built in a temporary dir,
 renamed when complete). The result loads like any checkpoint, through
 :func:`umarvel_lib.models.loading.load_backbone`.
+
+The pre-training runs in a child process (``python -m umarvel_lib.micro.build RUN_DIR ...``) with
+the parent's torch thread count, on the CPU, outside any ``torchrun``/``accelerate launch`` process
+group and any accelerate state of the parent: as before the Trainer, a build is the same computation
+wherever it is started (a notebook that already trained on a GPU, one rank of a multi-GPU launch,
+``umarvel backbone``). The child rebuilds the seeded initial model, trains it and leaves the final
+weights in the run directory, which the parent loads.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +30,6 @@ from ..io import atomic_dir, atomic_write_json, file_lock, read_json
 from ..models.loading import (
     ImageOnlyQwen2VLProcessor,
     ImageOnlyQwen3VLProcessor,
-    Qwen2VLImageProcessorPil,
     record_token_ids,
 )
 from ..models.qwen_vl import QWEN2_VL_CHAT_TEMPLATE
@@ -47,6 +56,8 @@ def build_processor(
     One visual token covers ``2*patch`` pixels a side (28 for Qwen2-VL, 32 for Qwen3-VL). The defaults
     (min 56², max 112² for Qwen2-VL) give 4-16 visual tokens for the 56-112 px synthetic images.
     """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     p = patch_size_for(kind)
@@ -221,11 +232,16 @@ def build_backbone(
             n=32 if cfg.size == "test" else 128, image_size=cfg.image_size, seed=cfg.seed + 999
         )
         loss_before = heldout_caption_loss(model, processor, **heldout)
-        log = (
-            pretrain(model, processor, cfg, run_dir, progress=progress)
-            if cfg.pretrain_steps > 0
-            else []
-        )
+        trained = {"log": [], "resumed_from": None}
+        if cfg.pretrain_steps > 0:
+            trained = _pretrain_in_child(cfg, run_dir, progress=progress)
+            from safetensors.torch import load_file
+
+            from ..train.engine import load_trainable_state_dict
+
+            load_trainable_state_dict(
+                model, load_file(str(run_dir / "final" / "model.safetensors"))
+            )
         t_train = time.time() - t0
         loss_after = (
             heldout_caption_loss(model, processor, **heldout)
@@ -246,7 +262,8 @@ def build_backbone(
                     "untrained": round(loss_before, 5),
                     "pretrained": round(loss_after, 5),
                 },
-                "pretrain_log": log,
+                "pretrain_log": trained["log"],
+                "pretrain_resumed_from": trained["resumed_from"],
                 "build_seconds": round(time.time() - t0, 1),
                 "pretrain_seconds": round(t_train, 1),
                 "torch_threads": torch.get_num_threads(),
@@ -255,6 +272,72 @@ def build_backbone(
             atomic_write_json(tmp / RECIPE_FILE, recipe)
         shutil.rmtree(run_dir, ignore_errors=True)
     return out
+
+
+#: Environment variables of a torchrun / accelerate launch that the pre-training child must not see.
+_LAUNCH_VARS = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _pretrain_in_child(cfg: BackboneConfig, run_dir: Path, *, progress: bool) -> dict:
+    """Pre-train ``cfg``'s model in a child process (see the module docstring); returns
+    ``{"log", "resumed_from"}``, the final weights are ``run_dir/final/model.safetensors``."""
+    import torch
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "backbone.json", cfg.to_dict())
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _LAUNCH_VARS and not k.startswith(("TORCHELASTIC_", "ACCELERATE_"))
+    }
+    root = str(Path(__file__).resolve().parents[2])  # this copy of umarvel_lib, not another one
+    env.update(
+        ACCELERATE_USE_CPU="true",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONPATH=os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
+    )
+    threads = str(torch.get_num_threads())
+    cmd = [
+        sys.executable,
+        "-m",
+        "umarvel_lib.micro.build",
+        str(run_dir),
+        threads,
+        str(int(progress)),
+    ]
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise RuntimeError(
+            f"pre-training {cfg.name} failed in its child process (exit status {rc}; its error is "
+            f"printed above); {run_dir} keeps its checkpoints: building again resumes from the newest"
+        )
+    return read_json(run_dir / "pretrain.json")
+
+
+def _pretrain_child(run_dir: Path, threads: int, progress: bool) -> None:
+    """The child of :func:`_pretrain_in_child`: the seeded initial model, pre-trained in ``run_dir``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = BackboneConfig.from_dict(read_json(run_dir / "backbone.json")).resolved()
+    tokenizer = build_tokenizer(cfg.max_vocab, cfg.tokenizer_seed)
+    model = build_micro_model(cfg, tokenizer)
+    # one pre-training per run directory at a time (a killed parent may leave its child running)
+    with file_lock(run_dir.parent / f"{run_dir.name}.lock"):
+        result = pretrain(model, processor_for(cfg, tokenizer), cfg, run_dir, progress=progress)
+    atomic_write_json(run_dir / "pretrain.json", result)
 
 
 def read_recipe(path) -> dict:
@@ -270,3 +353,7 @@ def tiny_backbone(
         cache_dir,
         progress=False,
     )
+
+
+if __name__ == "__main__":  # the pre-training child: RUN_DIR THREADS PROGRESS
+    _pretrain_child(Path(sys.argv[1]), int(sys.argv[2]), bool(int(sys.argv[3])))

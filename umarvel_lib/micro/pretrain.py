@@ -118,7 +118,9 @@ def pretrain(
     progress: bool = True,
     log_every: int = 50,
 ) -> list[dict]:
-    """Next-token pre-training on captions of freshly sampled scenes. Returns the loss log.
+    """Next-token pre-training on captions of freshly sampled scenes, in this process.
+
+    Returns ``{"log": [...], "resumed_from": step or None}``.
 
     Runs ``cfg.pretrain_steps`` steps on the project's Trainer in ``run_dir`` (checkpoints every
     :data:`PRETRAIN_SAVE_EVERY` steps; a run interrupted and started again with the same recipe
@@ -126,6 +128,7 @@ def pretrain(
     stream (``random.Random(f"pretrain-{seed}")``) that resuming replays up to its position.
     Deterministic given ``cfg.seed`` and the number of torch threads. The log has one entry per
     ``log_every`` steps: the mean loss over them and the learning rate of the last one.
+    :func:`~.build.build_backbone` calls it in a child process (CPU, no process group).
     """
     from ..train.engine import TrainConfig, Trainer
 
@@ -155,7 +158,7 @@ def pretrain(
         tqdm_mininterval=5.0,
         progress=progress,
     )
-    Trainer(
+    result = Trainer(
         model,
         lambda batch, ctx: lm_loss(ctx.model, batch),
         batches,
@@ -171,7 +174,7 @@ def pretrain(
         window = steps[i : i + log_every]
         avg = sum(r["loss"] for r in window) / len(window)
         log.append({"step": window[-1]["step"], "loss": round(avg, 5), "lr": window[-1]["lr"]})
-    return log
+    return {"log": log, "resumed_from": result.resumed_from}
 
 
 def heldout_caption_loss(
