@@ -172,6 +172,23 @@ def table_notebook(name, ablation, title, text):
             ),
             code('nb.recipe(ABLATION, preset=preset, results=results_dir)["mining"]'),
         ]
+    if name == "06_distillation":
+        cells += [
+            md(
+                "The mechanisms' own artefacts (percent). The reranker's accuracy on held-out pairs: each dev "
+                "query's labelled positive against the 3 hardest non-positives of its row's dev pool, mined by "
+                "the hard-negative model; `pairwise`: the positive's P(Yes) above the negative's, `pointwise`: "
+                "P(Yes) > 0.5 says Yes to the positive and No to a negative. The fused teacher's agreement with "
+                "the labels on the distillation sample: `top1_positive`: its top candidate is a labelled "
+                "positive (`recall_top1_positive`: the embedding ranking alone), `mass_on_positives`: the share "
+                "of the KL target softmax(teacher / tau) on labelled positives, `list_has_positive`: the "
+                "teacher's list holds one at all:"
+            ),
+            code(
+                "recipe = nb.recipe(ABLATION, preset=preset, results=results_dir)\n"
+                'display(recipe["reranker"])\nrecipe["teacher"]'
+            ),
+        ]
     cells += [
         md(
             "## Results beside the paper\n\nMean +- sd over seeds; the figure shows each row as its difference "

@@ -16,8 +16,15 @@ def test_presets_scale_the_paper_recipe():
     cpu = make_run_config("cpu")
     s = cpu.scaled_stage("mbeir")
     assert s.batch_size == 3840 // 30 and s.lr == pytest.approx(4e-4 * cpu.scale.lr_multiplier)
-    assert cpu.scaled_stage("nli").epochs == cpu.scaled_stage("mbeir").epochs == 0.5
-    assert (cpu.synthetic().n_test, cpu.synthetic().n_train) == (50, 60)
+    # every stage to its dev plateau, capped at 1500 steps; batches no finding varies at 16
+    for name in ("nli", "cc3m", "mbeir", "hard_negatives", "distill"):
+        st = cpu.scaled_stage(name)
+        assert (st.budget, st.max_steps) == ("plateau", 1500), name
+        assert st.min_steps == (200 if name == "mbeir" else 100), name
+    assert cpu.scaled_stage("nli").batch_size == cpu.scaled_stage("hard_negatives").batch_size == 16
+    assert cpu.eval.eval_every == 50
+    syn = cpu.synthetic()
+    assert (syn.n_test, syn.n_train, syn.near_misses, syn.distractors) == (50, 300, 6, 90)
     paper = make_run_config("paper")
     p = paper.scaled_stage("mbeir")
     assert (p.batch_size, p.lr, p.lora_r, p.lora_alpha) == (3840, 4e-4, 128, 256)
@@ -133,9 +140,16 @@ def test_identity_is_what_changes_results_and_nothing_else():
         c = ab.run_config("0", "cpu", 0)
         apply_overrides(c, over)
         assert c.hash() != h and c.hash(upto_stage="mbeir") != hs, over
+    # the instruction seed: evaluation only (the run, not its checkpoints) under a fixed budget; under the
+    # cpu preset's plateau budget it also decides where the dev curve stops the stage
     c = ab.run_config("0", "cpu", 0)
-    apply_overrides(c, {"eval.instruction_seed": 3})  # evaluation: the run, not its checkpoints
-    assert c.hash() != h and c.hash(upto_stage="mbeir") == hs
+    apply_overrides(c, {"eval.instruction_seed": 3})
+    assert c.hash() != h and c.hash(upto_stage="mbeir") != hs
+    fixed = {"stage.mbeir.budget": "fixed"}
+    c0, c = ab.run_config("0", "cpu", 0), ab.run_config("0", "cpu", 0)
+    apply_overrides(c0, fixed)
+    apply_overrides(c, {**fixed, "eval.instruction_seed": 3})
+    assert c.hash() != c0.hash() and c.hash(upto_stage="mbeir") == c0.hash(upto_stage="mbeir")
     # the weights and the data bytes: another build is another run; the NLI stage reads only the NLI part
     for field, a_val, b_val in (
         ("backbone_digest", "0123456789abcdef", "fedcba9876543210"),
@@ -181,7 +195,7 @@ def test_hashes_are_pinned():
     """Changing a hash orphans every finished run and cached stage: it must be deliberate (update the pin
     and say so in the commit). Pinned: table 1 row 0 at the cpu preset."""
     cfg = load_ablation("table1").run_config("0", "cpu", 0)
-    assert cfg.hash() == "4e94e03a425fdbb3" and cfg.hash(upto_stage="mbeir") == "8671d6c20ac28ad2"
+    assert cfg.hash() == "2095ab3e5839fed6" and cfg.hash(upto_stage="mbeir") == "c6e225e2ace5a603"
 
 
 def test_unknown_preset_is_refused_with_the_choices():

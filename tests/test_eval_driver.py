@@ -189,11 +189,18 @@ def test_run_directories_and_metrics(evaluated):
         rd = d / "out" / pool
         assert sorted(p.name for p in rd.iterdir()) == [
             "config.json",
+            "headline_hits.json",
             "metrics.json",
             "qrels.txt",
             "queries.jsonl",
             "run.trec",
         ]
+        # every pool keeps its per-query headline hits (what the report's paired statistics resample;
+        # committed where run.trec is not): the same as a rebuild from run.trec + qrels
+        kept = json.loads((rd / runs.HITS_FILE).read_text())
+        assert {
+            r: (q, "".join(str(int(x)) for x in h)) for r, (q, h) in runs._hits_from_run(rd).items()
+        } == {r: (v["qids"], v["hits"]) for r, v in kept.items()}
         m = json.loads((rd / "metrics.json").read_text())
         assert m == json.loads(json.dumps(res[pool])) and m["pool"] == pool
         assert set(m["rows"]) == {"mscoco_task0", "fashion200k_task0", "webqa_task1", "cirr_task7"}
@@ -553,7 +560,7 @@ def test_shared_inputs_are_one_copy_referenced_by_path_and_sha256(evaluated, tmp
     through the reference and give the same numbers; a changed shared copy is refused, naming the reference."""
     import shutil
 
-    from umarvel_lib.report.findings import _hits_from_run
+    from umarvel_lib.eval.runs import _hits_from_run
 
     _, d, _ = evaluated
     before = {p: runs.rescore(d / "out" / p) for p in ("local", "global")}

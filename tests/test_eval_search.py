@@ -69,6 +69,41 @@ def test_streaming_equals_dense_with_ties(tied, block_size, query_chunk):
     )
 
 
+@pytest.mark.parametrize(
+    "tile,qtile,group,merge_every", [(64, 7, 16, 1), (300, 32, 64, 3), (2048, 4096, 64, 8)]
+)
+def test_tiles_and_pruning_do_not_change_results(
+    monkeypatch, tied, tile, qtile, group, merge_every
+):
+    """The torch backend's internal tiling, group-max prefilter and delayed merges are exact: ties at
+    the running k-th score (integer data) and float scores (dim 256, bits compared) come out identical
+    to the dense reference / the default settings."""
+    import umarvel_lib.eval.search as S
+
+    rng = np.random.default_rng(7)
+    c = rng.standard_normal((5000, 256)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    q = c[rng.choice(len(c), 40, replace=False)] + 0.1 * rng.standard_normal((40, 256)).astype(
+        np.float32
+    )
+    default = search(q, c, K, block_size=1000)
+    for name, v in (
+        ("_TILE", tile),
+        ("_QTILE", qtile),
+        ("_GROUP", group),
+        ("_MERGE_EVERY", merge_every),
+    ):
+        monkeypatch.setattr(S, name, v)
+    tq, tc = tied
+    # the pool read backwards: a candidate tied with the running k-th arrives later yet wins
+    backwards = MappedSource([(tc[::-1].copy(), np.arange(len(tc))[::-1].copy())], n=len(tc))
+    for bs in (97, 1000):
+        _same(search(tq, ArraySource(tc, part_size=700), K, block_size=bs), dense_topk(tq, tc, K))
+        _same(search(tq, backwards, K, block_size=bs), dense_topk(tq, tc, K))
+        _same(search(q, c, K, block_size=bs), default)
+    np.testing.assert_array_equal(default.indices, dense_topk(q, c, K).indices)
+
+
 def test_streaming_equals_torch_topk_on_floats(floats):
     q, c = floats
     got = search(q, c, K, block_size=333)

@@ -111,3 +111,28 @@ def test_fsdp_two_processes_train_like_one(tmp_path, kind):
     assert any("layers.0.self_attn.q_proj.weight" in k for k in changed), changed[:5]
     ck = sorted((tmp_path / "fsdp" / "checkpoints").glob("step_*"))
     assert ck and (ck[-1] / "optimizer.pt").is_file()  # the gathered checkpoint was written
+
+
+def test_shard_mode_follows_an_accelerate_fsdp_launch(monkeypatch):
+    """One place decides: an explicit setting wins; else an FSDP launch (accelerate's env) of several
+    processes shards with the launch's layer classes; settings the FSDP2 path cannot honour are refused."""
+    from umarvel_lib.train.engine import fsdp_layer_classes, shard_mode
+
+    for k in ("ACCELERATE_USE_FSDP", "WORLD_SIZE", "FSDP_TRANSFORMER_CLS_TO_WRAP"):
+        monkeypatch.delenv(k, raising=False)
+    assert shard_mode() is None and shard_mode("fsdp") == "fsdp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "Qwen3VLTextDecoderLayer,Qwen3VLVisionBlock")
+    assert shard_mode() is None  # one process: nothing to shard over
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert shard_mode() == "fsdp" and shard_mode("none") is None
+    assert fsdp_layer_classes() == ["Qwen3VLTextDecoderLayer", "Qwen3VLVisionBlock"]
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading"):
+        shard_mode()
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP")
+    with pytest.raises(ValueError, match="SIZE_BASED_WRAP"):
+        shard_mode()
+    with pytest.raises(ValueError, match="shard must be"):
+        shard_mode("ddp")

@@ -143,6 +143,69 @@ def test_saved_figures_have_no_overlapping_tick_labels(smoke_results):
     assert report.index("](findings.png)") < report.index("## Summary")
 
 
+def test_table6_rows_record_the_reranker_accuracy_and_the_teacher_agreement(smoke_results):
+    """The mechanisms' own artefacts (train.mechanisms) in each Table 6 run's row.json where the row used
+    them, in notebook 06 and in the report."""
+    from umarvel_lib.report.recipe import mechanism_artefacts
+
+    res, _ = smoke_results
+    side = {
+        r: json.loads((res / "runs" / "table6" / r / "seed0" / "row.json").read_text())
+        for r in ("baseline", "reranker", "distillation", "continue_hard")
+    }
+    for r in ("reranker", "distillation"):  # a reranked evaluation; the KL teacher's reranker
+        acc = side[r]["reranker_accuracy"]
+        assert acc["split"] == "val" and acc["n_queries"] > 0 and acc["n_pairs"] > 0, r
+        assert 0 <= acc["pairwise"] <= 100 and 0 <= acc["pointwise"] <= 100, r
+    assert side["reranker"]["reranker_accuracy"] == side["distillation"]["reranker_accuracy"]
+    ag = side["distillation"]["teacher_agreement"]
+    assert ag["n_queries"] > 0 and ag["tau"] > 0
+    assert 0 <= ag["top1_positive"] <= ag["list_has_positive"] <= 100
+    assert 0 <= ag["mass_on_positives"] <= ag["list_has_positive"] <= 100
+    for r in ("baseline", "continue_hard"):  # no reranker, no teacher
+        assert "teacher_agreement" not in side[r] and "reranker_accuracy" not in side[r], r
+    df = mechanism_artefacts(res, 6, "teacher_agreement")
+    assert list(df.index) == [("distillation", 0)]
+    nb = (res / "notebooks" / "06_distillation.ipynb").read_text()
+    assert "top1_positive" in nb and "pairwise" in nb  # the executed notebook shows both tables
+    report = (res / "REPORT.md").read_text()
+    assert "reranker's accuracy on held-out dev pairs" in report
+    assert "teacher's agreement with the labels" in report
+
+
+def test_runs_keep_headline_hits_of_both_pools_and_the_figure_draws_the_global_panel(
+    smoke_results, tmp_path
+):
+    """Every run keeps per-query headline hits for every pool it evaluated; a copy without the run files
+    (as a clone has the committed results) still gets its global-pool panel from them."""
+    import shutil
+
+    from umarvel_lib.config import load_ablation
+    from umarvel_lib.report import figures
+
+    res, _ = smoke_results
+    ab = load_ablation("table6")
+    assert "global" in ab.pools
+    for r in ab.rows:
+        for pool in ("local", "global"):
+            assert (
+                res / "runs" / "table6" / r.id / "seed0" / "eval" / pool / "headline_hits.json"
+            ).is_file()
+    clone = tmp_path / "results"
+    shutil.copytree(
+        res / "runs" / "table6",
+        clone / "runs" / "table6",
+        ignore=shutil.ignore_patterns("run.trec", "run_recall.trec"),
+    )
+    assert not list(clone.rglob("run.trec"))
+    diff = figures.differences(clone, ab, n_boot=20)
+    glob = diff[diff.pool == "global"]
+    assert len(glob) == len(ab.rows) and glob["diff"].notna().all() and (glob.n_seeds == 1).all()
+    fig = figures.plot_differences(diff, "t", "b")
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["local pool", "global pool"]
+    assert not [t.get_text() for t in fig.axes[1].texts if "no per-query hits" in t.get_text()]
+
+
 @pytest.mark.parametrize("table", [1, 2, 3, 4, 5, 6, 7])
 def test_table_outputs_written(smoke_results, table):
     res, _ = smoke_results
@@ -263,3 +326,5 @@ def test_smoke_reproduce_runs_one_seed_and_each_tables_first_finding_pair():
         pairs = [{f.better, f.worse} for f in FINDINGS if f.table == t]
         assert set(sel) in pairs or (not pairs and len(sel) == 1)
     assert default_rows("cpu", 1) == [] and default_rows("smoke", None) == []
+    # cpu: Table 4 runs the rows of T4a/T4b only (the other six are listed as not run)
+    assert default_rows("cpu", 4) == ["0", "4", "7"]

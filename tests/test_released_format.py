@@ -263,22 +263,29 @@ def _readme_commands() -> list[str]:
     return cmds
 
 
+def _user_env() -> dict:
+    """A user's shell: the kit's venv on PATH, this checkout importable, one thread per process."""
+    return {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+        ),
+    }
+
+
 @pytest.mark.slow  # trains three stages and evaluates twice: about a minute on one core
 def test_readme_paper_scale_commands_run_as_written(released, tmp_path):
     """README "Paper scale": check-data, --estimate, a paper-preset training (NLI -> CC3M -> M-BEIR on the
     tiny data: a step or two per stage) and evaluate of a released checkpoint, as written."""
     env = {
-        **os.environ,
-        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-        "OMP_NUM_THREADS": "1",
+        **_user_env(),
         "M": str(released["root"]),
         "NLI": str(released["nli"]),
         "CC3M": str(released["cc3m"]),
         "QWEN": str(released["qwen2"]),
         "UMARVEL": str(released["umarvel2"]),
-        "PYTHONPATH": os.pathsep.join(
-            [str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
-        ),
     }
     cmds = _readme_commands()
     assert [c.split()[:2] for c in cmds] == [
@@ -392,3 +399,99 @@ def test_fsdp_config_wraps_classes_the_released_model_has(released):
         model, _ = load_backbone(released[key])
         have = {type(m).__name__ for m in model.modules()}
         assert set(want) <= have, (key, set(want) - have)
+
+
+@pytest.mark.slow  # three short two-stage runs (two of them on 2 processes): about 80 s on one core
+def test_accelerate_fsdp_launch_shards_and_trains_like_unsharded(released, tmp_path):
+    """README "Multi-GPU": ``accelerate launch`` with the shipped FSDP config runs ``umarvel run`` on
+    2 CPU processes (gloo); the engine shards with its own FSDP2 path (never accelerate's wrapping),
+    finishes, evaluates, and trains the same weights as the unsharded runs. A user's own ablation row
+    (a YAML file) sets a tiny step budget (2 steps per stage) and no LoRA dropout (dropout masks
+    depend on how the batch is split)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    row = {
+        "stage.nli.max_steps": 2,
+        "stage.nli.batch_size": 8,
+        "stage.nli.lora_dropout": 0.0,
+        "stage.mbeir.max_steps": 2,
+        "stage.mbeir.batch_size": 8,
+        "stage.mbeir.lora_dropout": 0.0,
+        "stage.mbeir.train_temperature": True,  # a replicated (unsharded) trainable scalar
+    }
+    table = tmp_path / "fsdp_check.yaml"
+    table.write_text(
+        yaml.safe_dump(
+            {
+                "table": 99,
+                "title": "FSDP launch",
+                "pools": ["local"],
+                "base": {"stages": ["nli", "mbeir"]},
+                "rows": [{"id": 0, "label": "two short stages", "overrides": row}],
+            }
+        )
+    )
+    run = ["-m", "umarvel_lib.cli", "run", "--table", str(table), "--row", "0", "--preset", "paper"]
+    run += ["--yes", "--backbone", str(released["qwen2"]), "--data-root", str(released["root"])]
+    run += ["--nli-path", str(released["nli"]), "--cc3m-root", str(released["cc3m"])]
+    fsdp_yaml = REPO / "umarvel_lib" / "configs" / "accelerate_fsdp_8gpu.yaml"
+    launches = {
+        "fsdp": ["accelerate", "launch", "--num_processes", "2", "--main_process_port", "0"]
+        + ["--config_file", str(fsdp_yaml), *run],
+        "replicated": ["torchrun", "--standalone", "--nproc_per_node", "2", *run],
+        "one": ["python", *run],
+    }
+    env = {**_user_env(), "CUDA_VISIBLE_DEVICES": ""}  # on CPU even where a GPU is
+    stages, weights = {}, {}
+    for name, argv in launches.items():
+        cwd = tmp_path / name
+        cwd.mkdir()
+        p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, f"{argv}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        assert "table 99 row 0 seed 0: ok" in p.stdout
+        rdir = cwd / "results/paper/runs/table99/0/seed0"
+        side = json.loads((rdir / "row.json").read_text())
+        assert side["status"] == "ok" and (rdir / "eval/local/metrics.json").is_file()
+        stages[name] = {r["stage"]: r for r in side["stage_plan"]}
+        weights[name] = {}
+        for record in (cwd / "cache/stages").glob("*/stage.json"):
+            sdir, model = record.parent, record.parent / "model"
+            weights[name][sdir.name.split("-")[0]] = {
+                **load_file(str(model / "model.safetensors")),
+                **load_file(str(model / "temperature.safetensors")),
+            }
+            lines = (sdir / "train/metrics.jsonl").read_text().splitlines()
+            assert len(lines) == 2  # both steps ran
+    for st in ("nli", "mbeir"):
+        plan = stages["fsdp"][st]
+        assert plan["steps"] == 2 and plan["shard"]["mode"] == "fsdp"
+        assert plan["shard"]["processes"] == 2
+        # the shipped config's classes, wrapped by the engine's fully_shard; the LoRA weights of
+        # the wrapped layers are DTensor shards, the temperature a replicated scalar
+        assert plan["shard"]["wrapped"] == {"Qwen2VLDecoderLayer": 2, "Qwen2VLVisionBlock": 1}
+        assert plan["shard"]["sharded_trainable"] > 0
+        tau = ["temperature.tau"] if st == "mbeir" else []
+        assert plan["shard"]["replicated_trainable"] == tau
+        assert stages["replicated"][st]["shard"] == {"mode": "none", "processes": 2}
+        assert stages["one"][st]["shard"] == {"mode": "none", "processes": 1}
+
+    def max_diff(a, b):
+        assert a.keys() == b.keys()
+        return max((a[k] - b[k]).abs().max().item() for k in a)
+
+    # sharding changes nothing: the same weights as the replicated 2-process run
+    for st in ("nli", "mbeir"):
+        d = max_diff(weights["fsdp"][st], weights["replicated"][st])
+        print(f"{st}: max |fsdp - replicated 2 processes| = {d:.3g}")
+        assert d <= 1e-5
+    # and, with the temperature frozen (NLI), the same as one process: the ranks' gradients are
+    # averaged like DDP's while a learnable tau gets the full gradient on every rank (losses.
+    # gather_with_grad), so with tau learnable the clipped steps differ from one process
+    d = max_diff(weights["fsdp"]["nli"], weights["one"]["nli"])
+    print(f"nli: max |fsdp - one process| = {d:.3g}")
+    assert d <= 1e-5
+    # it trained: M-BEIR's weights moved away from the NLI stage's it started from
+    moved = max_diff(weights["fsdp"]["mbeir"], weights["fsdp"]["nli"])
+    print(f"max |mbeir - nli| = {moved:.3g}")
+    assert moved > 1e-4

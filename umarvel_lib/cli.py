@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--all-rows",
         action="store_true",
         help="every row of every table (the smoke preset otherwise runs the two rows of each "
-        "table's first finding)",
+        "table's first finding; cpu runs only Table 4's finding rows)",
     )
     sr.add_argument("--results", help="results directory (default results/<preset>)")
     sr.add_argument(

@@ -8,7 +8,9 @@ Every result lives in a run directory ``<results>/runs/table<N>/<row>/seed<k>/``
                         data build, under <results>/eval_inputs/   (eval.evaluate, eval.runs)
     eval/global/        the same for the global pool
     dev_curve.csv       the dev curve of every stage: step, examples seen, dev-split local Avg and its CI
-                        (row.json also holds ``curves``, the training loss per step, and ``stage_plan``)
+                        (row.json also holds ``curves``, the training loss per step, ``stage_plan``, and
+                        where the row used them ``reranker_accuracy`` and ``teacher_agreement``,
+                        :mod:`umarvel_lib.train.mechanisms`)
 
 A row whose ``row.json`` exists with the same config hash is skipped (rerunning a notebook is
 cheap); stages shared by rows are trained once (checkpoints under ``<cache>/stages``).
@@ -316,6 +318,7 @@ def _run_row(
         progress=progress,
     )
     from .eval.plateau import DEV_CURVE_COLUMNS, DEV_CURVE_FILE
+    from .train.mechanisms import mechanism_records
 
     plan, dev = stage_records(cfg, stage_root)
     if dev:
@@ -328,6 +331,8 @@ def _run_row(
         image_pixels=_pixels(emb),
         curves=collect_curves(cfg, stage_root),
         stage_plan=plan,
+        # the reranker's dev accuracy and the distillation teacher's agreement, where the row used them
+        **mechanism_records(cfg, stage_root, reranker=row.reranker, progress=progress),
     )
     atomic_write_json(side, sidecar)
     return sidecar

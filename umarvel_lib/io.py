@@ -343,12 +343,33 @@ def config_hash(obj) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def env_true(name: str) -> bool:
+    """An environment flag as launchers write it (``true``/``1``/``yes``, any case)."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def accelerate_cpu() -> bool:
+    """Whether accelerate must be told ``cpu=True``: without a GPU it joins the CPU process group
+    (gloo) of a launch only when told so (``ACCELERATE_USE_CPU``, which ``accelerate launch`` sets only
+    for CPU configs: an FSDP launch on a machine without GPUs does not)."""
+    import torch
+
+    return env_true("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
 @contextlib.contextmanager
 def file_lock(lock_path: str | os.PathLike) -> Iterator[None]:
     """Exclusive inter-process lock on ``lock_path`` (``fcntl.flock``): serialises builds of the same
-    cached artifact, so a second process waits and then reuses what the first wrote."""
+    cached artifact, so a second process waits and then reuses what the first wrote.
+
+    The processes of one launch (``accelerate launch``/``torchrun``: ``WORLD_SIZE`` > 1) build together
+    (training, sharded encoding are collectives): only rank 0 takes the lock, the other ranks follow
+    it, since a rank waiting here while rank 0 waits for it in a collective would never return."""
     import fcntl
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
     lock_path = Path(lock_path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as fh:

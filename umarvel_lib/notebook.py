@@ -162,8 +162,9 @@ def table_outputs(
 
 
 def recipe(ablation: str | Ablation, *, preset: str, results: str | None = None) -> dict:
-    """What the rows change from the table's base (in words), each row's stage plan, and the mining
-    report where the rows mined hard negatives (:mod:`umarvel_lib.report.recipe`)."""
+    """What the rows change from the table's base (in words), each row's stage plan, the mining
+    report where the rows mined hard negatives, the reranker's accuracy and the distillation teacher's
+    agreement with the labels where rows used them (:mod:`umarvel_lib.report.recipe`)."""
     from .report import recipe as rc
 
     ab = load_ablation(ablation) if isinstance(ablation, str) else ablation
@@ -172,6 +173,8 @@ def recipe(ablation: str | Ablation, *, preset: str, results: str | None = None)
         "rows": rc.recipe_frame(ab),
         "stage_plan": rc.stage_plans(res, ab, preset),
         "mining": rc.mining_reports(res, ab.table),
+        "reranker": rc.mechanism_artefacts(res, ab.table, "reranker_accuracy"),
+        "teacher": rc.mechanism_artefacts(res, ab.table, "teacher_agreement"),
     }
 
 

@@ -64,9 +64,23 @@ DEFAULT_SEEDS = "0,1,2"  # the table notebooks' default
 QUICK_PRESETS = {"smoke": "0"}
 
 
+# tables of which a preset runs only the rows that a finding compares (the others: `--all-rows`). cpu: the six
+# Table 4 rows that no finding compares would each need hundreds of steps of batch 64-256 to reach a dev
+# plateau (the cpu budget rule), as much as the rest of the reproduction; the report lists them as not run.
+FINDING_ROWS_ONLY = {"cpu": {4}}
+
+
 def default_rows(preset: str, table: int | None) -> list[str]:
     """Row ids ``reproduce`` runs for ``table`` at ``preset`` by default (``[]``: every row)."""
-    if preset not in QUICK_PRESETS or table is None:
+    if table is None:
+        return []
+    if table in FINDING_ROWS_ONLY.get(preset, ()):
+        from .config import load_ablation
+        from .paper import finding_rows
+
+        want = finding_rows(table)
+        return [r.id for r in load_ablation(f"table{table}").rows if r.id in want]
+    if preset not in QUICK_PRESETS:
         return []
     from .config import load_ablation
     from .paper import FINDINGS
@@ -264,8 +278,9 @@ def reproduce(
 ) -> dict:
     """Every notebook of ``tables`` through papermill (``jobs`` > 1: the runs trained by workers first).
 
-    Without ``seeds`` and ``all_rows`` a quick preset (:data:`QUICK_PRESETS`, smoke) runs its own seed
-    and :func:`default_rows`; otherwise every row with ``seeds`` (default: the notebooks' 0,1,2).
+    Without ``seeds`` a quick preset (:data:`QUICK_PRESETS`, smoke) runs its own seed; without
+    ``all_rows`` each table runs :func:`default_rows` (smoke: one finding's rows; cpu: every row except
+    Table 4's, which runs its finding rows); otherwise every row, with ``seeds`` (default: 0,1,2).
     ``notebook_params`` adds parameters to single notebooks, e.g.
     ``{"04_batch_lr_temperature": {"extra_rows": "..."}}``."""
     import papermill as pm
@@ -275,7 +290,9 @@ def reproduce(
     quick = preset in QUICK_PRESETS and not all_rows
     if seeds is None and quick:
         seeds = QUICK_PRESETS[preset]
-    rows = {t: default_rows(preset, t) for _, t in select(tables) if t is not None} if quick else {}
+    rows = (
+        {} if all_rows else {t: default_rows(preset, t) for _, t in select(tables) if t is not None}
+    )
     if jobs > 1 and train:
         t0 = time.time()
         recs = run_jobs(

@@ -147,16 +147,9 @@ def _state(state=None):
         from accelerate import PartialState
     except ImportError:
         return _SingleProcess()
-    import os
+    from ..io import accelerate_cpu
 
-    import torch
-
-    # Without a GPU, PartialState only joins a CPU process group (gloo) when told cpu=True.
-    cpu = (
-        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        or not torch.cuda.is_available()
-    )
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=accelerate_cpu())
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -532,6 +525,8 @@ def evaluate(
                     progress=progress,
                 )
             )
+        for pool_name in pools:  # every pool's per-query hits, kept (committed) beside run.trec
+            runs.headline_hits(out_dir / pool_name)
     if (
         world > 1
     ):  # hand the metrics over in memory: out_dir may be the main process's temporary dir

@@ -183,6 +183,82 @@ def _ordered(names: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
 
+# ---- the artefacts of the paper's mechanisms: the reranker's accuracy, the teacher's agreement ----------
+def reranker_accuracy(p_pos: Sequence[float], p_neg: Sequence[Sequence[float]]) -> dict:
+    """How well a pointwise reranker tells each query's labelled positive from its mined negatives.
+
+    ``p_pos[i]``: ``P(Yes)`` of query ``i``'s positive; ``p_neg[i]``: ``P(Yes)`` of its negatives (a
+    query without negatives counts in the pointwise numbers only). Percentages (0-100):
+
+    * ``pairwise``: of all (positive, negative) pairs of one query, the share where the positive's
+      ``P(Yes)`` is above the negative's (a tie counts one half, the AUC convention);
+    * ``pointwise``: of all scored (query, candidate) pairs, the share that ``P(Yes) > 0.5`` labels
+      right (the positive Yes, a negative No); ``positives_yes`` and ``negatives_no`` are its two parts.
+    """
+    p_pos = np.asarray(p_pos, dtype=np.float64)
+    if len(p_neg) != len(p_pos):
+        raise ValueError(f"{len(p_pos)} positives but negatives for {len(p_neg)} queries")
+    negs = [np.asarray(n, dtype=np.float64) for n in p_neg]
+    all_neg = np.concatenate(negs) if negs else np.empty(0)
+    wins = sum(float((p > n).sum() + 0.5 * (p == n).sum()) for p, n in zip(p_pos, negs))
+    n_pairs = len(all_neg)
+    right = float((p_pos > 0.5).sum() + (all_neg <= 0.5).sum())
+
+    def pct(a: float, n: int) -> float | None:
+        return 100.0 * a / n if n else None
+
+    return {
+        "pairwise": pct(wins, n_pairs),
+        "pointwise": pct(right, len(p_pos) + n_pairs),
+        "positives_yes": pct(float((p_pos > 0.5).sum()), len(p_pos)),
+        "negatives_no": pct(float((all_neg <= 0.5).sum()), n_pairs),
+        "mean_p_yes_positive": float(p_pos.mean()) if len(p_pos) else None,
+        "mean_p_yes_negative": float(all_neg.mean()) if n_pairs else None,
+        "n_queries": len(p_pos),
+        "n_pairs": n_pairs,
+    }
+
+
+def teacher_agreement(
+    lists: Iterable[tuple[Sequence[str], Sequence[float], set[str] | frozenset[str]]], tau: float
+) -> dict:
+    """How far a distillation teacher agrees with the labels. ``lists``: per query, its candidate dids
+    in recall order (the embedding model's ranking), the teacher's score of each, and the query's
+    labelled positives; ``tau``: the temperature of the distillation target ``softmax(teacher / tau)``.
+    Percentages over queries (0-100):
+
+    * ``top1_positive``: the teacher's highest-scored candidate is a labelled positive (a tie: the
+      first in recall order), beside ``recall_top1_positive``, the same for the recall order alone;
+    * ``mass_on_positives``: the mean probability the target ``softmax(teacher / tau)`` puts on them;
+    * ``list_has_positive``: the list holds a labelled positive at all (the ceiling of both).
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    top1 = recall1 = has = n = 0
+    mass = 0.0
+    for dids, scores, pos in lists:
+        s = np.asarray(scores, dtype=np.float64)
+        if len(dids) != len(s):
+            raise ValueError(f"{len(dids)} candidates but {len(s)} teacher scores")
+        n += 1
+        if not len(s):
+            continue
+        is_pos = np.array([d in pos for d in dids])
+        p = np.exp((s - s.max()) / tau)
+        top1 += bool(is_pos[int(np.argmax(s))])
+        recall1 += bool(is_pos[0])
+        has += bool(is_pos.any())
+        mass += float(p[is_pos].sum() / p.sum())
+    return {
+        "top1_positive": 100.0 * top1 / n if n else None,
+        "recall_top1_positive": 100.0 * recall1 / n if n else None,
+        "mass_on_positives": 100.0 * mass / n if n else None,
+        "list_has_positive": 100.0 * has / n if n else None,
+        "tau": float(tau),
+        "n_queries": n,
+    }
+
+
 __all__ = [
     "DEFAULT_KS",
     "METRIC_NAME",
@@ -191,4 +267,6 @@ __all__ = [
     "first_hit_rank",
     "hits_table",
     "score_rows",
+    "reranker_accuracy",
+    "teacher_agreement",
 ]

@@ -7,6 +7,8 @@ One self-contained directory per pool (``<out>/local/``, ``<out>/global/``)::
     queries.jsonl  {"qid", "row", "task_id", "instruction", "instruction_seed", "scored"}
     metrics.json   {"rows": {row: {"R@1", ..., "headline", "ci95", ...}}, "avg": {...}, ...}
     config.json    everything needed to know what produced the numbers
+    headline_hits.json  {row: {"qids", "hits"}}: each scored query's 0/1 hit at its row's headline k
+                   (written by the evaluation for every pool; small, committed where run.trec is not)
 
 ``qrels.txt`` and ``queries.jsonl`` are the same for every run on one data build (and instruction
 seed): a run directory may instead hold ``inputs.ref.json``: for each, a path to one shared copy and its
@@ -27,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.mbeir import ROW_NAMES, read_qrels, row_of_query
+from ..data.mbeir import ROW_NAMES, headline_k, read_qrels, row_of_query
 from ..io import (
+    DamagedFileError,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_stream,
@@ -37,7 +40,7 @@ from ..io import (
     read_json,
     read_jsonl,
 )
-from .metrics import DEFAULT_KS, score_rows
+from .metrics import DEFAULT_KS, hits_table, score_rows
 
 RUN_FILE, QRELS_FILE, QUERIES_FILE, METRICS_FILE, CONFIG_FILE = (
     "run.trec",
@@ -373,3 +376,59 @@ def metrics_frame(sources) -> pandas.DataFrame:  # noqa: F821
 
 def write_metrics(path, metrics: dict) -> Path:
     return atomic_write_json(path, metrics)
+
+
+# ---- per-query headline hits: what the paired statistics of the report resample ----------------
+HITS_FILE = "headline_hits.json"
+
+
+def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
+    """{row: (qids, 0/1 hits at the row's headline k)} from ``run.trec`` + ``qrels.txt`` + ``queries.jsonl``
+    (the latter two in the run directory or referenced, :func:`input_file`).
+
+    The result is kept beside them as ``headline_hits.json`` (small, committed with results), so
+    verdicts can be recomputed where the large ``run.trec`` is not kept.
+    """
+    run_dir = Path(run_dir)
+    cached = run_dir / HITS_FILE
+    if cached.is_file() and (
+        not (run_dir / RUN_FILE).is_file()
+        or cached.stat().st_mtime >= (run_dir / RUN_FILE).stat().st_mtime
+    ):
+        try:
+            d = read_json(cached)
+            return {
+                row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()
+            }
+        except (DamagedFileError, KeyError, TypeError, AttributeError, ValueError) as e:
+            if not (run_dir / RUN_FILE).is_file():
+                raise DamagedFileError(
+                    f"{cached}: damaged ({e}) and no {RUN_FILE} to rebuild it from"
+                ) from None
+            # rebuilt from the run file below
+    out = _hits_from_run(run_dir)
+    atomic_write_json(
+        cached,
+        {
+            row: {"qids": q, "hits": "".join(str(int(h)) for h in hits)}
+            for row, (q, hits) in out.items()
+        },
+        indent=None,
+    )
+    return out
+
+
+def _hits_from_run(run_dir: Path) -> dict[str, tuple[list[str], np.ndarray]]:
+    run = ranked_dids(read_run(run_dir / RUN_FILE))
+    qrels = read_qrels(input_file(run_dir, QRELS_FILE))
+    rows: dict[str, list[str]] = {}
+    for r in read_queries(input_file(run_dir, QUERIES_FILE)):
+        if r.get("scored", True):
+            rows.setdefault(r["row"], []).append(r["qid"])
+    out = {}
+    for row, qids in rows.items():
+        hits, scored, _ = hits_table(
+            run, qrels, qids, [headline_k(row)]
+        )  # the metrics' own hit rule
+        out[row] = (scored, hits[:, 0])
+    return out

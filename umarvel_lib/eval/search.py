@@ -6,6 +6,13 @@ in-memory array, from embedding shards on disk, or from a view over several shar
 block is multiplied with a chunk of queries and a running top-k is merged block by block, so peak
 memory is ``O(query_chunk * block_size + n_queries * k)``, independent of the pool size.
 
+**Speed (torch backend).** The scores of a block are computed in tiles (on CPU ``_TILE`` candidates
+by at most ``_QTILE`` queries, into one reused buffer that stays in cache) and, once a query's
+running top-k holds k candidates, only the candidates scoring at least its current k-th best are
+gathered and merged (what faiss's heaps do): after the first few tiles that is a few per query and
+tile, so the search costs the matmul plus a pass over each tile (``bench/search.py``). The tiling,
+the pruning and when survivors are merged do not change the results (tests/test_eval_search.py).
+
 **Order and tie-break (the contract of this module).** Results are ordered by *higher score
 first, then lower candidate index* (the index of the candidate in the pool's order, which is the
 pool file's line order, or the concatenation order for the global pool). This is a total order, so
@@ -231,6 +238,107 @@ def faiss_available() -> bool:
     return True
 
 
+# Candidates per score tile of the torch backend (CPU): a (query_chunk, _TILE) float32 tile stays in
+# cache for the threshold pass that follows its matmul. Internal: results do not depend on it.
+_TILE = 2048
+_QTILE = 4096
+_GROUP = 64
+_MERGE_EVERY = 8  # tiles whose survivors are merged at once
+
+
+def _at_least(sc: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sc >= thr).nonzero()`` as (rows, cols) in row-major order, for a ``thr`` (R, 1) that few
+    scores reach: the maxima of groups of _GROUP columns (a fast reduction) are compared first, and
+    only the groups that reach ``thr`` are compared element by element."""
+    r, t = sc.shape
+    m = t - t % _GROUP
+    rows, cols = [], []
+    if m:
+        g = sc[:, :m].view(r, m // _GROUP, _GROUP)
+        gr, gc = (g.amax(2) >= thr).nonzero(as_tuple=True)
+        h, pos = (g[gr, gc] >= thr[gr]).nonzero(as_tuple=True)
+        rows.append(gr[h])
+        cols.append(gc[h] * _GROUP + pos)
+    if m < t:
+        tr, tc = (sc[:, m:] >= thr).nonzero(as_tuple=True)
+        rows.append(tr)
+        cols.append(tc + m)
+    if len(rows) == 1:
+        return rows[0], cols[0]
+    rows, cols = torch.cat(rows), torch.cat(cols)
+    o = torch.argsort(rows, stable=True)
+    return rows[o], cols[o]
+
+
+class _RunningTopK:
+    """Exact running top-k of one query chunk (views ``s``, ``i`` (R, k) into the result), fed score
+    tiles by :meth:`add`.
+
+    Once the top-k holds k candidates, only a tile's candidates scoring ``>=`` a row's current k-th
+    best can enter it (a lower score has k better ones already; an equal one may still win on a lower
+    index): they alone are gathered (:func:`_at_least`; a few per row and tile), kept for a few tiles
+    and merged by :func:`_topk_set`. The threshold is the one of the last merge, which is never above
+    the current one, so the result is exactly that of merging every tile's full top-k.
+    """
+
+    def __init__(self, s: torch.Tensor, i: torch.Tensor, k: int):
+        self.s, self.i, self.k = s, i, k
+        self.seen, self.tiles, self.n_pending = 0, 0, 0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.thr = s.amin(1, keepdim=True)
+
+    def add(self, sc: torch.Tensor, idx: torch.Tensor) -> None:
+        """Merge a score tile ``sc`` (R, t) of the candidates ``idx`` (t,)."""
+        full, self.seen = self.seen >= self.k, self.seen + sc.shape[1]
+        if full:
+            rows, cols = _at_least(sc, self.thr)
+            if rows.numel() <= sc.numel() // 8:
+                if rows.numel():
+                    self.pending.append((rows, sc[rows, cols], idx[cols]))
+                    self.n_pending += rows.numel()
+                self.tiles += 1
+                if self.tiles >= _MERGE_EVERY or self.n_pending > self.s.numel():
+                    self.flush()
+                return
+        # not full yet, or many survivors (tie-heavy data): the tile's own top-k is cheaper
+        self.merge(*_topk_set(sc, idx, self.k))
+
+    def merge(self, v: torch.Tensor, i: torch.Tensor) -> None:
+        """Merge a block's top-k set ``(v, i)`` (R, k), e.g. from :func:`_topk_set`."""
+        self.flush()
+        self.s[:], self.i[:] = _topk_set(
+            torch.cat([self.s, v], 1), torch.cat([self.i, i], 1), self.k
+        )
+        self.thr = self.s.amin(1, keepdim=True)
+
+    def flush(self) -> None:
+        """Merge the pending survivors into the top-k and raise the threshold."""
+        self.tiles = 0
+        if not self.pending:
+            return
+        rows, sv, iv = (torch.cat(x) for x in zip(*self.pending))
+        if len(self.pending) > 1:  # each tile's survivors are row-major; their concatenation is not
+            o = torch.argsort(rows, stable=True)
+            rows, sv, iv = rows[o], sv[o], iv[o]
+        self.pending, self.n_pending = [], 0
+        counts = torch.bincount(rows, minlength=self.s.shape[0])
+        hit = counts.nonzero().flatten()
+        # slot of each survivor within its row, and its row's number among the rows ``hit``
+        slot = (
+            torch.arange(rows.numel(), device=rows.device)
+            - (torch.cumsum(counts, 0) - counts)[rows]
+        )
+        crow = (torch.cumsum(counts > 0, 0) - 1)[rows]
+        width = int(counts.max())
+        s_new = torch.full((hit.numel(), width), -np.inf, dtype=sv.dtype, device=sv.device)
+        i_new = torch.full((hit.numel(), width), _PAD_IDX, dtype=torch.int64, device=sv.device)
+        s_new[crow, slot], i_new[crow, slot] = sv, iv
+        self.s[hit], self.i[hit] = _topk_set(
+            torch.cat([self.s[hit], s_new], 1), torch.cat([self.i[hit], i_new], 1), self.k
+        )
+        self.thr = self.s.amin(1, keepdim=True)
+
+
 def search(
     queries: np.ndarray,
     source,
@@ -247,7 +355,7 @@ def search(
     :class:`CandidateSource`), streaming candidate blocks. ``parts`` restricts the search to some
     parts of the source (for splitting across processes; merge the results with :func:`merge_topk`).
 
-    ``backend``: ``"torch"`` (chunked matmul + ``torch.topk``; runs on ``device``) or ``"faiss"``
+    ``backend``: ``"torch"`` (tiled matmul + threshold-pruned merge; runs on ``device``) or ``"faiss"``
     (an ``IndexFlatIP`` per block; CPU). Both return the same ids in the same order (module doc).
     """
     if backend not in ("torch", "faiss"):
@@ -278,37 +386,36 @@ def search(
     run_s = torch.full((nq, k), -np.inf, dtype=torch.float32, device=dev)
     run_i = torch.full((nq, k), _PAD_IDX, dtype=torch.int64, device=dev)
     q_all = torch.from_numpy(queries).to(dev)
-    chunks = list(iter_chunks(nq, query_chunk))
-    # Block results wait in a buffer and are merged a few blocks at a time (fewer small ops);
-    # the buffer is bounded to ~256 MB whatever the number of queries.
-    merge_every = int(max(1, min(8, (256 << 20) // max(1, nq * k * 12))))
-    pending: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in chunks]
-
-    def flush(c: int):
-        if pending[c]:
-            qs, qe = chunks[c]
-            cs = torch.cat([run_s[qs:qe]] + [v for v, _ in pending[c]], 1)
-            ci = torch.cat([run_i[qs:qe]] + [i for _, i in pending[c]], 1)
-            run_s[qs:qe], run_i[qs:qe] = _topk_set(cs, ci, k)
-            pending[c].clear()
-
+    cpu = dev.type == "cpu"
+    chunks = list(iter_chunks(nq, min(query_chunk, _QTILE) if cpu else query_chunk))
+    tile = _TILE if cpu else block_size
+    tops = [_RunningTopK(run_s[qs:qe], run_i[qs:qe], k) for qs, qe in chunks]
+    buf = None
     t0, n_seen, n_blocks = time.perf_counter(), 0, 0
     for block, gidx in source.blocks(parts, block_size):
         if block.shape[1] != source.dim:
             raise SearchError(f"candidate block has dim {block.shape[1]}, expected {source.dim}")
-        n_seen += block.shape[0]
         n_blocks += 1
         idx_t = torch.from_numpy(np.ascontiguousarray(gidx, dtype=np.int64)).to(dev)
-        b_t = torch.from_numpy(block).to(dev) if backend == "torch" else None
-        for c, (qs, qe) in enumerate(chunks):
-            if backend == "torch":
-                pending[c].append(_topk_set(q_all[qs:qe] @ b_t.T, idx_t, k))
-            else:
-                pending[c].append(_block_topk_faiss(queries[qs:qe], block, idx_t, k))
-            if len(pending[c]) >= merge_every:
-                flush(c)
-    for c in range(len(chunks)):
-        flush(c)
+        if backend == "faiss":
+            for (qs, qe), top in zip(chunks, tops):
+                top.merge(*_block_topk_faiss(queries[qs:qe], block, idx_t, k))
+            n_seen += block.shape[0]
+            continue
+        b_t = torch.from_numpy(block).to(dev)
+        for ts in range(0, b_t.shape[0], tile):
+            c_t, i_t = b_t[ts : ts + tile], idx_t[ts : ts + tile]
+            for (qs, qe), top in zip(chunks, tops):
+                # scores into a reused buffer (no fresh pages per block); contiguous view of its head
+                need = (qe - qs) * c_t.shape[0]
+                if buf is None or buf.numel() < need:
+                    buf = torch.empty(need, dtype=torch.float32, device=dev)
+                sc = buf[:need].view(qe - qs, c_t.shape[0])
+                torch.mm(q_all[qs:qe], c_t.T, out=sc)
+                top.add(sc, i_t)
+        n_seen += b_t.shape[0]
+    for top in tops:
+        top.flush()
     run_s, run_i = _sort_rows(run_s, run_i, k)
     if stats is not None:
         stats.update(seconds=time.perf_counter() - t0, candidates=n_seen, blocks=n_blocks)

@@ -18,22 +18,9 @@ This module reads run directories only; it imports no model code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..data.mbeir import headline_k, read_qrels
-from ..eval.metrics import hits_table
-from ..eval.runs import (
-    QRELS_FILE,
-    QUERIES_FILE,
-    RUN_FILE,
-    input_file,
-    ranked_dids,
-    read_queries,
-    read_run,
-)
-from ..io import DamagedFileError, atomic_write_json, read_json
 from ..paper import FINDINGS_BY_ID, Finding
 
 HELD, NOISE, CONTRA, FEW, MISSING = (
@@ -44,61 +31,6 @@ HELD, NOISE, CONTRA, FEW, MISSING = (
     "not run",
 )
 MIN_SEEDS = 3
-
-
-HITS_FILE = "headline_hits.json"
-
-
-def headline_hits(run_dir) -> dict[str, tuple[list[str], np.ndarray]]:
-    """{row: (qids, 0/1 hits at the row's headline k)} from ``run.trec`` + ``qrels.txt`` + ``queries.jsonl``
-    (the latter two in the run directory or referenced, :func:`~umarvel_lib.eval.runs.input_file`).
-
-    The result is kept beside them as ``headline_hits.json`` (small, committed with results), so
-    verdicts can be recomputed where the large ``run.trec`` is not kept.
-    """
-    run_dir = Path(run_dir)
-    cached = run_dir / HITS_FILE
-    if cached.is_file() and (
-        not (run_dir / RUN_FILE).is_file()
-        or cached.stat().st_mtime >= (run_dir / RUN_FILE).stat().st_mtime
-    ):
-        try:
-            d = read_json(cached)
-            return {
-                row: (v["qids"], np.array([float(c) for c in v["hits"]])) for row, v in d.items()
-            }
-        except (DamagedFileError, KeyError, TypeError, AttributeError, ValueError) as e:
-            if not (run_dir / RUN_FILE).is_file():
-                raise DamagedFileError(
-                    f"{cached}: damaged ({e}) and no {RUN_FILE} to rebuild it from"
-                ) from None
-            # rebuilt from the run file below
-    out = _hits_from_run(run_dir)
-    atomic_write_json(
-        cached,
-        {
-            row: {"qids": q, "hits": "".join(str(int(h)) for h in hits)}
-            for row, (q, hits) in out.items()
-        },
-        indent=None,
-    )
-    return out
-
-
-def _hits_from_run(run_dir: Path) -> dict[str, tuple[list[str], np.ndarray]]:
-    run = ranked_dids(read_run(run_dir / RUN_FILE))
-    qrels = read_qrels(input_file(run_dir, QRELS_FILE))
-    rows: dict[str, list[str]] = {}
-    for r in read_queries(input_file(run_dir, QUERIES_FILE)):
-        if r.get("scored", True):
-            rows.setdefault(r["row"], []).append(r["qid"])
-    out = {}
-    for row, qids in rows.items():
-        hits, scored, _ = hits_table(
-            run, qrels, qids, [headline_k(row)]
-        )  # the metrics' own hit rule
-        out[row] = (scored, hits[:, 0])
-    return out
 
 
 def avg_of(hits: dict[str, tuple[list[str], np.ndarray]]) -> float:
@@ -188,7 +120,7 @@ def judge(
     n_boot: int = 1000,
     diverged: set[str] = frozenset(),
 ) -> Verdict:
-    """Verdict for one finding. ``hits[row_id][seed]`` = :func:`headline_hits` of that run's ``pool`` dir."""
+    """Verdict for one finding. ``hits[row_id][seed]`` = :func:`~umarvel_lib.eval.runs.headline_hits` of that run's ``pool`` dir."""
     f = FINDINGS_BY_ID[finding] if isinstance(finding, str) else finding
     v = Verdict(f.id, f.text, f.pool, MISSING)
     if f.kind == "fails" and f.worse in diverged:

@@ -1,6 +1,7 @@
 """The recipe behind a table, shown in its notebook: what each row changes from the table's base (in
 words, not dotted keys only), the stage plan (steps, batch, LR, tau per stage) and the artefacts of
-the paper's mechanisms that the runs left behind (the hard-negative mining report)."""
+the paper's mechanisms that the runs left behind (the hard-negative mining report, the reranker's
+accuracy on held-out pairs, the distillation teacher's agreement with the labels)."""
 
 from __future__ import annotations
 
@@ -154,3 +155,48 @@ def mining_reports(results, table: int) -> pd.DataFrame:
         ]
     )
     return df[[c for c in keep if c in df.columns]].T
+
+
+#: What a run's ``row.json`` records about a mechanism it used (:mod:`umarvel_lib.train.mechanisms`),
+#: with the columns shown (percent unless said otherwise).
+MECHANISM_COLUMNS = {
+    "reranker_accuracy": [
+        "pairwise",
+        "pointwise",
+        "positives_yes",
+        "negatives_no",
+        "mean_p_yes_positive",
+        "mean_p_yes_negative",
+        "n_queries",
+        "n_pairs",
+        "negatives_per_query",
+        "split",
+    ],
+    "teacher_agreement": [
+        "top1_positive",
+        "recall_top1_positive",
+        "mass_on_positives",
+        "list_has_positive",
+        "tau",
+        "n_queries",
+    ],
+}
+
+
+def mechanism_artefacts(results, table: int, key: str) -> pd.DataFrame:
+    """One line per (row, seed) whose run recorded ``key`` in its ``row.json``: ``reranker_accuracy``
+    (the reranker's accuracy on held-out dev pairs: its P(Yes) of each query's positive above each
+    mined negative's, ``pairwise``, and P(Yes) > 0.5 right, ``pointwise``) or ``teacher_agreement``
+    (the fused teacher on the distillation sample: its top-1 is a labelled positive, the KL target's
+    mass on labelled positives). Empty when no run of the table recorded it."""
+    if key not in MECHANISM_COLUMNS:
+        raise ValueError(f"unknown mechanism record {key!r}; valid: {sorted(MECHANISM_COLUMNS)}")
+    recs = [
+        {"row": str(s["row"]), "seed": int(s["seed"]), **s[key]}
+        for s in sidecars(results, table)
+        if isinstance(s.get(key), dict)
+    ]
+    if not recs:
+        return pd.DataFrame()
+    df = pd.DataFrame.from_records(recs).sort_values(["row", "seed"]).set_index(["row", "seed"])
+    return df[[c for c in MECHANISM_COLUMNS[key] if c in df.columns]].round(3)

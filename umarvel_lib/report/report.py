@@ -9,7 +9,15 @@ import pandas as pd
 from ..config import ablations_dir, check_preset, load_ablation
 from ..io import DamagedFileError, atomic_write_text, read_json
 from ..paper import FINDINGS
-from . import tables
+from . import recipe, tables
+
+#: The mechanisms' own artefacts that runs record in ``row.json`` (:func:`.recipe.mechanism_artefacts`).
+MECHANISMS = {
+    "reranker_accuracy": "The reranker's accuracy on held-out dev pairs (percent; `pairwise`: P(Yes) of "
+    "the positive above a mined negative's, `pointwise`: P(Yes) > 0.5 right)",
+    "teacher_agreement": "The distillation teacher's agreement with the labels on the distillation "
+    "sample (percent of queries; `mass_on_positives`: the KL target's mass on labelled positives)",
+}
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -123,6 +131,10 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
                 f"\nDiagnostic check: {ab.checks_title} (A minus B, paired seeds x queries bootstrap):\n\n"
                 + _md(tables.checks(res, ab, n_boot=n_boot))
             )
+        for key, what in MECHANISMS.items():
+            art = recipe.mechanism_artefacts(res, ab.table, key)
+            if not art.empty:
+                body.append(f"\n{what}:\n\n" + _md(art.reset_index()))
     vall = (
         pd.concat(all_v, ignore_index=True)
         if all_v

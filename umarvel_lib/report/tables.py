@@ -15,10 +15,10 @@ import pandas as pd
 
 from ..config import Ablation
 from ..data.mbeir import ROW_NAMES
-from ..eval.runs import RunFormatError
+from ..eval.runs import HITS_FILE, RunFormatError, headline_hits
 from ..io import DamagedFileError, read_json
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
-from .findings import HITS_FILE, headline_hits, judge
+from .findings import judge
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,18 @@ Guarantees (tested in ``tests/test_engine.py``):
   gradients are averaged over ranks in one all-reduce (no DDP wrapper, so step functions may call
   the model directly, as GradCache closures do). With a loss over gathered embeddings
   (``gather_with_grad``) two CPU processes train like one (``test_two_processes_train_like_one``).
-  DeepSpeed/FSDP launches keep accelerate's wrapped model and are untested here.
-* **Sharded** (``Trainer(..., shard="fsdp")``): torch's FSDP2 ``fully_shard`` on every layer class
-  named in the shipped ``configs/accelerate_fsdp_8gpu.yaml`` (or the accelerate FSDP config given as
-  ``fsdp_config``, e.g. a copy naming Qwen3-VL's classes) and on the root, after LoRA is attached;
-  FSDP averages the gradients itself (no engine all-reduce). Checkpoints gather the full trainable
-  state (and optimizer state) to rank 0; resuming a sharded run is refused. Two CPU processes
-  (gloo) train the tiny released-format Qwen2-VL and Qwen3-VL like one process (``tests/test_fsdp.py``).
+  DeepSpeed launches keep accelerate's wrapped model and are untested here.
+* **Sharded** (``Trainer(..., shard="fsdp")``, or by default under ``accelerate launch`` with an
+  FSDP config: :func:`shard_mode` decides): torch's FSDP2 ``fully_shard`` on every layer class named
+  by the launch (``FSDP_TRANSFORMER_CLS_TO_WRAP``), the accelerate FSDP config given as
+  ``fsdp_config`` or the shipped ``configs/accelerate_fsdp_8gpu.yaml``, then on the root, after LoRA
+  is attached; never accelerate's ``prepare_model`` wrapping. Scalar parameters (τ) stay replicated.
+  FSDP averages the sharded gradients, the engine the replicated ones. Checkpoints and the final
+  weights gather the full trainable state (and optimizer state) to rank 0; :meth:`Trainer.trained_model`
+  rebuilds a plain model from them; resuming a sharded run is refused. ``FINISHED.json`` records how
+  the run was sharded (``shard``). Two CPU processes (gloo) train the tiny released-format Qwen2-VL
+  and Qwen3-VL like one process (``tests/test_fsdp.py``), and ``accelerate launch`` of ``umarvel run``
+  with the shipped config like the unsharded run (``tests/test_released_format.py``).
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
@@ -63,6 +68,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -78,10 +84,12 @@ import torch.nn as nn
 from umarvel_lib.config import IDENTITY_FIELDS, NOT_IDENTITY, identity
 from umarvel_lib.io import (
     DamagedFileError,
+    accelerate_cpu,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
     config_hash,
+    env_true,
     read_json,
 )
 
@@ -201,11 +209,47 @@ class StepContext:
         return self.accelerator.no_sync(self.model)
 
 
+def shard_mode(shard: str | None = None) -> Literal["fsdp"] | None:
+    """How training is sharded, decided here only: ``shard`` when given (``"fsdp"``, or ``"none"`` for
+    plain replicated training), else ``"fsdp"`` when ``accelerate launch`` started this process with an
+    FSDP config (it sets ``ACCELERATE_USE_FSDP=true``) in a group of several processes (``WORLD_SIZE``).
+    The engine then shards with torch's FSDP2 itself and never lets accelerate wrap the model (its
+    ``prepare_model`` wrapping would hide the model the step functions call; on CPU accelerate ignores
+    FSDP altogether). Settings of the launch config the engine cannot honour are refused or logged."""
+    if shard not in (None, "fsdp", "none"):
+        raise ValueError(f"shard must be None, 'fsdp' or 'none', got {shard!r}")
+    if shard is not None:
+        return None if shard == "none" else "fsdp"
+    if not env_true("ACCELERATE_USE_FSDP") or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    policy = os.environ.get("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    if policy != "TRANSFORMER_BASED_WRAP":
+        raise ValueError(
+            f"accelerate FSDP config: fsdp_auto_wrap_policy {policy} is not supported; the kit wraps the "
+            f"layer classes of fsdp_transformer_layer_cls_to_wrap (TRANSFORMER_BASED_WRAP)"
+        )
+    if env_true("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ValueError(
+            "accelerate FSDP config: fsdp_cpu_ram_efficient_loading: true makes transformers load empty "
+            "(meta) weights on every rank but 0, which the kit's FSDP2 path does not fill in; set it to "
+            "false (as umarvel_lib/configs/accelerate_fsdp_8gpu.yaml does)"
+        )
+    ignored = [n for n in ("FSDP_ACTIVATION_CHECKPOINTING", "FSDP_OFFLOAD_PARAMS") if env_true(n)]
+    if ignored:
+        log.warning("accelerate FSDP config: %s not applied by the kit's FSDP2 path", ignored)
+    return "fsdp"
+
+
 def fsdp_layer_classes(config: str | Path | None = None) -> list[str]:
-    """The layer classes an accelerate FSDP config wraps (``fsdp_transformer_layer_cls_to_wrap``);
-    default: the shipped ``configs/accelerate_fsdp_8gpu.yaml`` (Qwen2-VL's classes)."""
+    """The layer classes an accelerate FSDP config wraps (``fsdp_transformer_layer_cls_to_wrap``):
+    from ``config``; else, under ``accelerate launch`` with an FSDP config, from the launch
+    (``FSDP_TRANSFORMER_CLS_TO_WRAP``); else the shipped ``configs/accelerate_fsdp_8gpu.yaml``
+    (Qwen2-VL's classes)."""
     import yaml
 
+    launched = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    if config is None and launched and env_true("ACCELERATE_USE_FSDP"):
+        return [n.strip() for n in launched.split(",") if n.strip()]
     shipped = Path(__file__).resolve().parents[1] / "configs" / "accelerate_fsdp_8gpu.yaml"
     path = Path(config or shipped)
     names = yaml.safe_load(path.read_text(encoding="utf-8"))["fsdp_config"]
@@ -214,18 +258,23 @@ def fsdp_layer_classes(config: str | Path | None = None) -> list[str]:
 
 def shard_fsdp(model: nn.Module, layer_classes: Sequence[str] | None = None) -> nn.Module:
     """FSDP2 ``fully_shard`` on every module whose class is in ``layer_classes`` (default:
-    :func:`fsdp_layer_classes`), then on the root; needs an initialised process group."""
+    :func:`fsdp_layer_classes`), then on the root; needs an initialised process group. Scalar
+    parameters (the embedder's learnable temperature, which the loss reads outside the model's
+    forward) stay plain and replicated: FSDP2 shards along dim 0, which a scalar lacks."""
     from torch.distributed.fsdp import fully_shard
 
     names = set(layer_classes or fsdp_layer_classes())
     layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
+    missing = names - {type(m).__name__ for m in layers}
+    if missing:  # as accelerate: a class the model lacks is a config for another model
         raise ValueError(
-            f"no module of the FSDP layer classes {sorted(names)} in {type(model).__name__}"
+            f"no module of the FSDP layer classes {sorted(missing)} in {type(model).__name__}; "
+            f"name this model's classes in fsdp_transformer_layer_cls_to_wrap"
         )
+    scalars = {p for p in model.parameters() if p.ndim == 0} or None
     for m in layers:
-        fully_shard(m)
-    fully_shard(model)
+        fully_shard(m, ignored_params=scalars)
+    fully_shard(model, ignored_params=scalars)
     return model
 
 
@@ -441,13 +490,11 @@ class Trainer:
         run_identity: Mapping[str, Any] | None = None,
         resume: bool = True,
         accelerator=None,
-        shard: Literal["fsdp"] | None = None,
+        shard: Literal["fsdp", "none"] | None = None,
         fsdp_config: str | Path | None = None,
         optimizer_fn: Callable[[nn.Module, int], tuple[Any, Any]] | None = None,
     ):
-        if shard not in (None, "fsdp"):
-            raise ValueError(f"shard must be None or 'fsdp', got {shard!r}")
-        self.shard, self.fsdp_config = shard, fsdp_config
+        self.shard, self.fsdp_config = shard_mode(shard), fsdp_config
         self.model, self.step_fn, self.cfg = model, step_fn, cfg
         # (model, total_steps) -> (optimizer, scheduler) instead of the recipe's AdamW + cosine
         # (cfg's lr/betas/weight_decay/warmup then do not act; the caller puts its own recipe in
@@ -465,7 +512,7 @@ class Trainer:
         if accelerator is None:
             from accelerate import Accelerator
 
-            accelerator = Accelerator()
+            accelerator = Accelerator(cpu=accelerate_cpu())
         self.acc = accelerator
         # a scalar parameter named "...tau" (the embedder's Temperature) is logged as τ automatically
         self._tau = next(
@@ -640,19 +687,40 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self._average_grads = acc.num_processes > 1 and acc.distributed_type.value in (
+        # the trainable parameters whose gradients the engine averages over ranks after step_fn
+        self._sync: list[torch.Tensor] = []
+        self.shard_record = {"mode": self.shard or "none", "processes": acc.num_processes}
+        if self.shard:
+            if self.eval_fn is not None and (cfg.eval_every or cfg.eval_at_start):
+                raise NotImplementedError(
+                    f"{self.run_dir}: periodic evaluation of a sharded (shard='fsdp') run is not supported"
+                )
+            from torch.distributed.tensor import DTensor
+
+            classes = fsdp_layer_classes(self.fsdp_config)
+            self.model = shard_fsdp(self.model.to(acc.device), classes)
+            params = [p for p in self.model.parameters() if p.requires_grad]  # now DTensors
+            # FSDP reduce-scatters (averages) the sharded gradients; the engine the replicated ones
+            self._sync = [p for p in params if not isinstance(p, DTensor)]
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            self.shard_record |= {
+                "wrapped": {
+                    c: sum(type(m).__name__.removeprefix("FSDP") == c for m in self.model.modules())
+                    for c in classes
+                },
+                "sharded_trainable": sum(isinstance(p, DTensor) for _, p in named),
+                "replicated_trainable": [n for n, p in named if not isinstance(p, DTensor)],
+            }
+        elif acc.num_processes > 1 and acc.distributed_type.value in (
             "MULTI_CPU",
             "MULTI_GPU",
-        )
-        if self.shard:  # FSDP reduce-scatters (averages) gradients itself: no engine all-reduce
-            self._average_grads = False
-            self.model = shard_fsdp(self.model.to(acc.device), fsdp_layer_classes(self.fsdp_config))
-            params = [p for p in self.model.parameters() if p.requires_grad]  # now DTensors
-        elif self._average_grads:
+            "FSDP",  # an FSDP launch with shard='none': replicated, as MULTI_GPU
+        ):
             # Step functions call the model directly (GradCache closures, the embedder captured by
             # contrastive_step), never through a DDP wrapper, so gradients are averaged over ranks
             # explicitly after step_fn (_sync_grads) instead of by DDP hooks.
             self.model = self.model.to(acc.device)
+            self._sync = params
         else:
             self.model = acc.prepare_model(self.model)
         self.batches.shard(acc.process_index, acc.num_processes)
@@ -788,6 +856,7 @@ class Trainer:
                     "loss": last_loss,
                     "total_steps": total,
                     "stopped_early": stopped_early,
+                    "shard": self.shard_record,
                     "time": time.time(),
                 },
             )
@@ -800,6 +869,25 @@ class Trainer:
             final_dir=final_dir,
             history=history,
         )
+
+    def trained_model(self, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """The trained model as a plain module: the model passed in, unless ``fit()`` sharded it; then,
+        on the main process, ``build()`` (the model rebuilt as it was passed in) with the final
+        trainable weights loaded, and None on the other ranks (a sharded model cannot be merged or
+        saved in place)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self.model, FSDPModule):
+            return self.acc.unwrap_model(self.model)
+        if not self.acc.is_main_process:
+            return None
+        from safetensors.torch import load_file
+
+        model = build()
+        load_trainable_state_dict(
+            model, load_file(str(self.run_dir / "final" / "model.safetensors"))
+        )
+        return model
 
     def _train_step(self, batch, step: int, epoch: int) -> dict:
         cfg = self.cfg
@@ -827,10 +915,10 @@ class Trainer:
                 "step_fn returned a detached loss but no parameter has a gradient: call "
                 "ctx.backward(loss) (or GradCache) inside step_fn, or return the loss with its graph"
             )
-        if self._average_grads:  # after the check: _sync_grads fills missing gradients with zeros
-            _sync_grads(params)
-        if cfg.max_grad_norm is not None:
-            gn = self.acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        if self._sync:  # after the check: _sync_grads fills missing gradients with zeros
+            _sync_grads(self._sync)
+        if cfg.max_grad_norm is not None or self.shard:  # accelerate's norm handles DTensors
+            gn = self.acc.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         else:
             gn = torch.norm(
                 torch.stack([p.grad.detach().norm() for p in params if p.grad is not None])

@@ -300,6 +300,11 @@ def _train_stage(
         run_identity={"stage_hash": h, "init": str(init)},
     )
     res = trainer.fit()
+    # sharded (an FSDP launch): the main process rebuilds the embedder with the trained weights
+    emb = trainer.trained_model(lambda: _embedder_for(cfg, stage, init, seed=cfg.seed))
+    if not trainer.acc.is_main_process:  # several processes: the main one saves, the others wait
+        trainer.acc.wait_for_everyone()
+        return final
     if emb.is_lora:
         emb.merge_lora()
     emb.save(final)
@@ -322,6 +327,7 @@ def _train_stage(
         "stopped_early": bool(fin.get("stopped_early")),
         "eval_every": cfg.eval.eval_every,
         "dev_avg_end": curve[-1]["dev_avg"] if curve else None,
+        "shard": fin.get("shard"),  # how it was trained: {"mode": "fsdp", "processes": 2, ...}
     }
     atomic_write_json(
         sdir / "stage.json",
@@ -336,6 +342,7 @@ def _train_stage(
             "dev_curve": curve,
         },
     )
+    trainer.acc.wait_for_everyone()
     return final
 
 
@@ -494,15 +501,21 @@ def encode_queries_and_pool(
 
 
 # ---- reranker and distillation ----------------------------------------------------------------
+def reranker_dir(cfg: RunConfig, out_root: Path) -> Path:
+    """The reranker checkpoint of a run: keyed by the hard-negative model's run + the reranker recipe."""
+    return (
+        Path(out_root)
+        / f"reranker-{cfg.hash(upto_stage='hard_negatives', reranker=True)}"
+        / "model"
+    )
+
+
 def train_reranker(
     cfg: RunConfig, hn_model: Path, out_root: Path, *, backbone: Path, progress: bool = True
 ) -> Path:
     """Pointwise Yes/No reranker from the raw ``backbone`` on positives + one random mined negative."""
-    h = cfg.hash(
-        upto_stage="hard_negatives", reranker=True
-    )  # the hard-negative model's run + the reranker recipe
-    rdir = out_root / f"reranker-{h}"
-    final = rdir / "model"
+    final = reranker_dir(cfg, out_root)
+    rdir, h = final.parent, final.parent.name.removeprefix("reranker-")
     if checkpoint_complete(final, "reranker.json"):
         return final
     with file_lock(
@@ -558,8 +571,16 @@ def _train_reranker(
         ctx.backward(loss)
         return loss.detach()
 
+    # never sharded (merged and saved in place below): replicated, gradients averaged by the engine
     Trainer(
-        rr, step, examples, tcfg, rdir / "train", collate_fn=list, run_identity={"hash": h}
+        rr,
+        step,
+        examples,
+        tcfg,
+        rdir / "train",
+        collate_fn=list,
+        run_identity={"hash": h},
+        shard="none",
     ).fit()
     rr.model = merge_lora(rr.model)
     rr.save(final)
