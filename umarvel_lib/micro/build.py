@@ -217,7 +217,8 @@ def build_backbone(
     out = cache_dir / cfg.name
     if is_complete_build(out) and not force:
         return out
-    with file_lock(cache_dir / f".{cfg.name}.lock"):
+    # every rank of a launch waits here while one builds: the build runs no collective
+    with file_lock(cache_dir / f".{cfg.name}.lock", every_rank=True):
         if is_complete_build(out) and not force:
             return out
         run_dir = cache_dir / f".{cfg.name}.pretrain"
@@ -302,22 +303,13 @@ def _pretrain_in_child(cfg: BackboneConfig, run_dir: Path, *, progress: bool) ->
         for k, v in os.environ.items()
         if k not in _LAUNCH_VARS and not k.startswith(("TORCHELASTIC_", "ACCELERATE_"))
     }
-    root = str(Path(__file__).resolve().parents[2])  # this copy of umarvel_lib, not another one
-    env.update(
-        ACCELERATE_USE_CPU="true",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONPATH=os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
-    )
+    env.update(ACCELERATE_USE_CPU="true", CUDA_VISIBLE_DEVICES="")
+    # started in the directory above this copy of umarvel_lib, so that `-m` imports this copy and
+    # not one that lies in the caller's working directory
+    root = Path(__file__).resolve().parents[2]
     threads = str(torch.get_num_threads())
-    cmd = [
-        sys.executable,
-        "-m",
-        "umarvel_lib.micro.build",
-        str(run_dir),
-        threads,
-        str(int(progress)),
-    ]
-    rc = subprocess.run(cmd, env=env).returncode
+    cmd = [sys.executable, "-m", "umarvel_lib.micro.build", str(run_dir.resolve()), threads]
+    rc = subprocess.run(cmd + [str(int(progress))], env=env, cwd=root).returncode
     if rc != 0:
         raise RuntimeError(
             f"pre-training {cfg.name} failed in its child process (exit status {rc}; its error is "
