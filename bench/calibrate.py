@@ -65,7 +65,7 @@ def synthetic_config(near: int, distractors: int):
 
 
 def run_point(i: int, *, threads: int) -> dict:
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.data.synthetic import generate
     from umarvel_lib.experiment import run_row
 

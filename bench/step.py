@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _backbone(args) -> Path:
-    from umarvel_lib.config import make_run_config
-    from umarvel_lib.experiment import backbone_path
     from umarvel_lib.micro.build import build_backbone, is_complete_build
     from umarvel_lib.micro.recipe import BackboneConfig
     from umarvel_lib.micro.shipped import shipped_backbone
+    from umarvel_lib.presets import make_run_config
+    from umarvel_lib.run_inputs import backbone_path
 
     if args.backbone:
         return Path(args.backbone)
@@ -88,11 +88,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from train import _matmul_flops  # bench/train.py: the single-thread fp32 matmul rate
 
-    from umarvel_lib.config import make_run_config
     from umarvel_lib.data.mbeir import MBEIR
-    from umarvel_lib.experiment import ensure_data
+    from umarvel_lib.presets import make_run_config
+    from umarvel_lib.run_inputs import ensure_data
     from umarvel_lib.train.losses import info_nce
-    from umarvel_lib.train.stages import _embedder_for, mbeir_pairs
+    from umarvel_lib.train.stage_data import mbeir_pairs
+    from umarvel_lib.train.stages import _embedder_for
 
     cfg = make_run_config("cpu", {"data_root": args.data_root})
     data = MBEIR(ensure_data(cfg), check_images=False)

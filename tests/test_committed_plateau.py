@@ -19,7 +19,7 @@ RUNS = sorted(p.parent for p in RESULTS.glob("runs/table*/*/seed*/row.json"))
 
 
 def _finding_row(side: dict) -> bool:
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.paper import finding_rows
 
     row = load_ablation(side["ablation"]).row(str(side["row"]))

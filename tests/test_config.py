@@ -2,14 +2,9 @@
 
 import pytest
 
-from umarvel_lib.config import (
-    PRESETS,
-    ablations_dir,
-    apply_overrides,
-    load_ablation,
-    make_run_config,
-)
+from umarvel_lib.ablation import ablations_dir, load_ablation
 from umarvel_lib.paper import FINDINGS, FINDINGS_BY_ID, paper_row, provenance
+from umarvel_lib.presets import PRESETS, apply_overrides, make_run_config
 
 
 def test_presets_scale_the_paper_recipe():
@@ -91,16 +86,13 @@ def test_every_config_field_is_classified_identity_or_not():
     import dataclasses
 
     from umarvel_lib.config import (
-        IDENTITY_FIELDS,
-        NOT_IDENTITY,
         EvalConfig,
         RerankerStageConfig,
         RunConfig,
         ScaleConfig,
         StageConfig,
-        UnclassifiedFieldError,
-        identity,
     )
+    from umarvel_lib.identity import IDENTITY_FIELDS, NOT_IDENTITY, UnclassifiedFieldError, identity
     from umarvel_lib.models.embedder import EmbedderConfig
 
     classes = (RunConfig, StageConfig, RerankerStageConfig, EvalConfig, ScaleConfig, EmbedderConfig)
@@ -199,8 +191,8 @@ def test_hashes_are_pinned():
 
 
 def test_unknown_preset_is_refused_with_the_choices():
-    from umarvel_lib.config import check_preset
     from umarvel_lib.notebook import results_dir
+    from umarvel_lib.presets import check_preset
 
     for fn in (check_preset, lambda p: make_run_config(p), lambda p: results_dir(p)):
         with pytest.raises(
@@ -211,7 +203,7 @@ def test_unknown_preset_is_refused_with_the_choices():
 
 # ---- a reader's own rows (notebook parameter extra_rows) ------------------------------------------
 def test_extra_rows_are_validated_and_marked_as_the_readers():
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
 
     ab = load_ablation("table4").with_extra_rows(
         '{"my_tau": {"label": "tau 0.02", "overrides": {"embedder.temperature_init": 0.02, "stage.mbeir.lr": 2.0e-4}}}'
@@ -252,7 +244,7 @@ def test_extra_rows_are_validated_and_marked_as_the_readers():
     ],
 )
 def test_bad_extra_rows_name_the_key(text, needles):
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
 
     with pytest.raises(ValueError) as e:
         load_ablation("table4").with_extra_rows(text)
@@ -262,7 +254,8 @@ def test_bad_extra_rows_name_the_key(text, needles):
 
 
 def test_stage_plan_follows_the_scaled_recipe():
-    from umarvel_lib.config import load_ablation, stage_plan
+    from umarvel_lib.ablation import load_ablation
+    from umarvel_lib.presets import stage_plan
 
     cfg = load_ablation("table6").run_config("distillation", "cpu", 0)
     plan = stage_plan(cfg, {"mbeir": 4})

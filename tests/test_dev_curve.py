@@ -5,7 +5,8 @@ import json
 import pytest
 
 from umarvel_lib import report
-from umarvel_lib.config import Ablation, AblationRow, make_run_config
+from umarvel_lib.ablation import Ablation, AblationRow
+from umarvel_lib.presets import make_run_config
 from umarvel_lib.train.stages import run_stages
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

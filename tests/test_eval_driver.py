@@ -12,7 +12,9 @@ import pytest
 
 from umarvel_lib.config import EvalConfig
 from umarvel_lib.data.items import candidate_item, query_item, query_items
-from umarvel_lib.data.mbeir import DATASET_IDS, MBEIR, TASKS, MBEIRFormatError
+from umarvel_lib.data.mbeir import MBEIR
+from umarvel_lib.data.mbeir_records import MBEIRFormatError
+from umarvel_lib.data.mbeir_rows import DATASET_IDS, TASKS
 from umarvel_lib.eval import runs
 from umarvel_lib.eval.cache import CacheError
 from umarvel_lib.eval.evaluate import EvaluationError, HashingEncoder, evaluate, row_seed
@@ -489,7 +491,7 @@ def test_rerank_scores_each_pair_once_and_orders_by_the_fused_teacher(
     run directories reference shared qrels/queries (``shared_dir``), which rescoring reads through."""
     import hashlib
 
-    from umarvel_lib.config import make_run_config
+    from umarvel_lib.presets import make_run_config
 
     data = MBEIR(smoke_data, check_images=False)
     _ev(data, tmp_path / "recall", n_boot=20, shard_size=16384)

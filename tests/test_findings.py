@@ -69,7 +69,7 @@ def test_paired_difference_point_estimate_is_avg_difference():
 def test_batch_trains_the_findings_rows_first():
     """`reproduce --jobs`: rows compared by a finding first (seeds side by side), then the tables' other
     paper rows, diagnostic rows last; a cut-short batch leaves complete finding pairs."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.paper import finding_rows
     from umarvel_lib.runner import _job_order
 

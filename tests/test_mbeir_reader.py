@@ -6,18 +6,16 @@ import random
 import pytest
 from PIL import Image
 
-from umarvel_lib.data.mbeir import (
-    EVAL_ROWS,
-    MBEIR,
-    ROW_NAMES,
+from umarvel_lib.data.mbeir import MBEIR
+from umarvel_lib.data.mbeir_records import (
     MBEIRFormatError,
     format_string,
-    headline_k,
     read_instructions,
     read_pool,
     read_qrels,
     read_queries,
 )
+from umarvel_lib.data.mbeir_rows import EVAL_ROWS, ROW_NAMES, headline_k
 
 # Literal records from the real M-BEIR (docs/mbeir.md, copied in castorini/UniRAG:README.md)
 REAL_QUERY = {

@@ -61,7 +61,7 @@ def test_every_notebook_executed(smoke_results):
 
 
 def test_extra_row_appears_in_its_table_and_figure(smoke_results):
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.report import figures
 
     res, _ = smoke_results
@@ -115,7 +115,7 @@ def test_bad_extra_rows_fail_the_notebook_naming_the_key(smoke_results, tmp_path
 
 def test_saved_figures_have_no_overlapping_tick_labels(smoke_results):
     """Every per-table figure and the forest plot, rebuilt from the smoke results as they were saved."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.report import figures
     from umarvel_lib.report.tables import table_vs_paper, verdicts
 
@@ -164,6 +164,9 @@ def test_table6_rows_record_the_reranker_accuracy_and_the_teacher_agreement(smok
     assert 0 <= ag["mass_on_positives"] <= ag["list_has_positive"] <= 100
     for r in ("baseline", "continue_hard"):  # no reranker, no teacher
         assert "teacher_agreement" not in side[r] and "reranker_accuracy" not in side[r], r
+    for r in side:  # every row ran the hard-negative stage: its mining report is in row.json
+        m = side[r]["mining"]
+        assert m["retrieved"] >= m["survived"] >= m["used"] >= 0 and m["num_queries"] > 0, r
     df = mechanism_artefacts(res, 6, "teacher_agreement")
     assert list(df.index) == [("distillation", 0)]
     nb = (res / "notebooks" / "06_distillation.ipynb").read_text()
@@ -180,7 +183,7 @@ def test_runs_keep_headline_hits_of_both_pools_and_the_figure_draws_the_global_p
     (as a clone has the committed results) still gets its global-pool panel from them."""
     import shutil
 
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.report import figures
 
     res, _ = smoke_results
@@ -238,7 +241,7 @@ def test_rerun_skips_finished_rows(smoke_results):
     res, _ = smoke_results
     side = res / "runs" / "table2" / "0" / "seed0" / "row.json"
     before = side.stat().st_mtime_ns
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.experiment import run_row
 
     run_row(load_ablation("table2_instruction_masking"), "0", preset="smoke", seed=0, results=res)
@@ -260,7 +263,7 @@ def test_rerun_skips_finished_rows(smoke_results):
 def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
     """`reproduce --jobs 2`: each (row, seed) is one `umarvel run` worker with its own log; a finished
     row is skipped by its config hash (its sidecar is not rewritten)."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.runner import run_jobs
 
     res, _ = smoke_results
@@ -294,7 +297,7 @@ def test_parallel_workers_run_each_row_once(smoke_results, tmp_path):
 def test_diagnostic_checks_are_computed_and_reported(smoke_results):
     """Tables 1 and 5 carry diagnostic rows (full fine-tuning; a relative false-negative filter) and
     paired checks on them: computed from the runs, shown in the report, kept out of the findings."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.report.tables import checks
 
     res, _ = smoke_results
@@ -314,7 +317,7 @@ def test_diagnostic_checks_are_computed_and_reported(smoke_results):
 
 def test_smoke_reproduce_runs_one_seed_and_each_tables_first_finding_pair():
     """`make reproduce PRESET=smoke` (a first look in minutes): seed 0 and a finding's two rows per table."""
-    from umarvel_lib.config import load_ablation
+    from umarvel_lib.ablation import load_ablation
     from umarvel_lib.paper import FINDINGS
     from umarvel_lib.runner import QUICK_PRESETS, default_rows
 

@@ -22,7 +22,8 @@ import released_format as rf
 from umarvel_lib.cli import main
 from umarvel_lib.data.check import check_data
 from umarvel_lib.data.corpora import read_cc3m, read_nli
-from umarvel_lib.data.mbeir import MBEIR, MBEIRFormatError
+from umarvel_lib.data.mbeir import MBEIR
+from umarvel_lib.data.mbeir_records import MBEIRFormatError
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

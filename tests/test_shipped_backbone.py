@@ -44,8 +44,8 @@ def _perturb(path):
 
 
 def test_ship_then_runs_load_the_shipped_build(build, root, tmp_path, monkeypatch):
-    from umarvel_lib.config import make_run_config
-    from umarvel_lib.experiment import backbone_path
+    from umarvel_lib.presets import make_run_config
+    from umarvel_lib.run_inputs import backbone_path
 
     assert shipped.shipped_backbone(TEST_CFG) is None  # nothing shipped yet
     out = shipped.ship(build)

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from umarvel_lib.config import make_run_config
 from umarvel_lib.data.items import Item
 from umarvel_lib.models.embedder import Embedder
+from umarvel_lib.presets import make_run_config
 from umarvel_lib.train.stages import run_stages
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

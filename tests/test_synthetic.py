@@ -11,7 +11,8 @@ import pytest
 
 from umarvel_lib.data import synthetic
 from umarvel_lib.data.corpora import read_cc3m, read_nli
-from umarvel_lib.data.mbeir import DATASET_IDS, MBEIR, ROW_NAMES, TASKS
+from umarvel_lib.data.mbeir import MBEIR
+from umarvel_lib.data.mbeir_rows import DATASET_IDS, ROW_NAMES, TASKS
 from umarvel_lib.data.synthetic import SYNTHETIC_PRESETS, SyntheticConfig, generate
 
 SMOKE = SyntheticConfig(**SYNTHETIC_PRESETS["smoke"])
@@ -117,7 +118,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(synthetic, "_write_cc3m", boom)
+    monkeypatch.setattr(synthetic, "write_cc3m", boom)
     with pytest.raises(KeyboardInterrupt):
         generate(tmp_path / "data", SMOKE)
     assert not (tmp_path / "data").exists()

@@ -80,15 +80,16 @@ def cmd_reproduce(args) -> int:
 
 
 def _data_preset(preset: str) -> str:
-    from .config import PRESETS
+    from .presets import PRESETS
 
     return PRESETS[preset].get("data_preset", "cpu")
 
 
 def cmd_run(args) -> int:
     """One (table row, seed); the entry point for `accelerate launch -m umarvel_lib.cli run ...`."""
-    from .config import load_ablation
-    from .experiment import estimate_cost, run_row
+    from .ablation import load_ablation
+    from .cost import estimate_cost
+    from .experiment import run_row
 
     ab = load_ablation(args.table)
     if args.preset == "paper" or args.estimate:
@@ -233,7 +234,7 @@ def cmd_backbone(args) -> int:
 
 
 def _presets() -> list[str]:
-    from .config import PRESETS
+    from .presets import PRESETS
 
     return sorted(PRESETS)
 

@@ -24,60 +24,23 @@ import os
 import time
 from pathlib import Path
 
-from .config import Ablation, AblationRow, RunConfig
+from .ablation import Ablation, AblationRow
+from .config import RunConfig
 from .data.check import validate_run
 from .data.mbeir import MBEIR
 from .io import (
     DamagedFileError,
-    DigestCache,
     atomic_write_json,
     atomic_write_text,
     checkpoint_digest,
     file_lock,
     read_json,
-    read_jsonl,
 )
 from .provenance import git_commit, provenance, versions
+from .run_inputs import backbone_path, data_digest, ensure_data
+from .train.stage_dir import collect_curves, stage_records
 
 log = logging.getLogger(__name__)
-
-
-def ensure_data(cfg: RunConfig) -> Path:
-    """The data root; the synthetic mini-M-BEIR of the preset is generated when it is the default and missing."""
-    root = cfg.resolved_data_root()
-    if cfg.data_root is None:
-        from .data.synthetic import generate
-
-        generate(root, cfg.synthetic())
-    elif not root.is_dir():
-        raise FileNotFoundError(
-            f"data root {root} does not exist (pass the path of a local M-BEIR copy)"
-        )
-    return root
-
-
-# the parts of a data root that the NLI and CC3M stages read; everything else is M-BEIR (queries, pools,
-# qrels, instructions, images). Keys of RunConfig.data_digest (see config.data_parts).
-DATA_PARTS = {
-    "nli": "nli",
-    "cc3m": "cc3m",
-}  # the synthetic build's default places, inside the data root
-
-
-def data_digest(cfg: RunConfig, root: Path) -> dict:
-    """Content digests of the data a run reads: ``{"mbeir", "nli", "cc3m"}``, each over every file's name
-    and bytes (images included), so a file fixed or replaced in place is a different run while a copy
-    of the same bytes elsewhere is the same. NLI and CC3M are read where ``--nli-path`` / ``--cc3m-root``
-    put them (default: ``<root>/nli``, ``<root>/cc3m``). Each file is hashed once and then recognised by
-    its (path, size, mtime) (:class:`~umarvel_lib.io.DigestCache`, ``<cache_dir>/file_digests.sqlite``)."""
-    store = DigestCache(Path(cfg.cache_dir) / "file_digests.sqlite")
-    root = Path(root)
-    out = {"mbeir": store.tree_digest(root, exclude=tuple(DATA_PARTS.values()))}
-    nli = cfg.resolved_nli_path()
-    out["nli"] = store.files_digest([nli], root=nli.parent) if nli.is_file() else None
-    cc3m = cfg.resolved_cc3m_root()
-    out["cc3m"] = store.tree_digest(cc3m) if cc3m.is_dir() else None
-    return out
 
 
 def read_sidecar(path: Path) -> dict | None:
@@ -90,24 +53,6 @@ def read_sidecar(path: Path) -> dict | None:
     except DamagedFileError as e:
         log.warning("%s; the run counts as not finished", e)
         return None
-
-
-def backbone_path(cfg: RunConfig, *, progress: bool = True) -> Path:
-    """A local checkpoint directory: ``cfg.backbone`` if given, else the preset's micro backbone: the
-    build shipped in the repository (``backbones/<kind>-<size>/``) when it is of the current recipe,
-    else the cached build (built when missing; ``progress``: its pre-training progress bar)."""
-    if cfg.backbone:
-        from .models.loading import resolve_local_checkpoint
-
-        return resolve_local_checkpoint(cfg.backbone)
-    from .micro.build import build_backbone
-    from .micro.recipe import BackboneConfig
-    from .micro.shipped import shipped_backbone
-
-    bcfg = BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size)
-    return shipped_backbone(bcfg) or build_backbone(
-        bcfg, Path(cfg.cache_dir) / "backbones", progress=progress
-    )
 
 
 def curve_eval(cfg: RunConfig, root: Path):
@@ -298,7 +243,7 @@ def _run_row(
         return sidecar
     rr_dir = None
     if row.reranker:
-        from .train.stages import train_reranker
+        from .train.teacher import train_reranker
 
         rr_dir = train_reranker(cfg, ckpt, stage_root, backbone=base, progress=progress)
     emb = Embedder.from_pretrained(ckpt, cfg.embedder)
@@ -355,10 +300,10 @@ def evaluate_checkpoint(
     settings; any other uses the preset's (``embedder_overrides`` on top). Returns :func:`evaluate`'s
     metrics; writes ``<out_dir>/{local,global}/`` and ``<out_dir>/checkpoint.json``. ``shared_dir``: where the
     qrels/queries shared by the runs of a results tree go (``inputs.ref.json``); None: in the run directories."""
-    from .config import apply_overrides, make_run_config
     from .eval.evaluate import evaluate
     from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig
     from .models.loading import resolve_local_checkpoint
+    from .presets import apply_overrides, make_run_config
 
     ckpt = resolve_local_checkpoint(checkpoint)
     cfg = make_run_config(
@@ -420,26 +365,6 @@ def _metrics_readable(rdir: Path, side: dict) -> bool:
     return True
 
 
-def stage_records(cfg: RunConfig, stage_root: Path) -> tuple[list[dict], list[dict]]:
-    """The stage plan (one record per stage: steps, batch, LR, tau, examples seen, ...) and the dev
-    curve of every stage of this run, from the stages' records (``stage.json``); a stage trained
-    before plans were recorded has none (left out)."""
-    from .train.stages import dev_curve
-
-    plan, dev = [], []
-    for name in cfg.stages:
-        sdir = stage_root / f"{name}-{cfg.hash(upto_stage=name)}"
-        f = sdir / "stage.json"
-        rec = read_json(f) if f.is_file() else {}
-        if "plan" in rec:
-            plan.append(rec["plan"])
-            batch = rec["plan"]["batch"]
-            dev += [
-                {"stage": name, "examples_seen": c["step"] * batch, **c} for c in dev_curve(sdir)
-            ]
-    return plan, dev
-
-
 def _csv(records: list[dict], columns) -> str:
     import io
 
@@ -448,93 +373,3 @@ def _csv(records: list[dict], columns) -> str:
     buf = io.StringIO()
     pd.DataFrame.from_records(records, columns=list(columns)).to_csv(buf, index=False)
     return buf.getvalue()
-
-
-def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
-    """Training loss (and periodic evals) of every stage of this run, in stage order."""
-    out = []
-    for name in cfg.stages:
-        sdir = stage_root / f"{name}-{cfg.hash(upto_stage=name)}" / "train"
-        for fname, kind in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
-            f = sdir / fname
-            if f.is_file():
-                for rec in read_jsonl(f):
-                    out.append(
-                        {
-                            "stage": name,
-                            "kind": kind,
-                            **{k: v for k, v in rec.items() if isinstance(v, (int, float, str))},
-                        }
-                    )
-    return out
-
-
-def estimate_cost(
-    cfg: RunConfig,
-    *,
-    n_params: float | None = None,
-    sample: int = 200,
-    gpu_flops: float = 989e12,
-    mfu: float = 0.35,
-) -> pandas.DataFrame:  # noqa: F821
-    """Tokens per stage and a GPU-hour estimate, printed before a ``paper``-preset run starts.
-
-    Tokens are measured on a sample of each stage's examples with the run's own tokenizer (images
-    counted as their visual tokens); FLOPs = 6 x params x tokens x (2 for GradCache's re-forward);
-    GPU-hours at ``mfu`` of an H100's dense bf16 peak. An estimate to stop accidents, not a budget.
-    """
-    import random as _random
-
-    import pandas as pd
-
-    from .models.embedder import Embedder
-    from .train.stages import cc3m_pairs, mbeir_pairs, nli_pairs
-
-    root = ensure_data(cfg)
-    validate_run(
-        cfg, open_images=False
-    )  # records, ids and corpora; images are opened by the run itself
-    data = MBEIR(root, check_images=False)
-    emb = Embedder.from_pretrained(backbone_path(cfg), cfg.embedder)
-    n_params = n_params or sum(p.numel() for p in emb.model.parameters())
-    loaders = {
-        "nli": lambda: nli_pairs(cfg.corpus_paths()["nli"]),
-        "cc3m": lambda: cc3m_pairs(cfg.corpus_paths()["cc3m"]),
-        "mbeir": lambda: mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=0),
-    }
-    recs = []
-    for name in cfg.stages:
-        st = cfg.scaled_stage(name)
-        pairs = loaders.get(name, loaders["mbeir"])()
-        if name == "distill":
-            pairs = pairs[: max(1, int(len(pairs) * st.sample_fraction))]
-        rng = _random.Random(0)
-        smp = rng.sample(pairs, min(sample, len(pairs)))
-        per_example = float(
-            emb.lengths([p.query for p in smp]).mean()
-            + emb.lengths([p.positive for p in smp]).mean()
-        )
-        if name == "hard_negatives":
-            per_example *= 1 + st.num_hard / 2  # K negatives ~ candidate length
-        if name == "distill":
-            per_example = float(
-                emb.lengths([p.query for p in smp]).mean()
-                + st.teacher_top_k * emb.lengths([p.positive for p in smp]).mean()
-            )
-        epochs = (
-            st.epochs if not st.max_steps else st.max_steps * st.batch_size / max(1, len(pairs))
-        )
-        tokens = per_example * len(pairs) * epochs
-        flops = 6 * n_params * tokens * 2
-        recs.append(
-            {
-                "stage": name,
-                "examples": len(pairs),
-                "epochs": round(epochs, 3),
-                "global_batch": st.batch_size,
-                "tokens_per_example": round(per_example, 1),
-                "tokens": int(tokens),
-                "gpu_hours": round(flops / (gpu_flops * mfu) / 3600, 2),
-            }
-        )
-    return pd.DataFrame.from_records(recs)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import Ablation, load_ablation
+from .ablation import Ablation, load_ablation
 from .io import atomic_write_text
 from .report import figures, tables
 
@@ -27,7 +27,7 @@ def parse_list(s) -> list[str]:
 
 def results_dir(preset: str, results: str | None = None) -> Path:
     """``results`` or ``results/<preset>``; an unknown preset is refused (no ``results/nonsense``)."""
-    from .config import check_preset
+    from .presets import check_preset
 
     check_preset(preset)
     return Path(results) if results else Path("results") / preset
@@ -106,7 +106,7 @@ def checks(ablation: str | Ablation, *, preset: str, results: str | None = None)
 
 def table(ablation: str, extra_rows=None) -> Ablation:
     """The table's ablation plus the reader's own rows (papermill parameter ``extra_rows``: YAML/JSON
-    text, validated against the config schema; see :func:`umarvel_lib.config.parse_extra_rows`)."""
+    text, validated against the config schema; see :func:`umarvel_lib.ablation.parse_extra_rows`)."""
     return load_ablation(ablation).with_extra_rows(extra_rows)
 
 
@@ -212,9 +212,9 @@ def timed(fn, *a, **kw):
 def load_embedder(checkpoint: str | None = None, *, preset: str = "smoke", **embedder_overrides):
     """An :class:`~umarvel_lib.models.embedder.Embedder` on a local checkpoint (a released U-MARVEL or
     Qwen2-VL directory), or on the preset's micro backbone when ``checkpoint`` is None."""
-    from .config import apply_overrides, make_run_config
-    from .experiment import backbone_path
     from .models.embedder import Embedder
+    from .presets import apply_overrides, make_run_config
+    from .run_inputs import backbone_path
 
     cfg = make_run_config(preset, {"backbone": checkpoint})
     apply_overrides(cfg.embedder, embedder_overrides)
@@ -243,10 +243,10 @@ def quickstart(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from .config import make_run_config
     from .data.items import candidate_item, query_items
     from .data.mbeir import MBEIR
-    from .experiment import ensure_data
+    from .presets import make_run_config
+    from .run_inputs import ensure_data
 
     cfg = make_run_config(preset, {"data_root": data_root})
     data = MBEIR(ensure_data(cfg), check_images=False)

@@ -160,7 +160,7 @@ def finding_rows(table: int) -> set[str]:
             continue
         for rid in (f.better, f.worse):
             if rid == "*":
-                from .config import load_ablation
+                from .ablation import load_ablation
 
                 out |= {str(r.id) for r in load_ablation(f"table{table}").rows if not r.explain}
             else:

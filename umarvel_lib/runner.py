@@ -75,14 +75,14 @@ def default_rows(preset: str, table: int | None) -> list[str]:
     if table is None:
         return []
     if table in FINDING_ROWS_ONLY.get(preset, ()):
-        from .config import load_ablation
+        from .ablation import load_ablation
         from .paper import finding_rows
 
         want = finding_rows(table)
         return [r.id for r in load_ablation(f"table{table}").rows if r.id in want]
     if preset not in QUICK_PRESETS:
         return []
-    from .config import load_ablation
+    from .ablation import load_ablation
     from .paper import FINDINGS
 
     for f in FINDINGS:
@@ -130,7 +130,7 @@ def run_jobs(
     """
     from tqdm.auto import tqdm
 
-    from .config import load_ablation
+    from .ablation import load_ablation
     from .experiment import run_dir_for
 
     seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]

@@ -25,16 +25,9 @@ from pathlib import Path
 
 from ..io import atomic_write_json
 from .corpora import read_cc3m, read_nli
-from .mbeir import (
-    EVAL_ROWS,
-    MBEIR,
-    TASKS,
-    MBEIRFormatError,
-    Query,
-    count_repeats,
-    load_rgb,
-    row_name,
-)
+from .mbeir import MBEIR
+from .mbeir_records import MBEIRFormatError, Query, count_repeats, load_rgb
+from .mbeir_rows import EVAL_ROWS, TASKS, row_name
 
 
 class DataError(ValueError):

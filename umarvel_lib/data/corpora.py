@@ -8,7 +8,7 @@
   with the images unpacked next to it (``<root>/images/<image>`` when an ``images/`` folder exists,
   else ``<root>/<image>``). Set with ``--cc3m-root`` (the folder holding ``chat.json``).
 
-Every problem is a :class:`~umarvel_lib.data.mbeir.MBEIRFormatError` naming the file (and line or
+Every problem is a :class:`~umarvel_lib.data.mbeir_records.MBEIRFormatError` naming the file (and line or
 record); image paths go through :func:`~umarvel_lib.io.safe_join` (``../`` and absolute paths refused).
 """
 
@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from ..io import UnsafePathError, safe_join
-from .mbeir import MBEIRFormatError, load_rgb, text_lines
+from .mbeir_records import MBEIRFormatError, load_rgb, text_lines
 
 NLI_FILE = "nli_for_simcse.csv"
 NLI_HEADER = ["sent0", "sent1", "hard_neg"]

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .mbeir import MBEIR, TASKS, Candidate, Query, load_rgb
+from .mbeir import MBEIR
+from .mbeir_records import Candidate, Query, load_rgb
+from .mbeir_rows import TASKS
 
 
 @dataclass(frozen=True)

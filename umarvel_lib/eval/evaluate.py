@@ -45,7 +45,9 @@ import numpy as np
 
 from ..config import EvalConfig
 from ..data.items import Item, candidate_item, query_items
-from ..data.mbeir import MBEIR, ROW_NAMES, Candidate, Row
+from ..data.mbeir import MBEIR, Row
+from ..data.mbeir_records import Candidate
+from ..data.mbeir_rows import ROW_NAMES
 from ..io import DigestCache, atomic_dir, atomic_write_json, file_sha256
 from ..provenance import git_commit, versions
 from . import runs

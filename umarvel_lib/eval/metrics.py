@@ -8,7 +8,7 @@ What M-BEIR (UniIR, U-MARVEL, LamRA) calls "Recall@k" is a **hit rate**: a query
 Conventions (docs/mbeir.md "Evaluation protocol"):
 
 - The headline number of a row is R@5, except R@10 for Fashion200K (tasks 0, 3) and FashionIQ
-  (task 7) (:func:`umarvel_lib.data.mbeir.headline_k`). **Avg** is the plain (unweighted) mean of
+  (task 7) (:func:`umarvel_lib.data.mbeir_rows.headline_k`). **Avg** is the plain (unweighted) mean of
   the rows' headline numbers.
 - Only qrels with relevance > 0 count (the reader drops the others).
 - A query that appears in the qrels but not in the run (or with fewer than k results) simply has
@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..data.mbeir import ROW_NAMES, headline_k
+from ..data.mbeir_rows import ROW_NAMES, headline_k
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 50)
 METRIC_NAME = "success@k (hit rate; labelled R@k as in UniIR/M-BEIR)"

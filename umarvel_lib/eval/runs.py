@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.mbeir import ROW_NAMES, headline_k, read_qrels, row_of_query
+from ..data.mbeir_records import read_qrels
+from ..data.mbeir_rows import ROW_NAMES, headline_k, row_of_query
 from ..io import (
     DamagedFileError,
     atomic_write_bytes,
@@ -278,7 +279,7 @@ def wrong_modality_rate(run_dir, modality_of: Mapping[str, str], *, k: int = 5) 
     Returns ``{"k", "rate", "n_queries", "rows": {row: rate}}``: rates in percent, ``rate`` over all
     top-``k`` slots of all scored queries (a query with fewer than ``k`` results counts the ones it has).
     """
-    from ..data.mbeir import TASKS
+    from ..data.mbeir_rows import TASKS
 
     run_dir = Path(run_dir)
     run = ranked_dids(read_run(run_dir / RUN_FILE))

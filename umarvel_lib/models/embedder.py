@@ -43,7 +43,7 @@ from torch import nn
 
 from ..config import EmbedderConfig
 from ..data.items import Item
-from ..data.mbeir import format_string
+from ..data.mbeir_records import format_string
 from .loading import PAPER_PIXELS, load_backbone, resolve_local_checkpoint, set_pixel_limits
 from .pooling import (
     Temperature,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.items import Item
-from ..data.mbeir import format_string
+from ..data.mbeir_records import format_string
 from .loading import load_backbone, resolve_local_checkpoint
 from .qwen_vl import (
     NO_TOKEN,

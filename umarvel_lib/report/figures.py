@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from ..config import Ablation
+from ..ablation import Ablation
 from ..paper import FINDINGS_BY_ID
 from .findings import paired_difference
 from .tables import hits_by_row, sidecars, table_vs_paper

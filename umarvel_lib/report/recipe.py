@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import Ablation, stage_plan
+from ..ablation import Ablation
+from ..presets import stage_plan
 from .tables import sidecars
 
 STAGE_NAMES = {
@@ -104,7 +105,7 @@ def recorded_steps(sidecar: dict) -> dict[str, int]:
 
 def stage_plans(results, ablation: Ablation, preset: str) -> pd.DataFrame:
     """The stage plan of every row: recorded by the run (``row.json`` ``stage_plan``) when there is one,
-    else :func:`~umarvel_lib.config.stage_plan` of the row's config with the steps its curves recorded."""
+    else :func:`~umarvel_lib.presets.stage_plan` of the row's config with the steps its curves recorded."""
     done = {}
     for s in sidecars(results, ablation.table):
         done.setdefault(str(s["row"]), s)
@@ -123,12 +124,19 @@ def mining_reports(results, table: int) -> pd.DataFrame:
     by each filter, survivors used, how queries were filled. Empty when no row mined."""
     recs, seen = [], set()
     for s in sidecars(results, table):
-        if str(s["row"]) in seen or not s.get("checkpoint"):
+        if str(s["row"]) in seen:
             continue
-        f = Path(s["checkpoint"]).parent / "hard_negatives.jsonl.report.json"
-        if f.is_file():
+        rep = s.get("mining")  # recorded in row.json (runs since the cpu rerun)
+        f = (
+            Path(s["checkpoint"]).parent / "hard_negatives.jsonl.report.json"
+            if s.get("checkpoint")
+            else None
+        )
+        if rep is None and f is not None and f.is_file():  # older runs: the stage cache
+            rep = json.loads(f.read_text())
+        if rep:
             seen.add(str(s["row"]))
-            recs.append({"row": str(s["row"]), "seed": s["seed"], **json.loads(f.read_text())})
+            recs.append({"row": str(s["row"]), "seed": s["seed"], **rep})
     if not recs:
         return pd.DataFrame()
     df = pd.DataFrame.from_records(recs).set_index("row")

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import ablations_dir, check_preset, load_ablation
+from ..ablation import ablations_dir, load_ablation
 from ..io import DamagedFileError, atomic_write_text, read_json
 from ..paper import FINDINGS
+from ..presets import check_preset
 from . import recipe, tables
 
 #: The mechanisms' own artefacts that runs record in ``row.json`` (:func:`.recipe.mechanism_artefacts`).

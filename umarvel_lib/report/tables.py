@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import Ablation
-from ..data.mbeir import ROW_NAMES
+from ..ablation import Ablation
+from ..data.mbeir_rows import ROW_NAMES
 from ..eval.runs import HITS_FILE, RunFormatError, headline_hits
 from ..io import DamagedFileError, read_json
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
@@ -315,7 +315,7 @@ def wrong_modality(results, table: int, *, k: int = 5) -> pd.DataFrame:
     ``wrong_modality.json`` so a clone without ``run.trec`` still shows it. Runs made with another
     build of the data than the one now at their data root are left out (counted in ``not_current``)."""
     from ..data.mbeir import MBEIR
-    from ..data.synthetic import TWINS
+    from ..data.synthetic_rows import TWINS
     from ..eval.runs import RUN_FILE, wrong_modality_rate
     from ..io import DigestCache, atomic_write_json
 

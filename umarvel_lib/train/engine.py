@@ -81,7 +81,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from umarvel_lib.config import IDENTITY_FIELDS, NOT_IDENTITY, identity
+from umarvel_lib.identity import IDENTITY_FIELDS, NOT_IDENTITY, identity
 from umarvel_lib.io import (
     DamagedFileError,
     accelerate_cpu,
@@ -112,7 +112,7 @@ __all__ = [
 ]
 
 # What a training run's identity is (checked against the run directory on resume): every field of
-# TrainConfig is classified in config.IDENTITY_FIELDS / config.NOT_IDENTITY, with the reason for each
+# TrainConfig is classified in identity.IDENTITY_FIELDS / identity.NOT_IDENTITY, with the reason for each
 # exclusion; an unclassified field makes identity() raise (tests/test_config.py checks every field).
 IDENTITY_FIELDS["TrainConfig"] = (
     "lr",

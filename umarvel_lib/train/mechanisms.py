@@ -25,12 +25,14 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..data.items import candidate_item, query_item
-from ..data.mbeir import MBEIR, TASKS
+from ..data.mbeir import MBEIR
+from ..data.mbeir_rows import TASKS
 from ..eval.metrics import reranker_accuracy, teacher_agreement
 from ..io import DamagedFileError, atomic_write_json, read_json, read_jsonl
 from ..models.reranker import Reranker
 from .mining import mine_hard_negatives
-from .stages import Pair, encode_queries_and_pool, reranker_dir
+from .stage_data import Pair, encode_queries_and_pool
+from .teacher import reranker_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +152,21 @@ def distill_teacher_agreement(sdir: Path, data: MBEIR, tau: float) -> dict | Non
 def mechanism_records(
     cfg: RunConfig, stage_root: Path, *, reranker: bool, progress: bool = True
 ) -> dict:
-    """``{"reranker_accuracy": ..., "teacher_agreement": ...}`` for the mechanisms this run used (a
-    reranked evaluation, ``reranker``, or a KL distillation stage), computed where missing; what the
-    run's ``row.json`` records."""
+    """``{"mining": ..., "reranker_accuracy": ..., "teacher_agreement": ...}`` for the mechanisms this run
+    used (a hard-negative stage's mining report, a reranked evaluation, ``reranker``, or a KL
+    distillation stage), computed where missing; what the run's ``row.json`` records."""
     out = {}
     stage_root = Path(stage_root)
+    if (
+        "hard_negatives" in cfg.stages
+    ):  # the mining report, kept in row.json so a clone without the cache shows it
+        rep = _cached(
+            stage_root
+            / f"hard_negatives-{cfg.hash(upto_stage='hard_negatives')}"
+            / "hard_negatives.jsonl.report.json"
+        )
+        if rep:
+            out["mining"] = rep
     distill = "distill" in cfg.stages and cfg.scaled_stage("distill").distill_mode == "kl"
     if reranker or distill:
         rr = reranker_dir(cfg, stage_root)

@@ -9,108 +9,43 @@ keyed by the hash of everything that determines it (:meth:`RunConfig.hash` ``upt
 rows of an ablation that share a prefix of stages share its checkpoints, and a finished stage is
 never re-run. Which stages run is ``RunConfig.stages``.
 
-Data per stage (all read from the data root; the same readers serve the real corpora):
-
-* ``nli``: ``nli/nli_for_simcse.csv`` sent0 -> sent1 (the ``hard_neg`` column is unused, as released)
-* ``cc3m``: ``cc3m/chat.json`` caption -> image, symmetric loss (summed)
-* ``mbeir``: ``query/union_train/mbeir_union_up_train.jsonl`` with a random positive and an
-  instruction per query; candidates from ``cand_pool/global/mbeir_union_train_cand_pool.jsonl``
-* ``hard_negatives``: the same queries + K negatives mined with the stage-3 model
-  (:func:`~umarvel_lib.train.mining.mine_hard_negatives`, filters from the config)
-* ``distill``: a per-task sample of the training queries; teacher = (cos + w P(Yes)) / 2 over the
-  hard-negative model's top-k, from a pointwise reranker trained on positives + mined negatives;
-  or ``continue_hard``: the same sample trained with hard negatives (the paper's control).
+What each stage trains on is prepared by :mod:`umarvel_lib.train.stage_data` (pairs read from the
+data root, hard negatives mined with the previous model), the distillation teacher by
+:mod:`umarvel_lib.train.teacher`; this module builds the stage's embedder and loss step, runs the
+trainer (stopping at the dev plateau for a ``budget: plateau`` stage), merges and records the stage.
+The ``distill`` stage trains on the teacher's fused top-k lists, or with ``continue_hard`` on the
+same sample with hard negatives (the paper's control).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
-import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import RunConfig, StageConfig
-from ..data.corpora import read_cc3m, read_nli
-from ..data.items import Item, candidate_item, query_item
-from ..data.mbeir import MBEIR, TASKS, row_of_query
-from ..io import (
-    DamagedFileError,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    check_safetensors,
-    config_hash,
-    file_lock,
-    read_json,
-    read_jsonl,
-)
+from ..data.mbeir import MBEIR
+from ..io import atomic_write_json, file_lock
 from ..models.embedder import Embedder
-from ..models.reranker import Reranker, fused_teacher, fusion_weights
 from .engine import TrainConfig, Trainer
 from .gradcache import grad_cache_step, loss_in_full_precision
 from .losses import distill_kl, gather_with_grad, info_nce
-from .mining import exact_topk, load_negatives, mine_hard_negatives, save_negatives
+from .stage_data import (
+    Pair,
+    cc3m_pairs,
+    mbeir_pairs,
+    nli_pairs,
+    per_task_sample,
+    with_hard_negatives,
+)
+from .stage_dir import checkpoint_complete, dev_curve
+from .teacher import teacher_lists, train_reranker
 
 log = logging.getLogger(__name__)
-
-
-# ---- examples --------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    query: Item
-    positive: Item
-    negatives: tuple[Item, ...] = ()
-    qid: str | None = None
-    row: str | None = None
-
-
-def nli_pairs(path) -> list[Pair]:
-    """``sent0 -> sent1`` of the NLI CSV file (``hard_neg`` unused, as released)."""
-    return [Pair(Item(txt=a), Item(txt=b)) for a, b, _ in read_nli(path)]
-
-
-def cc3m_pairs(root) -> list[Pair]:
-    """caption -> image of the CC3M ``chat.json`` folder."""
-    return [Pair(Item(txt=cap), Item(image_path=img)) for cap, img in read_cc3m(root)]
-
-
-def mbeir_pairs(data: MBEIR, *, instructions: bool, seed: int) -> list[Pair]:
-    """union_train queries with one random positive and a seeded instruction each."""
-    rng = random.Random(seed)
-    pool = {c.did: c for c in data.train_pool()}
-    out = []
-    for q in data.union_train():
-        cands = [d for d in q.pos if d in pool]
-        if not cands:
-            raise ValueError(f"union_train query {q.qid} has no positive in the train pool")
-        ins = data.sample_instruction(q, TASKS[q.task_id][1], rng) if instructions else None
-        out.append(
-            Pair(
-                query_item(q, data, instruction=ins),
-                candidate_item(pool[rng.choice(cands)], data),
-                qid=q.qid,
-                row=row_of_query(q.qid, q.task_id),
-            )
-        )
-    return out
-
-
-def per_task_sample(pairs: list[Pair], fraction: float, seed: int) -> list[Pair]:
-    """A per-task random sample (the paper's 10% distillation subset, seed 42 in the release)."""
-    rng = random.Random(seed)
-    by_row: dict[str, list[Pair]] = {}
-    for p in pairs:
-        by_row.setdefault(p.row or "", []).append(p)
-    out = []
-    for row in sorted(by_row):
-        ps = by_row[row]
-        out += rng.sample(ps, max(1, int(round(len(ps) * fraction))))
-    return out
 
 
 # ---- one training stage -----------------------------------------------------------------------
@@ -346,31 +281,6 @@ def _train_stage(
     return final
 
 
-def checkpoint_complete(final: Path, marker: str) -> bool:
-    """A finished stage (or reranker) checkpoint: ``marker`` written last, and whole weight files. A damaged
-    one (a weight file cut short) is logged with its path and counts as not finished: it is trained
-    again and replaced as a whole."""
-    if not (final / marker).is_file():
-        return False
-    try:
-        for f in sorted(final.glob("*.safetensors")):
-            check_safetensors(f)
-        read_json(final / marker)
-    except DamagedFileError as e:
-        log.warning("%s; %s is trained again", e, final)
-        return False
-    return True
-
-
-def dev_curve(sdir: Path) -> list[dict]:
-    """A stage's dev curve: ``{"step", "dev_avg", "dev_ci_lo", "dev_ci_hi", ...}`` from its ``train/eval.jsonl``."""
-    f = Path(sdir) / "train" / "eval.jsonl"
-    if not f.is_file():
-        return []
-    recs = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-    return [r for r in recs if "dev_avg" in r]
-
-
 def _plateau_stop(cfg: RunConfig, stage: StageConfig, eval_fn):
     """The early stop of a ``budget: plateau`` stage: the plateau rule on its dev curve, from ``min_steps``."""
     if stage.budget == "fixed":
@@ -390,267 +300,7 @@ def _plateau_stop(cfg: RunConfig, stage: StageConfig, eval_fn):
     )
 
 
-# ---- hard negatives ---------------------------------------------------------------------------
-def with_hard_negatives(
-    cfg: RunConfig,
-    stage: StageConfig,
-    model_dir: Path,
-    sdir: Path,
-    data: MBEIR,
-    pairs: list[Pair] | None = None,
-    *,
-    progress: bool = True,
-) -> list[Pair]:
-    """Mine with the previous stage's model and attach K negatives to every training pair."""
-    pairs = (
-        pairs
-        if pairs is not None
-        else mbeir_pairs(data, instructions=cfg.embedder.instructions, seed=cfg.seed)
-    )
-    neg_file = sdir / "hard_negatives.jsonl"
-    pool = data.train_pool()
-    if neg_file.is_file():
-        try:
-            load_negatives(neg_file)
-        except DamagedFileError as e:  # written by this function from the mining model: mine again
-            log.warning("%s; mining again", e)
-            neg_file.unlink(missing_ok=True)
-    if not neg_file.is_file():
-        q_emb, c_emb = _mining_embeddings(cfg, model_dir, pairs, pool, data, progress=progress)
-        positives = {q.qid: set(q.pos) for q in data.union_train()}
-        df, report = mine_hard_negatives(
-            q_emb,
-            c_emb,
-            [p.qid for p in pairs],
-            [c.did for c in pool],
-            positives,
-            top_m=min(stage.mine_top_m, len(pool)),
-            num_negatives=stage.num_hard,
-            max_score=stage.filter_max_score,
-            relative_margin=stage.filter_relative_margin,
-        )
-        save_negatives(df, neg_file, report)
-    df = load_negatives(neg_file)
-    by_did = {c.did: c for c in pool}
-    # mine_hard_negatives already pads every list to K (repeat-first, or seeded random non-positives
-    # when nothing survives the filters) and records it in the mining report
-    negs = {q: tuple(n) for q, n in zip(df["qid"], df["negatives"])}
-    return [
-        dataclasses.replace(
-            p,
-            negatives=tuple(candidate_item(by_did[d], data) for d in negs[p.qid][: stage.num_hard]),
-        )
-        for p in pairs
-    ]
-
-
-def _mining_embeddings(
-    cfg: RunConfig, model_dir: Path, pairs: list[Pair], pool, data: MBEIR, *, progress: bool
-):
-    """Train-query and train-pool embeddings of the model that mines, cached beside its checkpoint:
-    the variants of the hard-negative stage (Table 5's rows) mine with the same model and differ only
-    in the filters applied afterwards, so they encode once."""
-    key = config_hash(
-        {
-            "embedder": dataclasses.asdict(cfg.embedder),
-            "queries": [p.qid for p in pairs],
-            "query_text": [(p.query.txt, p.query.instruction) for p in pairs],
-            "pool": [c.did for c in pool],
-        }
-    )
-    path = Path(model_dir).parent / f"mining-{key}.npz"
-    with file_lock(path.with_suffix(".lock")):
-        if path.is_file():
-            try:
-                with np.load(path) as z:
-                    return z["queries"], z["pool"]
-            except Exception as e:  # noqa: BLE001  (a cut file: encode again)
-                log.warning(
-                    "%s: damaged mining embeddings (%s: %s); encoding again",
-                    path,
-                    type(e).__name__,
-                    e,
-                )
-        q_emb, c_emb = encode_queries_and_pool(
-            model_dir, cfg, pairs, pool, data, what="mine", progress=progress
-        )
-        buf = io.BytesIO()
-        np.savez(buf, queries=np.asarray(q_emb), pool=np.asarray(c_emb))
-        atomic_write_bytes(path, buf.getvalue())
-        return q_emb, c_emb
-
-
-def encode_queries_and_pool(
-    model_dir: Path, cfg: RunConfig, pairs, pool, data, *, what: str, progress: bool
-):
-    """The training queries of ``pairs`` (with their instructions) and the candidates of ``pool``
-    encoded by the embedder in ``model_dir``: what hard-negative mining and the distillation teacher
-    search over."""
-    emb = Embedder.from_pretrained(model_dir, cfg.embedder)
-    bs = cfg.eval.batch_size
-    q = emb.encode(
-        [p.query for p in pairs], batch_size=bs, desc=f"{what}: queries", progress=progress
-    )
-    c = emb.encode(
-        [candidate_item(x, data) for x in pool],
-        batch_size=bs,
-        desc=f"{what}: pool",
-        progress=progress,
-    )
-    return q, c
-
-
-# ---- reranker and distillation ----------------------------------------------------------------
-def reranker_dir(cfg: RunConfig, out_root: Path) -> Path:
-    """The reranker checkpoint of a run: keyed by the hard-negative model's run + the reranker recipe."""
-    return (
-        Path(out_root)
-        / f"reranker-{cfg.hash(upto_stage='hard_negatives', reranker=True)}"
-        / "model"
-    )
-
-
-def train_reranker(
-    cfg: RunConfig, hn_model: Path, out_root: Path, *, backbone: Path, progress: bool = True
-) -> Path:
-    """Pointwise Yes/No reranker from the raw ``backbone`` on positives + one random mined negative."""
-    final = reranker_dir(cfg, out_root)
-    rdir, h = final.parent, final.parent.name.removeprefix("reranker-")
-    if checkpoint_complete(final, "reranker.json"):
-        return final
-    with file_lock(
-        out_root / f".reranker-{h}.lock"
-    ):  # a row and a distillation stage may need it at once
-        if checkpoint_complete(final, "reranker.json"):
-            return final
-        return _train_reranker(cfg, hn_model, rdir, h, backbone=backbone, progress=progress)
-
-
-def _train_reranker(
-    cfg: RunConfig, hn_model: Path, rdir: Path, h: str, *, backbone: Path, progress: bool
-) -> Path:
-    from ..models.loading import load_backbone
-
-    final = rdir / "model"
-    rdir.mkdir(parents=True, exist_ok=True)
-    data = MBEIR(cfg.resolved_data_root(), check_images=False)
-    stage = dataclasses.replace(
-        cfg.scaled_stage("hard_negatives"),
-        negatives="in_batch+hard",
-        num_hard=1,
-        filter_max_score=None,
-    )
-    pairs = with_hard_negatives(cfg, stage, hn_model, rdir, data, progress=progress)
-    examples = [(p.query, p.positive, True) for p in pairs] + [
-        (p.query, p.negatives[0], False) for p in pairs
-    ]
-    rng = random.Random(cfg.seed)
-    rng.shuffle(examples)
-    model, processor = load_backbone(backbone)
-    rr = Reranker(model, processor, source=backbone)
-    from ..models.lora import apply_lora, merge_lora
-
-    for p in rr.model.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    rc = cfg.reranker_recipe()  # exactly what the reranker's cache key hashes
-    rr.model = apply_lora(rr.model, r=rc["lora_r"], alpha=rc["lora_alpha"], dropout=0.05)
-    tcfg = TrainConfig(
-        lr=rc["lr"],
-        max_steps=rc["max_steps"],
-        epochs=rc["epochs"],
-        batch_size=min(rc["batch_size"], len(examples)),
-        seed=cfg.seed,
-        save_every=50,
-        tqdm_mininterval=5.0,
-        progress=progress,
-    )
-
-    def step(batch, ctx):
-        loss = rr.loss(rr.collate([(q, c) for q, c, _ in batch], labels=[y for _, _, y in batch]))
-        ctx.backward(loss)
-        return loss.detach()
-
-    # never sharded (merged and saved in place below): replicated, gradients averaged by the engine
-    Trainer(
-        rr,
-        step,
-        examples,
-        tcfg,
-        rdir / "train",
-        collate_fn=list,
-        run_identity={"hash": h},
-        shard="none",
-    ).fit()
-    rr.model = merge_lora(rr.model)
-    rr.save(final)
-    return final
-
-
-def teacher_lists(
-    cfg: RunConfig,
-    stage: StageConfig,
-    hn_model: Path,
-    reranker_dir: Path,
-    data: MBEIR,
-    pairs: list[Pair],
-    sdir: Path,
-    *,
-    progress: bool = True,
-) -> list[dict]:
-    """Top-k train-pool candidates of each sampled query with fused teacher scores (cached as JSONL)."""
-
-    f = sdir / "teacher.jsonl"
-    pool = data.train_pool()
-    by_did = {c.did: c for c in pool}
-    recs = None
-    if f.is_file():
-        try:
-            recs = read_jsonl(f)
-        except DamagedFileError as e:  # computed by this function: compute it again
-            log.warning("%s; scoring the teacher lists again", e)
-    if recs is None:
-        q, c = encode_queries_and_pool(
-            hn_model, cfg, pairs, pool, data, what="teacher", progress=progress
-        )
-        k = min(stage.teacher_top_k, len(pool))
-        scores, idx = exact_topk(q, c, k)  # the shared search and tie-break (eval.search)
-        rr = Reranker.from_pretrained(reranker_dir)
-        # one batched pass over every (query, candidate) pair, k per query in order
-        py = rr.p_yes(
-            [
-                (p.query, candidate_item(pool[j], data))
-                for i, p in enumerate(pairs)
-                for j in idx[i].tolist()
-            ],
-            progress=progress,
-        )
-        py = torch.from_numpy(np.asarray(py, dtype=np.float32)).view(len(pairs), k)
-        w = fusion_weights(
-            [p.row for p in pairs], stage.teacher_weight_overrides, default=stage.teacher_weight
-        )
-        fused = fused_teacher(scores, py, w)
-        recs = [
-            {
-                "qid": p.qid,
-                "dids": [pool[j].did for j in idx[i].tolist()],
-                "teacher": fused[i].tolist(),
-            }
-            for i, p in enumerate(pairs)
-        ]
-        atomic_write_text(f, "".join(json.dumps(r) + "\n" for r in recs))
-        recs = read_jsonl(f)  # the values as every later run reads them (float round trip)
-    qmap = {p.qid: p for p in pairs}
-    return [
-        {
-            "query": qmap[r["qid"]].query,
-            "candidates": [candidate_item(by_did[d], data) for d in r["dids"]],
-            "teacher": np.asarray(r["teacher"], dtype=np.float32),
-        }
-        for r in recs
-    ]
-
-
+# ---- distillation ---------------------------------------------------------------------------
 def distill_examples(
     cfg: RunConfig,
     stage: StageConfig,
