@@ -59,7 +59,7 @@ class EmbedderConfig:
         None  # encode() (evaluation, mining, teacher): None = no truncation, as released
     )
     # image budget (the processor resizes into [min_pixels, max_pixels]); None: the paper's value for the
-    # checkpoint's kind (backbone.PAPER_PIXELS: Qwen2-VL 4*28*28 .. 300*28*28, Qwen3-VL max 224*224)
+    # checkpoint's kind (models.loading.PAPER_PIXELS: Qwen2-VL 4*28*28 .. 300*28*28, Qwen3-VL max 224*224)
     min_pixels: int | None = None
     max_pixels: int | None = None
     temperature_init: float = 0.05

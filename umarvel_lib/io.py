@@ -1,5 +1,8 @@
 """Small file-system helpers shared by every module: atomic writes, safe paths, hashes.
 
+(Over 400 lines: the lowest layer, which every module may import; splitting it would only add
+import paths for the same small helpers.)
+
 Nothing partial is ever left behind: files are written to a temporary sibling and renamed,
 directories are built under a temporary sibling and renamed into place as a whole.
 """

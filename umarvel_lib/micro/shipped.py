@@ -7,7 +7,7 @@ repository: the files of a complete :func:`~.build.build_backbone` directory (``
 ``config.json``, tokenizer and processor files, ``recipe.json``) plus ``shipped.json`` with the
 weights' :func:`~umarvel_lib.io.checkpoint_digest`.
 
-* :func:`shipped_backbone` is what runs use by default (``experiment.backbone_path``): the shipped
+* :func:`shipped_backbone` is what runs use by default (``run_inputs.backbone_path``): the shipped
   build of a recipe if its ``recipe.json`` hash is the recipe's (a changed recipe falls back to a
   cached build), after checking that its weights still have the recorded digest.
 * :func:`ship` copies a complete build into the shipped location (``umarvel backbone --ship``).
