@@ -44,14 +44,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from umarvel_lib.models.backbone import (
-        BackboneConfig,
-        build_backbone,
-        build_micro_model,
-        caption_probe,
-        load_backbone,
-        read_recipe,
-    )
+    from umarvel_lib.micro.build import build_backbone, build_micro_model, read_recipe
+    from umarvel_lib.micro.probe import caption_probe
+    from umarvel_lib.micro.recipe import BackboneConfig
+    from umarvel_lib.models.loading import load_backbone
 
     t0 = time.time()
     if args.path:

@@ -83,7 +83,8 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from umarvel_lib.models.backbone import BackboneConfig, build_backbone
+    from umarvel_lib.micro.build import build_backbone
+    from umarvel_lib.micro.recipe import BackboneConfig
     from umarvel_lib.models.embedder import Embedder, EmbedderConfig
 
     if args.threads:

@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _backbone(args) -> Path:
-    from umarvel_lib.models.backbone import BackboneConfig, build_backbone, is_complete_build
-    from umarvel_lib.models.shipped import shipped_backbone
+    from umarvel_lib.micro.build import build_backbone, is_complete_build
+    from umarvel_lib.micro.recipe import BackboneConfig
+    from umarvel_lib.micro.shipped import shipped_backbone
     from umarvel_lib.presets import make_run_config
     from umarvel_lib.run_inputs import backbone_path
 

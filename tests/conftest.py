@@ -28,7 +28,7 @@ def smoke_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def backbones(tmp_path_factory):
     """Tiny random-init Qwen2-VL and Qwen3-VL checkpoints (built once per session, seconds)."""
-    from umarvel_lib.models.backbone import tiny_backbone
+    from umarvel_lib.micro.build import tiny_backbone
 
     cache = tmp_path_factory.getbasetemp() / "umarvel-tiny-backbones"
     return {k: tiny_backbone(cache, k) for k in ("qwen2_vl", "qwen3_vl")}

@@ -560,7 +560,7 @@ def write_checkpoint(
         Qwen3VLForConditionalGeneration,
     )
 
-    from umarvel_lib.models.tokenizer import QWEN2_VL_CHAT_TEMPLATE
+    from umarvel_lib.models.qwen_vl import QWEN2_VL_CHAT_TEMPLATE
 
     path = Path(path)
     path.mkdir(parents=True)

@@ -11,21 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
+from umarvel_lib.config import UnsupportedAttentionError
 from umarvel_lib.data.items import Item
-from umarvel_lib.models.embedder import (
-    COMPRESSION_SUFFIXES,
-    Embedder,
-    EmbedderConfig,
+from umarvel_lib.models.embedder import COMPRESSION_SUFFIXES, Embedder, EmbedderConfig
+from umarvel_lib.models.pooling import (
     Temperature,
-    UnsupportedAttentionError,
-    attention_mode,
-    check_attention,
     instruction_span_mask,
     last_before_token,
     masked_mean,
-    run_core,
-    set_attention,
 )
+from umarvel_lib.models.qwen_vl import attention_mode, check_attention, run_core, set_attention
 
 KINDS = ("qwen2_vl", "qwen3_vl")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

@@ -23,7 +23,7 @@ def train_merge_save(ckpt, run_dir, out_dir, shard, fsdp_config=None):
     """Train ``STEPS`` LoRA steps from ``ckpt`` (sharded when ``shard``), merge, save to ``out_dir``."""
     from accelerate import Accelerator
 
-    from umarvel_lib.models.backbone import load_backbone
+    from umarvel_lib.models.loading import load_backbone
     from umarvel_lib.models.lora import apply_lora, merge_lora
     from umarvel_lib.train.engine import TrainConfig, Trainer, full_state_dict
 
@@ -72,7 +72,7 @@ def test_fsdp_two_processes_train_like_one(tmp_path, kind):
     from gloo import run_ranks
     from released_format import write_checkpoint
 
-    from umarvel_lib.models.backbone import load_backbone
+    from umarvel_lib.models.loading import load_backbone
     from umarvel_lib.train.engine import fsdp_layer_classes
 
     ckpt = write_checkpoint(tmp_path / f"{kind}-Instruct", kind)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from umarvel_lib.data.items import Item
-from umarvel_lib.models.embedder import Embedder, EmbedderConfig, vlm_core
+from umarvel_lib.models.embedder import Embedder, EmbedderConfig
 from umarvel_lib.models.input_cache import (
     BoundedMemo,
     ItemInputs,
@@ -25,6 +25,7 @@ from umarvel_lib.models.input_cache import (
     vision_cacheable,
     vision_digest,
 )
+from umarvel_lib.models.qwen_vl import vlm_core
 
 KINDS = ("qwen2_vl", "qwen3_vl")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

@@ -29,6 +29,7 @@ LAYERS = (
     ("models",),
     ("eval",),
     ("train",),
+    ("micro",),
     ("run_inputs",),
     ("experiment", "cost"),
     ("report",),
@@ -40,7 +41,7 @@ LAYERS = (
 ALLOWED: dict[tuple[str, str], str] = {}
 
 #: What report/ must never reach (directly or transitively): it reads run directories only.
-REPORT_FORBIDDEN = ("models", "train", "experiment", "runner", "notebook", "cli")
+REPORT_FORBIDDEN = ("models", "train", "micro", "experiment", "runner", "notebook", "cli")
 
 
 def _modules() -> dict[str, Path]:

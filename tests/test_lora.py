@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from umarvel_lib.data.items import Item
-from umarvel_lib.models.embedder import Embedder, EmbedderConfig, attention_mode, run_core
+from umarvel_lib.models.embedder import Embedder, EmbedderConfig
 from umarvel_lib.models.lora import (
     LM_LINEAR_SUFFIXES,
     apply_lora,
@@ -16,6 +16,7 @@ from umarvel_lib.models.lora import (
     merge_lora,
     trainable_parameters,
 )
+from umarvel_lib.models.qwen_vl import attention_mode, run_core
 
 KINDS = ("qwen2_vl", "qwen3_vl")
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

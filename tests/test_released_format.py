@@ -171,7 +171,7 @@ def test_released_checkpoints_load_without_readding_tokens(released):
     nothing resized; a base Qwen checkpoint gets them inside its padded vocabulary (no resize either)."""
     from transformers import AutoTokenizer
 
-    from umarvel_lib.models.backbone import load_backbone
+    from umarvel_lib.models.loading import load_backbone
 
     for key, n_rows in (
         ("umarvel2", 152064),
@@ -389,7 +389,7 @@ def test_fsdp_config_wraps_classes_the_released_model_has(released):
     Qwen3VLTextDecoderLayer / Qwen3VLVisionBlock; README, Paper scale)."""
     import yaml
 
-    from umarvel_lib.models.backbone import load_backbone
+    from umarvel_lib.models.loading import load_backbone
 
     conf = yaml.safe_load((REPO / "umarvel_lib/configs/accelerate_fsdp_8gpu.yaml").read_text())
     names = conf["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from umarvel_lib.data.items import Item
-from umarvel_lib.models.embedder import attention_mode, run_core, unwrap_model
+from umarvel_lib.models.qwen_vl import attention_mode, run_core, unwrap_model
 from umarvel_lib.models.reranker import RERANK_PROMPT, Reranker
 
 KINDS = ("qwen2_vl", "qwen3_vl")

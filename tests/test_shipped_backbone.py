@@ -14,17 +14,17 @@ torch = pytest.importorskip("torch")
 
 from umarvel_lib.cli import main as cli_main  # noqa: E402
 from umarvel_lib.io import checkpoint_digest  # noqa: E402
-from umarvel_lib.models import backbone as bb  # noqa: E402
-from umarvel_lib.models import shipped  # noqa: E402
+from umarvel_lib.micro import shipped  # noqa: E402
+from umarvel_lib.micro.build import build_backbone, read_recipe  # noqa: E402
+from umarvel_lib.micro.recipe import KINDS, BackboneConfig  # noqa: E402
+from umarvel_lib.models.loading import load_backbone  # noqa: E402
 
-TEST_CFG = bb.BackboneConfig(kind="qwen2_vl", size="test")
+TEST_CFG = BackboneConfig(kind="qwen2_vl", size="test")
 
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    return bb.build_backbone(
-        TEST_CFG, tmp_path_factory.mktemp("cache") / "backbones", progress=False
-    )
+    return build_backbone(TEST_CFG, tmp_path_factory.mktemp("cache") / "backbones", progress=False)
 
 
 @pytest.fixture()
@@ -57,13 +57,13 @@ def test_ship_then_runs_load_the_shipped_build(build, root, tmp_path, monkeypatc
     )
     assert (out / "tokenizer.json").read_bytes() == (build / "tokenizer.json").read_bytes()
     assert shipped.shipped_backbone(TEST_CFG) == out
-    model, proc = bb.load_backbone(out)
+    model, proc = load_backbone(out)
     assert model.config.emb_token_id == proc.tokenizer.convert_tokens_to_ids("<emb>")
     # a run without --backbone uses the shipped build, not a cache build
     cfg = make_run_config("smoke", {"cache_dir": str(tmp_path / "elsewhere")})
     assert backbone_path(cfg) == out and not (tmp_path / "elsewhere").exists()
     # another recipe (seed 1) is not the shipped one
-    assert shipped.shipped_backbone(bb.BackboneConfig(kind="qwen2_vl", size="test", seed=1)) is None
+    assert shipped.shipped_backbone(BackboneConfig(kind="qwen2_vl", size="test", seed=1)) is None
 
 
 def test_shipped_weights_must_match_their_digest(build, root):
@@ -104,13 +104,13 @@ def test_cli_rebuild_says_whether_bitwise_identical(build, root, tmp_path, capsy
     assert "(shipped)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kind", bb.KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_repository_backbone_loads_and_matches_its_digest(kind):
     """The micro backbone(s) shipped in this checkout, if any: the recorded digest is the weights'."""
     d = shipped.shipped_dir(kind, "micro")
     if not (d / shipped.SHIPPED_FILE).is_file():
         pytest.skip(f"no shipped {kind} micro backbone in this checkout")
     assert json.loads((d / shipped.SHIPPED_FILE).read_text())["digest"] == checkpoint_digest(d)
-    assert shipped.shipped_backbone(bb.BackboneConfig(kind=kind, size="micro")) == d
-    model, proc = bb.load_backbone(d)
-    assert sum(p.numel() for p in model.parameters()) == bb.read_recipe(d)["params"]
+    assert shipped.shipped_backbone(BackboneConfig(kind=kind, size="micro")) == d
+    model, proc = load_backbone(d)
+    assert sum(p.numel() for p in model.parameters()) == read_recipe(d)["params"]

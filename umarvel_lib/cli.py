@@ -1,4 +1,7 @@
-"""The ``umarvel`` command line: ``prepare`` (synthetic data), ``backbone``, ``reproduce`` ..."""
+"""The ``umarvel`` command line: ``prepare`` (synthetic data), ``backbone``, ``reproduce`` ...
+
+(Over 400 lines: the argument parser and one thin function per command; the work is in the library.)
+"""
 
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def cmd_reproduce(args) -> int:
     if (
         args.backbone
     ):  # refused before any notebook runs: a hub id or a missing directory fails every row
-        from .models.embedder import resolve_local_checkpoint
+        from .models.loading import resolve_local_checkpoint
 
         try:
             resolve_local_checkpoint(args.backbone)
@@ -192,8 +195,9 @@ def cmd_backbone(args) -> int:
     import torch
 
     from .io import checkpoint_digest
-    from .models import shipped
-    from .models.backbone import BackboneConfig, build_backbone
+    from .micro import shipped
+    from .micro.build import build_backbone
+    from .micro.recipe import BackboneConfig
 
     # pre-training's float reductions depend on the thread count: the shipped build was made on one
     # thread, and only a one-thread build can come out bitwise identical to it

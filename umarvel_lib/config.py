@@ -59,7 +59,7 @@ class EmbedderConfig:
         None  # encode() (evaluation, mining, teacher): None = no truncation, as released
     )
     # image budget (the processor resizes into [min_pixels, max_pixels]); None: the paper's value for the
-    # checkpoint's kind (backbone.PAPER_PIXELS: Qwen2-VL 4*28*28 .. 300*28*28, Qwen3-VL max 224*224)
+    # checkpoint's kind (models.loading.PAPER_PIXELS: Qwen2-VL 4*28*28 .. 300*28*28, Qwen3-VL max 224*224)
     min_pixels: int | None = None
     max_pixels: int | None = None
     temperature_init: float = 0.05
@@ -110,6 +110,9 @@ class StageConfig:
     max_steps: int | None = None  # cap (same steps for every ablation row of a table)
     budget: str = "fixed"  # fixed: max_steps/epochs | plateau: stop when the dev curve plateaus (eval.plateau), capped
     min_steps: int = 0  # plateau budget: never stop before this many optimizer steps
+    min_examples: int = (
+        0  # ... nor before this many training examples (steps = ceil(min_examples / batch))
+    )
     batch_size: int = 64
     chunk_size: int = 32  # GradCache chunk (memory), never changes the result
     warmup_ratio: float = 0.03
@@ -132,6 +135,11 @@ class StageConfig:
     )
     distill_mode: str = "kl"  # kl | continue_hard (the same sample trained with hard negatives)
     mixed_precision: str = "no"  # no | bf16 (autocast); set by the preset's scale.mixed_precision
+
+    def plateau_min_steps(self) -> int:
+        """The first step at which a ``budget: plateau`` stage may stop: ``min_steps``, or more where
+        ``min_examples`` needs more steps of this stage's batch."""
+        return max(self.min_steps, -(-self.min_examples // max(1, self.batch_size)))
 
 
 # The paper's recipe (docs/recipe.md "Stages", Qwen2-VL-7B, 64 devices). Batches are global.

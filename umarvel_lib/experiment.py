@@ -301,7 +301,8 @@ def evaluate_checkpoint(
     metrics; writes ``<out_dir>/{local,global}/`` and ``<out_dir>/checkpoint.json``. ``shared_dir``: where the
     qrels/queries shared by the runs of a results tree go (``inputs.ref.json``); None: in the run directories."""
     from .eval.evaluate import evaluate
-    from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig, resolve_local_checkpoint
+    from .models.embedder import EMBEDDER_JSON, Embedder, EmbedderConfig
+    from .models.loading import resolve_local_checkpoint
     from .presets import apply_overrides, make_run_config
 
     ckpt = resolve_local_checkpoint(checkpoint)

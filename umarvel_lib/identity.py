@@ -99,6 +99,7 @@ IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
         "mixed_precision",
         "budget",
         "min_steps",
+        "min_examples",
     ),
     "RerankerStageConfig": ("lora_r", "lora_alpha", "lr", "epochs", "max_steps", "batch_size"),
     "EvalConfig": (

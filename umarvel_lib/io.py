@@ -1,5 +1,8 @@
 """Small file-system helpers shared by every module: atomic writes, safe paths, hashes.
 
+(Over 400 lines: the lowest layer, which every module may import; splitting it would only add
+import paths for the same small helpers.)
+
 Nothing partial is ever left behind: files are written to a temporary sibling and renamed,
 directories are built under a temporary sibling and renamed into place as a whole.
 """
@@ -358,16 +361,22 @@ def accelerate_cpu() -> bool:
 
 
 @contextlib.contextmanager
-def file_lock(lock_path: str | os.PathLike) -> Iterator[None]:
+def file_lock(lock_path: str | os.PathLike, *, every_rank: bool = False) -> Iterator[None]:
     """Exclusive inter-process lock on ``lock_path`` (``fcntl.flock``): serialises builds of the same
     cached artifact, so a second process waits and then reuses what the first wrote.
 
     The processes of one launch (``accelerate launch``/``torchrun``: ``WORLD_SIZE`` > 1) build together
     (training, sharded encoding are collectives): only rank 0 takes the lock, the other ranks follow
-    it, since a rank waiting here while rank 0 waits for it in a collective would never return."""
+    it, since a rank waiting here while rank 0 waits for it in a collective would never return.
+    ``every_rank``: every process takes the lock, for a build that runs no collective (the micro
+    backbone's, whose pre-training runs in a child process), so one rank builds and the others wait."""
     import fcntl
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+    if (
+        not every_rank
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and int(os.environ.get("RANK", "0")) != 0
+    ):
         yield
         return
     lock_path = Path(lock_path)

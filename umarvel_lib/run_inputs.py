@@ -54,11 +54,12 @@ def backbone_path(cfg: RunConfig, *, progress: bool = True) -> Path:
     build shipped in the repository (``backbones/<kind>-<size>/``) when it is of the current recipe,
     else the cached build (built when missing; ``progress``: its pre-training progress bar)."""
     if cfg.backbone:
-        from .models.embedder import resolve_local_checkpoint
+        from .models.loading import resolve_local_checkpoint
 
         return resolve_local_checkpoint(cfg.backbone)
-    from .models.backbone import BackboneConfig, build_backbone
-    from .models.shipped import shipped_backbone
+    from .micro.build import build_backbone
+    from .micro.recipe import BackboneConfig
+    from .micro.shipped import shipped_backbone
 
     bcfg = BackboneConfig(kind=cfg.backbone_kind, size=cfg.backbone_size)
     return shipped_backbone(bcfg) or build_backbone(

@@ -1,5 +1,7 @@
 """Run directories: TREC run/qrels files, ``queries.jsonl``, ``metrics.json``, ``config.json``.
 
+(Over 400 lines: one concern, the run-directory format; every writer and reader of its files is here.)
+
 One self-contained directory per pool (``<out>/local/``, ``<out>/global/``)::
 
     run.trec       qid Q0 did rank score tag       ranks 1..n (n <= depth, 50 by default), best first

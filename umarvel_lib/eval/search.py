@@ -1,5 +1,8 @@
 """Exact top-k inner-product search, streamed over candidate blocks.
 
+(Over 400 lines: one concern, the exact search; its sources, the exact tie-break and the tiled merge
+that keeps it within reach of faiss are one algorithm read together.)
+
 Scores are dot products of L2-normalised embeddings (= cosine). The candidate pool is never held
 in memory as a whole: a :class:`CandidateSource` yields ``(block, global_indices)`` pairs (from an
 in-memory array, from embedding shards on disk, or from a view over several shard stores), each

@@ -1,29 +1,28 @@
 """The U-MARVEL embedder: a stock Qwen2-VL / Qwen3-VL model turned into a retrieval encoder.
 
-One class (:class:`Embedder`), configured by one dataclass (:class:`EmbedderConfig`). Every option the
-paper ablates is a named field, and every piece of math is a pure, named function that the tests check
-by hand:
+(Over 400 lines: one class whose rendering, batching, forward, identity and checkpoint format all
+follow one EmbedderConfig; its pure math is :mod:`.pooling`, its Qwen-VL plumbing :mod:`.qwen_vl`.)
 
-* **attention** -- :func:`set_attention` is the *only* place the causal/bidirectional switch is made.
-  It sets ``text_config.is_causal`` (the one switch measured to work in transformers 5.x for eager and
-  SDPA, padded or not; see docs/micro_scale.md "The attention switch") and refuses any attention implementation
-  it was not validated on (flash-attention, flex, ...) instead of silently running causal.
-  :func:`check_attention` re-validates before every forward, so a later
-  ``model.set_attn_implementation(...)`` cannot slip through.
-* **pooling** -- :func:`masked_mean` over non-pad tokens minus the instruction span
-  (:func:`instruction_span_mask`, both markers included), or :func:`last_before_token` (the hidden
+One class (:class:`Embedder`), configured by one dataclass (:class:`EmbedderConfig`, in
+:mod:`umarvel_lib.config`), saved and loaded as a self-describing directory. Every option the paper
+ablates is a named field, and every piece of math is a pure, named function that the tests check
+by hand. The Qwen-VL plumbing it runs on (the attention switch, position ids, chat rendering,
+digests) is :mod:`.qwen_vl`; loading a checkpoint is :mod:`.loading`.
+
+* **attention** -- :func:`~.qwen_vl.set_attention` (the only causal/bidirectional switch) at
+  construction, :func:`~.qwen_vl.check_attention` before every forward.
+* **pooling** -- :func:`~.pooling.masked_mean` over non-pad tokens minus the instruction span
+  (:func:`~.pooling.instruction_span_mask`, both markers included), or :func:`~.pooling.last_before_token` (the hidden
   state just before ``<emb>``). Always L2-normalised; no projection head.
-* **positions** -- ``"mrope"``: Qwen2-VL's own 3-D rope index (``get_rope_index``), computed
-  explicitly per batch so the cached ``rope_deltas`` state is never used; ``"sequential"``: the
-  released code's 1-D positions replicated over the three M-RoPE sections (a fidelity switch).
-  Both are padding-aware (pads do not advance positions), so a sample's embedding does not depend
-  on which batch it is in.
+* **positions** -- ``"mrope"`` (Qwen-VL's own 3-D rope index) or ``"sequential"`` (the released
+  code's 1-D positions), both padding-aware, so a sample's embedding does not depend on which batch
+  it is in (:func:`~.qwen_vl.model_inputs`).
 * **format** -- one chat format for training and evaluation: user turn = image then text, assistant
   turn = ``<emb>.``; ``generation_prompt`` (the released eval's extra ``<|im_start|>assistant\\n``)
   is an explicit switch, off by default. Query text is
   ``format_string(f"<instruction_start>{instr}<instruction_end> {txt}")``; candidates never get an
   instruction. Optional compression-prompt suffix by content type.
-* **temperature** -- :class:`Temperature`: a raw scalar tau (init 0.05, logits = cos / tau, no clamp
+* **temperature** -- :class:`~.pooling.Temperature`: a raw scalar tau (init 0.05, logits = cos / tau, no clamp
   by default), trainable or frozen, saved and loaded with the embedder.
 """
 
@@ -42,26 +41,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import (
-    ATTENTION_MODES,
-    POOLING_MODES,
-    POSITION_MODES,
-    SUPPORTED_ATTN_IMPLEMENTATIONS,
-    EmbedderConfig,
-    UnsupportedAttentionError,
-)
+from ..config import EmbedderConfig
 from ..data.items import Item
 from ..data.mbeir_records import format_string
-from .input_cache import VISION_FEATURES, ItemInputs, pad_item_inputs, vision_cacheable
-from .qwen_vl import SUPPORTED_MODEL_TYPES, unwrap_model, vlm_core
+from .input_cache import VISION_FEATURES, ItemInputs, pad_item_inputs
+from .loading import PAPER_PIXELS, load_backbone, resolve_local_checkpoint, set_pixel_limits
+from .pooling import (
+    Temperature,
+    instruction_span_mask,
+    last_before_token,
+    masked_mean,
+    pooling_mask,
+)
+from .qwen_vl import (
+    EMB_TOKEN,
+    INSTRUCTION_END,
+    INSTRUCTION_START,
+    check_attention,
+    image_size,
+    image_token_count,
+    model_inputs,
+    model_type,
+    move_to_device,
+    processor_digest,
+    render_chat,
+    run_core,
+    set_attention,
+    token_id,
+    truncate_text,
+    unwrap_model,
+    weights_digest,
+)
 
-# ---------------------------------------------------------------------------------------------
-# Constants (the mode names and EmbedderConfig live in umarvel_lib.config, torch-free)
-# ---------------------------------------------------------------------------------------------
-
-EMB_TOKEN = "<emb>"
-INSTRUCTION_START = "<instruction_start>"
-INSTRUCTION_END = "<instruction_end>"
 #: The assistant turn of every embedder sample (U-MARVEL / LamRA).
 ASSISTANT_EMB_TEXT = "<emb>."
 
@@ -71,185 +82,6 @@ COMPRESSION_SUFFIXES = {
     "text": "\nSummarize above sentence in one word: ",
     "image": "\nSummarize above image in one word: ",
 }
-
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-# ---------------------------------------------------------------------------------------------
-# Model plumbing: attention switch (unwrap_model / vlm_core: models/qwen_vl.py)
-# ---------------------------------------------------------------------------------------------
-
-
-def _text_configs(model: nn.Module) -> list:
-    """Every config object the language model may read ``is_causal`` from (usually one object)."""
-    base = unwrap_model(model)
-    cfgs = [base.config.text_config]
-    lm_cfg = vlm_core(model).language_model.config
-    if lm_cfg is not cfgs[0]:
-        cfgs.append(lm_cfg)
-    return cfgs
-
-
-def model_type(model: nn.Module) -> str:
-    """``config.model_type`` of the (unwrapped) model, ``"?"`` when it has none."""
-    return getattr(unwrap_model(model).config, "model_type", "?")
-
-
-def attn_implementation(model: nn.Module) -> str:
-    """The attention implementation the language model will use."""
-    cfg = _text_configs(model)[-1]
-    impl = getattr(cfg, "_attn_implementation", None)
-    return impl if impl is not None else "eager"
-
-
-def _validate_backend(model: nn.Module) -> None:
-    mt = model_type(model)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedAttentionError(
-            f"model_type {mt!r} is not supported by set_attention (validated on {SUPPORTED_MODEL_TYPES})"
-        )
-    impls = {getattr(c, "_attn_implementation", None) or "eager" for c in _text_configs(model)}
-    bad = sorted(i for i in impls if i not in SUPPORTED_ATTN_IMPLEMENTATIONS)
-    if bad:
-        raise UnsupportedAttentionError(
-            f"attention implementation {bad[0]!r} is not supported: only {SUPPORTED_ATTN_IMPLEMENTATIONS} "
-            "were validated to honour the causal/bidirectional switch (flash-attention kernels are causal "
-            "by construction and would silently turn a bidirectional embedder causal). Load the model with "
-            "attn_implementation='sdpa' or 'eager', or call model.set_attn_implementation('sdpa')."
-        )
-
-
-def set_attention(
-    model: nn.Module, mode: str, *, attn_implementation: str | None = None
-) -> nn.Module:
-    """THE switch between causal and bidirectional attention (idempotent; returns ``model``).
-
-    Sets ``text_config.is_causal`` (transformers' ``create_causal_mask`` then builds a bidirectional
-    mask that still masks padded keys, and the ``is_causal`` forward default reaches the SDPA call even
-    when no mask is built), and mirrors it on every language-model attention module. The vision tower
-    is not touched. Raises :class:`UnsupportedAttentionError` for untested architectures or attention
-    implementations.
-    """
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
-    if attn_implementation is not None:
-        if attn_implementation not in SUPPORTED_ATTN_IMPLEMENTATIONS:
-            raise UnsupportedAttentionError(
-                f"attention implementation {attn_implementation!r} is not supported; use one of "
-                f"{SUPPORTED_ATTN_IMPLEMENTATIONS}"
-            )
-        unwrap_model(model).set_attn_implementation(attn_implementation)
-    _validate_backend(model)
-    causal = mode == "causal"
-    for cfg in _text_configs(model):
-        cfg.is_causal = causal
-    for layer in vlm_core(model).language_model.layers:
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "is_causal"):
-            attn.is_causal = causal
-    check_attention(model, mode)
-    return model
-
-
-def attention_mode(model: nn.Module) -> str:
-    """``"causal"`` or ``"bidirectional"`` as the language model will actually run."""
-    return "causal" if getattr(_text_configs(model)[-1], "is_causal", True) else "bidirectional"
-
-
-def check_attention(model: nn.Module, mode: str) -> None:
-    """Raise unless the model runs ``mode`` attention on a validated backend (cheap; every forward)."""
-    _validate_backend(model)
-    flags = {bool(getattr(c, "is_causal", True)) for c in _text_configs(model)}
-    if flags != {mode == "causal"}:
-        raise RuntimeError(
-            f"the model's attention is {attention_mode(model)!r} but {mode!r} was configured; "
-            "call set_attention(model, mode) (the only supported switch)"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure pooling / mask functions
-# ---------------------------------------------------------------------------------------------
-
-
-def instruction_span_mask(input_ids: torch.Tensor, start_id: int, end_id: int) -> torch.Tensor:
-    """Bool mask (B, L) of every token from ``<instruction_start>`` to ``<instruction_end>``, both included.
-
-    Same cumulative-sum construction as the released ``get_instruction_mask``: a token is inside a
-    span when more starts than ends have been seen up to it, or it is an end marker itself. A start
-    without an end masks to the end of the sequence; rows without markers are all False.
-    """
-    is_start = (input_ids == start_id).long()
-    is_end = (input_ids == end_id).long()
-    depth = is_start.cumsum(-1) - is_end.cumsum(-1) + is_end
-    return depth > 0
-
-
-def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` (B, L, H) over positions where ``mask`` (B, L) is nonzero, in float32."""
-    m = mask.to(torch.float32).unsqueeze(-1)
-    return (hidden.to(torch.float32) * m).sum(1) / m.sum(1).clamp(min=1e-7)
-
-
-def last_before_token(hidden: torch.Tensor, input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    """Hidden state just before the first ``token_id`` (``<emb>``) of every row, in float32."""
-    hit = input_ids == token_id
-    if not bool(hit.any(-1).all()):
-        raise ValueError(f"token id {token_id} is missing from some rows; cannot pool 'last'")
-    pos = hit.int().argmax(-1)
-    if bool((pos == 0).any()):
-        raise ValueError(f"token id {token_id} is the first token of a row; nothing precedes it")
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), pos - 1].to(torch.float32)
-
-
-def pooling_mask(
-    attention_mask: torch.Tensor,
-    input_ids: torch.Tensor,
-    *,
-    start_id: int | None,
-    end_id: int | None,
-    mask_instruction: bool,
-) -> torch.Tensor:
-    """Tokens that enter the mean: non-pad tokens, minus the instruction span when requested."""
-    keep = attention_mask.bool()
-    if mask_instruction and start_id is not None and end_id is not None:
-        keep = keep & ~instruction_span_mask(input_ids, start_id, end_id)
-    return keep
-
-
-# ---------------------------------------------------------------------------------------------
-# Positions
-# ---------------------------------------------------------------------------------------------
-
-
-def sequential_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """1-D positions over non-pad tokens (pads get 0), replicated over the 3 M-RoPE sections: (3, B, L).
-
-    The released code's positions (no 2-D image positions); padding-aware so left and right padding
-    give the same result.
-    """
-    pos = attention_mask.long().cumsum(-1) - 1
-    pos = pos.masked_fill(attention_mask == 0, 0)
-    return pos.unsqueeze(0).expand(3, -1, -1).contiguous()
-
-
-def mrope_position_ids(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    mm_token_type_ids: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Qwen-VL's own 3-D rope index (3, B, L), computed explicitly (no cached ``rope_deltas``)."""
-    if mm_token_type_ids is None:
-        mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
-    pos, _ = vlm_core(model).get_rope_index(
-        input_ids,
-        mm_token_type_ids=mm_token_type_ids,
-        image_grid_thw=image_grid_thw,
-        attention_mask=attention_mask,
-    )
-    return pos
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,155 +104,6 @@ def query_text(txt: str | None, instruction: str | None) -> str:
     return format_string(txt or "")
 
 
-def truncate_text(text: str, tokenizer, max_tokens: int | None) -> str:
-    """Keep at most ``max_tokens`` tokens of ``text`` (tokenise, cut, decode, as the released code)."""
-    if not text or max_tokens is None or len(text.encode("utf-8")) <= max_tokens:
-        return text  # byte-level BPE: never more tokens than bytes
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return text
-    return tokenizer.decode(ids[:max_tokens])
-
-
-def _token_id(tokenizer, token: str, *, required: bool = True) -> int | None:
-    tid = tokenizer.convert_tokens_to_ids(token)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if tid is None or (
-        unk is not None and tid == unk and token != getattr(tokenizer, "unk_token", None)
-    ):
-        if required:
-            raise ValueError(
-                f"the tokenizer has no {token!r} token; the backbone loader must add U-MARVEL's tokens "
-                f"({EMB_TOKEN}, {INSTRUCTION_START}, {INSTRUCTION_END}) and resize the embeddings"
-            )
-        return None
-    return int(tid)
-
-
-def render_chat(processor, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-    """Render ``messages`` with the processor's (or its tokenizer's) chat template, untokenised."""
-    owner = (
-        processor
-        if getattr(processor, "chat_template", None)
-        else getattr(processor, "tokenizer", processor)
-    )
-    return owner.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
-
-
-def move_to_device(batch: dict, device: torch.device) -> dict:
-    """The tensors of a collated batch on ``device`` (other values as they are)."""
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-def image_token_count(processor, image_size: tuple[int, int] | None) -> int:
-    """Visual tokens an image of ``(width, height)`` becomes (0 when unknown)."""
-    if image_size is None:
-        return 0
-    ip = getattr(processor, "image_processor", None)
-    fn = getattr(ip, "get_number_of_image_patches", None)
-    if fn is None:
-        return 0
-    w, h = image_size
-    merge = getattr(ip, "merge_size", 2) or 2
-    try:
-        return int(fn(h, w, {})) // (merge * merge)
-    except Exception:  # noqa: BLE001 - length is only a bucketing hint
-        return 0
-
-
-def _image_size(item: Item) -> tuple[int, int] | None:
-    if item.image is not None:
-        return item.image.size
-    if item.image_path is None:
-        return None
-    try:
-        from PIL import Image
-
-        with Image.open(item.image_path) as im:  # reads the header only
-            return im.size
-    except OSError:
-        return None
-
-
-def model_inputs(model: nn.Module, enc: dict, *, positions: str) -> dict:
-    """Language-model inputs for a processor output: explicit position ids, no cached rope state."""
-    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
-    grid = enc.get("image_grid_thw")
-    mm = enc.get("mm_token_type_ids")
-    has_image = grid is not None and "pixel_values" in enc
-    if has_image and mm is None:
-        mm = (input_ids == unwrap_model(model).config.image_token_id).int()
-    if positions == "mrope":
-        pos = mrope_position_ids(model, input_ids, attention_mask, mm, grid if has_image else None)
-    elif positions == "sequential":
-        pos = sequential_position_ids(attention_mask)
-    else:
-        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
-    out = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": pos}
-    if has_image:
-        out.update(pixel_values=enc["pixel_values"], image_grid_thw=grid, mm_token_type_ids=mm)
-    return out
-
-
-def run_core(model: nn.Module, batch: dict, *, vision_cache=None) -> torch.Tensor:
-    """Last hidden states (B, L, H) of the VLM core (no lm_head), ``use_cache=False``.
-
-    ``vision_cache`` (an :class:`~.input_cache.VisionFeatures`): take the frozen vision tower's
-    per-image outputs from it (transformers' ``mm_encoder_outputs``) instead of running the tower on
-    the batch's pixels; used only while the tower is frozen (:func:`~.input_cache.vision_cacheable`)."""
-    core = vlm_core(model)
-    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids"):
-        if batch.get(k) is not None and batch.get("pixel_values") is not None:
-            kw[k] = batch[k]
-    if vision_cache is not None and "pixel_values" in kw:
-        if vision_cacheable(core.visual):
-            pixels = kw.pop("pixel_values")
-            kw["mm_encoder_outputs"] = {
-                "image": vision_cache.image_outputs(core, pixels, kw["image_grid_thw"])
-            }
-    core.rope_deltas = None  # never let a stale cached delta reach this forward
-    return core(**kw, use_cache=False).last_hidden_state
-
-
-# ---------------------------------------------------------------------------------------------
-# Temperature
-# ---------------------------------------------------------------------------------------------
-
-
-class Temperature(nn.Module):
-    """Raw learnable temperature: ``logits = cos / tau`` (U-MARVEL ``Similarity``; init 0.05, no clamp).
-
-    ``min_value`` (default ``None``) optionally clamps tau from below in the forward; off to match the
-    released code.
-    """
-
-    def __init__(
-        self, init: float = 0.05, *, trainable: bool = True, min_value: float | None = None
-    ):
-        super().__init__()
-        self.tau = nn.Parameter(
-            torch.tensor(float(init), dtype=torch.float32), requires_grad=trainable
-        )
-        self.min_value = min_value
-
-    def forward(self, cos: torch.Tensor) -> torch.Tensor:
-        """``cos / tau`` in float32 (a bf16 tau would round 0.05 to 0.0500488)."""
-        tau = self.tau if self.min_value is None else self.tau.clamp(min=self.min_value)
-        return cos.to(torch.float32) / tau
-
-    @property
-    def value(self) -> float:
-        return float(self.tau.detach().cpu())
-
-    def extra_repr(self) -> str:
-        return (
-            f"tau={self.value:.6g}, trainable={self.tau.requires_grad}, min_value={self.min_value}"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoint helpers
 # ---------------------------------------------------------------------------------------------
@@ -429,71 +112,6 @@ EMBEDDER_JSON = "embedder.json"
 TEMPERATURE_FILE = "temperature.safetensors"
 ADAPTER_DIR = "adapter"
 FORMAT_VERSION = 1
-
-
-def resolve_local_checkpoint(path: str | os.PathLike) -> Path:
-    """A local checkpoint directory, or a clear error (this kit never downloads from a hub)."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        return p.resolve()
-    s = str(path)
-    looks_like_hub = (
-        "/" in s and not s.startswith(("/", ".", "~")) and s.count("/") == 1
-    ) or "/" not in s
-    hint = (
-        f"{s!r} looks like a hub id; this kit loads checkpoints from local directories only (no hub access). "
-        "Download it first (e.g. `huggingface-cli download ORG/NAME --local-dir DIR` on a machine with network) "
-        "and pass DIR."
-        if looks_like_hub
-        else f"checkpoint directory {s!r} does not exist"
-    )
-    raise FileNotFoundError(hint)
-
-
-def _load_backbone(path: Path, **kw):
-    from . import backbone  # the backbone module owns model + processor loading
-
-    return backbone.load_backbone(path, **kw)
-
-
-def _tensor_digest(h, name: str, t: torch.Tensor, sample: int = 4096) -> None:
-    t = t.detach()
-    h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-    flat = t.reshape(-1)
-    n = flat.numel()
-    if n > 4 * sample:
-        idx = torch.linspace(0, n - 1, sample, device=flat.device).long()
-        flat = flat[idx]
-    h.update(flat.to(torch.float32).cpu().numpy().tobytes())
-
-
-def weights_digest(model: nn.Module) -> str:
-    """Content hash of a model's weights (every tensor's name, shape, dtype and a strided sample).
-
-    Deterministic, device-independent, and cheap enough for 7B models (about 4k values per tensor);
-    LoRA matrices and other small tensors are hashed in full.
-    """
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        _tensor_digest(h, name, t)
-    return h.hexdigest()
-
-
-def processor_digest(processor) -> str:
-    tok = getattr(processor, "tokenizer", processor)
-    info: dict[str, Any] = {
-        "vocab": len(tok),
-        "chat_template": getattr(processor, "chat_template", None)
-        or getattr(tok, "chat_template", None),
-    }
-    ip = getattr(processor, "image_processor", None)
-    if ip is not None:
-        d = ip.to_dict() if hasattr(ip, "to_dict") else {}
-        info["image_processor"] = {
-            k: d.get(k) for k in sorted(d) if k not in ("processor_class", "_processor_class")
-        }
-    blob = json.dumps(info, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +123,7 @@ class Embedder(nn.Module):
     """A stock Qwen-VL ``*ForConditionalGeneration`` (optionally LoRA-wrapped) used as an embedder.
 
     ``model`` is the transformers model (or a PEFT wrapper of it); ``processor`` the image-only
-    Qwen-VL processor from :mod:`umarvel_lib.models.backbone`. ``source`` is the directory the
+    Qwen-VL processor from :mod:`umarvel_lib.models.loading`. ``source`` is the directory the
     weights came from (needed to save a LoRA adapter next to a reference to its base).
     """
 
@@ -528,9 +146,9 @@ class Embedder(nn.Module):
             trainable=self.cfg.train_temperature,
             min_value=self.cfg.temperature_min,
         )
-        self.emb_id = _token_id(self.tokenizer, EMB_TOKEN)
-        self.instr_start_id = _token_id(self.tokenizer, INSTRUCTION_START)
-        self.instr_end_id = _token_id(self.tokenizer, INSTRUCTION_END)
+        self.emb_id = token_id(self.tokenizer, EMB_TOKEN)
+        self.instr_start_id = token_id(self.tokenizer, INSTRUCTION_START)
+        self.instr_end_id = token_id(self.tokenizer, INSTRUCTION_END)
         set_attention(
             self.model, self.cfg.attention, attn_implementation=self.cfg.attn_implementation
         )
@@ -545,8 +163,6 @@ class Embedder(nn.Module):
 
     def _apply_pixel_limits(self) -> tuple[int, int] | None:
         """Resize images into the configured (or the paper's, per backbone kind) pixel budget."""
-        from .backbone import PAPER_PIXELS, set_pixel_limits
-
         if getattr(self.processor, "image_processor", None) is None:
             return None
         mn, mx = PAPER_PIXELS.get(model_type(self.model), (None, None))
@@ -696,8 +312,7 @@ class Embedder(nn.Module):
         texts = [self.render(it) for it in items]
         n_txt = [len(x) for x in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         n_img = [
-            image_token_count(self.processor, _image_size(it)) if it.has_image else 0
-            for it in items
+            image_token_count(self.processor, image_size(it)) if it.has_image else 0 for it in items
         ]
         return np.asarray(n_txt, dtype=np.int64) + np.asarray(n_img, dtype=np.int64)
 
@@ -855,7 +470,7 @@ class Embedder(nn.Module):
     ) -> Embedder:
         """Load an embedder saved by :meth:`save`, or wrap a backbone checkpoint directory.
 
-        Models load through ``backbone.load_backbone(path)`` (micro and real Qwen2-VL / Qwen3-VL /
+        Models load through :func:`~.loading.load_backbone` (micro and real Qwen2-VL / Qwen3-VL /
         released U-MARVEL checkpoints alike). ``cfg`` overrides the saved config; tau comes from the
         saved ``temperature.safetensors`` when present, else ``cfg.temperature_init``. A hub id
         without local files is refused with a clear error.
@@ -874,13 +489,13 @@ class Embedder(nn.Module):
         load_kw = dict(attn_implementation=cfg.attn_implementation, dtype=dtype)
         if meta is not None and meta.get("base"):
             base = resolve_local_checkpoint(meta["base"])
-            model, processor = _load_backbone(base, **load_kw)
+            model, processor = load_backbone(base, **load_kw)
             from .lora import load_lora
 
             model = load_lora(model, p / ADAPTER_DIR)
             source = base
         else:
-            model, processor = _load_backbone(p, **load_kw)
+            model, processor = load_backbone(p, **load_kw)
             source = p
         if device is not None:
             model = model.to(device)
@@ -897,34 +512,11 @@ class Embedder(nn.Module):
 
 
 __all__ = [
-    "ATTENTION_MODES",
-    "POOLING_MODES",
-    "POSITION_MODES",
-    "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "ASSISTANT_EMB_TEXT",
     "COMPRESSION_SUFFIXES",
-    "UnsupportedAttentionError",
+    "EMBEDDER_JSON",
     "EmbedderConfig",
     "Embedder",
-    "Temperature",
-    "set_attention",
-    "check_attention",
-    "attention_mode",
-    "unwrap_model",
-    "vlm_core",
-    "instruction_span_mask",
-    "masked_mean",
-    "last_before_token",
-    "pooling_mask",
-    "sequential_position_ids",
-    "mrope_position_ids",
-    "model_inputs",
-    "run_core",
     "compression_suffix",
     "query_text",
-    "truncate_text",
-    "render_chat",
-    "weights_digest",
-    "model_type",
-    "move_to_device",
-    "resolve_local_checkpoint",
 ]

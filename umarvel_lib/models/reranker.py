@@ -28,26 +28,27 @@ from torch import nn
 
 from ..data.items import Item
 from ..data.mbeir_records import format_string
-from .backbone import load_backbone
-from .embedder import (
+from .input_cache import VISION_FEATURES
+from .loading import load_backbone, resolve_local_checkpoint
+from .qwen_vl import (
+    NO_TOKEN,
+    YES_TOKEN,
     check_attention,
     model_inputs,
     model_type,
     move_to_device,
     render_chat,
-    resolve_local_checkpoint,
     run_core,
     set_attention,
     truncate_text,
+    unwrap_model,
 )
-from .input_cache import VISION_FEATURES
-from .qwen_vl import unwrap_model
 
 RERANK_PROMPT = (
     "I will provide you with a query and a candidate. Please evaluate whether the candidate meets the "
     "requirements of the query. If it does, respond with 'Yes'; if it doesn't, responed with 'No'."
 )
-YES, NO = "Yes", "No"
+YES, NO = YES_TOKEN, NO_TOKEN
 RERANKER_JSON = "reranker.json"
 
 

@@ -1,5 +1,7 @@
 """Tables and plots of reproduced results next to the paper's, read from run directories.
 
+(Over 400 lines: one concern, a table of runs beside the paper; the figures are in report/figures.py.)
+
 Reads ``<results>/runs/table<N>/<row>/seed<k>/row.json`` sidecars and their ``eval/<pool>/``
 run directories; imports no model code. The paper's numbers come from :mod:`umarvel_lib.paper`
 and appear only in the ``paper_*`` columns.

@@ -51,6 +51,9 @@ Guarantees (tested in ``tests/test_engine.py``):
 * **A finished run is not re-run**: if ``FINISHED.json`` carries the same config hash, the final
   weights are loaded into the model and the loop returns at once; a different hash is refused.
 
+``optimizer_fn(model, total_steps) -> (optimizer, scheduler)`` replaces the recipe's AdamW and
+schedule for a run with its own (the micro backbone's pre-training, :mod:`umarvel_lib.micro.pretrain`).
+
 Budget is in optimizer steps (``max_steps``) or in ``epochs`` of a sized dataset, never in time;
 ``stop_fn`` (called with every eval record after each periodic eval) may end a run early, e.g. when
 its dev curve has plateaued (``FINISHED.json`` then says ``stopped_early``).
@@ -489,9 +492,14 @@ class Trainer:
         accelerator=None,
         shard: Literal["fsdp", "none"] | None = None,
         fsdp_config: str | Path | None = None,
+        optimizer_fn: Callable[[nn.Module, int], tuple[Any, Any]] | None = None,
     ):
         self.shard, self.fsdp_config = shard_mode(shard), fsdp_config
         self.model, self.step_fn, self.cfg = model, step_fn, cfg
+        # (model, total_steps) -> (optimizer, scheduler) instead of the recipe's AdamW + cosine
+        # (cfg's lr/betas/weight_decay/warmup then do not act; the caller puts its own recipe in
+        # run_identity). Gradients are checked and clipped over every trainable parameter either way.
+        self.optimizer_fn = optimizer_fn
         self.run_dir = Path(run_dir)
         self.batches = _Batches(data, cfg, collate_fn)
         self.eval_fn = eval_fn
@@ -716,13 +724,21 @@ class Trainer:
         else:
             self.model = acc.prepare_model(self.model)
         self.batches.shard(acc.process_index, acc.num_processes)
-        self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-        )
-        warmup = math.ceil(cfg.warmup_ratio * total)
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, num_warmup_steps=warmup, num_training_steps=total
-        )
+        self._params = params
+        if self.optimizer_fn is not None:
+            self.optimizer, self.scheduler = self.optimizer_fn(self.model, total)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                params,
+                lr=cfg.lr,
+                betas=cfg.adam_betas,
+                eps=cfg.adam_eps,
+                weight_decay=cfg.weight_decay,
+            )
+            warmup = math.ceil(cfg.warmup_ratio * total)
+            self.scheduler = get_cosine_schedule_with_warmup(
+                self.optimizer, num_warmup_steps=warmup, num_training_steps=total
+            )
 
         step, epoch, pos, resumed_from = 0, 0, 0, None
         ck = None
@@ -893,7 +909,7 @@ class Trainer:
             self._fail(step + 1, f"loss is {loss_val}")
         if loss.requires_grad:
             self.acc.backward(loss)
-        params = [p for p in self.optimizer.param_groups[0]["params"]]
+        params = self._params
         if all(p.grad is None for p in params):
             raise RuntimeError(
                 "step_fn returned a detached loss but no parameter has a gradient: call "

@@ -250,7 +250,8 @@ def _train_stage(
         "budget": stage.budget,
         "steps": res.step,
         "max_steps": trainer.total_steps(),
-        "min_steps": stage.min_steps,
+        "min_steps": stage.plateau_min_steps(),
+        "min_examples": stage.min_examples,
         "batch": tcfg.batch_size,
         "lr": tcfg.lr,
         "tau_learnable": stage.train_temperature,
@@ -282,7 +283,8 @@ def _train_stage(
 
 
 def _plateau_stop(cfg: RunConfig, stage: StageConfig, eval_fn):
-    """The early stop of a ``budget: plateau`` stage: the plateau rule on its dev curve, from ``min_steps``."""
+    """The early stop of a ``budget: plateau`` stage: the plateau rule on its dev curve, from
+    :meth:`~umarvel_lib.config.StageConfig.plateau_min_steps` (``min_steps``, ``min_examples``)."""
     if stage.budget == "fixed":
         return None
     if stage.budget != "plateau":
@@ -296,7 +298,9 @@ def _plateau_stop(cfg: RunConfig, stage: StageConfig, eval_fn):
     from ..eval.plateau import plateau_of_curve
 
     return lambda evals: (
-        plateau_of_curve([r for r in evals if "dev_avg" in r], min_steps=stage.min_steps).ok
+        plateau_of_curve(
+            [r for r in evals if "dev_avg" in r], min_steps=stage.plateau_min_steps()
+        ).ok
     )
 
 

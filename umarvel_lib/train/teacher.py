@@ -57,7 +57,7 @@ def train_reranker(
 def _train_reranker(
     cfg: RunConfig, hn_model: Path, rdir: Path, h: str, *, backbone: Path, progress: bool
 ) -> Path:
-    from ..models.backbone import load_backbone
+    from ..models.loading import load_backbone
 
     final = rdir / "model"
     rdir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 
 The micro backbones cannot download Qwen's 151k-token tokenizer, so we train a small one on a
 deterministic synthetic corpus (scene captions from :mod:`umarvel_lib.data.scenes` plus generic
-retrieval/chat lines) and give it the same special tokens and chat template as Qwen2-VL.
+retrieval/chat lines) and give it the same special tokens and chat template as Qwen2-VL (both in
+:mod:`umarvel_lib.models.qwen_vl`).
 
 Determinism: the corpus is built only from tuples/lists and a seeded ``random.Random``; the BPE
 trainer breaks ties on the pair itself, so ``tokenizer.json`` is byte-identical across processes
@@ -14,49 +15,12 @@ from __future__ import annotations
 import random
 
 from ..data import scenes
-
-# Qwen2-VL's special tokens, in the order they get ids 0..6 in our vocabulary.
-QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>",  # pad (Qwen2-VL uses it as pad)
-    "<|im_start|>",
-    "<|im_end|>",  # eos of a chat turn
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-# U-MARVEL's added tokens (plain added tokens in the released loader, not special ones).
-EMB_TOKEN = "<emb>"
-INSTRUCTION_START = "<instruction_start>"
-INSTRUCTION_END = "<instruction_end>"
-UMARVEL_TOKENS = (EMB_TOKEN, INSTRUCTION_START, INSTRUCTION_END)
-# Single-token answers for the pointwise reranker.
-YES_TOKEN, NO_TOKEN = "Yes", "No"
-ANSWER_TOKENS = (YES_TOKEN, NO_TOKEN)
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
-# Qwen2-VL-Instruct's chat template (image and video parts, optional "Picture N: " ids).
-QWEN2_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}"
-    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+from ..models.qwen_vl import (
+    ANSWER_TOKENS,
+    DEFAULT_SYSTEM_PROMPT,
+    QWEN2_VL_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
+    UMARVEL_TOKENS,
 )
 
 # Qwen2's pre-tokenisation regex (splits words, numbers, punctuation, whitespace runs).

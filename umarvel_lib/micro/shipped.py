@@ -3,11 +3,11 @@
 Pre-training a micro backbone is not bitwise repeatable across machines (thread counts, BLAS
 kernels), and every run is keyed by the digest of the weights it used, so results made on one
 machine would retrain on another. The build the committed results used therefore ships in the
-repository: the files of a complete :func:`~.backbone.build_backbone` directory (``model.safetensors``,
+repository: the files of a complete :func:`~.build.build_backbone` directory (``model.safetensors``,
 ``config.json``, tokenizer and processor files, ``recipe.json``) plus ``shipped.json`` with the
 weights' :func:`~umarvel_lib.io.checkpoint_digest`.
 
-* :func:`shipped_backbone` is what runs use by default (``experiment.backbone_path``): the shipped
+* :func:`shipped_backbone` is what runs use by default (``run_inputs.backbone_path``): the shipped
   build of a recipe if its ``recipe.json`` hash is the recipe's (a changed recipe falls back to a
   cached build), after checking that its weights still have the recorded digest.
 * :func:`ship` copies a complete build into the shipped location (``umarvel backbone --ship``).
@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from ..io import atomic_dir, atomic_write_json, checkpoint_digest, read_json
-from .backbone import BackboneConfig, build_backbone, is_complete_build, read_recipe
+from .build import build_backbone, is_complete_build, read_recipe
+from .recipe import BackboneConfig
 
 SHIPPED_ROOT = Path(__file__).resolve().parents[2] / "backbones"  # the repository's backbones/
 SHIPPED_FILE = "shipped.json"
