@@ -114,9 +114,7 @@ def summary() -> str:
         except FileNotFoundError:
             table.append(f"| {name} | not run yet | | | | |")
             continue
-        steps = [c for c in side.get("curves", []) if c.get("stage") == "mbeir"]
-        plan = side.get("stage_plan") or side.get("stages") or {}
-        stopped = max((c.get("step", 0) for c in steps), default=None)
+        stopped = next((p["steps"] for p in side["stage_plan"] if p["stage"] == "mbeir"), None)
         heads = {r: v["headline"] for r, v in loc["rows"].items()}
         rows[name] = heads
         inband = sum(BAND[0] <= v <= BAND[1] for v in heads.values())
@@ -125,7 +123,6 @@ def summary() -> str:
             f"({loc['avg']['ci95'][0]:.1f}-{loc['avg']['ci95'][1]:.1f}) | "
             f"{glo['avg']['headline']:.1f} | {inband}/16 | {side.get('wall_s')} |"
         )
-        del plan
     lines += [
         "| point | last step | local Avg (95% CI) | global Avg | rows in band | wall s |",
         "|---|---:|---:|---:|---:|---:|",

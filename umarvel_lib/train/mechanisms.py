@@ -32,6 +32,7 @@ from ..io import DamagedFileError, atomic_write_json, read_json, read_jsonl
 from ..models.reranker import Reranker
 from .mining import mine_hard_negatives
 from .stage_data import Pair, encode_queries_and_pool
+from .stage_dir import stage_path
 from .teacher import reranker_dir
 
 log = logging.getLogger(__name__)
@@ -161,22 +162,20 @@ def mechanism_records(
         "hard_negatives" in cfg.stages
     ):  # the mining report, kept in row.json so a clone without the cache shows it
         rep = _cached(
-            stage_root
-            / f"hard_negatives-{cfg.hash(upto_stage='hard_negatives')}"
-            / "hard_negatives.jsonl.report.json"
+            stage_path(cfg, stage_root, "hard_negatives") / "hard_negatives.jsonl.report.json"
         )
         if rep:
             out["mining"] = rep
     distill = "distill" in cfg.stages and cfg.scaled_stage("distill").distill_mode == "kl"
     if reranker or distill:
         rr = reranker_dir(cfg, stage_root)
-        hn = stage_root / f"hard_negatives-{cfg.hash(upto_stage='hard_negatives')}" / "model"
+        hn = stage_path(cfg, stage_root, "hard_negatives") / "model"
         if rr.is_dir() and hn.is_dir():
             acc = reranker_dev_accuracy(cfg, hn, rr, progress=progress)
             if acc is not None:
                 out["reranker_accuracy"] = acc
     if distill:
-        sdir = stage_root / f"distill-{cfg.hash(upto_stage='distill')}"
+        sdir = stage_path(cfg, stage_root, "distill")
         plan = (_cached(sdir / "stage.json") or {}).get("plan") or {}
         if plan.get("tau_start"):
             data = MBEIR(cfg.resolved_data_root(), check_images=False)

@@ -44,13 +44,18 @@ def dev_curve(sdir: Path) -> list[dict]:
     return [r for r in recs if "dev_avg" in r]
 
 
+def stage_path(cfg: RunConfig, stage_root: Path, name: str) -> Path:
+    """The directory of stage ``name`` of this run under ``stage_root``: ``<name>-<hash up to it>``."""
+    return Path(stage_root) / f"{name}-{cfg.hash(upto_stage=name)}"
+
+
 def stage_records(cfg: RunConfig, stage_root: Path) -> tuple[list[dict], list[dict]]:
     """The stage plan (one record per stage: steps, batch, LR, tau, examples seen, ...) and the dev
     curve of every stage of this run, from the stages' records (``stage.json``); a stage trained
     before plans were recorded has none (left out)."""
     plan, dev = [], []
     for name in cfg.stages:
-        sdir = stage_root / f"{name}-{cfg.hash(upto_stage=name)}"
+        sdir = stage_path(cfg, stage_root, name)
         f = sdir / "stage.json"
         rec = read_json(f) if f.is_file() else {}
         if "plan" in rec:
@@ -66,7 +71,7 @@ def collect_curves(cfg: RunConfig, stage_root: Path) -> list[dict]:
     """Training loss (and periodic evals) of every stage of this run, in stage order."""
     out = []
     for name in cfg.stages:
-        sdir = stage_root / f"{name}-{cfg.hash(upto_stage=name)}" / "train"
+        sdir = stage_path(cfg, stage_root, name) / "train"
         for fname, kind in (("metrics.jsonl", "train"), ("eval.jsonl", "eval")):
             f = sdir / fname
             if f.is_file():

@@ -42,7 +42,7 @@ from .stage_data import (
     per_task_sample,
     with_hard_negatives,
 )
-from .stage_dir import checkpoint_complete, dev_curve
+from .stage_dir import checkpoint_complete, dev_curve, stage_path
 from .teacher import teacher_lists, train_reranker
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def run_stage(
     ``progress``: show the stage's progress bars (training, mining, teacher scoring)."""
     stage = cfg.scaled_stage(name)
     h = cfg.hash(upto_stage=name)
-    sdir = out_root / f"{name}-{h}"
+    sdir = stage_path(cfg, out_root, name)
     final = sdir / "model"
     if checkpoint_complete(final, "embedder.json"):
         log.info("stage %s: reusing %s", name, final)
