@@ -78,7 +78,10 @@ def cmd_reproduce(args) -> int:
         all_rows=args.all_rows,
         nli_path=args.nli_path,
         cc3m_root=args.cc3m_root,
+        estimate=True if args.estimate else None,
     )
+    if args.estimate:
+        return 0
     return 0 if all(v.get("status") == "ok" for v in status.values()) else 1
 
 
@@ -306,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-train",
         action="store_true",
         help="train nothing: re-execute the notebooks on the finished runs and rewrite the report",
+    )
+    sr.add_argument(
+        "--estimate",
+        action="store_true",
+        help="print the batch's time on this device (speeds measured here; printed anyway before a "
+        "gpu-preset reproduction) and stop",
     )
     sr.add_argument(
         "--jobs",

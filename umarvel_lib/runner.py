@@ -107,6 +107,45 @@ def _finding_rows(table: int) -> frozenset[str]:
     return frozenset(finding_rows(table))
 
 
+def job_list(tables, seeds: str, rows: dict[int, list[str]] | None = None) -> list[tuple]:
+    """The (table, ablation row, seed) jobs of a batch in the order they run (:func:`_job_order`)."""
+    from .ablation import load_ablation
+
+    seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
+    want = rows or {}
+    jobs_ = [
+        (t, r, s)
+        for t in tables
+        if t is not None
+        for r in load_ablation(f"table{t}").rows
+        if not want.get(t) or r.id in want[t]
+        for s in seed_list
+    ]
+    return sorted(jobs_, key=lambda j: _job_order(*j))
+
+
+def print_estimate(
+    tables, *, preset: str, seeds: str, rows: dict | None, workers: int, **paths
+) -> None:
+    """Print what the batch will cost on this device (:func:`umarvel_lib.cost.estimate_reproduction`)."""
+    from .ablation import load_ablation
+    from .cost import estimate_reproduction
+
+    jobs_ = job_list([t for t in tables if t is not None], seeds, rows)
+    runs = [
+        (load_ablation(f"table{t}").run_config(r.id, preset, s, **paths), r.reranker)
+        for t, r, s in jobs_
+    ]
+    print(f"estimating the cost of {len(runs)} runs ({preset}) on this device ...", flush=True)
+    est = estimate_reproduction(runs, workers=workers)
+    print(est.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+    print(
+        f"estimate ({preset}, {workers} worker(s)): {est.low_h.sum():.1f} to {est.high_h.sum():.1f} h "
+        "(plateau stages stop between their minimum and their cap)",
+        flush=True,
+    )
+
+
 def run_jobs(
     tables: list[int],
     *,
@@ -130,20 +169,9 @@ def run_jobs(
     """
     from tqdm.auto import tqdm
 
-    from .ablation import load_ablation
     from .experiment import run_dir_for
 
-    seed_list = [int(x) for x in str(seeds).split(",") if x.strip()]
-    want = rows or {}
-    jobs_ = [
-        (t, r, s)
-        for t in tables
-        if t is not None
-        for r in load_ablation(f"table{t}").rows
-        if not want.get(t) or r.id in want[t]
-        for s in seed_list
-    ]
-    todo = [(t, r.id, s) for t, r, s in sorted(jobs_, key=lambda j: _job_order(*j))]
+    todo = [(t, r.id, s) for t, r, s in job_list(tables, seeds, rows)]
     logs = results / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "UMARVEL_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -275,6 +303,7 @@ def reproduce(
     notebook_params: dict[str, dict] | None = None,
     nli_path: str | None = None,
     cc3m_root: str | None = None,
+    estimate: bool | None = None,
 ) -> dict:
     """Every notebook of ``tables`` through papermill (``jobs`` > 1: the runs trained by workers first).
 
@@ -282,7 +311,9 @@ def reproduce(
     ``all_rows`` each table runs :func:`default_rows` (smoke: one finding's rows; cpu: every row except
     Table 4's, which runs its finding rows); otherwise every row, with ``seeds`` (default: 0,1,2).
     ``notebook_params`` adds parameters to single notebooks, e.g.
-    ``{"04_batch_lr_temperature": {"extra_rows": "..."}}``."""
+    ``{"04_batch_lr_temperature": {"extra_rows": "..."}}``. ``estimate``: print the batch's cost on
+    this device first (:func:`print_estimate`; default: for the ``gpu`` preset), ``True``: print it
+    and stop."""
     import papermill as pm
     from tqdm.auto import tqdm
 
@@ -293,6 +324,23 @@ def reproduce(
     rows = (
         {} if all_rows else {t: default_rows(preset, t) for _, t in select(tables) if t is not None}
     )
+    if estimate or (estimate is None and preset == "gpu" and train):
+        print_estimate(
+            [t for _, t in select(tables)],
+            preset=preset,
+            seeds=seeds or DEFAULT_SEEDS,
+            rows=rows,
+            workers=max(1, jobs),
+            **{
+                k: v
+                for k, v in dict(
+                    backbone=backbone, data_root=data_root, nli_path=nli_path, cc3m_root=cc3m_root
+                ).items()
+                if v
+            },
+        )
+        if estimate:
+            return {"estimate": True}
     if jobs > 1 and train:
         t0 = time.time()
         recs = run_jobs(
