@@ -8,6 +8,7 @@ Read from the committed files only (no training, no model): ``results/cpu`` of t
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
@@ -34,6 +35,7 @@ def test_committed_table_figures_have_no_overlapping_tick_labels(table):
     )
     assert figures.overlapping_tick_labels(fig) == []
     assert figures.overlapping_tick_labels(figures.plot_curves(RESULTS, table)) == []
+    plt.close("all")
 
 
 def test_committed_forest_plot_has_no_overlapping_tick_labels():
@@ -46,6 +48,7 @@ def test_committed_forest_plot_has_no_overlapping_tick_labels():
     ff = figures.findings_frame(vall, {ab.table: table_vs_paper(RESULTS, ab) for ab in abls})
     fig = figures.plot_findings(ff, "The paper's findings (cpu)")
     assert figures.overlapping_tick_labels(fig) == []
+    plt.close("all")
     assert (RESULTS / "findings.png").stat().st_size > 1000
     report = (RESULTS / "REPORT.md").read_text()
     assert report.index("](findings.png)") < report.index("## Summary")
