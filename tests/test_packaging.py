@@ -113,3 +113,4 @@ def test_committed_executed_notebooks_keep_their_outputs():
         assert outs, f"{nb} has no outputs"
         if nb.name[:2] in {"01", "02", "03", "04", "05", "06", "07"}:
             assert any("image/png" in o.get("data", {}) for o in outs), f"{nb} shows no figure"
+            assert any("text/html" in o.get("data", {}) for o in outs), f"{nb} shows no table"
