@@ -17,6 +17,8 @@ plateau rule before the cap (``umarvel_lib.eval.plateau``); row 4's rows in the 
 reported beside it, since the difficulty was chosen under x 10.
 
     .venv/bin/python bench/lr_probe.py --row 0      # one (row, multiplier) after another
+    UMARVEL_THREADS=1 .venv/bin/python bench/lr_probe.py --row 4   # two at once on 2 cores: 1 thread each
+                                                    # (the cpu preset's 2 threads each oversubscribe: 5x slower)
     .venv/bin/python bench/lr_probe.py --summary    # results/lr_probe/LR_PROBE.md from what has finished
 
 Stages are cached and resumable (``cache/stages``), like every run.
