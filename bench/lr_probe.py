@@ -4,9 +4,10 @@ Why: at the cpu preset (LR x 10 over the paper's, cosine schedule laid over the 
 (causal + last + prompt) trained to the cap twice: under cap 1500 seed 1 missed the plateau rule (the
 last quarter moved the dev Avg by 3.54 points against a CI half-width of 3.44) and seed 0 met it only
 at the cap; under cap 2400 seed 1 missed it by more (6.04 against 3.54) and seed 0 again met it at
-the cap, ending lower than under cap 1500 (71.2 against 77.3). Its training loss follows the LR closely (at step 600: 0.39 at LR
-6.8e-4 under the 1500 cap, 0.60 at LR 8.8e-4 under the 2400 cap, seed 0; the dev Avg 64.6 vs 28.5), so
-the peak LR, not the number of steps, looks like what holds it back.
+the cap, ending lower than under cap 1500 (71.2 against 77.3). Its training loss follows the LR
+closely (at step 600: 0.39 at LR 6.8e-4 under the 1500 cap, 0.60 at LR 8.8e-4 under the 2400 cap,
+seed 0; the dev Avg 64.6 vs 28.5), so the peak LR, not the number of steps, looks like what holds
+it back.
 
 What runs (fixed here before any run): Table 1 rows 0 (the slowest row seen) and 4 (the baseline row
 the synthetic difficulty was calibrated on), seed 0, the cpu preset unchanged except
@@ -17,8 +18,8 @@ plateau rule before the cap (``umarvel_lib.eval.plateau``); row 4's rows in the 
 reported beside it, since the difficulty was chosen under x 10.
 
     .venv/bin/python bench/lr_probe.py --row 0      # one (row, multiplier) after another
-    UMARVEL_THREADS=1 .venv/bin/python bench/lr_probe.py --row 4   # two at once on 2 cores: 1 thread each
-                                                    # (the cpu preset's 2 threads each oversubscribe: 5x slower)
+    UMARVEL_THREADS=1 .venv/bin/python bench/lr_probe.py --row 4
+        # two at once on 2 cores need 1 thread each: the preset's 2 threads each ran 5x slower
     .venv/bin/python bench/lr_probe.py --summary    # results/lr_probe/LR_PROBE.md from what has finished
 
 Stages are cached and resumable (``cache/stages``), like every run.
@@ -105,13 +106,11 @@ def summary() -> str:
 
 def _in_progress(row: str, mult: float, data_root: str = "data/mini-mbeir-cpu") -> str:
     """The dev curve so far of an unfinished probe, from its stage cache (``cache/stages``)."""
-    from umarvel_lib.io import checkpoint_digest
-    from umarvel_lib.run_inputs import backbone_path, data_digest, ensure_data
+    from umarvel_lib.experiment import pin_inputs
     from umarvel_lib.train.stage_dir import dev_curve, stage_path
 
     cfg = probe_table(row, mult).run_config("probe", "cpu", 0, data_root=data_root)
-    cfg.backbone_digest = checkpoint_digest(backbone_path(cfg, progress=False))  # as run_row does
-    cfg.data_digest = data_digest(cfg, ensure_data(cfg))
+    pin_inputs(cfg, progress=False)  # the digests run_row hashes with
     pts = dev_curve(stage_path(cfg, Path(cfg.cache_dir) / "stages", "mbeir"))
     if not pts:
         return "not started"

@@ -130,7 +130,8 @@ def measure_speed(cfg: RunConfig, *, steps: int = 3, encode_items: int = 64) -> 
 
 def _eval_items(cfg: RunConfig) -> dict:
     """Items one evaluation encodes: ``dev`` (the dev curve: dev queries + their rows' local pools),
-    ``final`` (the test queries + each pool the run evaluates), ``mine`` (train queries + train pool)."""
+    ``final`` (the test queries + each pool the run evaluates), ``mine`` (train queries + train pool);
+    and ``train_queries`` (what an epoch of the M-BEIR stage sees)."""
     test = MBEIR(ensure_data(cfg), check_images=False)
     dev = MBEIR(test.root, check_images=False, split="val", max_queries=cfg.eval.dev_queries)
     curve_rows = dev.rows(cfg.eval.curve_rows)
@@ -145,6 +146,7 @@ def _eval_items(cfg: RunConfig) -> dict:
         "dev": n_dev,
         "final": final,
         "mine": len(test.union_train()) + len(test.train_pool()),
+        "train_queries": len(test.union_train()),
     }
 
 
@@ -182,7 +184,6 @@ def estimate_reproduction(
     cfg0 = runs[0][0]
     speed = speed or measure_speed(cfg0)
     items = _eval_items(cfg0)
-    n_train = len(MBEIR(ensure_data(cfg0), check_images=False).union_train())
     recs, seen = [], set()
     for cfg, reranker in runs:
         for name in cfg.stages:
@@ -191,7 +192,7 @@ def estimate_reproduction(
                 continue
             seen.add(key)
             st = cfg.scaled_stage(name)
-            lo, hi = _stage_steps(st, n_train)
+            lo, hi = _stage_steps(st, items["train_queries"])
             per_step = st.batch_size * (
                 1 + st.teacher_top_k
                 if name == "distill"

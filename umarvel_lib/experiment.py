@@ -90,6 +90,17 @@ def curve_eval(cfg: RunConfig, root: Path):
 EVAL_INPUTS_DIR = "eval_inputs"
 
 
+def pin_inputs(cfg: RunConfig, *, progress: bool = True) -> tuple[Path, Path]:
+    """The backbone and the data root a run reads, their digests recorded in ``cfg`` (part of its
+    hash): a different build of the backbone is a different run, and so are other data bytes (a fixed
+    qrels file, a replaced image)."""
+    base = backbone_path(cfg, progress=progress)
+    cfg.backbone_digest = checkpoint_digest(base)
+    root = ensure_data(cfg)
+    cfg.data_digest = data_digest(cfg, root)
+    return base, root
+
+
 def run_dir_for(results: Path, table: int, row_id, seed: int) -> Path:
     """``<results>/runs/table<N>/<row id>/seed<S>``: one (row, seed) run directory (its ``row.json``)."""
     return Path(results) / "runs" / f"table{table}" / str(row_id) / f"seed{seed}"
@@ -186,14 +197,7 @@ def _run_row(
         nli_path=nli_path,
         cc3m_root=cc3m_root,
     )
-    base = backbone_path(cfg, progress=progress)
-    cfg.backbone_digest = checkpoint_digest(
-        base
-    )  # a different build of the backbone is a different run
-    root = ensure_data(cfg)
-    cfg.data_digest = data_digest(
-        cfg, root
-    )  # so are other data bytes (a fixed qrels file, a replaced image)
+    base, root = pin_inputs(cfg, progress=progress)
     h = cfg.hash(reranker=row.reranker)
     rdir = run_dir_for(results, ablation.table, row.id, seed)
     side = rdir / "row.json"

@@ -39,13 +39,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # before any finding was computed: capped at 1500 steps (the LR schedule is laid over the cap),
     # both seeds of Table 1 row 0 trained to the cap, seed 1 without meeting the rule (its last quarter
     # moved the dev Avg by 3.54 points against a CI half-width of 3.44: a slow creep under the decaying
-    # LR), seed 0 meeting it only at the cap; now capped at 2400 steps, and the dev Avg is evaluated every 100 steps
-    # instead of 50 (each evaluation encodes the 30 dev queries and ~3,600 dev-pool candidates of the
-    # 16 rows, about 50 s on one core: at every 50 steps that was 40% of a stage's time). Batches =
-    # paper / 30 where a finding compares batch sizes or the M-BEIR stage (480 -> 16, 3840 -> 128:
-    # Table 4's ratios kept); the NLI, CC3M and hard-negative stages, whose batch no finding varies,
-    # train at 16. LR x 10 for the micro model's small LoRA. Dev Avg every 100 steps on the 30 dev
-    # queries per row. The
+    # LR), seed 0 meeting it only at the cap; now capped at 2400 steps, and the dev Avg (on the 30 dev
+    # queries per row) is evaluated every 100 steps instead of 50 (each evaluation encodes the dev
+    # queries and ~3,600 dev-pool candidates of the 16 rows, about 50 s on one core: at every 50 steps
+    # that was 40% of a stage's time). Batches = paper / 30 where a finding compares batch sizes or the
+    # M-BEIR stage (480 -> 16, 3840 -> 128: Table 4's ratios kept); the NLI, CC3M and hard-negative
+    # stages, whose batch no finding varies, train at 16. LR x 10 for the micro model's small LoRA. The
     # reranker trains a fixed 100 steps and re-sorts the recall top 10 (enough for R@5; R@10 rows are
     # unchanged by it); the distillation teacher scores the top 20.
     "cpu": {

@@ -127,11 +127,12 @@ def job_list(tables, seeds: str, rows: dict[int, list[str]] | None = None) -> li
 def print_estimate(
     tables, *, preset: str, seeds: str, rows: dict | None, workers: int, **paths
 ) -> None:
-    """Print what the batch will cost on this device (:func:`umarvel_lib.cost.estimate_reproduction`)."""
+    """Print what the batch will cost on this device (:func:`umarvel_lib.cost.estimate_reproduction`);
+    ``paths``: the run's backbone, data_root, nli_path, cc3m_root (None: the preset's)."""
     from .ablation import load_ablation
     from .cost import estimate_reproduction
 
-    jobs_ = job_list([t for t in tables if t is not None], seeds, rows)
+    jobs_ = job_list(tables, seeds, rows)
     runs = [
         (load_ablation(f"table{t}").run_config(r.id, preset, s, **paths), r.reranker)
         for t, r, s in jobs_
@@ -331,13 +332,10 @@ def reproduce(
             seeds=seeds or DEFAULT_SEEDS,
             rows=rows,
             workers=max(1, jobs),
-            **{
-                k: v
-                for k, v in dict(
-                    backbone=backbone, data_root=data_root, nli_path=nli_path, cc3m_root=cc3m_root
-                ).items()
-                if v
-            },
+            backbone=backbone,
+            data_root=data_root,
+            nli_path=nli_path,
+            cc3m_root=cc3m_root,
         )
         if estimate:
             return {"estimate": True}
