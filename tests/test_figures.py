@@ -50,15 +50,22 @@ def test_the_overlap_check_can_fail():
 
 
 def test_findings_forest_plot(tmp_path):
-    verdicts = ["held", "within noise", "contradicted", "too few seeds", "not run"]
+    verdicts = [
+        "held",
+        "within noise",
+        "contradicted",
+        "too few seeds",
+        "not at plateau",
+        "not run",
+    ]
     vall = pd.DataFrame(
         [
             {
                 "finding": f.id,
                 "claim": f.text,
                 "pool": f.pool,
-                "verdict": verdicts[i % 5],
-                "diff": None if i % 5 == 4 else 0.4 * i - 2,
+                "verdict": verdicts[i % 6],
+                "diff": None if i % 6 == 5 else 0.4 * i - 2,
                 "ci95_lo": 0.4 * i - 3,
                 "ci95_hi": 0.4 * i - 1,
             }

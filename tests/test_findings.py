@@ -3,7 +3,16 @@
 import numpy as np
 
 from umarvel_lib.paper import Finding
-from umarvel_lib.report.findings import CONTRA, FEW, HELD, NOISE, decide, judge, paired_difference
+from umarvel_lib.report.findings import (
+    CONTRA,
+    FEW,
+    HELD,
+    NOISE,
+    UNCONVERGED,
+    decide,
+    judge,
+    paired_difference,
+)
 
 
 def _hits(p, n=400, rows=("a_task0", "b_task3"), seed=0):
@@ -40,6 +49,53 @@ def test_fewer_than_three_seeds_cannot_hold():
     assert v.verdict == FEW and "1 seed" in v.note and "same direction" in v.note
     worst = Finding("W", 1, "B worst", "B", "*", kind="worst")
     assert judge(worst, hits, n_boot=100).verdict == FEW
+
+
+def test_a_run_not_at_plateau_voids_the_verdict():
+    """A verdict counts only on runs at plateau: one unconverged run of either row, or of any row a
+    'worst' finding compares, gives *not at plateau*, the note naming it and keeping the interval."""
+    hits = {
+        "A": {s: _hits(0.6, seed=s) for s in range(3)},
+        "B": {s: _hits(0.4, seed=10 + s) for s in range(3)},
+    }
+    v = judge(F, hits, n_boot=100, unconverged={"B": {2: "mbeir: moved 6.0 >= 3.5"}})
+    assert v.verdict == UNCONVERGED and "row B seed 2" in v.note and "same direction" in v.note
+    assert judge(F, hits, n_boot=100, unconverged={"C": {0: "x"}}).verdict == HELD  # not compared
+    worst = Finding("W", 1, "B worst", "B", "*", kind="worst")
+    hits["C"] = {s: _hits(0.7, seed=20 + s) for s in range(3)}
+    assert judge(worst, hits, n_boot=100).verdict == HELD
+    assert judge(worst, hits, n_boot=100, unconverged={"C": {1: "x"}}).verdict == UNCONVERGED
+
+
+def test_plateau_miss_reads_the_committed_curve(tmp_path):
+    """report.plateau_miss: None for a run whose every planned stage meets the rule; the reason when a
+    stage rose in its last quarter, lacks a curve, or trained fewer than the minimum steps."""
+    import json
+
+    import pandas as pd
+
+    from umarvel_lib.report import plateau_miss
+
+    def run(curves: dict[str, list[float]], plan: list[str]):
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        (d / "row.json").write_text(json.dumps({"stage_plan": [{"stage": s} for s in plan]}))
+        recs = [
+            {"stage": st, "step": 100 * i, "examples_seen": 0, "dev_avg": a,
+             "dev_ci_lo": a - 3, "dev_ci_hi": a + 3, "dev_queries": 480}
+            for st, avgs in curves.items() for i, a in enumerate(avgs)
+        ]  # fmt: skip
+        if recs:
+            pd.DataFrame(recs).to_csv(d / "dev_curve.csv", index=False)
+        return d
+
+    flat = [10, 40, 60, 70, 71, 71.5, 72, 72, 72]
+    assert plateau_miss(run({"mbeir": flat}, ["mbeir"]), min_steps=100) is None
+    rising = [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    assert "moved the dev Avg" in plateau_miss(run({"mbeir": rising}, ["mbeir"]))
+    assert "nli: no dev curve" in plateau_miss(run({"mbeir": flat}, ["nli", "mbeir"]))
+    assert "< the minimum 1000" in plateau_miss(run({"mbeir": flat}, ["mbeir"]), min_steps=1000)
+    assert plateau_miss(run({}, ["mbeir"])) == "no dev curve"
 
 
 def test_worst_row_and_divergence():

@@ -64,3 +64,16 @@ def plateau_checks(run_dir, *, min_steps: int = 0) -> pd.DataFrame:
         recs,
         columns=["stage", "ok", "reason", "last_step", "window_start", "movement", "half_width"],
     )
+
+
+def plateau_miss(run_dir, *, min_steps: int = 0) -> str | None:
+    """Why a run did *not* train every stage to a plateau (``None`` when it did): a verdict counts only
+    on runs whose every planned stage has a dev curve that meets the rule (:func:`plateau_checks`)."""
+    curve = dev_curve(run_dir)
+    if curve.empty:
+        return "no dev curve"
+    checks = plateau_checks(run_dir, min_steps=min_steps)
+    missing = sorted(set(stage_plan(run_dir)["stage"]) - set(checks["stage"]))
+    why = [f"{s}: no dev curve" for s in missing]
+    why += [f"{r.stage}: {r.reason}" for r in checks.itertuples() if not bool(r.ok)]
+    return "; ".join(why) or None

@@ -24,6 +24,7 @@ VERDICT_COLOURS = {
     "within noise": "#878787",
     "contradicted": "#d73027",
     "too few seeds": "#fdae61",
+    "not at plateau": "#abd9e9",
     "not run": "#d9d9d9",
 }
 OURS, OWN, PAPER = "#4575b4", "#e66101", "#bdbdbd"

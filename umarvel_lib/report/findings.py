@@ -12,6 +12,11 @@ difference is recomputed on each replicate; the 95% percentile interval decides:
   detected: 2.8 x the bootstrap standard error, i.e. 80% power at a two-sided 5% level);
 * **contradicted**: opposite direction and the interval excludes zero.
 
+A verdict counts only on runs that trained to a plateau of their dev curve
+(:func:`umarvel_lib.report.curves.plateau_miss`): when a run the comparison uses did not, the
+verdict is **not at plateau** and the note keeps which runs missed and what the interval showed.
+Fewer than ``MIN_SEEDS`` seeds give **too few seeds** the same way.
+
 This module reads run directories only; it imports no model code.
 """
 
@@ -23,11 +28,12 @@ import numpy as np
 
 from ..paper import FINDINGS_BY_ID, Finding
 
-HELD, NOISE, CONTRA, FEW, MISSING = (
+HELD, NOISE, CONTRA, FEW, UNCONVERGED, MISSING = (
     "held",
     "within noise",
     "contradicted",
     "too few seeds",
+    "not at plateau",
     "not run",
 )
 MIN_SEEDS = 3
@@ -119,8 +125,10 @@ def judge(
     *,
     n_boot: int = 1000,
     diverged: set[str] = frozenset(),
+    unconverged: dict[str, dict[int, str]] | None = None,
 ) -> Verdict:
-    """Verdict for one finding. ``hits[row_id][seed]`` = :func:`~umarvel_lib.eval.runs.headline_hits` of that run's ``pool`` dir."""
+    """Verdict for one finding. ``hits[row_id][seed]`` = :func:`~umarvel_lib.eval.runs.headline_hits` of that run's ``pool`` dir;
+    ``unconverged[row_id][seed]`` = why that run is not at plateau (such runs void the verdict)."""
     f = FINDINGS_BY_ID[finding] if isinstance(finding, str) else finding
     v = Verdict(f.id, f.text, f.pool, MISSING)
     if f.kind == "fails" and f.worse in diverged:
@@ -142,7 +150,9 @@ def judge(
         lo, d, ci, se, o, n = min(diffs)  # the closest competitor decides
         v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(ci), d, ci, 2.8 * se, n
         v.note = f"closest other row: {o}"
-        return _seed_rule(v)
+        used = {r: sorted(set(hits[r]) & set(hits[f.better])) for r in others}
+        used[f.better] = sorted(set().union(*used.values()))
+        return _plateau_rule(_seed_rule(v), used, unconverged or {})
     if f.better not in hits or f.worse not in hits:
         return v
     seeds = sorted(set(hits[f.better]) & set(hits[f.worse]))
@@ -154,20 +164,45 @@ def judge(
     v.verdict, v.diff, v.ci95, v.detectable, v.n_seeds = decide(ci), d, ci, 2.8 * se, len(seeds)
     if f.sub_1pt and v.verdict == NOISE:
         v.note = "paper effect < 1 point: expected within noise at micro scale"
-    return _seed_rule(v)
+    return _plateau_rule(_seed_rule(v), {f.better: seeds, f.worse: seeds}, unconverged or {})
+
+
+_SEEN = {
+    HELD: "same direction as the paper",
+    CONTRA: "opposite direction to the paper",
+    NOISE: "interval includes zero",
+}
 
 
 def _seed_rule(v: Verdict) -> Verdict:
     """Fewer than MIN_SEEDS seeds: no verdict; the note keeps what the queries-only interval says."""
     if v.n_seeds >= MIN_SEEDS:
         return v
-    seen = {
-        HELD: "same direction as the paper",
-        CONTRA: "opposite direction to the paper",
-        NOISE: "interval includes zero",
-    }[v.verdict]
     v.note = "; ".join(
-        x for x in (v.note, f"{v.n_seeds} seed(s), needs >= {MIN_SEEDS}; over queries: {seen}") if x
+        x
+        for x in (
+            v.note,
+            f"{v.n_seeds} seed(s), needs >= {MIN_SEEDS}; over queries: {_SEEN[v.verdict]}",
+        )
+        if x
     )
     v.verdict = FEW
+    return v
+
+
+def _plateau_rule(
+    v: Verdict, used: dict[str, list[int]], unconverged: dict[str, dict[int, str]]
+) -> Verdict:
+    """A run the comparison used did not train to a plateau: no verdict; the note names the runs and
+    keeps what the interval showed."""
+    missed = [
+        f"row {r} seed{'s' if len(m) > 1 else ''} {', '.join(map(str, m))}"
+        for r, seeds in sorted(used.items())
+        if (m := sorted(s for s in seeds if s in unconverged.get(r, {})))
+    ]
+    if not missed:
+        return v
+    shown = f"; the interval: {_SEEN[v.verdict]}" if v.verdict in _SEEN else ""
+    v.note = "; ".join(x for x in (v.note, f"not at plateau: {', '.join(missed)}{shown}") if x)
+    v.verdict = UNCONVERGED
     return v

@@ -148,12 +148,15 @@ def write_report(results, preset: str, *, n_boot: int = 1000) -> Path:
         f"\n## Summary of the paper's {len(FINDINGS)} findings\n",
         f"**{counts['held']} of {len(FINDINGS)} held**, {counts['within noise']} within noise, "
         f"{counts['contradicted']} contradicted, {counts['too few seeds']} with too few seeds for a verdict, "
-        f"{counts['not run']} not run.\n\n",
+        f"{counts['not at plateau']} not at plateau, {counts['not run']} not run.\n\n",
         "Verdicts: *held* = same direction, 95% CI of the paired difference (seeds x queries bootstrap) "
         "excludes zero, >= 3 seeds; *within noise* = CI includes zero (column `detectable_effect`: "
         "the smallest difference this run could detect with 80% power); *contradicted* = opposite "
         "direction, CI excludes zero; *too few seeds* = fewer than 3 seeds (the note says what the interval over \
-queries alone shows). T1a, T2b, T3a and T3b are effects of well under one point in "
+queries alone shows); *not at plateau* = a run the comparison uses did not train every stage to a \
+plateau of its dev curve (the last quarter of its steps moved the dev Avg by less than the CI half-width, \
+>= 100 steps per stage; the note names the runs and what the interval showed): a verdict counts only on \
+runs at plateau. T1a, T2b, T3a and T3b are effects of well under one point in "
         "the paper and are expected to be within noise at micro scale.\n",
         _md(vall[list(tables.FINDING_COLUMNS)] if not vall.empty else vall),
     ]

@@ -17,9 +17,11 @@ import pandas as pd
 
 from ..ablation import Ablation
 from ..data.mbeir_rows import ROW_NAMES
+from ..eval.plateau import MIN_STEPS
 from ..eval.runs import HITS_FILE, RunFormatError, headline_hits
 from ..io import DamagedFileError, read_json
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
+from .curves import plateau_miss
 from .findings import judge
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,14 @@ FINDING_COLUMNS = (
     "n_seeds",
     "note",
 )  # one row per finding and pool: what tables.checks returns and REPORT.md shows
-VERDICT_ORDER = ("held", "within noise", "contradicted", "too few seeds", "not run")
+VERDICT_ORDER = (
+    "held",
+    "within noise",
+    "contradicted",
+    "too few seeds",
+    "not at plateau",
+    "not run",
+)
 
 
 def sidecars(results, table: int | None = None) -> list[dict]:
@@ -248,9 +257,24 @@ def hits_by_row(results, table: int, pool: str) -> tuple[dict, set[str]]:
     return out, diverged
 
 
+def unconverged_runs(results, table: int) -> dict[str, dict[int, str]]:
+    """{row_id: {seed: why}} for the finished runs of a table that did not train every stage to a
+    plateau of its dev curve, with at least ``MIN_STEPS`` steps per stage (:func:`curves.plateau_miss`)."""
+    out: dict[str, dict[int, str]] = {}
+    for s in sidecars(results, table):
+        if s.get("status") != "ok":
+            continue
+        why = plateau_miss(s["run_dir"], min_steps=MIN_STEPS)
+        if why:
+            out.setdefault(str(s["row"]), {})[int(s["seed"])] = why
+    return out
+
+
 def verdicts(results, ablation: Ablation, *, n_boot: int = 1000) -> pd.DataFrame:
-    """One line per paper finding of this table, with its verdict and statistics."""
+    """One line per paper finding of this table, with its verdict and statistics (a finding whose
+    runs did not all train to a plateau gets no verdict: *not at plateau*)."""
     recs = []
+    unconverged = unconverged_runs(results, ablation.table)
     for fid in ablation.findings:
         f = FINDINGS_BY_ID[fid]
         pool = f.pool if f.pool in ablation.pools else ablation.pools[0]
@@ -259,7 +283,11 @@ def verdicts(results, ablation: Ablation, *, n_boot: int = 1000) -> pd.DataFrame
             r.id for r in ablation.rows if not r.explain
         }  # diagnostic rows are in no finding
         v = judge(
-            f, {k: h for k, h in hits.items() if k in paper_rows}, n_boot=n_boot, diverged=div
+            f,
+            {k: h for k, h in hits.items() if k in paper_rows},
+            n_boot=n_boot,
+            diverged=div,
+            unconverged=unconverged,
         )
         v.pool = pool
         recs.append(v.as_dict())
