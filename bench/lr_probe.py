@@ -85,6 +85,9 @@ def summary() -> str:
         "| run | stopped at | plateau rule | dev Avg at stop | local Avg (test) | rows in [40, 80] |",
         "|---|---|---|---|---|---|",
     ]
+    before_cap: dict[
+        float, list[bool]
+    ] = {}  # per multiplier: did each row meet the rule before its cap?
     for mult in MULTIPLIERS:
         for row in ROWS:
             rdir = OUT / name(row, mult) / "runs" / "table1" / "probe" / "seed0"
@@ -92,6 +95,10 @@ def summary() -> str:
                 lines.append(f"| {name(row, mult)} | {_in_progress(row, mult)} | | | | |")
                 continue
             chk = report.plateau_checks(rdir).iloc[0]
+            plan = report.stage_plan(rdir).set_index("stage").loc["mbeir"]
+            before_cap.setdefault(mult, []).append(
+                bool(chk.ok) and int(chk.last_step) < int(plan.max_steps)
+            )
             curve = report.dev_curve(rdir)
             loc = json.loads((rdir / "eval" / "local" / "metrics.json").read_text())
             heads = [v["headline"] for v in loc["rows"].values()]
@@ -100,8 +107,24 @@ def summary() -> str:
                 f"| {name(row, mult)} | {chk.last_step} | {'met' if chk.ok else chk.reason} | "
                 f"{curve.dev_avg.iloc[-1]:.1f} | {loc['avg']['headline']:.1f} | {inband}/{len(heads)} |"
             )
-    lines += ["", *evidence_x10()]
+    lines += ["", *rule_applied(before_cap), "", *evidence_x10()]
     return "\n".join(lines) + "\n"
+
+
+def rule_applied(before_cap: dict[float, list[bool]]) -> list[str]:
+    """The choice rule on the finished probes (a multiplier counts once both rows have finished)."""
+    done = {m: oks for m, oks in before_cap.items() if len(oks) == len(ROWS)}
+    if len(done) < len(MULTIPLIERS):
+        return ["**Rule applied:** not yet (a probe has not finished)."]
+    chosen = [m for m, oks in done.items() if all(oks)]
+    if chosen:
+        return [
+            f"**Rule applied:** x {max(chosen):g} (both rows met the plateau rule before the cap)."
+        ]
+    return [
+        "**Rule applied:** no multiplier of the grid has both rows at plateau before the cap, so the "
+        "rule chooses none and the preset keeps its x 10."
+    ]
 
 
 def _in_progress(row: str, mult: float, data_root: str = "data/mini-mbeir-cpu") -> str:

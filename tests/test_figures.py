@@ -5,6 +5,7 @@ import pandas as pd
 
 from umarvel_lib.paper import FINDINGS
 from umarvel_lib.report import figures
+from umarvel_lib.report.findings import VERDICTS
 
 
 def _diff_frame(n_rows=10, pools=("local", "global")):
@@ -50,14 +51,7 @@ def test_the_overlap_check_can_fail():
 
 
 def test_findings_forest_plot(tmp_path):
-    verdicts = [
-        "held",
-        "within noise",
-        "contradicted",
-        "too few seeds",
-        "not at plateau",
-        "not run",
-    ]
+    verdicts = list(VERDICTS)
     vall = pd.DataFrame(
         [
             {

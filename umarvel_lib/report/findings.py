@@ -28,14 +28,8 @@ import numpy as np
 
 from ..paper import FINDINGS_BY_ID, Finding
 
-HELD, NOISE, CONTRA, FEW, UNCONVERGED, MISSING = (
-    "held",
-    "within noise",
-    "contradicted",
-    "too few seeds",
-    "not at plateau",
-    "not run",
-)
+VERDICTS = ("held", "within noise", "contradicted", "too few seeds", "not at plateau", "not run")
+HELD, NOISE, CONTRA, FEW, UNCONVERGED, MISSING = VERDICTS
 MIN_SEEDS = 3
 
 

@@ -22,7 +22,7 @@ from ..eval.runs import HITS_FILE, RunFormatError, headline_hits
 from ..io import DamagedFileError, read_json
 from ..paper import FINDINGS_BY_ID, PROVISIONAL, paper_row, provenance
 from .curves import plateau_miss
-from .findings import judge
+from .findings import VERDICTS, judge
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,7 @@ FINDING_COLUMNS = (
     "n_seeds",
     "note",
 )  # one row per finding and pool: what tables.checks returns and REPORT.md shows
-VERDICT_ORDER = (
-    "held",
-    "within noise",
-    "contradicted",
-    "too few seeds",
-    "not at plateau",
-    "not run",
-)
+VERDICT_ORDER = VERDICTS  # the report lists verdict counts in this order
 
 
 def sidecars(results, table: int | None = None) -> list[dict]:
