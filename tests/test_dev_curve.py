@@ -88,13 +88,15 @@ def test_plateau_budget_stops_at_the_rule_and_is_part_of_the_stage_identity(
     fixed = make_run_config("smoke", base)
     ckpt = run_stages(plateau, backbones["qwen2_vl"], tmp_path / "stages", eval_fn=_flat_dev)
     rec = json.loads((ckpt.parent / "stage.json").read_text())
-    # a flat curve: at step 4 (>= min_steps) the last quarter (steps 2-4) moved 0 < half-width 5
+    # a flat curve: at step 4 (>= min_steps) the window has only 3 of its 4 evaluations; at step 6 the
+    # last quarter widened to 4 evaluations (steps 0-6) moved 0 < half-width 5
     assert (
-        rec["plan"]["steps"] == 4
+        rec["plan"]["steps"] == 6
         and rec["plan"]["stopped_early"]
         and rec["plan"]["max_steps"] == 12
+        and rec["plan"]["min_evals"] == 4
     )
-    assert [c["step"] for c in rec["dev_curve"]] == [0, 2, 4]
+    assert [c["step"] for c in rec["dev_curve"]] == [0, 2, 4, 6]
     ckpt = run_stages(fixed, backbones["qwen2_vl"], tmp_path / "stages", eval_fn=_flat_dev)
     rec = json.loads((ckpt.parent / "stage.json").read_text())
     assert rec["plan"]["steps"] == 12 and not rec["plan"]["stopped_early"]
@@ -105,8 +107,10 @@ def test_plateau_budget_stops_at_the_rule_and_is_part_of_the_stage_identity(
         h(pl) != h({})
         and h(pl, **{"eval.eval_every": 4}) != h(pl)
         and h(pl, **{"eval.dev_queries": 2}) != h(pl)
+        and h(pl, **{"stage.mbeir.plateau_min_evals": 2}) != h(pl)
     )
     assert h({}, **{"eval.eval_every": 4}) == h({}) and h({}, **{"eval.dev_queries": 2}) == h({})
+    assert h({}, **{"stage.mbeir.plateau_min_evals": 2}) == h({})
     with pytest.raises(ValueError, match="needs a dev curve"):
         run_stages(
             make_run_config(

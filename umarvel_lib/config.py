@@ -113,6 +113,7 @@ class StageConfig:
     min_examples: int = (
         0  # ... nor before this many training examples (steps = ceil(min_examples / batch))
     )
+    plateau_min_evals: int = 4  # plateau rule: its window holds at least this many dev evaluations
     batch_size: int = 64
     chunk_size: int = 32  # GradCache chunk (memory), never changes the result
     warmup_ratio: float = 0.03
@@ -347,6 +348,11 @@ class RunConfig:
         )
         d = identity(self)
         d["stage"] = {k: identity(self.scaled_stage(k)) for k in names}
+        for (
+            k
+        ) in names:  # the plateau rule's window decides the weights only under the plateau budget
+            if d["stage"][k]["budget"] != "plateau":
+                d["stage"][k].pop("plateau_min_evals")
         d["stages"] = names
         d["backbone_digest"] = (
             self.backbone_digest

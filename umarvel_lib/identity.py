@@ -100,6 +100,7 @@ IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
         "budget",
         "min_steps",
         "min_examples",
+        "plateau_min_evals",
     ),
     "RerankerStageConfig": ("lora_r", "lora_alpha", "lr", "epochs", "max_steps", "batch_size"),
     "EvalConfig": (

@@ -42,7 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LR), seed 0 meeting it only at the cap; now capped at 2400 steps, and the dev Avg (on the 30 dev
     # queries per row) is evaluated every 100 steps instead of 50 (each evaluation encodes the dev
     # queries and ~3,600 dev-pool candidates of the 16 rows, about 50 s on one core: at every 50 steps
-    # that was 40% of a stage's time). Batches = paper / 30 where a finding compares batch sizes or the
+    # that was 40% of a stage's time). The rule's window was then widened to at least four dev
+    # evaluations (eval/plateau.py, StageConfig.plateau_min_evals) after Table 1 row 0 seed 2 stopped at
+    # the 600-step minimum on a two-evaluation pause of a rising curve (dev Avg 22.7). Batches = paper / 30 where a finding compares batch sizes or the
     # M-BEIR stage (480 -> 16, 3840 -> 128: Table 4's ratios kept); the NLI, CC3M and hard-negative
     # stages, whose batch no finding varies, train at 16. LR x 10 for the micro model's small LoRA. The
     # reranker trains a fixed 100 steps and re-sorts the recall top 10 (enough for R@5; R@10 rows are

@@ -6,8 +6,12 @@ each point with the 95% CI of the Avg (stratified bootstrap over the dev subset'
 :func:`umarvel_lib.eval.metrics.score_rows`).
 
 **Rule** (:func:`plateau`). The *last quarter* of the stage is the window from the latest evaluation
-at or before step ``0.75 S`` (the reference) to the evaluation at ``S``; it must hold at least two
-evaluations. The dev Avg's *movement* over it is its range there (max - min, so a rise and a fall
+at or before step ``0.75 S`` (the reference) to the evaluation at ``S``, widened back where needed so
+that it holds at least ``min_evals`` evaluations (:data:`MIN_EVALS` = 4: three evaluation intervals;
+a stage's ``plateau_min_evals``). The widening guards a short stage: at 600 steps with a dev
+evaluation every 100, the last quarter holds only steps 400-600, and a rising curve that paused for
+two evaluations passed the rule there (Table 1 row 0 seed 2 at the cpu preset stopped at step 600 at
+dev Avg 22.7 while its other seeds went on to 64-71). The dev Avg's *movement* over it is its range there (max - min, so a rise and a fall
 both count). The stage has **plateaued** when that movement is smaller than the *half-width* of the
 final evaluation's CI ((hi - lo) / 2): the last quarter of training changed the dev Avg by less than
 the dev subset can resolve. A stage also needs ``S >= min_steps`` (:data:`MIN_STEPS` = 100 optimizer
@@ -39,6 +43,7 @@ DEV_CURVE_COLUMNS = [
 ]
 MIN_STEPS = 100  # optimizer steps per stage for the rows that a finding compares
 WINDOW = 0.25  # the last quarter
+MIN_EVALS = 4  # ... widened to hold at least this many evaluations (StageConfig.plateau_min_evals)
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ def plateau(
     cis: Sequence[Sequence[float]],
     *,
     min_steps: int = 0,
+    min_evals: int = MIN_EVALS,
 ) -> PlateauCheck:
     """Apply the rule to one stage's dev curve: evaluation steps, dev Avgs and their 95% CIs (lo, hi)."""
     pts = sorted(zip((int(s) for s in steps), (float(a) for a in avgs), (tuple(c) for c in cis)))
@@ -78,19 +84,22 @@ def plateau(
             None,
             half,
         )
-    ref = before[-1][0]
-    window = [a for s, a, _ in pts if s >= ref]
-    if len(window) < 2:
-        return PlateauCheck(
-            False, "fewer than two evaluations in the last quarter", last, ref, None, half
-        )
-    move = max(window) - min(window)
+    need = max(2, min_evals)
+    ref = move = None
+    if len(pts) >= need:
+        ref = min(before[-1][0], pts[-need][0])  # the last quarter, widened to `need` evaluations
+        window = [a for s, a, _ in pts if s >= ref]
+        move = max(window) - min(window)
     if last < min_steps:
         return PlateauCheck(False, f"{last} steps < the minimum {min_steps}", last, ref, move, half)
+    if move is None:
+        return PlateauCheck(
+            False, f"{len(pts)} evaluations, the window needs {need}", last, None, None, half
+        )
     if move >= half:
         return PlateauCheck(
             False,
-            f"the last quarter (steps {ref}-{last}) moved the dev Avg by {move:.2f} >= "
+            f"the window (steps {ref}-{last}) moved the dev Avg by {move:.2f} >= "
             f"the CI half-width {half:.2f}",
             last,
             ref,
@@ -99,7 +108,7 @@ def plateau(
         )
     return PlateauCheck(
         True,
-        f"the last quarter (steps {ref}-{last}) moved the dev Avg by {move:.2f} < "
+        f"the window (steps {ref}-{last}) moved the dev Avg by {move:.2f} < "
         f"the CI half-width {half:.2f}",
         last,
         ref,
@@ -108,11 +117,14 @@ def plateau(
     )
 
 
-def plateau_of_curve(curve: Sequence[dict], *, min_steps: int = 0) -> PlateauCheck:
+def plateau_of_curve(
+    curve: Sequence[dict], *, min_steps: int = 0, min_evals: int = MIN_EVALS
+) -> PlateauCheck:
     """:func:`plateau` on dev-curve records ``{"step", "dev_avg", "dev_ci_lo", "dev_ci_hi"}`` (one stage)."""
     return plateau(
         [c["step"] for c in curve],
         [c["dev_avg"] for c in curve],
         [(c["dev_ci_lo"], c["dev_ci_hi"]) for c in curve],
         min_steps=min_steps,
+        min_evals=min_evals,
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..eval.plateau import DEV_CURVE_COLUMNS, DEV_CURVE_FILE, plateau_of_curve
+from ..eval.plateau import DEV_CURVE_COLUMNS, DEV_CURVE_FILE, MIN_EVALS, plateau_of_curve
 
 PLAN_COLUMNS = [
     "stage",
@@ -21,6 +21,7 @@ PLAN_COLUMNS = [
     "steps",
     "max_steps",
     "min_steps",
+    "min_evals",
     "batch",
     "lr",
     "tau_learnable",
@@ -50,14 +51,22 @@ def dev_curve(run_dir) -> pd.DataFrame:
 
 
 def plateau_checks(run_dir, *, min_steps: int = 0) -> pd.DataFrame:
-    """The plateau rule on each stage of a run's dev curve: ok, reason, window, movement, CI half-width."""
+    """The plateau rule on each stage of a run's dev curve: ok, reason, window, movement, CI half-width
+    (the window's minimum of evaluations as the stage plan records it; the rule's default for runs
+    that predate the record)."""
     curve = dev_curve(run_dir)
+    plan = stage_plan(run_dir).set_index("stage")
     recs = []
     for stage, g in curve.groupby("stage", sort=False):
+        n = plan["min_evals"].get(stage) if stage in plan.index else None
         recs.append(
             {
                 "stage": stage,
-                **plateau_of_curve(g.to_dict("records"), min_steps=min_steps).as_dict(),
+                **plateau_of_curve(
+                    g.to_dict("records"),
+                    min_steps=min_steps,
+                    min_evals=MIN_EVALS if pd.isna(n) else int(n),
+                ).as_dict(),
             }
         )
     return pd.DataFrame.from_records(

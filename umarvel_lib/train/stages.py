@@ -252,6 +252,7 @@ def _train_stage(
         "max_steps": trainer.total_steps(),
         "min_steps": stage.plateau_min_steps(),
         "min_examples": stage.min_examples,
+        "min_evals": stage.plateau_min_evals,
         "batch": tcfg.batch_size,
         "lr": tcfg.lr,
         "tau_learnable": stage.train_temperature,
@@ -299,7 +300,9 @@ def _plateau_stop(cfg: RunConfig, stage: StageConfig, eval_fn):
 
     return lambda evals: (
         plateau_of_curve(
-            [r for r in evals if "dev_avg" in r], min_steps=stage.plateau_min_steps()
+            [r for r in evals if "dev_avg" in r],
+            min_steps=stage.plateau_min_steps(),
+            min_evals=stage.plateau_min_evals,
         ).ok
     )
 
