@@ -26,15 +26,22 @@ PACKAGES = (
 )
 
 
-def git_commit() -> str | None:
-    """``HEAD`` of the kit's checkout, with ``+dirty`` when tracked files are modified; None outside git."""
-    here = Path(__file__).resolve().parent
+# what a run writes into the checkout (results/<preset>/...): changing it is not changing the kit, so a
+# run that overwrites a committed result does not make the runs after it "+dirty"
+OUTPUT_DIRS = ("results",)
+
+
+def git_commit(where: Path | None = None) -> str | None:
+    """``HEAD`` of the kit's checkout (``where``: any path inside it; default this package), with
+    ``+dirty`` when tracked files outside :data:`OUTPUT_DIRS` are modified; None outside git."""
+    here = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=here
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)"]
+            + [f":(top,exclude){d}" for d in OUTPUT_DIRS],
             capture_output=True,
             text=True,
             timeout=10,
